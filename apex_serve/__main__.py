@@ -1,0 +1,3 @@
+from apex_serve.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""Skeleton benchmark: decode tokens/s of the full service stack against the same engine called
+in-process (the service overhead ratio) and against `transformers` generate at batch 1.
+
+Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
+so prefill is excluded the same way on all three paths; each is the median of --repeats runs,
+measured one after the other in this run on the same model and thread count."""
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import torch
+
+from apex_serve import convert, rpc
+from apex_serve.default_model import BENCH_SPEC, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_serve.launcher import Stack, StackConfig
+from apex_serve.local_engine import LocalEngine
+from apex_serve.types import SamplingParams
+from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
+from gpu_worker.config import GpuWorkerConfig
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, RandomLlamaSpec] = {"default": DEFAULT_SPEC, "bench": BENCH_SPEC}
+PROMPT = "The benchmark prompt: "
+
+
+def _decode_rate(first_ns: Sequence[int], last_ns: Sequence[int], new_tokens: int) -> float:
+    """Aggregate decode tokens/s of requests that ran together."""
+    return len(first_ns) * (new_tokens - 1) / ((max(last_ns) - max(first_ns)) / 1e9)
+
+
+def bench_in_process(engine: LocalEngine, prompt_ids: list[int], batch: int, new_tokens: int) -> float:
+    sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    ids = [f"bench-{time.perf_counter_ns()}-{i}" for i in range(batch)]
+    for request_id in ids:
+        engine.scheduler.add_request(request_id, prompt_ids, sampling)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    while len(last) < batch:
+        plan = engine.scheduler.schedule()
+        outputs = engine.scheduler.update_from_output(plan, engine.runner.execute(plan))
+        now = time.perf_counter_ns()
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                last[out.request_id] = now
+    return _decode_rate(list(first.values()), list(last.values()), new_tokens)
+
+
+async def _stream_one(stub: gateway_pb2_grpc.GatewayStub, sampling: SamplingParams) -> tuple[int, int]:
+    request = gateway_pb2.GenerateRequest(prompt=PROMPT, sampling=convert.sampling_to_pb(sampling))
+    first = last = 0
+    async for msg in stub.Generate(request):
+        if msg.WhichOneof("response") == "chunk":
+            last = time.perf_counter_ns()
+            first = first or last
+    return first, last
+
+
+async def bench_stack(address: str, batch: int, new_tokens: int) -> float:
+    sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        times = await asyncio.gather(*(_stream_one(stub, sampling) for _ in range(batch)))
+    return _decode_rate([t[0] for t in times], [t[1] for t in times], new_tokens)
+
+
+def bench_transformers(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[int] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.stamps.append(time.perf_counter_ns())
+
+        def end(self) -> None:
+            pass
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    clock = Clock()
+    with torch.inference_mode():
+        model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, streamer=clock, pad_token_id=model.config.eos_token_id,
+        )
+    token_stamps = clock.stamps[1:]  # the first put() is the prompt
+    return _decode_rate([token_stamps[0]], [token_stamps[-1]], len(token_stamps))
+
+
+def _median(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="apex-bench-", dir="/tmp") as tmp:
+        for preset in presets:
+            spec = PRESETS[preset]
+            model_dir = write_random_llama(Path(tmp) / spec.name, spec)
+            engine = LocalEngine(GpuWorkerConfig(model_dir=str(model_dir), num_threads=threads))
+            prompt_ids = list(engine_prompt_ids(model_dir))
+            hf = _median(lambda: bench_transformers(model_dir, prompt_ids, new_tokens), repeats)
+            config = StackConfig(model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads)
+            with Stack(config) as stack:
+                for batch in batches:
+                    asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens))  # warm-up
+                    local = _median(lambda: bench_in_process(engine, prompt_ids, batch, new_tokens), repeats)
+                    served = _median(
+                        lambda: asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens)), repeats
+                    )
+                    rows.append(dict(
+                        model=spec.name, batch=batch, threads=threads, new_tokens=new_tokens,
+                        stack_tok_s=served, in_process_tok_s=local,
+                        transformers_tok_s=hf if batch == 1 else None,
+                        stack_over_in_process=served / local,
+                        in_process_over_transformers=local / hf if batch == 1 else None,
+                    ))
+    return rows
+
+
+def engine_prompt_ids(model_dir: Path) -> list[int]:
+    from gateway.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_dir).encode(PROMPT).ids
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def report(rows: list[dict]) -> str:
+    head = f"{'model':<18}{'batch':>6}{'stack tok/s':>13}{'in-proc tok/s':>15}{'HF tok/s':>10}{'stack/in-proc':>15}{'in-proc/HF':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<18}{r['batch']:>6}{_fmt(r['stack_tok_s']):>13}{_fmt(r['in_process_tok_s']):>15}"
+            f"{_fmt(r['transformers_tok_s']):>10}{_fmt(r['stack_over_in_process']):>15}"
+            f"{_fmt(r['in_process_over_transformers']):>12}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apex-serve bench", description=__doc__)
+    parser.add_argument("--presets", default="default,bench")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench_results/skeleton.json")
+    args = parser.parse_args([a for a in (argv or []) if a != "--"])
+    rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads)
+    logger.info("decode throughput (median of %d; torch threads %d)\n%s", args.repeats, args.threads, report(rows))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    logger.info("wrote %s", out)
+    return 0

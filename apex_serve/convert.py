@@ -1,0 +1,176 @@
+"""The one place where protobuf messages and domain types meet."""
+
+from apex_serve import types
+from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
+
+_FINISH_TO_PB = {
+    types.FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    types.FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    types.FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+_MODE_TO_PB = {
+    types.ExecutionMode.GPU_ONLY: common_pb2.EXECUTION_MODE_GPU_ONLY,
+    types.ExecutionMode.ASYM_PIPELINE: common_pb2.EXECUTION_MODE_ASYM_PIPELINE,
+    types.ExecutionMode.ASYNC_OVERLAP: common_pb2.EXECUTION_MODE_ASYNC_OVERLAP,
+}
+_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+
+
+def finish_reason_to_pb(reason: types.FinishReason | None) -> int:
+    return common_pb2.FINISH_REASON_UNSPECIFIED if reason is None else _FINISH_TO_PB[reason]
+
+
+def finish_reason_from_pb(value: int) -> types.FinishReason | None:
+    return _FINISH_FROM_PB.get(value)
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
+    """Absent optional fields take the domain defaults; the domain type validates ranges."""
+    defaults = types.SamplingParams()
+    return types.SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
+        top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
+        top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_pb(params: types.SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_tokens=params.max_tokens,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
+    return gpu_worker_pb2.WorkerInfo(
+        model_name=info.model_name,
+        num_layers=info.num_layers,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        eos_token_ids=info.eos_token_ids,
+        block_size=info.block_size,
+        num_kv_blocks=info.num_kv_blocks,
+        device=info.device,
+        dtype=info.dtype,
+    )
+
+
+def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
+    return types.WorkerInfo(
+        model_name=msg.model_name,
+        num_layers=msg.num_layers,
+        vocab_size=msg.vocab_size,
+        max_model_len=msg.max_model_len,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        block_size=msg.block_size,
+        num_kv_blocks=msg.num_kv_blocks,
+        device=msg.device,
+        dtype=msg.dtype,
+    )
+
+
+def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
+    return gpu_worker_pb2.StepRequest(
+        step_id=plan.step_id,
+        mode=_MODE_TO_PB[plan.mode],
+        new_requests=[
+            gpu_worker_pb2.NewRequest(
+                request_id=r.request_id,
+                token_ids=r.token_ids,
+                sampling=sampling_to_pb(r.sampling),
+                block_ids=r.block_ids,
+                num_output_tokens=r.num_output_tokens,
+            )
+            for r in plan.new_requests
+        ],
+        cached_requests=[
+            gpu_worker_pb2.CachedRequest(request_id=r.request_id, new_block_ids=r.new_block_ids)
+            for r in plan.cached_requests
+        ],
+        freed_request_ids=plan.freed_request_ids,
+    )
+
+
+def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
+    return types.StepPlan(
+        step_id=msg.step_id,
+        mode=_MODE_FROM_PB.get(msg.mode, types.ExecutionMode.GPU_ONLY),
+        new_requests=tuple(
+            types.NewRequestData(
+                request_id=r.request_id,
+                token_ids=tuple(r.token_ids),
+                sampling=sampling_from_pb(r.sampling),
+                block_ids=tuple(r.block_ids),
+                num_output_tokens=r.num_output_tokens,
+            )
+            for r in msg.new_requests
+        ),
+        cached_requests=tuple(
+            types.CachedRequestData(request_id=r.request_id, new_block_ids=tuple(r.new_block_ids))
+            for r in msg.cached_requests
+        ),
+        freed_request_ids=tuple(msg.freed_request_ids),
+    )
+
+
+def step_output_to_pb(output: types.StepOutput) -> gpu_worker_pb2.StepResponse:
+    t = output.timings
+    return gpu_worker_pb2.StepResponse(
+        step_id=output.step_id,
+        sampled=[gpu_worker_pb2.SampledToken(request_id=k, token_id=v) for k, v in output.sampled.items()],
+        timings=gpu_worker_pb2.StepTimings(
+            prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
+        ),
+    )
+
+
+def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
+    t = msg.timings
+    return types.StepOutput(
+        step_id=msg.step_id,
+        sampled={s.request_id: s.token_id for s in msg.sampled},
+        timings=types.StepTimings(
+            prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
+        ),
+    )
+
+
+def usage_to_pb(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def request_output_to_pb(out: types.RequestOutput) -> scheduler_pb2.SubmitResponse:
+    return scheduler_pb2.SubmitResponse(
+        token_ids=out.new_token_ids,
+        finished=out.finished,
+        finish_reason=finish_reason_to_pb(out.finish_reason),
+        usage=usage_to_pb(out.num_prompt_tokens, out.num_output_tokens),
+    )
+
+
+def request_output_from_pb(request_id: str, msg: scheduler_pb2.SubmitResponse) -> types.RequestOutput:
+    return types.RequestOutput(
+        request_id=request_id,
+        new_token_ids=tuple(msg.token_ids),
+        finished=msg.finished,
+        finish_reason=finish_reason_from_pb(msg.finish_reason),
+        num_prompt_tokens=msg.usage.prompt_tokens,
+        num_output_tokens=msg.usage.completion_tokens,
+    )

@@ -1,0 +1,158 @@
+"""Starts the five services as local processes, waits until each is SERVING, and stops them
+in order (gateway first) on Ctrl-C / SIGTERM or when one of them dies."""
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apex_serve import rpc
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    model_dir: str = "models/apex-tiny-llama"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    run_dir: str = ".apex-run"  # Unix sockets of the internal services
+    dtype: str = "float32"
+    num_kv_blocks: int | None = None
+    device_kv_budget_bytes: int = 64 * 2**20
+    max_num_seqs: int = 64
+    worker_threads: int = 1
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if len(str(Path(self.run_dir).resolve())) > 80:
+            raise ValueError(f"run_dir: socket paths must stay short (<= 80 chars), got {self.run_dir}")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
+
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _die_with_parent() -> None:
+    """Child processes get SIGTERM if the launcher dies, so nothing outlives it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self._run_dir = Path(config.run_dir).resolve()
+        self._procs: list[tuple[str, str, subprocess.Popen[bytes]]] = []
+
+    def _address(self, name: str) -> str:
+        return rpc.unix_address(self._run_dir, name)
+
+    def _commands(self) -> list[tuple[str, str, list[str]]]:
+        c = self.config
+        worker = self._address("gpu_worker")
+        scheduler = self._address("scheduler")
+        worker_args = [
+            "--model-dir", c.model_dir, "--address", worker, "--dtype", c.dtype,
+            "--device-kv-budget-bytes", str(c.device_kv_budget_bytes), "--num-threads", str(c.worker_threads),
+        ]
+        if c.num_kv_blocks is not None:
+            worker_args += ["--num-kv-blocks", str(c.num_kv_blocks)]
+        return [
+            ("cpu_attention_worker", self._address("cpu_attention_worker"),
+             ["--address", self._address("cpu_attention_worker")]),
+            ("profiler_service", self._address("profiler"), ["--address", self._address("profiler")]),
+            ("gpu_worker", worker, worker_args),
+            ("scheduler_service", scheduler,
+             ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs)]),
+            ("gateway", c.gateway_address,
+             ["--model-dir", c.model_dir, "--address", c.gateway_address, "--scheduler-address", scheduler]),
+        ]
+
+    def start(self) -> None:
+        shutil.rmtree(self._run_dir, ignore_errors=True)  # stale sockets of a killed run
+        self._run_dir.mkdir(mode=0o700, parents=True)
+        for module, address, args in self._commands():
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args], start_new_session=True, preexec_fn=_die_with_parent
+            )
+            self._procs.append((module, address, proc))
+        try:
+            for module, address, proc in self._procs:
+                asyncio.run(self._wait_ready(module, address, proc))
+                logger.info("%-21s SERVING on %s (pid %d)", module, address, proc.pid)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _wait_ready(self, module: str, address: str, proc: subprocess.Popen[bytes]) -> None:
+        waiter = asyncio.create_task(rpc.wait_healthy(address, self.config.startup_timeout_s))
+        while not waiter.done():
+            if proc.poll() is not None:
+                waiter.cancel()
+                raise RuntimeError(f"{module} exited with code {proc.returncode} during start-up")
+            await asyncio.sleep(0.1)
+        waiter.result()
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(m, p.returncode) for m, _, p in self._procs if p.poll() is not None]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM in reverse start order (gateway drains first), then SIGKILL what lingers."""
+        for module, _, proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning("%s did not stop in %.0fs; killing it", module, timeout_s)
+                    proc.kill()
+                    proc.wait()
+        self._procs.clear()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Stack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_until_signal(config: StackConfig) -> int:
+    """The `apex-serve up` main loop. Returns the exit code."""
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = Stack(config)
+    stack.start()
+    logger.info("apex-serve ready: gateway gRPC on %s, model %s (pid %d; Ctrl-C stops)",
+                config.gateway_address, Path(config.model_dir).name, os.getpid())
+    code = 0
+    while not stopping:
+        if dead := stack.dead():
+            logger.error("service exited: %s; stopping the stack", ", ".join(f"{m} ({c})" for m, c in dead))
+            code = 1
+            break
+        time.sleep(0.2)
+    logger.info("stopping the stack")
+    stack.stop()
+    logger.info("stopped")
+    return code

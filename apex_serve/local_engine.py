@@ -1,0 +1,44 @@
+"""The scheduler core and the model runner in one process, with no gRPC between them.
+
+Tests and benchmarks use it as the reference the service stack must match, token for token."""
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from apex_serve.types import FinishReason, SamplingParams
+from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.model_runner import ModelRunner
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+
+
+class LocalEngine:
+    def __init__(self, worker: GpuWorkerConfig, scheduler: SchedulerConfig | None = None) -> None:
+        self.runner = ModelRunner(worker)
+        self.scheduler = Scheduler(scheduler or SchedulerConfig(), self.runner.info)
+        self._ids = itertools.count()
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """Runs the prompts together (continuous batching) until all finish; results in order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        ids = [f"local-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+            self.scheduler.add_request(request_id, prompt, p)
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        reasons: dict[str, FinishReason | None] = {}
+        while len(reasons) < len(ids):
+            plan = self.scheduler.schedule()
+            for out in self.scheduler.update_from_output(plan, self.runner.execute(plan)):
+                tokens[out.request_id].extend(out.new_token_ids)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+        return [Generation(tokens[i], reasons[i]) for i in ids]

@@ -1,0 +1,196 @@
+"""gRPC plumbing shared by every service: server construction, health, reflection, the one
+exception interceptor, Unix-socket binding, graceful stop on SIGTERM, and health waits."""
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from apex_serve import errors
+
+logger = logging.getLogger(__name__)
+
+_STATUS_FOR_ERROR: dict[type[errors.ApexError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.max_receive_message_length", 64 * 2**20),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in _STATUS_FOR_ERROR.items():
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()
+    return grpc.StatusCode.INTERNAL
+
+
+def _details(exc: BaseException) -> str:
+    return exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+
+
+class ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors (and errors of downstream calls) to status codes, in one place."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.exception("%s failed", method)
+    await context.abort(code, _details(exc))
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):  # a handler that writes with context.write()
+                await result
+                return
+            async for item in result:
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, method, exc)
+
+    return wrapper
+
+
+def create_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[ExceptionInterceptor()], options=CHANNEL_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, address: str) -> str:
+    """Binds a `unix://` path (stale socket removed, parent created 0700) or host:port.
+
+    Returns the address clients should dial (the real port when port 0 was asked for)."""
+    if address.startswith("unix://"):
+        path = Path(address.removeprefix("unix://"))
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        server.add_insecure_port(address)
+        return address
+    port = server.add_insecure_port(address)
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+class ServiceRunner:
+    """Health + reflection for a set of services, and a run-until-SIGTERM lifecycle."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+        self.server = server
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._names = ["", *service_names]
+        reflection.enable_server_reflection(
+            [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self._stop = asyncio.Event()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._names:
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(
+        self, grace_s: float = 5.0, on_stop: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Starts, reports SERVING, waits for SIGTERM/SIGINT (or request_stop), then goes
+        NOT_SERVING, lets in-flight calls finish for up to grace_s, and runs on_stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.server.start()
+        await self.set_serving(True)
+        await self._stop.wait()
+        logger.info("stopping: NOT_SERVING, draining for up to %.1fs", grace_s)
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+        if on_stop is not None:
+            await on_stop()
+
+
+async def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> None:
+    """Polls grpc.health.v1 until SERVING; raises TimeoutError naming the address."""
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+def unix_address(run_dir: str | os.PathLike[str], name: str) -> str:
+    return f"unix://{Path(run_dir).resolve() / f'{name}.sock'}"
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free now (for tests and benchmarks that start a stack)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

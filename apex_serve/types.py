@@ -1,0 +1,133 @@
+"""Domain types shared by the services. Protobuf never appears here (see apex_serve.convert)."""
+
+import enum
+from dataclasses import dataclass, field
+
+from apex_serve.errors import InvalidArgument
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+class ExecutionMode(enum.Enum):
+    GPU_ONLY = "gpu_only"
+    ASYM_PIPELINE = "asym_pipeline"
+    ASYNC_OVERLAP = "async_overlap"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature 0 is greedy; top_k 0 disables top-k."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise InvalidArgument("temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_tokens <= 0:
+            raise InvalidArgument("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a gpu_worker tells the scheduler at start-up (measured, not configured)."""
+
+    model_name: str
+    num_layers: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    num_kv_blocks: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the worker has not seen, or must recompute after preemption.
+
+    All of token_ids are prefilled in this step; the last num_output_tokens of them were
+    produced by the model (non-zero only on resume), which keeps seeded sampling reproducible.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    block_ids: tuple[int, ...]
+    num_output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request already on the worker: it decodes one token; new_block_ids are appended."""
+
+    request_id: str
+    new_block_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One engine iteration, as the scheduler sends it to the gpu_worker."""
+
+    step_id: int
+    new_requests: tuple[NewRequestData, ...] = ()
+    cached_requests: tuple[CachedRequestData, ...] = ()
+    freed_request_ids: tuple[str, ...] = ()  # dropped by the worker before the step runs
+    mode: ExecutionMode = ExecutionMode.GPU_ONLY
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.new_requests and not self.cached_requests
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.new_requests) + len(self.cached_requests)
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    prepare_ns: int = 0
+    forward_ns: int = 0
+    sample_ns: int = 0
+    total_ns: int = 0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The worker's answer to a StepPlan: one sampled token per scheduled request."""
+
+    step_id: int
+    sampled: dict[str, int] = field(default_factory=dict)
+    timings: StepTimings = StepTimings()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """New tokens of one request after an iteration, as the engine loop streams them."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0

@@ -1,0 +1,3 @@
+from cpu_attention_worker.server import main
+
+main()

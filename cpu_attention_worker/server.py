@@ -1,0 +1,28 @@
+"""Entry point: `python -m cpu_attention_worker [--address ...]`. Needs no torch."""
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from apex_serve import rpc
+from apex_serve.flags import parse_config
+from apex_serve.logs import configure_logging
+from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
+from cpu_attention_worker.config import CpuAttentionConfig
+from cpu_attention_worker.servicer import CpuAttentionServicer
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = cpu_attention_pb2.DESCRIPTOR.services_by_name["CpuAttentionWorker"].full_name
+
+
+async def serve(config: CpuAttentionConfig) -> None:
+    server = rpc.create_server()
+    cpu_attention_pb2_grpc.add_CpuAttentionWorkerServicer_to_server(CpuAttentionServicer(config), server)
+    service = rpc.ServiceRunner(server, [SERVICE_NAME])
+    logger.info("listening on %s", rpc.bind(server, config.address))
+    await service.run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging("cpu_attention_worker")
+    asyncio.run(serve(parse_config(CpuAttentionConfig, argv, "apex-serve cpu_attention_worker")))

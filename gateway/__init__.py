@@ -1,0 +1,1 @@
+"""The public API: tokenize, validate, stream, detokenize."""

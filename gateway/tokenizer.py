@@ -1,0 +1,48 @@
+"""Tokenizer of the served model (Hugging Face `tokenizers`, no transformers) and incremental
+detokenization that is exact across multi-byte characters split over tokens."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Text is emitted only up to the last complete character: a trailing U+FFFD means the
+    bytes of a character are still arriving, so it is held back until the next token (or
+    `flush` at the end). Decoding restarts at the last clean boundary, so the work per token
+    stays small and the concatenated deltas equal decoding all ids at once.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # ids before this index are fully emitted
+        self._read = 0  # ids[prefix:read] decode to the text already emitted since prefix
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(token_ids)
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(emitted) or text.endswith(_REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted) :]
+
+    def flush(self) -> str:
+        """Emits whatever is held back (an incomplete character decodes as U+FFFD)."""
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted) :]

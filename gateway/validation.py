@@ -1,0 +1,30 @@
+"""Request checks that need the model's limits; range checks live in SamplingParams."""
+
+from apex_serve.errors import InvalidArgument, NotFound
+from apex_serve.types import SamplingParams
+
+
+def check_model(requested: str, served: str) -> None:
+    if requested and requested != served:
+        raise NotFound(f"model '{requested}' is not served here; this server serves '{served}'")
+
+
+def check_prompt_text(prompt: str) -> None:
+    if not prompt:
+        raise InvalidArgument("prompt", "must not be empty")
+
+
+def check_lengths(num_prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidArgument(
+            "prompt",
+            f"{num_prompt_tokens} tokens; the context length is {max_model_len} tokens and at least "
+            f"one must remain for output (limit {max_model_len - 1} prompt tokens)",
+        )
+    room = max_model_len - num_prompt_tokens
+    if sampling.max_tokens > room:
+        raise InvalidArgument(
+            "max_tokens",
+            f"{sampling.max_tokens} exceeds the limit of {room} for this prompt "
+            f"(context length {max_model_len} - {num_prompt_tokens} prompt tokens)",
+        )

@@ -1,0 +1,3 @@
+from gpu_worker.server import main
+
+main()

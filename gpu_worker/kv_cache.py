@@ -1,0 +1,53 @@
+"""The paged KV pool of the accelerator. Block ids are owned by the scheduler; the worker only reads and writes."""
+
+import logging
+
+import torch
+
+from gpu_worker.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block id takes over all layers, K and V."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim * element
+
+
+class PagedKVCache:
+    """K and V, each [num_layers, num_blocks, num_kv_heads, block_size, head_dim] (DESIGN §4).
+
+    A request's token at position p lives in block block_ids[p // block_size], offset p % block_size.
+    """
+
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (config.num_hidden_layers, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, blocks, kv_heads, block_size, head_dim]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [layers, blocks, kv_heads, block_size, head_dim]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        logger.info("KV pool: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, 2 * self.k.nbytes / 2**20)
+
+    def write(
+        self,
+        layer_idx: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_blocks: torch.Tensor,
+        slot_offsets: torch.Tensor,
+    ) -> None:
+        """Store k, v [num_tokens, num_kv_heads, head_dim] at (slot_blocks, slot_offsets) [num_tokens]."""
+        self.k[layer_idx][slot_blocks, :, slot_offsets] = k  # [num_tokens, kv_heads, head_dim] slots
+        self.v[layer_idx][slot_blocks, :, slot_offsets] = v
+
+    def gather(self, layer_idx: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [rows, num_kv_heads, max_blocks * block_size, head_dim] of block_tables [rows, max_blocks]."""
+        rows, max_blocks = block_tables.shape
+        k = self.k[layer_idx, block_tables]  # [rows, max_blocks, kv_heads, block_size, head_dim]
+        v = self.v[layer_idx, block_tables]  # [rows, max_blocks, kv_heads, block_size, head_dim]
+        k = k.transpose(1, 2).reshape(rows, k.shape[2], max_blocks * self.block_size, -1)
+        v = v.transpose(1, 2).reshape(rows, v.shape[2], max_blocks * self.block_size, -1)
+        return k, v  # [rows, kv_heads, max_blocks * block_size, head_dim]

@@ -1,0 +1,80 @@
+"""Token sampling: greedy, temperature, top-k, top-p; seeded requests reproducible per token index."""
+
+from collections.abc import Sequence
+
+import torch
+
+from apex_serve.types import SamplingParams
+
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def token_seed(seed: int, output_index: int) -> int:
+    """Generator seed of the output token number output_index of a request seeded with seed."""
+    return _splitmix64(_splitmix64(seed) ^ output_index)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k [rows] (0: off) and top-p [rows] drop from logits [rows, vocab]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [rows, vocab]
+    ranks = torch.arange(logits.shape[-1], device=logits.device)  # [vocab]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])  # [rows]
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [rows, vocab]
+    before = probs.cumsum(dim=-1) - probs  # [rows, vocab] mass strictly above each token
+    drop = (before > top_p[:, None]) & (top_p[:, None] < 1.0)  # [rows, vocab]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # [rows, vocab]
+
+
+class Sampler:
+    """Samples one token per row. Unseeded rows draw from one generator seeded once with `seed`."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+
+    def sample(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]
+    ) -> list[int]:
+        """Tokens for logits [rows, vocab] (fp32); output_indices: output tokens each row has so far."""
+        tokens = logits.argmax(dim=-1)  # [rows]
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return tokens.tolist()
+        index = torch.tensor(rows, device=logits.device)  # [sampled]
+        temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device)  # [sampled]
+        top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)  # [sampled]
+        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)  # [sampled]
+        scaled = logits[index] / temperature[:, None]  # [sampled, vocab]
+        if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+            scaled = filter_logits(scaled, top_k, top_p)  # [sampled, vocab]
+        probs = scaled.softmax(dim=-1)  # [sampled, vocab]
+        noise = self._exponential_noise([params[i].seed for i in rows], [output_indices[i] for i in rows], probs)
+        tokens[index] = (probs / noise).argmax(dim=-1)  # exponential race: P(token) = probs
+        return tokens.tolist()
+
+    def _exponential_noise(
+        self, seeds: list[int | None], output_indices: list[int], probs: torch.Tensor
+    ) -> torch.Tensor:
+        """Exp(1) noise [sampled, vocab]: seeded rows from their own generator, the rest from the shared one."""
+        noise = torch.empty_like(probs)  # [sampled, vocab]
+        unseeded = [i for i, seed in enumerate(seeds) if seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(
+                (len(unseeded), probs.shape[-1]), device=probs.device, dtype=probs.dtype
+            ).exponential_(generator=self._generator)
+        for i, seed in enumerate(seeds):
+            if seed is not None:
+                generator = torch.Generator(device=probs.device)
+                generator.manual_seed(token_seed(seed, output_indices[i]))
+                noise[i].exponential_(generator=generator)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

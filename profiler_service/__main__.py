@@ -1,0 +1,3 @@
+from profiler_service.server import main
+
+main()

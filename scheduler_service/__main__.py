@@ -1,0 +1,3 @@
+from scheduler_service.server import main
+
+main()

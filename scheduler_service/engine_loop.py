@@ -1,0 +1,89 @@
+"""The engine loop: schedule, one Step on the gpu_worker, update, stream. One iteration at a time."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
+from scheduler_service.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[StepPlan], Awaitable[StepOutput]]
+Outcome = RequestOutput | Exception
+
+
+class EngineLoop:
+    """Owns the Scheduler; callers submit requests and read their outputs from a queue."""
+
+    def __init__(self, scheduler: Scheduler, step: StepFn) -> None:
+        self._scheduler = scheduler
+        self._step = step
+        self._streams: dict[str, asyncio.Queue[Outcome]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
+    def submit(
+        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+    ) -> asyncio.Queue[Outcome]:
+        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler."""
+        self._scheduler.add_request(request_id, prompt_token_ids, sampling)
+        queue: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._wake.set()
+        return queue
+
+    def abort(self, request_id: str) -> bool:
+        """Frees the request's blocks at once and ends its stream with FinishReason.ABORT."""
+        aborted = self._scheduler.abort(request_id)
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(request_id, (), finished=True, finish_reason=FinishReason.ABORT))
+        self._wake.set()
+        return aborted
+
+    async def _run(self) -> None:
+        while True:
+            plan = self._scheduler.schedule()
+            if plan.is_empty and not plan.freed_request_ids:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                output = await self._step(plan)
+            except Exception as exc:  # the worker failed: fail what was in the step, keep serving
+                logger.exception("step %d failed", plan.step_id)
+                self._fail(plan, exc)
+                continue
+            for out in self._scheduler.update_from_output(plan, output):
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        queue = self._streams.get(out.request_id)
+        if queue is None:
+            return
+        queue.put_nowait(out)
+        if out.finished:
+            del self._streams[out.request_id]
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+        ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
+        for request_id in ids:
+            self._scheduler.abort(request_id)
+            queue = self._streams.pop(request_id, None)
+            if queue is not None:
+                queue.put_nowait(exc)

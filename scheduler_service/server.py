@@ -1,0 +1,42 @@
+"""Entry point: `python -m scheduler_service [--address ...] [--worker-address ...]`."""
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from apex_serve import rpc
+from apex_serve.flags import parse_config
+from apex_serve.logs import configure_logging
+from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.scheduler import Scheduler
+from scheduler_service.servicer import SchedulerServicer
+from scheduler_service.worker_client import WorkerClient
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+async def serve(config: SchedulerConfig) -> None:
+    await rpc.wait_healthy(config.worker_address, timeout_s=300.0)
+    worker = WorkerClient(config.worker_address)
+    info = await worker.info()
+    logger.info("worker %s: %d KV blocks of %d tokens", info.model_name, info.num_kv_blocks, info.block_size)
+    loop = EngineLoop(Scheduler(config, info), worker.step)
+    loop.start()
+    server = rpc.create_server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info), server)
+    service = rpc.ServiceRunner(server, [SERVICE_NAME])
+    logger.info("listening on %s (policy %s)", rpc.bind(server, config.address), config.policy)
+
+    async def on_stop() -> None:
+        await loop.stop()
+        await worker.close()
+
+    await service.run(on_stop=on_stop)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging("scheduler")
+    asyncio.run(serve(parse_config(SchedulerConfig, argv, "apex-serve scheduler_service")))

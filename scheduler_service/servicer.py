@@ -1,0 +1,58 @@
+"""gRPC edge of the scheduler: Submit streams a request's tokens; Abort frees it at once."""
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from apex_serve import convert, errors
+from apex_serve.types import WorkerInfo
+from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_service.engine_loop import EngineLoop
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, loop: EngineLoop, worker: WorkerInfo) -> None:
+        self._loop = loop
+        self._worker = worker
+
+    async def Submit(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+        if not request.request_id:
+            raise errors.InvalidArgument("request_id", "must not be empty")
+        sampling = convert.sampling_from_pb(request.sampling)
+        queue = self._loop.submit(request.request_id, list(request.prompt_token_ids), sampling)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                finished = out.finished
+                yield convert.request_output_to_pb(out)
+        finally:
+            if not finished:  # the client went away or cancelled: free the blocks now
+                self._loop.abort(request.request_id)
+
+    async def Abort(
+        self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.AbortResponse:
+        return scheduler_pb2.AbortResponse(aborted=self._loop.abort(request.request_id))
+
+    async def GetStats(
+        self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SchedulerStats:
+        s = self._loop.scheduler
+        return scheduler_pb2.SchedulerStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks,
+            num_steps=s.num_steps,
+            num_preemptions=s.num_preemptions,
+        )
+
+    async def GetWorkerInfo(
+        self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> gpu_worker_pb2.WorkerInfo:
+        return convert.worker_info_to_pb(self._worker)

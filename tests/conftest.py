@@ -1,0 +1,49 @@
+"""Shared fixtures: small random LLaMA directories written once per session."""
+
+from pathlib import Path
+
+import pytest
+
+from apex_serve.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+
+MHA_SPEC = RandomLlamaSpec(
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    max_position_embeddings=256,
+    name="test-mha-llama",
+)
+GQA_LLAMA3_SPEC = RandomLlamaSpec(
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    name="test-gqa-llama3",
+)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_llama(tmp_path_factory.mktemp("models") / DEFAULT_SPEC.name, DEFAULT_SPEC)
+
+
+@pytest.fixture(scope="session")
+def mha_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_llama(tmp_path_factory.mktemp("models") / MHA_SPEC.name, MHA_SPEC, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gqa_llama3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_llama(tmp_path_factory.mktemp("models") / GQA_LLAMA3_SPEC.name, GQA_LLAMA3_SPEC, seed=2)
