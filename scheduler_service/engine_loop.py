@@ -64,12 +64,12 @@ class EngineLoop:
                 await self._wake.wait()
                 continue
             try:
-                output = await self._step(plan)
+                outputs = self._scheduler.update_from_output(plan, await self._step(plan))
             except Exception as exc:  # the worker failed: fail what was in the step, keep serving
                 logger.exception("step %d failed", plan.step_id)
                 self._fail(plan, exc)
                 continue
-            for out in self._scheduler.update_from_output(plan, output):
+            for out in outputs:
                 self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:

@@ -99,12 +99,15 @@ class Scheduler:
         return True
 
     def schedule(self) -> StepPlan:
+        """The next step: decodes of the running requests, then prefills of admitted ones.
+
+        A request preempted here is not re-admitted in the same step: it needs at least the blocks it
+        freed, and the request that preempted it took one of them (or, preempting itself, needs one more).
+        """
         if any(r.status is RequestStatus.RUNNING for r in self._in_flight):
             raise RuntimeError(f"step {self._in_flight_step} is in flight: call update_from_output() first")
-        preemptions = self._num_preemptions
         cached = self._schedule_decodes()
-        # after a preemption the pool is short: admitting now could re-admit the request just preempted
-        new = self._admit(len(cached)) if self._num_preemptions == preemptions else []
+        new = self._admit(len(cached))
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=tuple(new),

@@ -122,19 +122,21 @@ def test_config_defaults_are_valid() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "prompt", "max_tokens"),
+    ("field", "prompt", "max_tokens", "max_model_len", "num_blocks"),
     [
-        ("prompt", [], 1),  # empty
-        ("prompt", [1, VOCAB], 1),  # token outside the vocabulary
-        ("prompt", [-1], 1),
-        ("prompt", [1] * 32, 1),  # prompt leaves no room for output in max_model_len 32
-        ("prompt", [1] * 25, 1),  # longer than max_num_batched_tokens 24
-        ("prompt", [1] * 17, 1),  # more KV than the whole pool (4 blocks of 4)
-        ("max_tokens", [1] * 10, 8),  # prompt fits the pool, prompt + outputs never can
+        ("prompt", [], 1, 256, 64),  # empty
+        ("prompt", [1, VOCAB], 1, 256, 64),  # token outside the vocabulary
+        ("prompt", [-1], 1, 256, 64),
+        ("prompt", [1] * 12, 1, 12, 64),  # leaves no room for output in the context
+        ("prompt", [1] * 25, 1, 256, 64),  # longer than max_num_batched_tokens 24
+        ("prompt", [1] * 17, 1, 256, 4),  # more KV than the whole pool (4 blocks of 4)
+        ("max_tokens", [1] * 10, 8, 256, 4),  # the prompt fits the pool, prompt + outputs never can
     ],
 )
-def test_add_request_rejects_what_can_never_run(field: str, prompt: list[int], max_tokens: int) -> None:
-    sched = make(num_blocks=4, max_model_len=32, max_num_batched_tokens=24)
+def test_add_request_rejects_what_can_never_run(
+    field: str, prompt: list[int], max_tokens: int, max_model_len: int, num_blocks: int
+) -> None:
+    sched = make(num_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=4, max_num_batched_tokens=24)
     with pytest.raises(InvalidArgument) as info:
         sched.add_request("r", prompt, sp(max_tokens))
     assert info.value.field == field
@@ -142,7 +144,7 @@ def test_add_request_rejects_what_can_never_run(field: str, prompt: list[int], m
 
 
 def test_add_request_accepts_requests_at_the_limits() -> None:
-    sched = make(num_blocks=4, max_model_len=17)
+    sched = make(num_blocks=4, max_model_len=17, max_num_seqs=4, max_num_batched_tokens=16)
     sched.add_request("fills-pool", [1] * 10, sp(7))  # KV for 16 tokens = the pool
     sched.add_request("capped-by-context", [1] * 16, sp(1000))  # stops at max_model_len, within the pool
     assert sched.num_waiting == 2
@@ -216,10 +218,10 @@ def test_new_requests_join_while_others_decode_within_the_token_budget() -> None
     sched.add_request("b", [1] * 6, sp())
     plan, _ = step(sched, worker)
     assert [r.request_id for r in plan.new_requests] == ["a"]  # 12 tokens would exceed 10
-    sched.add_request("c", [1] * 3, sp())
+    sched.add_request("c", [1] * 4, sp())
     plan, _ = step(sched, worker)
     assert [r.request_id for r in plan.cached_requests] == ["a"]
-    assert [r.request_id for r in plan.new_requests] == ["b"]  # 1 decode + 6 prefill tokens
+    assert [r.request_id for r in plan.new_requests] == ["b"]  # 1 + 6 tokens; c's 4 more would exceed 10
     plan, outputs = step(sched, worker)
     assert [r.request_id for r in plan.cached_requests] == ["a", "b"]
     assert [r.request_id for r in plan.new_requests] == ["c"]
@@ -230,7 +232,10 @@ def test_new_requests_join_while_others_decode_within_the_token_budget() -> None
 # --- finishing ---------------------------------------------------------------------------------
 
 
-def run_one(sampling: SamplingParams, tokens: list[int], prompt_len: int = 3, max_model_len: int = 256) -> list[RequestOutput]:
+def run_one(
+    sampling: SamplingParams, tokens: list[int], prompt_len: int = 3, max_model_len: int = 256
+) -> list[RequestOutput]:
+    """Run one request whose worker samples the scripted tokens; its outputs."""
     sched = make(max_model_len=max_model_len)
     script = iter(tokens)
     worker = FakeWorker(sched, lambda rid, pos: next(script))
@@ -333,8 +338,7 @@ def test_resumed_request_longer_than_token_budget_runs_in_a_step_of_its_own() ->
     assert sched.num_preemptions == 1  # a's position 4 needs b's blocks; b resumes with 9 tokens
     (resume,) = [p for p in plans if any(r.num_output_tokens for r in p.new_requests)]
     assert resume.num_tokens == 9 and resume.cached_requests == ()
-    assert [len(tokens_of(streams[r])) for r in "ab"] == [11, 3]  # b got 4 tokens before it was preempted
-    assert len(worker.sampled["b"]) == 7
+    assert [len(tokens_of(streams[r])) for r in "ab"] == [11, 7]
 
 
 def test_tiny_pool_completes_every_request_with_exactly_max_tokens() -> None:
@@ -388,6 +392,7 @@ def test_abort_of_a_request_never_sent_frees_nothing_on_the_worker() -> None:
     assert sched.abort("a")
     assert not sched.has_work()
     assert sched.schedule() == StepPlan(step_id=0)
+    assert sched.num_steps == 0
 
 
 def test_id_reused_after_abort_mid_flight_does_not_get_the_old_token() -> None:
@@ -435,6 +440,14 @@ def test_update_with_a_stale_plan_raises() -> None:
     plan, _ = step(sched, worker)
     with pytest.raises(ValueError, match="step_id"):
         sched.update_from_output(plan, StepOutput(plan.step_id, {"a": 1}))
+
+
+def test_update_with_a_token_of_an_unplanned_request_raises() -> None:
+    sched = make()
+    sched.add_request("a", [1], sp())
+    plan = sched.schedule()
+    with pytest.raises(ValueError, match="sampled"):
+        sched.update_from_output(plan, StepOutput(plan.step_id, {"a": 1, "x": 2}))
 
 
 def test_update_missing_a_token_raises_without_changing_state() -> None:

@@ -1,0 +1,70 @@
+"""The engine loop: streams, aborts that free blocks at once, and a failing worker step."""
+
+import asyncio
+
+from apex_serve.types import FinishReason, SamplingParams, StepOutput, StepPlan, WorkerInfo
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.scheduler import Scheduler
+
+INFO = WorkerInfo("fake", 1, 50, 256, (0,), 4, 32, "cpu", "float32")
+
+
+class Worker:
+    """Samples token 7 for every scheduled row; fails the steps listed in `fail_steps`."""
+
+    def __init__(self, fail_steps: set[int] = frozenset(), delay_s: float = 0.0) -> None:
+        self.fail_steps = fail_steps
+        self.delay_s = delay_s
+
+    async def step(self, plan: StepPlan) -> StepOutput:
+        await asyncio.sleep(self.delay_s)
+        if plan.step_id in self.fail_steps:
+            raise ConnectionError("worker went away")
+        ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
+        return StepOutput(plan.step_id, {rid: 7 for rid in ids})
+
+
+async def _drain(queue: asyncio.Queue) -> list:
+    items = []
+    while True:
+        item = await queue.get()
+        items.append(item)
+        if isinstance(item, Exception) or item.finished:
+            return items
+
+
+async def test_streams_every_token_then_the_finish_reason_and_frees_blocks() -> None:
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker().step)
+    loop.start()
+    queues = [loop.submit(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=5)) for i in range(3)]
+    streams = await asyncio.gather(*(_drain(q) for q in queues))
+    await loop.stop()
+    for items in streams:
+        assert [t for o in items for t in o.new_token_ids] == [7] * 5
+        assert items[-1].finish_reason is FinishReason.LENGTH
+    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+
+
+async def test_abort_ends_the_stream_with_abort_and_frees_blocks_at_once() -> None:
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(delay_s=0.01).step)
+    loop.start()
+    queue = loop.submit("long", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    await queue.get()
+    assert loop.abort("long") is True
+    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+    items = await _drain(queue)
+    assert items[-1].finish_reason is FinishReason.ABORT
+    assert loop.abort("long") is False, "abort must be idempotent"
+    await loop.stop()
+
+
+async def test_a_failed_step_fails_its_requests_and_the_loop_keeps_serving() -> None:
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(fail_steps={0}).step)
+    loop.start()
+    failed = await _drain(loop.submit("first", [1, 2], SamplingParams(max_tokens=3)))
+    assert isinstance(failed[-1], ConnectionError)
+    served = await _drain(loop.submit("second", [1, 2], SamplingParams(max_tokens=3)))
+    assert served[-1].finish_reason is FinishReason.LENGTH
+    await loop.stop()
+    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
