@@ -219,3 +219,21 @@ def test_apex_serve_up_reports_ready_then_ctrl_c_drains_in_flight_requests_and_s
     assert final.completion_tokens == 48, "the in-flight request was cut short instead of drained"
     assert "stopped" in rest
     assert not Path(run_dir).exists(), "socket directory left behind"
+
+
+async def test_a_cancelled_stream_aborts_the_request_and_frees_its_blocks(stack: Stack) -> None:
+    async with grpc.aio.insecure_channel(stack.config.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        sampling = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+        call = stub.Generate(gateway_pb2.GenerateRequest(prompt="cancel me", sampling=convert.sampling_to_pb(sampling)))
+        async for msg in call:
+            if msg.WhichOneof("response") == "chunk":
+                break
+        call.cancel()
+    for _ in range(50):
+        stats = await _stats(stack)
+        if stats.num_running == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert stats.num_running == 0 and stats.num_waiting == 0, "the cancelled request kept decoding"
+    assert stats.num_free_blocks == stats.num_total_blocks, "the cancelled request's KV blocks were not freed"

@@ -12,7 +12,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -73,36 +73,38 @@ async def bench_stack(address: str, batch: int, new_tokens: int) -> float:
     return _decode_rate([t[0] for t in times], [t[1] for t in times], new_tokens)
 
 
-def bench_transformers(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> float:
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
+class _TokenClock:
+    """A transformers streamer that only records when each token arrives."""
 
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.stamps: list[int] = []
+    def __init__(self) -> None:
+        self.stamps: list[int] = []
 
-        def put(self, value: torch.Tensor) -> None:
-            self.stamps.append(time.perf_counter_ns())
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter_ns())
 
-        def end(self) -> None:
-            pass
+    def end(self) -> None:
+        pass
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    clock = Clock()
+
+def bench_transformers(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> float:
+    clock = _TokenClock()
+    input_ids = torch.tensor([prompt_ids])  # [1, prompt_len]
     with torch.inference_mode():
         model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, streamer=clock, pad_token_id=model.config.eos_token_id,
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, streamer=clock,
         )
     token_stamps = clock.stamps[1:]  # the first put() is the prompt
     return _decode_rate([token_stamps[0]], [token_stamps[-1]], len(token_stamps))
 
 
-def _median(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def _median(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
 def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, threads: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="apex-bench-", dir="/tmp") as tmp:
@@ -110,9 +112,13 @@ def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats
             spec = PRESETS[preset]
             model_dir = write_random_llama(Path(tmp) / spec.name, spec)
             engine = LocalEngine(GpuWorkerConfig(model_dir=str(model_dir), num_threads=threads))
-            prompt_ids = list(engine_prompt_ids(model_dir))
-            hf = _median(lambda: bench_transformers(model_dir, prompt_ids, new_tokens), repeats)
-            config = StackConfig(model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads)
+            prompt_ids = _prompt_ids(model_dir)
+            hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            hf = _median(lambda: bench_transformers(hf_model, prompt_ids, new_tokens), repeats)
+            del hf_model
+            config = StackConfig(
+                model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads
+            )
             with Stack(config) as stack:
                 for batch in batches:
                     asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens))  # warm-up
@@ -130,7 +136,7 @@ def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats
     return rows
 
 
-def engine_prompt_ids(model_dir: Path) -> list[int]:
+def _prompt_ids(model_dir: Path) -> list[int]:
     from gateway.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir).encode(PROMPT).ids
