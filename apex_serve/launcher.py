@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class StackConfig:
     device_kv_budget_bytes: int = 64 * 2**20
     max_num_seqs: int = 64
     worker_threads: int = 1
+    pin_cpus: bool = True  # gpu_worker on the first worker_threads cores, the others on the rest
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -46,9 +48,14 @@ class StackConfig:
         return f"{self.host}:{self.port}"
 
 
-def _die_with_parent() -> None:
-    """Child processes get SIGTERM if the launcher dies, so nothing outlives it."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        """Child processes get SIGTERM if the launcher dies, so nothing outlives it."""
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 class Stack:
@@ -81,12 +88,22 @@ class Stack:
              ["--model-dir", c.model_dir, "--address", c.gateway_address, "--scheduler-address", scheduler]),
         ]
 
+    def _cpus(self, module: str) -> set[int] | None:
+        """DESIGN §6: the gpu_worker gets cores of its own; None (no pinning) when too few exist."""
+        available = sorted(os.sched_getaffinity(0))
+        threads = self.config.worker_threads
+        if not self.config.pin_cpus or len(available) <= threads:
+            return None
+        return set(available[:threads]) if module == "gpu_worker" else set(available[threads:])
+
     def start(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)  # stale sockets of a killed run
         self._run_dir.mkdir(mode=0o700, parents=True)
         for module, address, args in self._commands():
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args], start_new_session=True, preexec_fn=_die_with_parent
+                [sys.executable, "-m", module, *args],
+                start_new_session=True,
+                preexec_fn=_child_setup(self._cpus(module)),
             )
             self._procs.append((module, address, proc))
         try:

@@ -102,7 +102,9 @@ def _median(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, threads: int) -> list[dict]:
+def run(
+    presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, threads: int, pin_cpus: bool
+) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
@@ -117,7 +119,8 @@ def run(presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats
             hf = _median(lambda: bench_transformers(hf_model, prompt_ids, new_tokens), repeats)
             del hf_model
             config = StackConfig(
-                model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads
+                model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads,
+                pin_cpus=pin_cpus,
             )
             with Stack(config) as stack:
                 for batch in batches:
@@ -165,9 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench_results/skeleton.json")
     args = parser.parse_args([a for a in (argv or []) if a != "--"])
-    rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads)
+    rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads,
+        args.pin_cpus,
+    )
     logger.info("decode throughput (median of %d; torch threads %d)\n%s", args.repeats, args.threads, report(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <type_traits>
 
-namespace apex::cpu_attention {
+namespace apex_serve::cpu_attention {
 
 inline float bits_to_float(uint32_t bits) {
     float value;
@@ -55,4 +55,4 @@ const float* to_fp32(const typename Storage::Raw* src, size_t n, float* scratch)
     }
 }
 
-}  // namespace apex::cpu_attention
+}  // namespace apex_serve::cpu_attention

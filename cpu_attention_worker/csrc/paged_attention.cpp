@@ -13,7 +13,7 @@
 #include "paged_attention.h"
 
 namespace py = pybind11;
-using namespace apex::cpu_attention;
+using namespace apex_serve::cpu_attention;
 
 namespace {
 

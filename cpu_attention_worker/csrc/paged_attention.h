@@ -17,7 +17,7 @@
 
 #include "kv_dtype.h"
 
-namespace apex::cpu_attention {
+namespace apex_serve::cpu_attention {
 
 struct PagedShape {
     int64_t num_rows;
@@ -162,4 +162,4 @@ inline void append_lines(std::byte* cache, const std::byte* lines, const int64_t
     }
 }
 
-}  // namespace apex::cpu_attention
+}  // namespace apex_serve::cpu_attention
