@@ -2,8 +2,8 @@
 in-process (the service overhead ratio) and against `transformers` generate at batch 1.
 
 Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
-so prefill is excluded the same way on all three paths; each is the median of --repeats runs,
-measured one after the other in this run on the same model and thread count."""
+so prefill is excluded the same way on all three paths; each is the median of --repeats runs in
+this run on the same model and thread count, the in-process and stack runs interleaved."""
 
 import argparse
 import asyncio
@@ -12,7 +12,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -98,10 +98,6 @@ def bench_transformers(model: torch.nn.Module, prompt_ids: list[int], new_tokens
     return _decode_rate([token_stamps[0]], [token_stamps[-1]], len(token_stamps))
 
 
-def _median(fn: Callable[[], float], repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
-
-
 def run(
     presets: Sequence[str], batches: Sequence[int], new_tokens: int, repeats: int, threads: int, pin_cpus: bool
 ) -> list[dict]:
@@ -116,7 +112,7 @@ def run(
             engine = LocalEngine(GpuWorkerConfig(model_dir=str(model_dir), num_threads=threads))
             prompt_ids = _prompt_ids(model_dir)
             hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            hf = _median(lambda: bench_transformers(hf_model, prompt_ids, new_tokens), repeats)
+            hf = statistics.median(bench_transformers(hf_model, prompt_ids, new_tokens) for _ in range(repeats))
             del hf_model
             config = StackConfig(
                 model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads,
@@ -125,10 +121,11 @@ def run(
             with Stack(config) as stack:
                 for batch in batches:
                     asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens))  # warm-up
-                    local = _median(lambda: bench_in_process(engine, prompt_ids, batch, new_tokens), repeats)
-                    served = _median(
-                        lambda: asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens)), repeats
-                    )
+                    local_runs, served_runs = [], []
+                    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+                        local_runs.append(bench_in_process(engine, prompt_ids, batch, new_tokens))
+                        served_runs.append(asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens)))
+                    local, served = statistics.median(local_runs), statistics.median(served_runs)
                     rows.append(dict(
                         model=spec.name, batch=batch, threads=threads, new_tokens=new_tokens,
                         stack_tok_s=served, in_process_tok_s=local,
