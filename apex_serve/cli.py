@@ -1,14 +1,16 @@
-"""`apex-serve`: up (the whole stack), make-model, generate, bench."""
+"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench."""
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from apex_serve.flags import add_config_flags, config_from_args
 from apex_serve.launcher import StackConfig
 from apex_serve.logs import configure_logging
+from apex_serve.sdk import ApexServeError, ChatMessage, Chunk, Client, Completion
 
 logger = logging.getLogger(__name__)
 
@@ -36,38 +38,81 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import grpc
-
-    from apex_serve.client import Completion, GatewayClient, TextChunk
-    from apex_serve.types import SamplingParams
-
-    sampling = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields = dict(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens, logprobs=args.logprobs,
     )
-    with GatewayClient(args.address) as client:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _print_stream(events: Iterable[Chunk | Completion], show_logprobs: bool) -> Completion:
+    completion = None
+    for event in events:
+        if isinstance(event, Chunk):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if show_logprobs:
+                for lp in event.logprobs:
+                    logger.info("token %d logprob %.4f top %s", lp.token_id, lp.logprob, lp.top)
+        else:
+            completion = event
+    sys.stdout.write("\n")
+    assert completion is not None, "the stream ended without a completion"
+    logger.info(
+        "finish_reason=%s prompt_tokens=%d completion_tokens=%d",
+        completion.finish_reason.value if completion.finish_reason else "none",
+        completion.prompt_tokens, completion.completion_tokens,
+    )
+    return completion
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    with Client(args.address, api_key=args.api_key) as client:
         try:
-            for event in client.generate(args.prompt, sampling, model=args.model):
-                if isinstance(event, TextChunk):
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                elif isinstance(event, Completion):
-                    sys.stdout.write("\n")
-                    logger.info(
-                        "finish_reason=%s prompt_tokens=%d completion_tokens=%d",
-                        event.finish_reason.value if event.finish_reason else "none",
-                        event.prompt_tokens, event.completion_tokens,
-                    )
-        except grpc.RpcError as err:
-            logger.error("%s: %s", err.code().name, err.details())
+            events = client.stream(args.prompt, model=args.model, stop=args.stop, **_sampling_fields(args))
+            _print_stream(events, args.logprobs is not None)
+        except ApexServeError as err:
+            logger.error("%s", err)
             return 1
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from apex_serve.bench.skeleton import main as bench_main
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation on the terminal: each line you type is a user turn; Ctrl-D ends it."""
+    history = [ChatMessage("system", args.system)] if args.system else []
+    with Client(args.address, api_key=args.api_key) as client:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            history.append(ChatMessage("user", line.rstrip("\n")))
+            try:
+                events = list(client.stream(history, model=args.model, stop=args.stop, **_sampling_fields(args)))
+            except ApexServeError as err:
+                logger.error("%s", err)
+                return 1
+            _print_stream(events, False)
+            history.append(ChatMessage("assistant", "".join(e.text for e in events if isinstance(e, Chunk))))
+    return 0
 
-    return bench_main(args.rest)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from apex_serve.bench import gateway, skeleton
+
+    return {"bench": skeleton.main, "bench-gateway": gateway.main}[args.command](args.rest)
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--logprobs", type=int, default=None, help="show the sampled token's and the top-N logprobs")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,18 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion from a running stack")
     gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
-    gen.add_argument("--model", default="")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    _add_client_flags(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    bench = sub.add_parser("bench", help="the skeleton benchmark (see `apex-serve bench -- --help`)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_cmd_bench)
+    chat = sub.add_parser("chat", help="chat on the terminal with a running stack (the model's chat template)")
+    chat.add_argument("--system", default="", help="a system message to start the conversation with")
+    _add_client_flags(chat)
+    chat.set_defaults(func=_cmd_chat)
+
+    for name, about in (
+        ("bench", "decode tokens/s: the stack against the engine in-process and transformers"),
+        ("bench-gateway", "inter-token latency the gateway adds over talking to the scheduler"),
+    ):
+        bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
+        bench.add_argument("rest", nargs=argparse.REMAINDER)
+        bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -26,15 +26,19 @@ def finish_reason_from_pb(value: int) -> types.FinishReason | None:
     return _FINISH_FROM_PB.get(value)
 
 
+_OPTIONAL_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "max_tokens", "min_tokens",
+    "presence_penalty", "frequency_penalty", "repetition_penalty",
+)
+
+
 def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
     """Absent optional fields take the domain defaults; the domain type validates ranges."""
-    defaults = types.SamplingParams()
+    present = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
     return types.SamplingParams(
-        temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
-        top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
-        top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
+        **present,
         seed=msg.seed if msg.HasField("seed") else None,
-        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
     )
@@ -42,16 +46,27 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
 
 def sampling_to_pb(params: types.SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        max_tokens=params.max_tokens,
+        **{name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS},
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprob_to_pb(lp: types.TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def logprob_from_pb(msg: common_pb2.TokenLogprob) -> types.TokenLogprob:
+    return types.TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
 def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
@@ -130,7 +145,14 @@ def step_output_to_pb(output: types.StepOutput) -> gpu_worker_pb2.StepResponse:
     t = output.timings
     return gpu_worker_pb2.StepResponse(
         step_id=output.step_id,
-        sampled=[gpu_worker_pb2.SampledToken(request_id=k, token_id=v) for k, v in output.sampled.items()],
+        sampled=[
+            gpu_worker_pb2.SampledToken(
+                request_id=k,
+                token_id=v,
+                logprob=logprob_to_pb(output.logprobs[k]) if k in output.logprobs else None,
+            )
+            for k, v in output.sampled.items()
+        ],
         timings=gpu_worker_pb2.StepTimings(
             prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
         ),
@@ -142,6 +164,7 @@ def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
     return types.StepOutput(
         step_id=msg.step_id,
         sampled={s.request_id: s.token_id for s in msg.sampled},
+        logprobs={s.request_id: logprob_from_pb(s.logprob) for s in msg.sampled if s.HasField("logprob")},
         timings=types.StepTimings(
             prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
         ),
@@ -162,6 +185,7 @@ def request_output_to_pb(out: types.RequestOutput) -> scheduler_pb2.SubmitRespon
         finished=out.finished,
         finish_reason=finish_reason_to_pb(out.finish_reason),
         usage=usage_to_pb(out.num_prompt_tokens, out.num_output_tokens),
+        logprobs=[logprob_to_pb(lp) for lp in out.logprobs],
     )
 
 
@@ -173,4 +197,5 @@ def request_output_from_pb(request_id: str, msg: scheduler_pb2.SubmitResponse) -
         finish_reason=finish_reason_from_pb(msg.finish_reason),
         num_prompt_tokens=msg.usage.prompt_tokens,
         num_output_tokens=msg.usage.completion_tokens,
+        logprobs=tuple(logprob_from_pb(lp) for lp in msg.logprobs),
     )

@@ -25,7 +25,9 @@ _PR_SET_PDEATHSIG = 1
 class StackConfig:
     model_dir: str = "models/apex-tiny-llama"
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = 50051  # public gRPC
+    http_port: int = 0  # OpenAI-compatible HTTP; 0: off
+    api_keys: str = ""  # comma-separated; empty: no authentication
     run_dir: str = ".apex-run"  # Unix sockets of the internal services
     dtype: str = "float32"
     num_kv_blocks: int | None = None
@@ -36,8 +38,9 @@ class StackConfig:
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name}: must be in [0, 65535], got {getattr(self, name)}")
         if len(str(Path(self.run_dir).resolve())) > 80:
             raise ValueError(f"run_dir: socket paths must stay short (<= 80 chars), got {self.run_dir}")
         if self.startup_timeout_s <= 0:
@@ -46,6 +49,10 @@ class StackConfig:
     @property
     def gateway_address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.host}:{self.http_port}" if self.http_port else ""
 
 
 def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
@@ -85,7 +92,8 @@ class Stack:
             ("scheduler_service", scheduler,
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs)]),
             ("gateway", c.gateway_address,
-             ["--model-dir", c.model_dir, "--address", c.gateway_address, "--scheduler-address", scheduler]),
+             ["--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
+              "--scheduler-address", scheduler, "--api-keys", c.api_keys]),
         ]
 
     def _cpus(self, module: str) -> set[int] | None:
@@ -160,8 +168,9 @@ def run_until_signal(config: StackConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     stack = Stack(config)
     stack.start()
-    logger.info("apex-serve ready: gateway gRPC on %s, model %s (pid %d; Ctrl-C stops)",
-                config.gateway_address, Path(config.model_dir).name, os.getpid())
+    http = f", OpenAI HTTP on http://{config.http_address}/v1" if config.http_address else ""
+    logger.info("apex-serve ready: gateway gRPC on %s%s, model %s (pid %d; Ctrl-C stops)",
+                config.gateway_address, http, Path(config.model_dir).name, os.getpid())
     code = 0
     while not stopping:
         if dead := stack.dead():

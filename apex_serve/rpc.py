@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,21 +109,24 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
     return wrapper
 
 
-def create_server() -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[ExceptionInterceptor()], options=CHANNEL_OPTIONS)
+def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server; `interceptors` run before the exception interceptor."""
+    return grpc.aio.server(interceptors=[*interceptors, ExceptionInterceptor()], options=CHANNEL_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, address: str) -> str:
-    """Binds a `unix://` path (stale socket removed, parent created 0700) or host:port.
-
-    Returns the address clients should dial (the real port when port 0 was asked for)."""
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> str:
+    """Binds a `unix://` path (stale socket removed, parent created 0700) or host:port (TLS when
+    credentials are given). Returns the address clients should dial (the real port for port 0)."""
     if address.startswith("unix://"):
         path = Path(address.removeprefix("unix://"))
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         server.add_insecure_port(address)
         return address
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     host = address.rsplit(":", 1)[0]
     return f"{host}:{port}"
 

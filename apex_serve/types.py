@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from apex_serve.errors import InvalidArgument
 
 
+MAX_LOGPROBS = 20
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"  # EOS or a stop token id
     LENGTH = "length"  # max_tokens or the context length
@@ -29,6 +32,11 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -41,6 +49,15 @@ class SamplingParams:
             raise InvalidArgument("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidArgument("seed", f"must be in [0, 2^63), got {self.seed}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidArgument("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidArgument(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -113,12 +130,22 @@ class StepTimings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a generated token under the model's raw distribution, and the top ones."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """The worker's answer to a StepPlan: one sampled token per scheduled request."""
 
     step_id: int
     sampled: dict[str, int] = field(default_factory=dict)
     timings: StepTimings = StepTimings()
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # requests that asked for them
 
 
 @dataclass(frozen=True)
@@ -131,3 +158,4 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when the request asked for them

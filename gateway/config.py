@@ -8,8 +8,14 @@ from pathlib import Path
 class GatewayConfig:
     model_dir: str
     model_name: str = ""  # empty: the model directory's name
-    address: str = "127.0.0.1:50051"
+    address: str = "127.0.0.1:50051"  # public gRPC
+    http_address: str = ""  # OpenAI-compatible HTTP (host:port); empty: off
     scheduler_address: str = "unix:///tmp/apex-serve/scheduler.sock"
+    api_keys: str = ""  # comma-separated; empty: no authentication
+    tls_cert_file: str = ""  # PEM; with tls_key_file, the public gRPC port speaks TLS
+    tls_key_file: str = ""
+    max_concurrent_requests: int = 1024  # more get RESOURCE_EXHAUSTED / HTTP 429
+    max_prompt_bytes: int = 1 << 20  # larger prompts get RESOURCE_EXHAUSTED / HTTP 429 before tokenizing
     drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -17,7 +23,20 @@ class GatewayConfig:
             raise ValueError(f"model_dir: no tokenizer.json in {self.model_dir}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests: must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes: must be >= 1, got {self.max_prompt_bytes}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file, tls_key_file: give both or neither")
+        for name in ("tls_cert_file", "tls_key_file"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: {getattr(self, name)} does not exist")
 
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model_dir).resolve().name
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

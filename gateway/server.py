@@ -1,8 +1,9 @@
-"""Entry point: `python -m gateway --model-dir DIR [--address host:port] [--scheduler-address ...]`."""
+"""Entry point: `python -m gateway --model-dir DIR [--address host:port] [--http-address host:port] ...`."""
 
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
@@ -10,7 +11,10 @@ from apex_serve import convert, rpc
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, gpu_worker_pb2, scheduler_pb2_grpc
+from gateway.auth import ApiKeyInterceptor
+from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
+from gateway.generation import Generator
 from gateway.servicer import GatewayServicer
 from gateway.tokenizer import load_tokenizer
 
@@ -18,18 +22,45 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
+def _tls(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert_file:
+        return None
+    key, cert = Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
 async def serve(config: GatewayConfig) -> None:
     await rpc.wait_healthy(config.scheduler_address, timeout_s=300.0)
     channel = grpc.aio.insecure_channel(config.scheduler_address, options=rpc.CHANNEL_OPTIONS)
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     worker = convert.worker_info_from_pb(await scheduler.GetWorkerInfo(gpu_worker_pb2.GetWorkerInfoRequest()))
-    servicer = GatewayServicer(load_tokenizer(config.model_dir), config.served_model_name, worker, scheduler)
-    server = rpc.create_server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    generator = Generator(
+        load_tokenizer(config.model_dir), ChatTemplate.from_model_dir(config.model_dir), config.served_model_name,
+        worker, scheduler,
+        config.max_concurrent_requests, config.max_prompt_bytes,
+    )
+    server = rpc.create_server([ApiKeyInterceptor(config.api_key_set)])
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(generator), server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
-    address = rpc.bind(server, config.address)
-    logger.info("serving model %s on %s", config.served_model_name, address)
-    await service.run(grace_s=config.drain_timeout_s, on_stop=channel.close)
+    address = rpc.bind(server, config.address, _tls(config))
+    logger.info(
+        "serving model %s: gRPC on %s%s%s", config.served_model_name, address,
+        " (TLS)" if config.tls_cert_file else "", " (API keys required)" if config.api_key_set else "",
+    )
+    http = None
+    if config.http_address:
+        from gateway.http_api.server import HttpServer  # FastAPI is loaded only when HTTP is on
+
+        http = HttpServer(generator, config)
+        await http.start()
+        logger.info("OpenAI-compatible HTTP on http://%s/v1", config.http_address)
+
+    async def on_stop() -> None:
+        if http is not None:
+            await http.stop()
+        await channel.close()
+
+    await service.run(grace_s=config.drain_timeout_s, on_stop=on_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,67 +1,93 @@
-"""gRPC edge of the gateway: Generate streams text chunks, then one `complete`."""
+"""gRPC edge of the gateway: protobuf in and out, everything else in gateway.generation."""
 
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
-from apex_serve import convert
-from apex_serve.types import WorkerInfo
-from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from gateway import validation
-from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
+from apex_serve import __version__, convert
+from apex_serve.errors import NotFound
+from apex_serve.types import TokenLogprob
+from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.generation import GenerationEnd, GenerationRequest, Generator
+
+CAPABILITIES = (
+    "generate.stream", "abort", "stop_strings", "stop_token_ids", "logprobs", "penalties", "min_tokens", "seed",
+    "openai.completions", "openai.chat_completions", "api_keys", "tls",
+)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        model_name: str,
-        worker: WorkerInfo,
-        scheduler: scheduler_pb2_grpc.SchedulerStub,
-    ) -> None:
-        self._tokenizer = tokenizer
-        self._model_name = model_name
-        self._worker = worker
-        self._scheduler = scheduler
+    def __init__(self, generator: Generator) -> None:
+        self._gen = generator
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        validation.check_model(request.model, self._model_name)
-        validation.check_prompt_text(request.prompt)
-        sampling = convert.sampling_from_pb(request.sampling)
-        prompt_ids = self._tokenizer.encode(request.prompt).ids
-        validation.check_lengths(len(prompt_ids), sampling, self._worker.max_model_len)
-        request_id = request.request_id or uuid.uuid4().hex
-        call = self._scheduler.Submit(
-            scheduler_pb2.SubmitRequest(
-                request_id=request_id, prompt_token_ids=prompt_ids, sampling=convert.sampling_to_pb(sampling)
-            )
+        generation = GenerationRequest(
+            prompt=request.prompt,
+            messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
+            sampling=convert.sampling_from_pb(request.sampling),
+            stop=tuple(request.stop),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            model=request.model,
+            request_id=request.request_id,
         )
-        detok = IncrementalDetokenizer(self._tokenizer)
-        try:
-            async for out in call:
-                text = detok.push(out.token_ids)
-                if out.finished:
-                    text += detok.flush()
-                if text or out.token_ids:
-                    yield gateway_pb2.GenerateResponse(
-                        chunk=gateway_pb2.GenerateChunk(text=text, token_ids=out.token_ids)
+        async for event in self._gen.stream(generation):
+            if isinstance(event, GenerationEnd):
+                yield gateway_pb2.GenerateResponse(
+                    complete=gateway_pb2.GenerateComplete(
+                        finish_reason=convert.finish_reason_to_pb(event.finish_reason),
+                        usage=convert.usage_to_pb(event.prompt_tokens, event.completion_tokens),
+                        request_id=event.request_id,
+                        stop_reason=event.stop_reason or "",
                     )
-                if out.finished:
-                    yield gateway_pb2.GenerateResponse(
-                        complete=gateway_pb2.GenerateComplete(
-                            finish_reason=out.finish_reason, usage=out.usage, request_id=request_id
-                        )
+                )
+            else:
+                yield gateway_pb2.GenerateResponse(
+                    chunk=gateway_pb2.GenerateChunk(
+                        text=event.text, token_ids=event.token_ids, logprobs=[self._logprob(lp) for lp in event.logprobs]
                     )
-        finally:
-            call.cancel()  # no-op when done; on a client cancel it aborts the request downstream
+                )
+
+    def _logprob(self, lp: TokenLogprob) -> common_pb2.TokenLogprob:
+        msg = convert.logprob_to_pb(lp)
+        msg.token = self._gen.token_text(lp.token_id)
+        for top in msg.top:
+            top.token = self._gen.token_text(top.token_id)
+        return msg
+
+    async def Abort(
+        self, request: gateway_pb2.AbortGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AbortGenerateResponse:
+        return gateway_pb2.AbortGenerateResponse(aborted=await self._gen.abort(request.request_id))
 
     async def GetModelInfo(
         self, request: gateway_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ModelInfo:
-        w = self._worker
+        w = self._gen.worker
         return gateway_pb2.ModelInfo(
-            name=self._model_name, max_model_len=w.max_model_len, vocab_size=w.vocab_size, dtype=w.dtype, device=w.device
+            name=self._gen.model_name, max_model_len=w.max_model_len, vocab_size=w.vocab_size, dtype=w.dtype,
+            device=w.device,
         )
+
+    async def GetServerInfo(
+        self, request: gateway_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ServerInfo:
+        return gateway_pb2.ServerInfo(name="apex-serve", version=__version__, capabilities=CAPABILITIES)
+
+    async def ServerLive(
+        self, request: gateway_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ServerLiveResponse:
+        return gateway_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: gateway_pb2.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ServerReadyResponse:
+        return gateway_pb2.ServerReadyResponse(ready=await self._gen.ready())
+
+    async def ModelReady(
+        self, request: gateway_pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ModelReadyResponse:
+        if request.name and request.name != self._gen.model_name:
+            raise NotFound(f"model '{request.name}' is not served here; this server serves '{self._gen.model_name}'")
+        return gateway_pb2.ModelReadyResponse(ready=await self._gen.ready())

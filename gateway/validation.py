@@ -28,3 +28,11 @@ def check_lengths(num_prompt_tokens: int, sampling: SamplingParams, max_model_le
             f"{sampling.max_tokens} exceeds the limit of {room} for this prompt "
             f"(context length {max_model_len} - {num_prompt_tokens} prompt tokens)",
         )
+
+
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    if not prompt_ids:
+        raise InvalidArgument("prompt", "must not be empty")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument("prompt", f"token id {bad} is outside the vocabulary [0, {vocab_size})")

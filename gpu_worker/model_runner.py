@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from apex_serve.errors import InvalidArgument
-from apex_serve.types import SamplingParams, StepOutput, StepPlan, StepTimings, WorkerInfo
+from apex_serve.types import SamplingParams, StepOutput, StepPlan, StepTimings, TokenLogprob, WorkerInfo
 from gpu_worker.attention import AttentionMetadata, PagedAttention
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.kv_cache import PagedKVCache, bytes_per_block
 from gpu_worker.layers import post_attention, pre_attention, rms_norm
 from gpu_worker.model_config import ModelConfig, load_model_config
 from gpu_worker.rope import RotaryEmbedding
-from gpu_worker.sampler import Sampler
+from gpu_worker.sampler import Sampler, compute_logprobs
 from gpu_worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ModelRunner:
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.attention = PagedAttention(self.kv_cache)
-        self.sampler = Sampler(config.seed, self.device)
+        self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._info = WorkerInfo(
             model_name=Path(config.model_dir).resolve().name,
@@ -99,7 +99,7 @@ class ModelRunner:
         return self._info
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step and sample one token per scheduled request."""
+        """Run one step and sample one token per scheduled request (with logprobs where asked for)."""
         start = time.perf_counter_ns()
         batch = self._prepare(plan)
         prepared = time.perf_counter_ns()
@@ -109,7 +109,7 @@ class ModelRunner:
         logits = self._forward(batch)  # [num_requests, vocab]
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled = self._sample(batch.request_ids, logits)
+        sampled, logprobs = self._sample(batch.request_ids, logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -117,7 +117,7 @@ class ModelRunner:
             sample_ns=done - forwarded,
             total_ns=done - start,
         )
-        return StepOutput(step_id=plan.step_id, sampled=sampled, timings=timings)
+        return StepOutput(step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs)
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         """Run one step without sampling: fp32 logits [vocab] of each scheduled request's last position."""
@@ -128,15 +128,23 @@ class ModelRunner:
         return dict(zip(batch.request_ids, logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Sample from compute_logits' output and append each token to its request, as execute does."""
-        return self._sample(list(logits), torch.stack(list(logits.values())))
+        """Sample from compute_logits' output and append each token to its request, as execute does;
+        logprobs reach only execute's StepOutput."""
+        return self._sample(list(logits), torch.stack(list(logits.values())))[0]
 
-    def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, int]:
+    def _sample(
+        self, request_ids: list[str], logits: torch.Tensor
+    ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """Tokens of logits [num_requests, vocab], and logprobs of the requests that ask for them."""
         requests = [self._requests[rid] for rid in request_ids]
-        tokens = self.sampler.sample(logits, [r.sampling for r in requests], [r.num_output_tokens for r in requests])
+        params = [r.sampling for r in requests]
+        tokens = self.sampler.sample(
+            logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests]
+        )
+        logprobs = compute_logprobs(logits, params, tokens)
         for request, token in zip(requests, tokens):
             request.token_ids.append(token)
-        return dict(zip(request_ids, tokens))
+        return dict(zip(request_ids, tokens)), {request_ids[i]: lp for i, lp in logprobs.items()}
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """fp32 logits [num_requests, vocab]; only the last layer's needed rows go past attention."""

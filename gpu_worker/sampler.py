@@ -1,10 +1,12 @@
-"""Token sampling: greedy, temperature, top-k, top-p; seeded requests reproducible per token index."""
+"""Token sampling: penalties and min_tokens, then greedy, temperature, top-k, top-p; seeded requests
+reproducible per token index; logprobs of the raw logits."""
 
 from collections.abc import Sequence
 
 import torch
 
-from apex_serve.types import SamplingParams
+from apex_serve.types import SamplingParams, TokenLogprob
+from gpu_worker.logits_processors import apply_penalties, suppress_stop_tokens, uses_penalties
 
 _MASK64 = 2**64 - 1
 
@@ -34,18 +36,54 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # [rows, vocab]
 
 
-class Sampler:
-    """Samples one token per row. Unseeded rows draw from one generator seeded once with `seed`."""
+def compute_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
+) -> dict[int, TokenLogprob]:
+    """By row, for the rows that ask for logprobs: the sampled token's and the top n under log_softmax of
+    the raw logits [rows, vocab] (fp32, before penalties, min_tokens, temperature, top-k and top-p)."""
+    wanted = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}  # row -> top n
+    if not wanted:
+        return {}
+    index = torch.tensor(list(wanted), device=logits.device)  # [lp]
+    logprobs = logits[index].log_softmax(dim=-1)  # [lp, vocab]
+    sampled = torch.tensor([tokens[i] for i in wanted], device=logits.device)  # [lp]
+    chosen = logprobs.gather(1, sampled[:, None])[:, 0].tolist()  # [lp]
+    num_top = min(max(wanted.values()), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [lp, num_top], most likely first
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return {
+        i: TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+        for j, (i, n) in enumerate(wanted.items())
+    }
 
-    def __init__(self, seed: int, device: torch.device) -> None:
+
+class Sampler:
+    """Samples one token per row. Unseeded rows draw from one generator seeded once with `seed`.
+
+    eos_token_ids: the model's, masked (with each row's stop_token_ids) for rows short of min_tokens.
+    """
+
+    def __init__(self, seed: int, device: torch.device, eos_token_ids: Sequence[int] = ()) -> None:
         self.device = device
+        self.eos_token_ids = tuple(eos_token_ids)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
 
     def sample(
-        self, logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_indices: Sequence[int],
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
-        """Tokens for logits [rows, vocab] (fp32); output_indices: output tokens each row has so far."""
+        """Tokens for logits [rows, vocab] (fp32, left unchanged); output_indices: output tokens each row has
+        so far; token_ids: each row's prompt then output tokens, needed only when a row uses a penalty."""
+        logits = suppress_stop_tokens(logits, params, output_indices, self.eos_token_ids)  # [rows, vocab]
+        if token_ids is None:
+            if any(uses_penalties(p) for p in params):
+                raise ValueError("token_ids: needed by rows with a repetition, frequency or presence penalty")
+        else:
+            logits = apply_penalties(logits, params, output_indices, token_ids)  # [rows, vocab]
         tokens = logits.argmax(dim=-1)  # [rows]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:

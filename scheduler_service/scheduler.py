@@ -125,7 +125,8 @@ class Scheduler:
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[RequestOutput]:
         """Append each sampled token, finish requests on a stop token or a length limit, report per request.
 
-        Tokens of requests aborted since the plan was made are dropped.
+        Tokens of requests aborted since the plan was made are dropped. A request that asked for logprobs
+        gets its token's in RequestOutput.logprobs.
         """
         if plan.step_id != self._in_flight_step or output.step_id != plan.step_id:
             raise ValueError(
@@ -136,11 +137,17 @@ class Scheduler:
         unplanned = sorted(output.sampled.keys() - {r.request_id for r in self._in_flight})
         if missing or unplanned:
             raise ValueError(f"sampled: step {plan.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
+        no_logprobs = [
+            r.request_id for r in live if r.sampling.logprobs is not None and r.request_id not in output.logprobs
+        ]
+        if no_logprobs:
+            raise ValueError(f"logprobs: step {plan.step_id} lacks the logprobs of {no_logprobs}")
         self._in_flight = []
         self._in_flight_step = None
         outputs = []
         for request in live:
             token = output.sampled[request.request_id]
+            logprob = output.logprobs.get(request.request_id)
             request.output_token_ids.append(token)
             reason = self._finish_reason(request, token)
             if reason is not None:
@@ -153,6 +160,7 @@ class Scheduler:
                     finish_reason=reason,
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_output_tokens=request.num_output_tokens,
+                    logprobs=() if logprob is None else (logprob,),
                 )
             )
         return outputs
@@ -247,9 +255,15 @@ class Scheduler:
         return new
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before)."""
         sampling = request.sampling
         if token in sampling.stop_token_ids or (token in self._eos_token_ids and not sampling.ignore_eos):
-            return FinishReason.STOP
+            if request.num_output_tokens > sampling.min_tokens:
+                return FinishReason.STOP
+            logger.warning(
+                "%s: stop token %d as output token %d of min_tokens %d does not finish it",
+                request.request_id, token, request.num_output_tokens, sampling.min_tokens,
+            )
         if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self._max_model_len:
             return FinishReason.LENGTH
         return None

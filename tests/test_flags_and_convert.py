@@ -6,7 +6,15 @@ from apex_serve import convert
 from apex_serve.errors import InvalidArgument
 from apex_serve.flags import parse_config
 from apex_serve.launcher import StackConfig
-from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepOutput, StepPlan, StepTimings
+from apex_serve.types import (
+    CachedRequestData,
+    NewRequestData,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+    StepTimings,
+    TokenLogprob,
+)
 from apex_serve.v1 import common_pb2
 
 
@@ -49,4 +57,17 @@ def test_plan_and_step_output_survive_the_protobuf_round_trip() -> None:
     )
     assert convert.plan_from_pb(convert.plan_to_pb(plan)) == plan
     out = StepOutput(5, {"a": 3, "b": 257}, StepTimings(1, 2, 3, 6))
+    assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out
+
+
+def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
+    params = SamplingParams(
+        temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=20, stop_token_ids=(1, 2), ignore_eos=True,
+        min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0,
+    )
+    assert convert.sampling_from_pb(convert.sampling_to_pb(params)) == params
+
+
+def test_step_output_logprobs_survive_the_protobuf_round_trip() -> None:
+    out = StepOutput(1, {"a": 3, "b": 4}, logprobs={"a": TokenLogprob(3, -0.25, ((3, -0.25), (9, -2.0)))})
     assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
 
 from apex_serve import convert, rpc
-from apex_serve.client import Completion, GatewayClient
+from apex_serve.sdk import Client, Completion
 from apex_serve.launcher import Stack, StackConfig
 from apex_serve.local_engine import LocalEngine
 from apex_serve.types import FinishReason, SamplingParams
@@ -27,7 +27,9 @@ PROMPTS = [f"Request {i}: " + "the quick brown fox é€ " * (i % 5) for i in ra
 
 def _start(model_dir: Path, **overrides: object) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=run_dir, **overrides)
+    config = StackConfig(
+        model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=run_dir, **overrides
+    )
     with Stack(config) as stack:
         yield stack
     assert not Path(run_dir).exists(), "the stack left its socket directory behind"
@@ -205,8 +207,8 @@ def test_apex_serve_up_reports_ready_then_ctrl_c_drains_in_flight_requests_and_s
             if "apex-serve ready" in line:
                 break
         assert any(f"127.0.0.1:{port}" in line and "ready" in line for line in lines), "".join(lines)
-        with GatewayClient(f"127.0.0.1:{port}") as client:
-            stream = client.generate("drain me", SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
+        with Client(f"127.0.0.1:{port}") as client:
+            stream = client.stream("drain me", temperature=0.0, max_tokens=48, ignore_eos=True)
             events = [next(stream)]  # the request is in flight
             proc.send_signal(signal.SIGINT)
             events.extend(stream)

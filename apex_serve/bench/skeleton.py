@@ -115,7 +115,7 @@ def run(
             hf = statistics.median(bench_transformers(hf_model, prompt_ids, new_tokens) for _ in range(repeats))
             del hf_model
             config = StackConfig(
-                model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=f"{tmp}/run", worker_threads=threads,
+                model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run", worker_threads=threads,
                 pin_cpus=pin_cpus,
             )
             with Stack(config) as stack:
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench_results/skeleton.json")
-    args = parser.parse_args([a for a in (argv or []) if a != "--"])
+    args = parser.parse_args(None if argv is None else [a for a in argv if a != "--"])
     rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads,
         args.pin_cpus,
     )

@@ -1,0 +1,111 @@
+"""What the clients send and yield, and the one place they meet protobuf."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from apex_serve import convert
+from apex_serve.sdk.errors import error_for, status_code
+from apex_serve.types import FinishReason, SamplingParams, TokenLogprob
+from apex_serve.v1 import gateway_pb2
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: tuple[int, ...]
+    completion: Completion
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def generate_request(
+    prompt: str | Sequence[ChatMessage],
+    sampling: SamplingParams,
+    stop: Sequence[str],
+    include_stop_str_in_output: bool,
+    model: str,
+    request_id: str,
+) -> gateway_pb2.GenerateRequest:
+    msg = gateway_pb2.GenerateRequest(
+        model=model,
+        sampling=convert.sampling_to_pb(sampling),
+        request_id=request_id,
+        stop=list(stop),
+        include_stop_str_in_output=include_stop_str_in_output,
+    )
+    if isinstance(prompt, str):
+        msg.prompt = prompt
+    else:
+        msg.messages.extend(gateway_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt)
+    return msg
+
+
+def parse_response(msg: gateway_pb2.GenerateResponse) -> Chunk | Completion:
+    """A chunk or the completion; a server-sent `error` message raises like a status would."""
+    kind = msg.WhichOneof("response")
+    if kind == "chunk":
+        c = msg.chunk
+        return Chunk(c.text, tuple(c.token_ids), tuple(convert.logprob_from_pb(lp) for lp in c.logprobs))
+    if kind == "complete":
+        c = msg.complete
+        return Completion(
+            c.request_id, convert.finish_reason_from_pb(c.finish_reason), c.usage.prompt_tokens,
+            c.usage.completion_tokens, c.stop_reason or None,
+        )
+    raise error_for(status_code(msg.error.code), msg.error.message)
+
+
+def collect(events: Sequence[Chunk | Completion]) -> GenerateResult:
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    (completion,) = [e for e in events if isinstance(e, Completion)]
+    return GenerateResult(
+        "".join(c.text for c in chunks),
+        tuple(t for c in chunks for t in c.token_ids),
+        completion,
+        tuple(lp for c in chunks for lp in c.logprobs),
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    name: str
+    version: str
+    capabilities: tuple[str, ...]
+
+
+def model_info_from_pb(msg: gateway_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(msg.name, msg.max_model_len, msg.vocab_size, msg.dtype, msg.device)
+
+
+def server_info_from_pb(msg: gateway_pb2.ServerInfo) -> ServerInfo:
+    return ServerInfo(msg.name, msg.version, tuple(msg.capabilities))

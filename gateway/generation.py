@@ -1,0 +1,167 @@
+"""What the gRPC and HTTP front ends share: validate, tokenize, submit to the scheduler, and turn
+token ids into text deltas with stop strings, logprobs, cancellation and an admission bound."""
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from apex_serve import convert
+from apex_serve.errors import InvalidArgument, ResourceExhausted
+from apex_serve.types import FinishReason, SamplingParams, TokenLogprob, WorkerInfo
+from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from gateway import validation
+from gateway.chat_template import ChatTemplate
+from gateway.stop_strings import StopStringMatcher
+from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | Sequence[int]  # text, or token ids; ignored when messages are given
+    sampling: SamplingParams
+    messages: tuple[Mapping[str, str], ...] = ()  # a conversation, rendered with the chat template
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    model: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request that passed validation."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # aligned with token_ids when asked for
+
+
+@dataclass(frozen=True)
+class GenerationEnd:
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    stop_reason: str | None = None  # the stop string that matched
+
+
+class Generator:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None,
+        model_name: str,
+        worker: WorkerInfo,
+        scheduler: scheduler_pb2_grpc.SchedulerStub,
+        max_concurrent_requests: int,
+        max_prompt_bytes: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.model_name = model_name
+        self.worker = worker
+        self._scheduler = scheduler
+        self._max_concurrent = max_concurrent_requests
+        self._max_prompt_bytes = max_prompt_bytes
+        self._active: set[str] = set()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def _prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validate and tokenize; raises NotFound, InvalidArgument or ResourceExhausted."""
+        validation.check_model(request.model, self.model_name)
+        if request.messages:
+            if self.chat_template is None:
+                raise InvalidArgument("messages", f"model '{self.model_name}' has no chat template; send a prompt")
+            text = self.chat_template.render(request.messages)
+            self._check_size("messages", text)
+            prompt_ids = self.tokenizer.encode(text, add_special_tokens=False).ids  # the template has them
+        elif isinstance(request.prompt, str):
+            validation.check_prompt_text(request.prompt)
+            self._check_size("prompt", request.prompt)
+            prompt_ids = self.tokenizer.encode(request.prompt).ids
+        else:
+            prompt_ids = list(request.prompt)
+            validation.check_prompt_ids(prompt_ids, self.worker.vocab_size)
+        validation.check_lengths(len(prompt_ids), request.sampling, self.worker.max_model_len)
+        if any(not s for s in request.stop):
+            raise InvalidArgument("stop", "stop strings must not be empty")
+        if len(self._active) >= self._max_concurrent:
+            raise ResourceExhausted(
+                f"{len(self._active)} requests in flight (max_concurrent_requests {self._max_concurrent})"
+            )
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._active:
+            raise InvalidArgument("request_id", f"{request_id!r} is already in flight")
+        return PreparedRequest(request_id, prompt_ids, request)
+
+    def _check_size(self, field: str, text: str) -> None:
+        size = len(text.encode())
+        if size > self._max_prompt_bytes:
+            raise ResourceExhausted(f"{field}: {size} bytes exceeds max_prompt_bytes {self._max_prompt_bytes}")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationEnd]:
+        """Text deltas, then one GenerationEnd. Bad input raises at the first step, before any
+        output; closing the iterator early aborts the request in the scheduler."""
+        prepared = self._prepare(request)
+        self._active.add(prepared.request_id)
+        call = self._scheduler.Submit(
+            scheduler_pb2.SubmitRequest(
+                request_id=prepared.request_id,
+                prompt_token_ids=prepared.prompt_token_ids,
+                sampling=convert.sampling_to_pb(request.sampling),
+            )
+        )
+        try:
+            async for event in self._events(prepared, call):
+                yield event
+        finally:
+            call.cancel()  # no-op when done; otherwise (stop string, client gone) the scheduler aborts
+            self._active.discard(prepared.request_id)
+
+    async def _events(
+        self, prepared: PreparedRequest, call: grpc.aio.UnaryStreamCall
+    ) -> AsyncIterator[TextDelta | GenerationEnd]:
+        request = prepared.request
+        num_prompt = len(prepared.prompt_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringMatcher(request.stop, request.include_stop_str_in_output)
+        completion_tokens = 0
+        async for msg in call:
+            out = convert.request_output_from_pb(prepared.request_id, msg)
+            completion_tokens = max(completion_tokens, out.num_output_tokens)
+            result = stops.feed(detok.push(out.new_token_ids) + (detok.flush() if out.finished else ""))
+            text = result.text + (stops.flush() if out.finished and result.stop is None else "")
+            if text or out.new_token_ids:
+                yield TextDelta(text, out.new_token_ids, out.logprobs)
+            if result.stop is not None:
+                yield GenerationEnd(prepared.request_id, FinishReason.STOP, num_prompt, completion_tokens, result.stop)
+                return
+            if out.finished:
+                reason = out.finish_reason or FinishReason.ABORT
+                yield GenerationEnd(prepared.request_id, reason, num_prompt, completion_tokens)
+                return
+
+    async def abort(self, request_id: str) -> bool:
+        reply = await self._scheduler.Abort(scheduler_pb2.AbortRequest(request_id=request_id))
+        return reply.aborted
+
+    async def ready(self) -> bool:
+        try:
+            await self._scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
