@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 BOS_TOKEN_ID = 256
 EOS_TOKEN_ID = 257
+# A LLaMA-3-like chat template in plain bytes (the tokenizer has no special turn tokens).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 TIED_EMBEDDING_STD = 0.02
 
 
@@ -144,6 +149,7 @@ def _write_tokenizer(out_dir: Path, spec: RandomLlamaSpec) -> None:
         **specials,
         "model_max_length": spec.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")

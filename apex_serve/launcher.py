@@ -26,7 +26,7 @@ class StackConfig:
     model_dir: str = "models/apex-tiny-llama"
     host: str = "127.0.0.1"
     port: int = 50051  # public gRPC
-    http_port: int = 0  # OpenAI-compatible HTTP; 0: off
+    http_port: int = 8000  # OpenAI-compatible HTTP; 0: off
     api_keys: str = ""  # comma-separated; empty: no authentication
     run_dir: str = ".apex-run"  # Unix sockets of the internal services
     dtype: str = "float32"

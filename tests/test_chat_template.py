@@ -52,3 +52,14 @@ def test_raise_exception_in_a_template_becomes_invalid_argument() -> None:
     template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}")
     with pytest.raises(InvalidArgument, match="user first"):
         template.render([{"role": "assistant", "content": "x"}])
+
+
+def test_the_default_model_template_matches_transformers(default_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi é"}]
+    want = AutoTokenizer.from_pretrained(default_model_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert ChatTemplate.from_model_dir(default_model_dir).render(messages) == want
+    assert want.startswith("<s><|system|>") and want.endswith("<|assistant|>\n")

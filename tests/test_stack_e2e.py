@@ -28,7 +28,7 @@ PROMPTS = [f"Request {i}: " + "the quick brown fox é€ " * (i % 5) for i in ra
 def _start(model_dir: Path, **overrides: object) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
     config = StackConfig(
-        model_dir=str(model_dir), port=rpc.free_tcp_port(), run_dir=run_dir, **overrides
+        model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir, **overrides
     )
     with Stack(config) as stack:
         yield stack
@@ -197,7 +197,7 @@ def test_apex_serve_up_reports_ready_then_ctrl_c_drains_in_flight_requests_and_s
     port = rpc.free_tcp_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "apex_serve", "up", "--model-dir", str(default_model_dir), "--port", str(port),
-         "--run-dir", run_dir],
+         "--http-port", str(rpc.free_tcp_port()), "--run-dir", run_dir],
         stderr=subprocess.PIPE, text=True,
     )
     lines = []
