@@ -154,10 +154,14 @@ class ServiceRunner:
         self._stop.set()
 
     async def run(
-        self, grace_s: float = 5.0, on_stop: Callable[[], Awaitable[None]] | None = None
+        self,
+        grace_s: float = 5.0,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+        drain_alongside: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Starts, reports SERVING, waits for SIGTERM/SIGINT (or request_stop), then goes
-        NOT_SERVING, lets in-flight calls finish for up to grace_s, and runs on_stop."""
+        NOT_SERVING, lets in-flight calls finish for up to grace_s (while drain_alongside drains
+        another front end at the same time), and runs on_stop."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -166,7 +170,8 @@ class ServiceRunner:
         await self._stop.wait()
         logger.info("stopping: NOT_SERVING, draining for up to %.1fs", grace_s)
         await self.set_serving(False)
-        await self.server.stop(grace_s)
+        drains = [self.server.stop(grace_s)] + ([drain_alongside()] if drain_alongside is not None else [])
+        await asyncio.gather(*drains)
         if on_stop is not None:
             await on_stop()
 

@@ -3,7 +3,7 @@ token ids into text deltas with stop strings, logprobs, cancellation and an admi
 
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -26,6 +26,7 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False
     model: str = ""
     request_id: str = ""
+    fill_context: bool = False  # max_tokens: all the context the prompt leaves (OpenAI without max_tokens)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PreparedRequest:
     request_id: str
     prompt_token_ids: list[int]
     request: GenerationRequest
+    sampling: SamplingParams
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,10 @@ class Generator:
         else:
             prompt_ids = list(request.prompt)
             validation.check_prompt_ids(prompt_ids, self.worker.vocab_size)
-        validation.check_lengths(len(prompt_ids), request.sampling, self.worker.max_model_len)
+        sampling = request.sampling
+        if request.fill_context:  # at least 1, so that a prompt past the context is named as such below
+            sampling = replace(sampling, max_tokens=max(self.worker.max_model_len - len(prompt_ids), 1))
+        validation.check_lengths(len(prompt_ids), sampling, self.worker.max_model_len)
         if any(not s for s in request.stop):
             raise InvalidArgument("stop", "stop strings must not be empty")
         if len(self._active) >= self._max_concurrent:
@@ -103,7 +108,7 @@ class Generator:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._active:
             raise InvalidArgument("request_id", f"{request_id!r} is already in flight")
-        return PreparedRequest(request_id, prompt_ids, request)
+        return PreparedRequest(request_id, prompt_ids, request, sampling)
 
     def _check_size(self, field: str, text: str) -> None:
         size = len(text.encode())
@@ -119,7 +124,7 @@ class Generator:
             scheduler_pb2.SubmitRequest(
                 request_id=prepared.request_id,
                 prompt_token_ids=prepared.prompt_token_ids,
-                sampling=convert.sampling_to_pb(request.sampling),
+                sampling=convert.sampling_to_pb(prepared.sampling),
             )
         )
         try:

@@ -55,12 +55,9 @@ async def serve(config: GatewayConfig) -> None:
         await http.start()
         logger.info("OpenAI-compatible HTTP on http://%s/v1", config.http_address)
 
-    async def on_stop() -> None:
-        if http is not None:
-            await http.stop()
-        await channel.close()
-
-    await service.run(grace_s=config.drain_timeout_s, on_stop=on_stop)
+    await service.run(
+        grace_s=config.drain_timeout_s, on_stop=channel.close, drain_alongside=http.stop if http is not None else None
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -228,3 +228,27 @@ def test_logprobs_come_with_every_token_and_greedy_picks_the_top_one(stack: Stac
         assert len(lp.top) == 2 and lp.top[0][0] == lp.token_id and lp.top[0][1] >= lp.top[1][1]
         assert lp.logprob <= 0.0
     assert plain.logprobs == (), "logprobs were returned without being asked for"
+
+
+def test_cli_chat_answers_each_line_with_the_conversation_so_far(stack: Stack) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "apex_serve", "chat", "--address", stack.config.gateway_address, "--max-tokens", "6",
+         "--system", "be brief"],
+        input="hello\nand again\n", capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    usages = [line for line in done.stderr.splitlines() if "finish_reason=" in line]
+    assert len(usages) == 2, done.stderr
+    first, second = (int(u.split("prompt_tokens=")[1].split()[0]) for u in usages)
+    assert second > first, "the second turn must carry the first turn's history"
+
+
+def test_chat_messages_over_grpc_use_the_chat_template(stack: Stack) -> None:
+    from apex_serve.sdk import ChatMessage
+
+    with Client(stack.config.gateway_address) as client:
+        chat = client.generate([ChatMessage("user", "hi")], temperature=0.0, max_tokens=4, ignore_eos=True)
+        with pytest.raises(InvalidArgumentError, match="role"):
+            client.generate([ChatMessage("robot", "hi")], max_tokens=4)
+    # "<s><|user|>\nhi</s>\n<|assistant|>\n": template bytes plus the BOS and EOS specials, no second BOS
+    assert chat.completion.prompt_tokens == 1 + len("<|user|>\nhi") + 1 + len("\n<|assistant|>\n")

@@ -1,53 +1,118 @@
-"""Errors in OpenAI's JSON shape with the status an OpenAI client expects."""
+"""Errors in OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, with the status an
+OpenAI client expects: 400 bad input (naming the field), 401 API key, 404 model or route, 429 limits."""
 
 import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from apex_serve import errors
+from gateway.http_api.responses import ErrorBody, ErrorDetail
+from gateway.http_api.schemas import FIELD_NAMES
 
 logger = logging.getLogger(__name__)
 
-_STATUS: dict[type[errors.ApexError], tuple[int, str]] = {
-    errors.InvalidArgument: (400, "invalid_request_error"),
-    errors.NotFound: (404, "not_found_error"),
-    errors.ResourceExhausted: (429, "rate_limit_error"),
-    errors.FailedPrecondition: (503, "service_unavailable"),
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads the response; it shows in the metrics
+_APEX_STATUS: tuple[tuple[type[errors.ApexError], int], ...] = (
+    (errors.InvalidArgument, 400), (errors.NotFound, 404), (errors.ResourceExhausted, 429),
+    (errors.FailedPrecondition, 503),
+)
+_GRPC_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
 }
+_TYPES = {
+    401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+}
+_CODES = {401: "invalid_api_key"}
 
 
-def error_response(status: int, kind: str, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def error_body(status: int, message: str, param: str | None = None) -> ErrorBody:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=_CODES.get(status)))
 
 
-def apex_error_response(exc: errors.ApexError) -> JSONResponse:
-    status, kind = next((v for cls, v in _STATUS.items() if isinstance(exc, cls)), (500, "internal_error"))
-    return error_response(status, kind, str(exc), getattr(exc, "field", None))
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param).model_dump(), status_code=status, headers=headers)
+
+
+def describe(exc: Exception) -> tuple[int, ErrorBody]:
+    """The status and body for an exception raised while serving a generation."""
+    if isinstance(exc, errors.ApexError):
+        status = next((s for cls, s in _APEX_STATUS if isinstance(exc, cls)), 500)
+        return status, error_body(status, str(exc), getattr(exc, "field", None))
+    if isinstance(exc, grpc.aio.AioRpcError):
+        status = _GRPC_STATUS.get(exc.code(), 500)
+        return status, error_body(status, f"scheduler: {exc.code().name}: {exc.details()}")
+    return 500, error_body(500, "internal error; see the gateway log")
+
+
+def _response(exc: Exception) -> JSONResponse:
+    status, body = describe(exc)
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """`messages[0].role` from pydantic's ("body", "messages", 0, "role"); a union member's tag
+    (such as "list[int]") ends the path, since what follows is inside that member."""
+    path = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in FIELD_NAMES:
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400; union members' messages are joined."""
+    found = exc.errors()
+    first = found[0]
+    if first["type"] == "json_invalid":
+        return error_response(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
+    param = _param(first["loc"])
+    messages = dict.fromkeys(e["msg"] for e in found if _param(e["loc"]) == param)
+    return error_response(400, f"{param or 'request body'}: {' or '.join(messages)}", param)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = str(exc.detail)
+    if exc.status_code in (404, 405) and message == HTTPStatus(exc.status_code).phrase:
+        message = f"{message}: {request.method} {request.url.path}"
+    return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def _generation_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        logger.warning("%s %s: the scheduler failed: %s %s", request.method, request.url.path, exc.code(),
+                       exc.details())
+    return _response(exc)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette re-raises the exception after this response, and uvicorn logs it with its traceback."""
+    return _response(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [p for p in first.get("loc", ()) if p != "body"]
-        param = str(loc[0]) if loc else None  # the request field; deeper parts name union members
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(400, "invalid_request_error", message, param)
-
-    @app.exception_handler(errors.ApexError)
-    async def apex_error(request: Request, exc: errors.ApexError) -> JSONResponse:
-        return apex_error_response(exc)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the gateway log")
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(errors.ApexError, _generation_error)
+    app.add_exception_handler(grpc.aio.AioRpcError, _generation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(Exception, _internal)

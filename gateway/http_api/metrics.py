@@ -1,29 +1,44 @@
-"""Prometheus metrics of the HTTP front end (issue 8 adds the engine's), in a registry per app."""
+"""Prometheus metrics of the HTTP front end, in a registry per app (issue 8 adds the engine's)."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.generation import GenerationEnd, Generator
 
+UNMATCHED = "unmatched"  # one label for every unknown path, so scanners cannot grow the series
+
 
 class HttpMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
     def __init__(self, generator: Generator) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "apex_http_requests", "HTTP requests by path and status", ["path", "status"], registry=self.registry
+            "apex_http_requests", "HTTP requests by endpoint (route template) and status code",
+            ["endpoint", "status"], registry=self.registry,
         )
-        self.prompt_tokens = Counter("apex_prompt_tokens", "Prompt tokens processed", registry=self.registry)
-        self.generation_tokens = Counter("apex_generation_tokens", "Tokens generated", registry=self.registry)
-        in_flight = Gauge("apex_gateway_requests_in_flight", "Requests streaming now", registry=self.registry)
+        self.prompt_tokens = Counter(
+            "apex_prompt_tokens", "Prompt tokens of finished HTTP generations", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "apex_generation_tokens", "Tokens generated for finished HTTP generations", registry=self.registry
+        )
+        in_flight = Gauge(
+            "apex_requests_in_flight", "Generations in flight in the gateway (gRPC and HTTP)", registry=self.registry
+        )
         in_flight.set_function(lambda: generator.num_active)
 
     def finished(self, end: GenerationEnd) -> None:
         self.prompt_tokens.inc(end.prompt_tokens)
         self.generation_tokens.inc(end.completion_tokens)
 
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
-class CountRequests:
-    """Pure ASGI middleware counting responses by path and status. (Starlette's BaseHTTPMiddleware
+
+class RequestCounter:
+    """Pure ASGI middleware counting responses by endpoint and status. (Starlette's BaseHTTPMiddleware
     would wrap `receive` and hide client disconnects from the endpoints.)"""
 
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
@@ -34,7 +49,7 @@ class CountRequests:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        status = 500
+        status = 500  # what the client gets when the app raises before responding
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -45,4 +60,5 @@ class CountRequests:
         try:
             await self._app(scope, receive, send_and_note)
         finally:
-            self._metrics.requests.labels(scope["path"], str(status)).inc()
+            route: BaseRoute | None = scope.get("route")
+            self._metrics.requests.labels(getattr(route, "path", UNMATCHED), str(status)).inc()

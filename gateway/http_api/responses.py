@@ -1,48 +1,145 @@
-"""OpenAI response bodies built from the gateway's domain events."""
+"""OpenAI response bodies: completions, chat completions, their stream chunks, models and errors."""
 
 import time
-from typing import Any
+import uuid
+from typing import Literal
 
-from apex_serve.types import FinishReason, TokenLogprob
-from gateway.generation import GenerationEnd, Generator
+from pydantic import BaseModel, Field
 
-FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+from apex_serve.types import FinishReason
+from gateway.generation import GenerationEnd
 
-
-def usage(end: GenerationEnd) -> dict[str, int]:
-    return {
-        "prompt_tokens": end.prompt_tokens,
-        "completion_tokens": end.completion_tokens,
-        "total_tokens": end.prompt_tokens + end.completion_tokens,
-    }
+# vLLM passes "abort" through as it is; OpenAI has no such reason, and clients read it as "not done".
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
 
-def envelope(kind: str, request_id: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+def response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_logprobs(gen: Generator, logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """The legacy completions shape: parallel lists per token."""
-    tokens = [gen.token_text(lp.token_id) for lp in logprobs]
-    offsets, at = [], offset
-    for token in tokens:
-        offsets.append(at)
-        at += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{gen.token_text(t): v for t, v in lp.top} for lp in logprobs],
-        "text_offset": offsets,
-    }
+def _now() -> int:
+    return int(time.time())
 
 
-def chat_logprobs(gen: Generator, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = gen.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
-    return {
-        "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
-        ]
-    }
+    @classmethod
+    def of(cls, end: GenerationEnd) -> "Usage":
+        return cls(
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
+            total_tokens=end.prompt_tokens + end.completion_tokens,
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: lists parallel to the generated tokens."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | None = None  # vLLM's: the stop string that ended the text
+
+
+class Completion(BaseModel):
+    """A text completion, and also each chunk of its stream (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+    stop_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "apex-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,120 @@
+"""Running a generation for an HTTP client: its first event before any response (so bad input is an
+HTTP error), abort when the client goes away, and server-sent events framing."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import StreamingResponse
+
+from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta
+from gateway.http_api import errors
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Event = TextDelta | GenerationEnd
+DONE = "data: [DONE]\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read, so only http.disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """The awaitable's result; if the client disconnects first, it is cancelled and ClientDisconnect raised."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait((work,))
+    if work.cancelled():
+        raise ClientDisconnect()
+    return work.result()
+
+
+class Generation:
+    """One request's events, the first one already received. Iterate it once, or close it."""
+
+    def __init__(self, first: Event, events: AsyncIterator[Event]) -> None:
+        self._first: Event | None = first
+        self._events = events
+
+    @classmethod
+    async def start(cls, request: Request, generator: Generator, generation: GenerationRequest) -> "Generation":
+        """Raises the Generator's errors (bad input, admission) and ClientDisconnect."""
+        events = generator.stream(generation)
+        try:
+            first = await until_disconnect(request, anext(events))
+        except BaseException:
+            await events.aclose()
+            raise
+        return cls(first, events)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for event in self._events:
+            yield event
+
+    async def aclose(self) -> None:
+        """Aborts the request in the scheduler unless it already ended (no-op then)."""
+        await self._events.aclose()
+
+
+@dataclass(frozen=True)
+class Collected:
+    text: str
+    deltas: tuple[TextDelta, ...]
+    end: GenerationEnd
+
+
+async def collect(request: Request, generation: Generation) -> Collected:
+    """The whole generation; a client that disconnects meanwhile aborts it (ClientDisconnect)."""
+
+    async def run() -> Collected:
+        deltas = []
+        async for event in generation:
+            if isinstance(event, GenerationEnd):
+                return Collected("".join(d.text for d in deltas), tuple(deltas), event)
+            deltas.append(event)
+        raise RuntimeError("the generation ended without a GenerationEnd")
+
+    try:
+        return await until_disconnect(request, run())
+    finally:
+        await generation.aclose()
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_response(chunks: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+    """Streams chunks then [DONE]. An error after the headers went out becomes an error event; a client
+    that disconnects cancels the stream, and closing the generation aborts the request."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:  # the status line is sent: the error goes in the stream, as vLLM does
+            status, error = errors.describe(exc)
+            if status >= 500:
+                logger.exception("stream failed after its first event")
+            yield sse(error)
+        yield DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(generation.aclose))
