@@ -99,6 +99,11 @@ class Generator:
         if request.fill_context:  # at least 1, so that a prompt past the context is named as such below
             sampling = replace(sampling, max_tokens=max(self.worker.max_model_len - len(prompt_ids), 1))
         validation.check_lengths(len(prompt_ids), sampling, self.worker.max_model_len)
+        bad_stop_id = next((t for t in sampling.stop_token_ids if not 0 <= t < self.worker.vocab_size), None)
+        if bad_stop_id is not None:
+            raise InvalidArgument(
+                "stop_token_ids", f"token id {bad_stop_id} is outside the vocabulary [0, {self.worker.vocab_size})"
+            )
         if any(not s for s in request.stop):
             raise InvalidArgument("stop", "stop strings must not be empty")
         if len(self._active) >= self._max_concurrent:

@@ -94,6 +94,8 @@ def test_out_of_range_fields_raise_typed_errors_naming_the_field(stack: Stack) -
             client.generate("x", top_p=1.5)
         with pytest.raises(InvalidArgumentError, match="max_tokens"):
             client.generate("x", max_tokens=10**6)
+        with pytest.raises(InvalidArgumentError, match="stop_token_ids"):
+            client.generate("x", stop_token_ids=(10**6,))
         with pytest.raises(NotFoundError, match="nope"):
             client.generate("x", model="nope")
         with pytest.raises(NotFoundError):
