@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
@@ -36,6 +37,27 @@ class BuildPyWithProtos(build_py):
 
 
 KERNEL_DIR = ROOT / "cpu_attention_worker" / "csrc"
+# Instruction-set flags per kernel file (by name suffix); the code picks one at run time, so
+# the module runs on any x86-64. Never -march=native.
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "_avx512bf16.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+}
+
+
+class BuildExtWithIsaFlags(build_ext):
+    def build_extensions(self) -> None:
+        compile_one = self.compiler._compile
+
+        def compile_with_isa(obj, src, ext, cc_args, extra_postargs, pp_opts):  # noqa: ANN001, ANN202
+            flags = next((f for suffix, f in ISA_FLAGS.items() if src.endswith(suffix)), [])
+            compile_one(obj, src, ext, cc_args, [*extra_postargs, *flags], pp_opts)
+
+        self.compiler._compile = compile_with_isa
+        super().build_extensions()
+
+
 kernel = Pybind11Extension(
     "cpu_attention_worker._kernel",
     sorted(str(p.relative_to(ROOT)) for p in KERNEL_DIR.glob("*.cpp")),
@@ -44,4 +66,4 @@ kernel = Pybind11Extension(
     extra_compile_args=["-O3"],
 )
 
-setup(ext_modules=[kernel], cmdclass={"build_py": BuildPyWithProtos})
+setup(ext_modules=[kernel], cmdclass={"build_py": BuildPyWithProtos, "build_ext": BuildExtWithIsaFlags})

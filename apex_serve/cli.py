@@ -1,4 +1,4 @@
-"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench."""
+"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench, bench-gateway, bench-kernel."""
 
 import argparse
 import logging
@@ -97,9 +97,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from apex_serve.bench import gateway, skeleton
+    from apex_serve.bench import gateway, kernel, skeleton
 
-    return {"bench": skeleton.main, "bench-gateway": gateway.main}[args.command](args.rest)
+    mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main}
+    return mains[args.command](args.rest)
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, about in (
         ("bench", "decode tokens/s: the stack against the engine in-process and transformers"),
         ("bench-gateway", "inter-token latency the gateway adds over talking to the scheduler"),
+        ("bench-kernel", "the CPU attention kernel's KV read rate against this machine's read bandwidth"),
     ):
         bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
         bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,7 +1,8 @@
 """Plain numpy reference of the paged decode-attention kernel, for tests and benchmarks only.
 
-Same layout and arguments as cpu_attention_worker.kernel; computes in float64 on the decoded
-stored values, so it measures the kernel's arithmetic error alone.
+Same layout and arguments as cpu_attention_worker.kernel; by default computes in float64 on the
+decoded stored values, so it measures the kernel's arithmetic error alone (the benchmark times
+it in float32, as a naive numpy implementation).
 """
 
 import numpy as np
@@ -41,25 +42,26 @@ def paged_decode_attention(
     context_lens: np.ndarray,  # [num_rows]
     scale: float | None = None,
     kv_dtype: KvDtype = "float32",
+    compute_dtype: type[np.floating] = np.float64,
 ) -> np.ndarray:  # [num_rows, num_q_heads, head_dim] float32
     num_rows, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-    keys_all = decode_kv(k_cache, kv_dtype)  # [num_blocks, num_kv_heads, block_size, head_dim]
-    values_all = decode_kv(v_cache, kv_dtype)
     out = np.empty((num_rows, num_q_heads, head_dim), dtype=np.float32)
     for row in range(num_rows):
         length = int(context_lens[row])
         blocks = block_tables[row, : -(-length // block_size)]
-        # [num_kv_heads, length, head_dim]
-        keys = keys_all[blocks].transpose(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :length]
-        values = values_all[blocks].transpose(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :length]
-        queries = q[row].reshape(num_kv_heads, group, head_dim).astype(np.float64)
-        scores = np.einsum("hgd,hnd->hgn", queries, keys.astype(np.float64)) * scale  # [kv_heads, group, length]
+        # each [num_kv_heads, length, head_dim]
+        keys, values = (
+            decode_kv(cache[blocks], kv_dtype).transpose(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :length]
+            for cache in (k_cache, v_cache)
+        )
+        queries = q[row].reshape(num_kv_heads, group, head_dim).astype(compute_dtype)
+        scores = np.einsum("hgd,hnd->hgn", queries, keys.astype(compute_dtype)) * scale  # [kv_heads, group, length]
         probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        out[row] = np.einsum("hgn,hnd->hgd", probs, values.astype(np.float64)).reshape(num_q_heads, head_dim)
+        out[row] = np.einsum("hgn,hnd->hgd", probs, values.astype(compute_dtype)).reshape(num_q_heads, head_dim)
     return out
 
 

@@ -1,8 +1,14 @@
-"""The C++ paged decode-attention kernel against the numpy reference (cpu_attention_worker)."""
+"""The C++ paged decode-attention kernel against the numpy reference (cpu_attention_worker).
 
+Every instruction set this CPU runs is checked (`isa=` forces one; the others are skipped), on
+1 and 2 threads (2 threads cut long rows into pieces merged by log-sum-exp)."""
+
+import functools
+import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,10 +16,21 @@ import numpy as np
 import pytest
 
 from cpu_attention_worker import _kernel, kernel, reference
-from cpu_attention_worker.kernel import KV_DTYPES, KvDtype
+from cpu_attention_worker.kernel import ISAS, KV_DTYPES, Isa, KvDtype
 
 TOLERANCE: dict[KvDtype, float] = {"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-4}
 NUM_KV_HEADS = 2
+SUPPORTED_ISAS = kernel.kernel_info()["isas"]
+EVERY_ISA = [
+    pytest.param(isa, marks=pytest.mark.skipif(isa not in SUPPORTED_ISAS, reason=f"this CPU has no {isa}"))
+    for isa in ISAS
+]
+# Context lengths per layout: one long row with a partial last block, and 64 rows of edge and
+# random lengths (one token, a block less one, a full block, one past it, the longest).
+LAYOUTS: dict[str, Callable[[np.random.Generator], list[int]]] = {
+    "one-long-row": lambda rng: [4999],
+    "64-rows": lambda rng: [1, 15, 16, 17, 5000] + rng.integers(1, 601, size=59).tolist(),
+}
 
 
 @dataclass
@@ -35,9 +52,9 @@ class Problem:
             "kv_dtype": self.kv_dtype,
         }
 
-    def reference(self) -> np.ndarray:  # [num_rows, num_q_heads, head_dim]
+    def reference(self, scale: float | None = None) -> np.ndarray:  # [num_rows, num_q_heads, head_dim]
         return reference.paged_decode_attention(
-            self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, kv_dtype=self.kv_dtype
+            self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, scale, self.kv_dtype
         )
 
 
@@ -70,41 +87,57 @@ def make_problem(
     )
 
 
-def random_context_lens(rng: np.random.Generator, num_rows: int) -> list[int]:
-    """Edge lengths first (one token, a full block, one past a block, the longest), then random."""
-    edges = [1, 16, 17, 600]
-    return (edges + rng.integers(1, 601, size=num_rows).tolist())[:num_rows]
+@functools.cache
+def problem_and_expected(kv_dtype: KvDtype, head_dim: int, group: int, layout: str) -> tuple[Problem, np.ndarray]:
+    rng = np.random.default_rng([KV_DTYPES.index(kv_dtype), head_dim, group, list(LAYOUTS).index(layout)])
+    problem = make_problem(rng, LAYOUTS[layout](rng), kv_dtype, group=group, head_dim=head_dim)
+    return problem, problem.reference()
 
 
 @pytest.mark.parametrize("num_threads", [1, 2])
-@pytest.mark.parametrize("num_rows", [1, 16])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_matches_reference(kv_dtype: KvDtype, head_dim: int, group: int, num_rows: int, num_threads: int) -> None:
-    rng = np.random.default_rng([KV_DTYPES.index(kv_dtype), head_dim, group, num_rows, num_threads])
-    problem = make_problem(rng, random_context_lens(rng, num_rows), kv_dtype, group=group, head_dim=head_dim)
-    out = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=num_threads)
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_matches_reference(
+    isa: Isa, kv_dtype: KvDtype, head_dim: int, group: int, layout: str, num_threads: int
+) -> None:
+    problem, expected = problem_and_expected(kv_dtype, head_dim, group, layout)
+    out = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=num_threads, isa=isa)
     assert out.shape == problem.q.shape and out.dtype == np.float32
-    np.testing.assert_allclose(out, problem.reference(), rtol=0, atol=TOLERANCE[kv_dtype])
+    np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE[kv_dtype])
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 32])
-def test_other_block_sizes_and_scale(block_size: int) -> None:
-    rng = np.random.default_rng(block_size)
-    problem = make_problem(rng, [1, 31, 64, 200], "float32", block_size=block_size, head_dim=80)
-    out = kernel.paged_decode_attention(**problem.kernel_args(), scale=0.3)
-    expected = reference.paged_decode_attention(
-        problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.context_lens, scale=0.3
-    )
-    np.testing.assert_allclose(out, expected, rtol=0, atol=TOLERANCE["float32"])
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_other_head_dims_block_sizes_and_scale(isa: Isa, head_dim: int, block_size: int) -> None:
+    """head_dim 16 and 80 are not multiples of 32: AVX-512 hands them to AVX2."""
+    problem = make_problem(np.random.default_rng([head_dim, block_size]), [1, 31, 64, 200], "bfloat16",
+                           head_dim=head_dim, block_size=block_size)
+    out = kernel.paged_decode_attention(**problem.kernel_args(), scale=0.3, num_threads=2, isa=isa)
+    np.testing.assert_allclose(out, problem.reference(scale=0.3), rtol=0, atol=TOLERANCE["bfloat16"])
 
 
-def test_thread_count_does_not_change_the_result() -> None:
-    problem = make_problem(np.random.default_rng(0), [3, 600, 40], "bfloat16", group=8)
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_softmax_is_stable_for_large_and_rising_scores(isa: Isa) -> None:
+    """Scores in the hundreds that grow along the row move the running max block after block."""
+    problem = make_problem(np.random.default_rng(7), [700, 33], "float32", group=4)
+    blocks = problem.block_tables[0, :44]  # row 0's blocks in order
+    problem.k_cache[blocks] *= np.linspace(1.0, 5.0, len(blocks), dtype=np.float32)[:, None, None, None]
+    problem.q *= 30.0
+    out = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=2, isa=isa)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, problem.reference(), rtol=0, atol=1e-4)
+
+
+def test_thread_count_changes_the_result_by_rounding_only() -> None:
+    problem = make_problem(np.random.default_rng(0), [3, 4000, 40, 2500], "bfloat16", group=8)
     single = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=1)
-    for num_threads in (2, 3, 64):  # 64 > rows x kv_heads tasks
-        assert np.array_equal(kernel.paged_decode_attention(**problem.kernel_args(), num_threads=num_threads), single)
+    for num_threads in (2, 3, 64):  # 64 > pieces of work
+        out = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=num_threads)
+        np.testing.assert_allclose(out, single, rtol=0, atol=2e-6)
 
 
 def test_reads_a_layer_slice_of_a_layered_cache() -> None:
@@ -126,8 +159,17 @@ def test_numpy_float16_arrays_need_no_kv_dtype() -> None:
     np.testing.assert_allclose(kernel.paged_decode_attention(**args), problem.reference(), rtol=0, atol=1e-4)
 
 
+def test_out_argument_is_filled_in_place() -> None:
+    problem = make_problem(np.random.default_rng(8), [40, 7], "float32")
+    out = np.full(problem.q.shape, np.nan, dtype=np.float32)
+    result = kernel.paged_decode_attention(**problem.kernel_args(), out=out)
+    assert result is out or np.shares_memory(result, out)
+    np.testing.assert_allclose(out, problem.reference(), rtol=0, atol=TOLERANCE["float32"])
+
+
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
-def test_every_half_value_decodes_exactly(kv_dtype: KvDtype) -> None:
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_every_half_value_decodes_exactly(isa: Isa, kv_dtype: KvDtype) -> None:
     """With one token softmax is 1, so the output is V itself: all 65536 bit patterns round-trip."""
     head_dim = 64
     num_rows = 65536 // head_dim
@@ -139,6 +181,7 @@ def test_every_half_value_decodes_exactly(kv_dtype: KvDtype) -> None:
         block_tables=np.arange(num_rows, dtype=np.int32).reshape(num_rows, 1),
         context_lens=np.ones(num_rows, dtype=np.int32),
         kv_dtype=kv_dtype,
+        isa=isa,
     )
     np.testing.assert_array_equal(out.reshape(-1), reference.decode_kv(v_cache, kv_dtype).reshape(-1))
 
@@ -175,8 +218,78 @@ def test_append_then_attend_sees_the_new_token() -> None:
     np.testing.assert_allclose(out, expected.reference(), rtol=0, atol=1e-4)
 
 
-def test_kernel_info() -> None:
-    assert kernel.kernel_info() == {"isa": "portable", "dtypes": ("float32", "float16", "bfloat16")}
+def test_concurrent_calls_from_python_threads_agree() -> None:
+    """The GIL is released; calls from several threads share the pool one after the other."""
+    problem = make_problem(np.random.default_rng(9), [900, 30, 300], "float32")
+    expected = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=2)
+    results: list[np.ndarray] = []
+
+    def call() -> None:
+        for _ in range(20):
+            results.append(kernel.paged_decode_attention(**problem.kernel_args(), num_threads=2))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 80 and all(np.array_equal(r, expected) for r in results)
+
+
+def test_pinned_helper_threads_give_the_same_result() -> None:
+    problem = make_problem(np.random.default_rng(10), [2000, 100], "bfloat16")
+    expected = kernel.paged_decode_attention(**problem.kernel_args(), num_threads=2)
+    kernel.set_thread_cpus(sorted(os.sched_getaffinity(0))[-1:])
+    try:
+        assert np.array_equal(kernel.paged_decode_attention(**problem.kernel_args(), num_threads=2), expected)
+    finally:
+        kernel.set_thread_cpus(None)
+    with pytest.raises(ValueError, match="^cpus"):
+        kernel.set_thread_cpus([-1])
+
+
+def test_kernel_info_names_the_default_and_every_runnable_isa() -> None:
+    info = kernel.kernel_info()
+    assert info["dtypes"] == ("float32", "float16", "bfloat16")
+    assert "portable" in info["isas"] and set(info["isas"]) <= set(ISAS)
+    assert info["isa"] in info["isas"] and info["isa"] != "avx512bf16"
+
+
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_anchor_probes_report_positive_rates(isa: Isa) -> None:
+    buffer = np.ones(1 << 18, dtype=np.float32)
+    rates = kernel.read_bandwidth(buffer, num_threads=2, repeats=2, isa=isa)
+    assert len(rates) == 2 and min(rates) > 0
+    assert kernel.fma_throughput(num_threads=2, iterations=10_000, isa=isa) > 0
+
+
+@pytest.mark.parametrize("isa", EVERY_ISA)
+def test_paged_read_probe_reads_the_same_blocks_and_checks_arguments(isa: Isa) -> None:
+    problem = make_problem(np.random.default_rng(11), [4999, 1, 30], "bfloat16")
+    kernel.paged_read(**problem.kernel_args(), num_threads=2, isa=isa)
+    args = problem.kernel_args()
+    args["block_tables"][0, 3] = 10_000
+    with pytest.raises(ValueError, match="^block_tables"):
+        kernel.paged_read(**args, isa=isa)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_allocate_kv_cache_puts_v_off_the_page_offset_of_k(kv_dtype: KvDtype) -> None:
+    shape = (2, 37, 8, 16, 128)  # [num_layers, num_blocks, num_kv_heads, block_size, head_dim]
+    k_cache, v_cache = kernel.allocate_kv_cache(shape, kv_dtype)
+    assert k_cache.shape == v_cache.shape == shape and k_cache.dtype == v_cache.dtype
+    assert k_cache.ctypes.data % kernel.PAGE_BYTES == 0
+    assert (v_cache.ctypes.data - k_cache.ctypes.data) % kernel.PAGE_BYTES == kernel.V_POOL_OFFSET_BYTES
+    assert v_cache.ctypes.data >= k_cache.ctypes.data + k_cache.nbytes
+    assert not k_cache.any() and not v_cache.any() and k_cache.flags.writeable
+
+
+def test_allocate_buffer_is_zeroed_page_aligned_and_checks_its_size() -> None:
+    buffer = kernel.allocate_buffer(3 * kernel.PAGE_BYTES + 5)
+    assert buffer.dtype == np.uint8 and buffer.size == 3 * kernel.PAGE_BYTES + 5 and not buffer.any()
+    assert buffer.ctypes.data % kernel.PAGE_BYTES == 0 and buffer.flags.writeable
+    with pytest.raises(ValueError, match="^nbytes"):
+        kernel.allocate_buffer(0)
 
 
 def test_importing_the_kernel_does_not_import_torch() -> None:
@@ -191,6 +304,12 @@ def _set(name: str, value: Callable[[dict[str, object]], object]) -> Mutation:
     return lambda args: args.__setitem__(name, value(args))
 
 
+def _caches_with_head_dim(args: dict[str, object], head_dim: int) -> None:
+    """Caches and q of an unsupported head_dim (not a multiple of 16, or above 512)."""
+    args["k_cache"] = args["v_cache"] = np.zeros((40, NUM_KV_HEADS, 16, head_dim), np.float32)
+    args["q"] = np.zeros((2, 8, head_dim), np.float32)
+
+
 ATTENTION_ERRORS: list[tuple[str, Mutation]] = [
     ("q", _set("q", lambda a: a["q"][0])),
     ("q", _set("q", lambda a: a["q"].astype(np.float64))),
@@ -200,6 +319,8 @@ ATTENTION_ERRORS: list[tuple[str, Mutation]] = [
     ("k_cache", _set("k_cache", lambda a: a["k_cache"][0])),
     ("k_cache", _set("k_cache", lambda a: a["k_cache"][:, :, ::2])),
     ("k_cache", _set("k_cache", lambda a: a["k_cache"].view(np.uint16))),
+    ("k_cache", lambda a: _caches_with_head_dim(a, 40)),
+    ("k_cache", lambda a: _caches_with_head_dim(a, 1024)),
     ("v_cache", _set("v_cache", lambda a: a["v_cache"][:-1].copy())),
     ("v_cache", _set("v_cache", lambda a: a["v_cache"].astype(np.float16))),
     ("kv_dtype", _set("kv_dtype", lambda a: "int8")),
@@ -211,7 +332,11 @@ ATTENTION_ERRORS: list[tuple[str, Mutation]] = [
     ("context_lens", lambda a: a["context_lens"].__setitem__(0, 0)),
     ("context_lens", lambda a: a["context_lens"].__setitem__(0, 10_000)),
     ("num_threads", _set("num_threads", lambda a: 0)),
+    ("num_threads", _set("num_threads", lambda a: 100_000)),
     ("scale", _set("scale", lambda a: float("nan"))),
+    ("isa", _set("isa", lambda a: "neon")),
+    ("out", _set("out", lambda a: np.zeros((2, 8, 32), np.float32))),
+    ("out", _set("out", lambda a: np.zeros(a["q"].shape, np.float64))),
 ]
 
 
@@ -221,6 +346,14 @@ def test_attention_rejects_bad_arguments_naming_them(name: str, mutate: Mutation
     mutate(args)
     with pytest.raises(ValueError, match=f"^{re.escape(name)}"):
         kernel.paged_decode_attention(**args)
+
+
+@pytest.mark.skipif(set(SUPPORTED_ISAS) == set(ISAS), reason="this CPU runs every instruction set")
+def test_an_isa_the_cpu_lacks_is_refused() -> None:
+    missing = next(isa for isa in ISAS if isa not in SUPPORTED_ISAS)
+    args = make_problem(np.random.default_rng(4), [5], "float32").kernel_args()
+    with pytest.raises(ValueError, match="^isa"):
+        kernel.paged_decode_attention(**args, isa=missing)
 
 
 def _append_args() -> dict[str, object]:

@@ -1,10 +1,10 @@
-// KV storage dtypes (float32, float16, bfloat16) and their portable conversion to fp32.
+// KV storage dtypes (float32, float16, bfloat16) and their scalar conversion to fp32. The SIMD
+// files use only the tags' Raw types; the scalar load() serves the portable kernel.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 namespace apex_serve::cpu_attention {
 
@@ -42,17 +42,5 @@ struct BFloat16 {
     using Raw = uint16_t;
     static float load(Raw x) { return bf16_to_fp32(x); }
 };
-
-// fp32 view of n stored elements: float32 storage is read in place, half types are widened
-// into scratch (at least n floats).
-template <class Storage>
-const float* to_fp32(const typename Storage::Raw* src, size_t n, float* scratch) {
-    if constexpr (std::is_same_v<Storage, Float32>) {
-        return src;
-    } else {
-        for (size_t i = 0; i < n; ++i) scratch[i] = Storage::load(src[i]);
-        return scratch;
-    }
-}
 
 }  // namespace apex_serve::cpu_attention

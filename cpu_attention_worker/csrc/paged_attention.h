@@ -1,23 +1,18 @@
-// Paged decode attention and KV append on raw pointers (no Python). Arguments are trusted:
-// the bindings in paged_attention.cpp validate shapes, dtypes and indices first.
+// Interface shared by the ISA translation units (isa_*.cpp), the dispatcher and the bindings.
+// Nothing here depends on an instruction set; the kernels behind the function pointers do.
 //
 // One layer's cache, K and V each [num_blocks, num_kv_heads, block_size, head_dim], so one
-// (block, kv_head) chunk is a contiguous block_size x head_dim run (DESIGN.md section 4).
+// (block, kv_head) chunk is a contiguous block_size x head_dim run (DESIGN.md section 4), and
+// the chunks of one block's kv heads follow each other.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <limits>
-#include <thread>
-#include <vector>
-
-#include "kv_dtype.h"
 
 namespace apex_serve::cpu_attention {
+
+enum class KvDtype { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 struct PagedShape {
     int64_t num_rows;
@@ -32,134 +27,54 @@ struct PagedShape {
     size_t chunk() const { return static_cast<size_t>(block_size * head_dim); }
 };
 
-// Runs task(index, worker) for index in [0, num_tasks) on num_workers threads (the caller is
-// worker 0); indices are handed out one at a time, so uneven tasks balance.
-template <class Task>
-void parallel_for(int64_t num_tasks, int num_workers, const Task& task) {
-    std::atomic<int64_t> next{0};
-    auto work = [&](int worker) {
-        for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) task(i, worker);
-    };
-    std::vector<std::thread> threads;
-    try {
-        for (int w = 1; w < num_workers; ++w) threads.emplace_back(work, w);
-    } catch (...) {
-        next.store(num_tasks);  // started workers stop after their current task
-        for (auto& t : threads) t.join();
-        throw;
-    }
-    work(0);
-    for (auto& t : threads) t.join();
-}
-
-// Per-worker buffers, sized once for the whole call.
-struct Scratch {
-    explicit Scratch(const PagedShape& s)
-        : q(s.group() * s.head_dim), k(s.chunk()), v(s.chunk()), scores(s.group() * s.block_size),
-          acc(s.group() * s.head_dim), max(s.group()), sum(s.group()) {}
-
-    std::vector<float> q;       // [group, head_dim] queries of one kv group, pre-scaled
-    std::vector<float> k, v;    // [block_size, head_dim] one chunk widened to fp32
-    std::vector<float> scores;  // [group, block_size] scores, then probabilities
-    std::vector<float> acc;     // [group, head_dim] unnormalised output
-    std::vector<float> max;     // [group] running score maximum
-    std::vector<float> sum;     // [group] running softmax denominator
+// Arguments of one attention call, already validated.
+struct AttentionArgs {
+    const float* q;               // [num_rows, num_q_heads, head_dim]
+    const void* k_cache;          // [num_blocks, num_kv_heads, block_size, head_dim] storage dtype
+    const void* v_cache;          // [num_blocks, num_kv_heads, block_size, head_dim] storage dtype
+    const int32_t* block_tables;  // [num_rows, max_blocks_per_row]
+    const int32_t* context_lens;  // [num_rows]
+    PagedShape shape;
+    float scale;
+    int64_t prefetch_distance;  // chunks ahead that each stream prefetches; 0: none
 };
 
-// Attention of one (row, kv_head): the group's query heads share every K/V line read.
-// Online softmax in fp32, updated once per block.
-template <class Storage>
-void attend_row_group(const float* q, const typename Storage::Raw* k_cache,
-                      const typename Storage::Raw* v_cache, const int32_t* block_tables,
-                      const int32_t* context_lens, const PagedShape& s, float scale, int64_t row,
-                      int64_t kv_head, Scratch& w, float* out) {
-    const int64_t group = s.group();
-    const int64_t dim = s.head_dim;
-    const size_t first_head = static_cast<size_t>(row * s.num_q_heads + kv_head * group);
-    const float* q_group = q + first_head * dim;  // [group, head_dim]
-    for (int64_t i = 0; i < group * dim; ++i) w.q[i] = q_group[i] * scale;
-    std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-    std::fill(w.max.begin(), w.max.end(), -std::numeric_limits<float>::infinity());
-    std::fill(w.sum.begin(), w.sum.end(), 0.0f);
+// Tokens [begin, end) of one row, begin a multiple of block_size. A segment that covers its
+// whole row writes the normalised output to out ([num_q_heads, head_dim]); a part of a split
+// row writes its unnormalised accumulator to out and its running max and softmax sum per query
+// head to max and sum ([num_q_heads] each), merged afterwards (log-sum-exp rescaling).
+struct Segment {
+    int64_t row;
+    int64_t begin;
+    int64_t end;
+    float* out;
+    float* max;  // nullptr for a whole row
+    float* sum;  // nullptr for a whole row
+};
 
-    const int64_t context = context_lens[row];
-    const int32_t* table = block_tables + row * s.max_blocks_per_row;
-    for (int64_t b = 0, start = 0; start < context; ++b, start += s.block_size) {
-        const int64_t n = std::min(s.block_size, context - start);
-        const size_t offset = (static_cast<size_t>(table[b]) * s.num_kv_heads + kv_head) * s.chunk();
-        const float* k = to_fp32<Storage>(k_cache + offset, n * dim, w.k.data());  // [n, head_dim]
-        const float* v = to_fp32<Storage>(v_cache + offset, n * dim, w.v.data());  // [n, head_dim]
+// Per-thread scratch of a segment kernel, 64-byte aligned; sized by workspace_floats().
+struct Workspace {
+    float* data;
+};
 
-        for (int64_t g = 0; g < group; ++g) {
-            const float* qg = w.q.data() + g * dim;
-            float* p = w.scores.data() + g * s.block_size;
-            float block_max = -std::numeric_limits<float>::infinity();
-            for (int64_t t = 0; t < n; ++t) {
-                const float* kt = k + t * dim;
-                float dot = 0.0f;
-                for (int64_t d = 0; d < dim; ++d) dot += qg[d] * kt[d];
-                p[t] = dot;
-                block_max = std::max(block_max, dot);
-            }
-            const float new_max = std::max(w.max[g], block_max);
-            const float rescale = std::exp(w.max[g] - new_max);  // 0 on the first block
-            float block_sum = 0.0f;
-            for (int64_t t = 0; t < n; ++t) {
-                p[t] = std::exp(p[t] - new_max);
-                block_sum += p[t];
-            }
-            float* acc = w.acc.data() + g * dim;
-            for (int64_t d = 0; d < dim; ++d) acc[d] *= rescale;
-            w.sum[g] = w.sum[g] * rescale + block_sum;
-            w.max[g] = new_max;
-        }
-        for (int64_t t = 0; t < n; ++t) {
-            const float* vt = v + t * dim;
-            for (int64_t g = 0; g < group; ++g) {
-                const float p = w.scores[g * s.block_size + t];
-                float* acc = w.acc.data() + g * dim;
-                for (int64_t d = 0; d < dim; ++d) acc[d] += p * vt[d];
-            }
-        }
-    }
-    for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.0f / w.sum[g];
-        float* dst = out + (first_head + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = w.acc[g * dim + d] * inv;
-    }
-}
+using SegmentKernel = void (*)(const AttentionArgs& args, const Segment& segment, Workspace workspace);
 
-// q [num_rows, num_q_heads, head_dim] fp32; caches [num_blocks, num_kv_heads, block_size,
-// head_dim]; block_tables [num_rows, max_blocks_per_row]; context_lens [num_rows] (>= 1);
-// out [num_rows, num_q_heads, head_dim] fp32. Tasks are (row, kv_head) pairs.
-template <class Storage>
-void paged_decode_attention(const float* q, const typename Storage::Raw* k_cache,
-                            const typename Storage::Raw* v_cache, const int32_t* block_tables,
-                            const int32_t* context_lens, const PagedShape& s, float scale,
-                            int num_threads, float* out) {
-    const int64_t num_tasks = s.num_rows * s.num_kv_heads;
-    const int num_workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_tasks)));
-    std::vector<Scratch> scratch(num_workers, Scratch(s));
-    parallel_for(num_tasks, num_workers, [&](int64_t task, int worker) {
-        attend_row_group<Storage>(q, k_cache, v_cache, block_tables, context_lens, s, scale,
-                                  task / s.num_kv_heads, task % s.num_kv_heads, scratch[worker], out);
-    });
-}
+// One instruction set's kernels: attention per storage dtype, plus the two probes the
+// benchmark uses as anchors (a streaming read and an FMA loop), compiled with the same flags.
+struct IsaKernels {
+    const char* name;
+    int64_t head_dim_multiple;         // head_dim must be a multiple of this for these kernels
+    SegmentKernel attend[3];           // indexed by KvDtype
+    SegmentKernel read[3];             // the same reads without the arithmetic (a benchmark probe)
+    size_t (*workspace_floats)(const PagedShape& shape);
+    float (*read_sum)(const float* data, size_t count);   // sum of count floats, several chains
+    double (*fma_loop)(int64_t iterations);               // returns a value that depends on the work
+    int64_t fma_flops_per_iteration;
+};
 
-// Copies each row's new line [num_kv_heads, head_dim] into its slot (block = slot / block_size,
-// offset = slot % block_size) of a cache; element_size bytes per element, any storage dtype.
-inline void append_lines(std::byte* cache, const std::byte* lines, const int64_t* slot_mapping,
-                         const PagedShape& s, size_t element_size) {
-    const size_t line_bytes = static_cast<size_t>(s.head_dim) * element_size;
-    for (int64_t row = 0; row < s.num_rows; ++row) {
-        const int64_t block = slot_mapping[row] / s.block_size;
-        const int64_t offset = slot_mapping[row] % s.block_size;
-        for (int64_t h = 0; h < s.num_kv_heads; ++h) {
-            const size_t dst = (static_cast<size_t>(block * s.num_kv_heads + h) * s.block_size + offset) * line_bytes;
-            const size_t src = static_cast<size_t>(row * s.num_kv_heads + h) * line_bytes;
-            std::memcpy(cache + dst, lines + src, line_bytes);
-        }
-    }
-}
+const IsaKernels& portable_kernels();
+const IsaKernels& avx2_kernels();    // call only where the CPU has AVX2, FMA and F16C
+const IsaKernels& avx512_kernels();  // call only where the CPU has AVX-512 F/BW/VL
+const IsaKernels& avx512bf16_kernels();  // ... and AVX512_BF16
 
 }  // namespace apex_serve::cpu_attention
