@@ -1,4 +1,4 @@
-"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench, bench-gateway, bench-kernel."""
+"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench-* (benchmarks)."""
 
 import argparse
 import logging
@@ -97,10 +97,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from apex_serve.bench import gateway, kernel, skeleton
+    from apex_serve.bench import gateway, hybrid, kernel, skeleton
 
-    mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main}
-    return mains[args.command](args.rest)
+    mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
+             "bench-hybrid": hybrid.main}
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
+    return mains[args.command](rest)
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "decode tokens/s: the stack against the engine in-process and transformers"),
         ("bench-gateway", "inter-token latency the gateway adds over talking to the scheduler"),
         ("bench-kernel", "the CPU attention kernel's KV read rate against this machine's read bandwidth"),
+        ("bench-hybrid", "doorbell against gRPC round trips; tokens/s and hidden CPU time of the three modes"),
     ):
         bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
         bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,5 +1,7 @@
 """The one place where protobuf messages and domain types meet."""
 
+import dataclasses
+
 from apex_serve import types
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
 
@@ -16,6 +18,9 @@ _MODE_TO_PB = {
     types.ExecutionMode.ASYNC_OVERLAP: common_pb2.EXECUTION_MODE_ASYNC_OVERLAP,
 }
 _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+
+_PLACEMENT_TO_PB = {types.Placement.GPU: common_pb2.PLACEMENT_GPU, types.Placement.CPU: common_pb2.PLACEMENT_CPU}
+_PLACEMENT_FROM_PB = {v: k for k, v in _PLACEMENT_TO_PB.items()}
 
 
 def finish_reason_to_pb(reason: types.FinishReason | None) -> int:
@@ -80,6 +85,7 @@ def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
         num_kv_blocks=info.num_kv_blocks,
         device=info.device,
         dtype=info.dtype,
+        num_cpu_kv_blocks=info.num_cpu_kv_blocks,
     )
 
 
@@ -94,6 +100,7 @@ def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
         num_kv_blocks=msg.num_kv_blocks,
         device=msg.device,
         dtype=msg.dtype,
+        num_cpu_kv_blocks=msg.num_cpu_kv_blocks,
     )
 
 
@@ -108,14 +115,18 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
                 sampling=sampling_to_pb(r.sampling),
                 block_ids=r.block_ids,
                 num_output_tokens=r.num_output_tokens,
+                placement=_PLACEMENT_TO_PB[r.placement],
+                sub_batch=r.sub_batch,
             )
             for r in plan.new_requests
         ],
         cached_requests=[
-            gpu_worker_pb2.CachedRequest(request_id=r.request_id, new_block_ids=r.new_block_ids)
+            gpu_worker_pb2.CachedRequest(request_id=r.request_id, new_block_ids=r.new_block_ids, sub_batch=r.sub_batch)
             for r in plan.cached_requests
         ],
         freed_request_ids=plan.freed_request_ids,
+        swap_out=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_out],
+        swap_in=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_in],
     )
 
 
@@ -130,14 +141,20 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
                 sampling=sampling_from_pb(r.sampling),
                 block_ids=tuple(r.block_ids),
                 num_output_tokens=r.num_output_tokens,
+                placement=_PLACEMENT_FROM_PB.get(r.placement, types.Placement.GPU),
+                sub_batch=r.sub_batch,
             )
             for r in msg.new_requests
         ),
         cached_requests=tuple(
-            types.CachedRequestData(request_id=r.request_id, new_block_ids=tuple(r.new_block_ids))
+            types.CachedRequestData(
+                request_id=r.request_id, new_block_ids=tuple(r.new_block_ids), sub_batch=r.sub_batch
+            )
             for r in msg.cached_requests
         ),
         freed_request_ids=tuple(msg.freed_request_ids),
+        swap_out=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_out),
+        swap_in=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_in),
     )
 
 
@@ -153,9 +170,7 @@ def step_output_to_pb(output: types.StepOutput) -> gpu_worker_pb2.StepResponse:
             )
             for k, v in output.sampled.items()
         ],
-        timings=gpu_worker_pb2.StepTimings(
-            prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
-        ),
+        timings=gpu_worker_pb2.StepTimings(**dataclasses.asdict(t)),
     )
 
 
@@ -165,9 +180,7 @@ def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
         step_id=msg.step_id,
         sampled={s.request_id: s.token_id for s in msg.sampled},
         logprobs={s.request_id: logprob_from_pb(s.logprob) for s in msg.sampled if s.HasField("logprob")},
-        timings=types.StepTimings(
-            prepare_ns=t.prepare_ns, forward_ns=t.forward_ns, sample_ns=t.sample_ns, total_ns=t.total_ns
-        ),
+        timings=types.StepTimings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(types.StepTimings)}),
     )
 
 

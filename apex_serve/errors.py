@@ -23,3 +23,7 @@ class ResourceExhausted(ApexError):
 
 class FailedPrecondition(ApexError):
     """The service is not in a state to serve the call (draining, not initialised)."""
+
+
+class Unavailable(ApexError):
+    """A service this call depends on stopped answering (e.g. the cpu_attention_worker mid-step)."""

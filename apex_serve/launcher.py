@@ -32,6 +32,7 @@ class StackConfig:
     dtype: str = "float32"
     num_kv_blocks: int | None = None
     device_kv_budget_bytes: int = 64 * 2**20
+    cpu_kv_budget_bytes: int = 256 * 2**20  # the cpu_attention_worker's KV pool (shared memory)
     max_num_seqs: int = 64
     worker_threads: int = 1
     pin_cpus: bool = True  # gpu_worker on the first worker_threads cores, the others on the rest
@@ -78,15 +79,17 @@ class Stack:
         c = self.config
         worker = self._address("gpu_worker")
         scheduler = self._address("scheduler")
+        cpu_worker = self._address("cpu_attention_worker")
         worker_args = [
             "--model-dir", c.model_dir, "--address", worker, "--dtype", c.dtype,
             "--device-kv-budget-bytes", str(c.device_kv_budget_bytes), "--num-threads", str(c.worker_threads),
+            "--cpu-worker-address", cpu_worker,
         ]
         if c.num_kv_blocks is not None:
             worker_args += ["--num-kv-blocks", str(c.num_kv_blocks)]
         return [
-            ("cpu_attention_worker", self._address("cpu_attention_worker"),
-             ["--address", self._address("cpu_attention_worker")]),
+            ("cpu_attention_worker", cpu_worker,
+             ["--address", cpu_worker, "--kv-budget-bytes", str(c.cpu_kv_budget_bytes)]),
             ("profiler_service", self._address("profiler"), ["--address", self._address("profiler")]),
             ("gpu_worker", worker, worker_args),
             ("scheduler_service", scheduler,

@@ -21,6 +21,13 @@ class ExecutionMode(enum.Enum):
     ASYNC_OVERLAP = "async_overlap"
 
 
+class Placement(enum.Enum):
+    """Where a request's KV cache lives, and so where its decode attention runs."""
+
+    GPU = "gpu"  # the accelerator's pool (the CPU device when there is no GPU)
+    CPU = "cpu"  # the cpu_attention_worker's shared-memory pool
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. temperature 0 is greedy; top_k 0 disables top-k."""
@@ -77,14 +84,17 @@ class WorkerInfo:
     num_kv_blocks: int
     device: str
     dtype: str
+    num_cpu_kv_blocks: int = 0  # 0: no cpu_attention_worker, every request stays on the accelerator
 
 
 @dataclass(frozen=True)
 class NewRequestData:
     """A request the worker has not seen, or must recompute after preemption.
 
-    All of token_ids are prefilled in this step; the last num_output_tokens of them were
-    produced by the model (non-zero only on resume), which keeps seeded sampling reproducible.
+    All of token_ids are prefilled in this step (always on the accelerator); the last
+    num_output_tokens of them were produced by the model (non-zero only on resume), which keeps
+    seeded sampling reproducible. block_ids are in the pool of `placement`: a CPU request's
+    prefill writes its KV layer by layer straight into the CPU pool.
     """
 
     request_id: str
@@ -92,6 +102,8 @@ class NewRequestData:
     sampling: SamplingParams
     block_ids: tuple[int, ...]
     num_output_tokens: int = 0
+    placement: Placement = Placement.GPU
+    sub_batch: int = 0  # ASYM_PIPELINE: 0 or 1; other modes: 0
 
 
 @dataclass(frozen=True)
@@ -99,7 +111,17 @@ class CachedRequestData:
     """A request already on the worker: it decodes one token; new_block_ids are appended."""
 
     request_id: str
-    new_block_ids: tuple[int, ...] = ()
+    new_block_ids: tuple[int, ...] = ()  # in the pool the request lives in (after this step's swaps)
+    sub_batch: int = 0  # ASYM_PIPELINE: 0 or 1; other modes: 0
+
+
+@dataclass(frozen=True)
+class SwapData:
+    """Move a request's KV to the other pool before the step runs: block_ids are its blocks in the
+    destination pool (at least as many as its cached tokens need); its source blocks are free after."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,8 @@ class StepPlan:
     cached_requests: tuple[CachedRequestData, ...] = ()
     freed_request_ids: tuple[str, ...] = ()  # dropped by the worker before the step runs
     mode: ExecutionMode = ExecutionMode.GPU_ONLY
+    swap_out: tuple[SwapData, ...] = ()  # accelerator pool -> CPU pool, before the step
+    swap_in: tuple[SwapData, ...] = ()  # CPU pool -> accelerator pool, before the step
 
     @property
     def is_empty(self) -> bool:
@@ -123,10 +147,18 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class StepTimings:
+    """Wall time of a step's phases; the forward is broken down by subtask (summed over layers)."""
+
     prepare_ns: int = 0
     forward_ns: int = 0
     sample_ns: int = 0
     total_ns: int = 0
+    swap_ns: int = 0  # KV block copies between the pools
+    device_linear_ns: int = 0  # norms, projections, RoPE, MLP on the accelerator
+    device_attention_ns: int = 0  # attention of the accelerator's rows (prefill and GPU decode)
+    staging_ns: int = 0  # CPU rows' q/k/v to the staging buffers, metadata, o back
+    wait_ns: int = 0  # the accelerator blocked waiting for the CPU's attention
+    cpu_attention_ns: int = 0  # the cpu_attention_worker's serving thread busy (append + attention)
 
 
 @dataclass(frozen=True)

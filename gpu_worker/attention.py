@@ -1,6 +1,7 @@
 """Attention over a ragged batch: prefill rows attend causally to their own tokens, decode rows read the paged cache.
 
-Tokens of a step are laid out prefill rows first (each request's tokens contiguous), then one token per decode row.
+Tokens are laid out prefill rows first (each request's tokens contiguous), then one token per decode row. The caller
+writes the new k/v into whichever pool each row lives in before calling forward.
 """
 
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from gpu_worker.kv_cache import PagedKVCache
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    slot_blocks: torch.Tensor  # [num_tokens] block id of each token's KV slot
-    slot_offsets: torch.Tensor  # [num_tokens] offset inside that block
+    slot_blocks: torch.Tensor  # [num_slots] block id of each written token's KV slot
+    slot_offsets: torch.Tensor  # [num_slots] offset inside that block
     prefill_lens: tuple[int, ...]  # tokens of each prefill row, in layout order
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] padded with block 0
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] True where a context slot is valid
@@ -61,8 +62,8 @@ class PagedAttention:
     def forward(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
-        """q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim] -> like q."""
-        self.cache.write(layer_idx, k, v, metadata.slot_blocks, metadata.slot_offsets)
+        """q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim] -> like q. The decode rows'
+        k/v must already be in the cache."""
         outputs = []
         start = 0
         for length in metadata.prefill_lens:

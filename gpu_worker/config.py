@@ -21,6 +21,11 @@ class GpuWorkerConfig:
     num_threads: int = 1  # torch threads when the device is the CPU
     address: str = "unix:///tmp/apex-serve/gpu_worker.sock"
     seed: int = 0  # generator of unseeded sampling
+    cpu_worker_address: str = ""  # the cpu_attention_worker's gRPC address; empty: no CPU-resident requests
+    cpu_kv_dtype: str = "auto"  # storage of the CPU KV pool; auto: the model's dtype
+    cpu_num_kv_blocks: int = 0  # 0: as many as the cpu_attention_worker's KV budget holds
+    cpu_max_rows: int = 64  # CPU decode rows per sub-batch (staging buffer size)
+    cpu_wait_timeout_s: float = 30.0  # longest wait for one layer of CPU attention before the step fails
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -41,5 +46,13 @@ class GpuWorkerConfig:
             raise ValueError(f"num_threads: must be >= 1, got {self.num_threads}")
         if not self.address:
             raise ValueError("address: must not be empty")
+        if self.cpu_kv_dtype not in ("auto", *DTYPES):
+            raise ValueError(f"cpu_kv_dtype: must be auto or one of {DTYPES}, got {self.cpu_kv_dtype!r}")
+        if self.cpu_num_kv_blocks < 0:
+            raise ValueError(f"cpu_num_kv_blocks: must be >= 0, got {self.cpu_num_kv_blocks}")
+        if self.cpu_max_rows <= 0:
+            raise ValueError(f"cpu_max_rows: must be >= 1, got {self.cpu_max_rows}")
+        if self.cpu_wait_timeout_s <= 0:
+            raise ValueError(f"cpu_wait_timeout_s: must be > 0, got {self.cpu_wait_timeout_s}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be in [0, 2^63), got {self.seed}")

@@ -31,6 +31,21 @@ class PagedKVCache:
         self.block_size = block_size
         logger.info("KV pool: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, 2 * self.k.nbytes / 2**20)
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> "PagedKVCache":
+        """A pool over existing K and V [layers, blocks, kv_heads, block_size, head_dim] (e.g. shared memory)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        cache.num_blocks, cache.block_size = k.shape[1], k.shape[3]
+        return cache
+
+    def copy_blocks_to(self, other: "PagedKVCache", src_blocks: list[int], dst_blocks: list[int]) -> None:
+        """Copy src_blocks of every layer into other's dst_blocks (a swap between pools; dtypes may differ)."""
+        src = torch.tensor(src_blocks, dtype=torch.long, device=self.k.device)
+        dst = torch.tensor(dst_blocks, dtype=torch.long, device=other.k.device)
+        other.k[:, dst] = self.k[:, src].to(other.k.device, other.k.dtype)  # [layers, n, kv_heads, block, dim]
+        other.v[:, dst] = self.v[:, src].to(other.v.device, other.v.dtype)
+
     def write(
         self,
         layer_idx: int,
@@ -40,8 +55,8 @@ class PagedKVCache:
         slot_offsets: torch.Tensor,
     ) -> None:
         """Store k, v [num_tokens, num_kv_heads, head_dim] at (slot_blocks, slot_offsets) [num_tokens]."""
-        self.k[layer_idx][slot_blocks, :, slot_offsets] = k  # [num_tokens, kv_heads, head_dim] slots
-        self.v[layer_idx][slot_blocks, :, slot_offsets] = v
+        self.k[layer_idx][slot_blocks, :, slot_offsets] = k.to(self.k.dtype)  # [num_tokens, kv_heads, head_dim]
+        self.v[layer_idx][slot_blocks, :, slot_offsets] = v.to(self.v.dtype)
 
     def gather(self, layer_idx: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [rows, num_kv_heads, max_blocks * block_size, head_dim] of block_tables [rows, max_blocks]."""

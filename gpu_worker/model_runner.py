@@ -2,47 +2,31 @@
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from apex_serve.errors import InvalidArgument
-from apex_serve.types import SamplingParams, StepOutput, StepPlan, StepTimings, TokenLogprob, WorkerInfo
-from gpu_worker.attention import AttentionMetadata, PagedAttention
+from apex_serve.types import (
+    Placement, StepOutput, StepPlan, StepTimings, SwapData, TokenLogprob, WorkerInfo,
+)
+from cpu_attention_worker.client import DataPlaneClient
+from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.forward import Forward
+from gpu_worker.host_transfer import host_transfer_for
 from gpu_worker.kv_cache import PagedKVCache, bytes_per_block
-from gpu_worker.layers import post_attention, pre_attention, rms_norm
 from gpu_worker.model_config import ModelConfig, load_model_config
+from gpu_worker.plan_checks import PlanChecker
 from gpu_worker.rope import RotaryEmbedding
 from gpu_worker.sampler import Sampler, compute_logprobs
+from gpu_worker.step_batch import RequestState, SubBatch, layout_sub_batch
+from gpu_worker.step_clock import StepClock
 from gpu_worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class _Request:
-    token_ids: list[int]  # prompt, then every token sampled for it
-    num_prompt_tokens: int
-    sampling: SamplingParams
-    block_ids: list[int]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-
-@dataclass(frozen=True)
-class _Batch:
-    request_ids: list[str]  # scheduled requests in layout order: prefill rows, then decode rows
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    last_rows: torch.Tensor  # [num_requests] index of each request's last token
-    metadata: AttentionMetadata
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,9 +62,16 @@ class ModelRunner:
                 "KV pool of %d blocks cannot hold one request of max_model_len %d", num_blocks, self.max_model_len
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.attention = PagedAttention(self.kv_cache)
+        self.max_blocks_per_row = -(-self.max_model_len // config.block_size)
+        self.bridge = self._attach_cpu_worker() if config.cpu_worker_address else None
+        num_cpu_blocks = self.bridge.pool.num_blocks if self.bridge else 0
+        self.forward = Forward(self.weights, self.kv_cache, self.bridge, self.model_config.rms_norm_eps)
+        self.checker = PlanChecker(
+            self.model_config.vocab_size, self.max_model_len, config.block_size,
+            {Placement.GPU: num_blocks, Placement.CPU: num_cpu_blocks}, config.cpu_max_rows,
+        )
         self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._info = WorkerInfo(
             model_name=Path(config.model_dir).resolve().name,
             num_layers=self.model_config.num_hidden_layers,
@@ -91,8 +82,28 @@ class ModelRunner:
             num_kv_blocks=num_blocks,
             device=str(self.device),
             dtype=config.dtype,
+            num_cpu_kv_blocks=num_cpu_blocks,
         )
         logger.info("model runner ready: %s", self._info)
+
+    def _attach_cpu_worker(self) -> CpuAttentionBridge:
+        """Open the cpu_attention_worker's data plane (it creates the shared-memory regions for this model)."""
+        config, model = self.config, self.model_config
+        spec = DataPlaneSpec(
+            num_layers=model.num_hidden_layers,
+            num_q_heads=model.num_attention_heads,
+            num_kv_heads=model.num_key_value_heads,
+            head_dim=model.head_dim,
+            block_size=config.block_size,
+            num_blocks=config.cpu_num_kv_blocks,
+            kv_dtype=config.dtype if config.cpu_kv_dtype == "auto" else config.cpu_kv_dtype,
+            max_rows=config.cpu_max_rows,
+            max_blocks_per_row=self.max_blocks_per_row,
+        )
+        client = DataPlaneClient.connect(config.cpu_worker_address, spec, timeout_s=60.0)
+        logger.info("attached to the cpu_attention_worker at %s: %d CPU KV blocks", config.cpu_worker_address,
+                    client.num_blocks)
+        return CpuAttentionBridge(client, host_transfer_for(self.device), config.cpu_wait_timeout_s)
 
     @property
     def info(self) -> WorkerInfo:
@@ -101,36 +112,51 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step and sample one token per scheduled request (with logprobs where asked for)."""
         start = time.perf_counter_ns()
-        batch = self._prepare(plan)
+        clock = StepClock()
+        busy_before = self.bridge.busy_ns() if self.bridge else 0
+        sub_batches = self._prepare(plan, clock)
         prepared = time.perf_counter_ns()
-        if batch is None:
-            timings = StepTimings(prepare_ns=prepared - start, total_ns=prepared - start)
+        if not sub_batches:
+            timings = StepTimings(prepare_ns=prepared - start, total_ns=prepared - start, swap_ns=clock.ns["swap"])
             return StepOutput(step_id=plan.step_id, timings=timings)
-        logits = self._forward(batch)  # [num_requests, vocab]
+        logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(batch.request_ids, logits)
+        sampled, logprobs = self._sample([rid for b in sub_batches for rid in b.request_ids], logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
             forward_ns=forwarded - prepared,
             sample_ns=done - forwarded,
             total_ns=done - start,
+            swap_ns=clock.ns["swap"],
+            device_linear_ns=clock.ns["device_linear"],
+            device_attention_ns=clock.ns["device_attention"],
+            staging_ns=clock.ns["staging"],
+            wait_ns=clock.ns["wait"],
+            cpu_attention_ns=(self.bridge.busy_ns() - busy_before) if self.bridge else 0,
         )
         return StepOutput(step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs)
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         """Run one step without sampling: fp32 logits [vocab] of each scheduled request's last position."""
-        batch = self._prepare(plan)
-        if batch is None:
+        clock = StepClock()
+        sub_batches = self._prepare(plan, clock)
+        if not sub_batches:
             return {}
-        logits = self._forward(batch)  # [num_requests, vocab]
-        return dict(zip(batch.request_ids, logits.unbind(0)))
+        logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
+        return dict(zip([rid for b in sub_batches for rid in b.request_ids], logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """Sample from compute_logits' output and append each token to its request, as execute does;
         logprobs reach only execute's StepOutput."""
         return self._sample(list(logits), torch.stack(list(logits.values())))[0]
+
+    def close(self) -> None:
+        """Detach from the cpu_attention_worker's shared memory."""
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge = None
 
     def _sample(
         self, request_ids: list[str], logits: torch.Tensor
@@ -146,122 +172,52 @@ class ModelRunner:
             request.token_ids.append(token)
         return dict(zip(request_ids, tokens)), {request_ids[i]: lp for i, lp in logprobs.items()}
 
-    def _forward(self, batch: _Batch) -> torch.Tensor:
-        """fp32 logits [num_requests, vocab]; only the last layer's needed rows go past attention."""
-        weights = self.weights
-        with torch.inference_mode():
-            hidden = F.embedding(batch.input_ids, weights.embed_tokens)  # [num_tokens, hidden]
-            last_layer = len(weights.layers) - 1
-            for i, layer in enumerate(weights.layers):
-                q, k, v = pre_attention(layer, hidden, batch.positions)
-                attn = self.attention.forward(i, q, k, v, batch.metadata)  # [num_tokens, num_heads, head_dim]
-                if i == last_layer:
-                    hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_requests, ...]
-                hidden = post_attention(layer, hidden, attn)
-            normed = rms_norm(hidden, weights.final_norm, self.model_config.rms_norm_eps)  # [num_requests, hidden]
-            return F.linear(normed, weights.lm_head).float()  # [num_requests, vocab]
-
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _prepare(self, plan: StepPlan) -> _Batch | None:
-        """Apply the plan's state changes (after validating them) and lay out the step's tokens."""
+    def _pool(self, placement: Placement) -> PagedKVCache:
+        if placement is Placement.GPU:
+            return self.kv_cache
+        if self.bridge is None:
+            raise RuntimeError("the CPU pool is used but no cpu_attention_worker is attached")
+        return self.bridge.pool
+
+    def _prepare(self, plan: StepPlan, clock: StepClock) -> list[SubBatch]:
+        """Apply the plan's state changes (after validating all of them) and lay out its non-empty sub-batches."""
         for request_id in plan.freed_request_ids:
             self._requests.pop(request_id, None)
-        self._validate(plan)
+        self.checker.check(plan, self._requests)
+        with clock.measure("swap"):
+            for swap in (*plan.swap_out, *plan.swap_in):
+                self._swap(swap)
         for new in plan.new_requests:
-            self._requests[new.request_id] = _Request(
+            self._requests[new.request_id] = RequestState(
                 token_ids=list(new.token_ids),
                 num_prompt_tokens=len(new.token_ids) - new.num_output_tokens,
                 sampling=new.sampling,
                 block_ids=list(new.block_ids),
+                placement=new.placement,
             )
         for cached in plan.cached_requests:
             self._requests[cached.request_id].block_ids.extend(cached.new_block_ids)
-        if plan.is_empty:
-            return None
-        block_size = self.config.block_size
-        request_ids: list[str] = []
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []
-        last_rows: list[int] = []
-        for new in plan.new_requests:
-            request_ids.append(new.request_id)
-            input_ids.extend(new.token_ids)
-            positions.extend(range(len(new.token_ids)))
-            slot_blocks.extend(new.block_ids[p // block_size] for p in range(len(new.token_ids)))
-            last_rows.append(len(input_ids) - 1)
-        tables: list[list[int]] = []
-        context_lens: list[int] = []
-        for cached in plan.cached_requests:
-            request = self._requests[cached.request_id]
-            position = len(request.token_ids) - 1
-            request_ids.append(cached.request_id)
-            input_ids.append(request.token_ids[-1])
-            positions.append(position)
-            slot_blocks.append(request.block_ids[position // block_size])
-            last_rows.append(len(input_ids) - 1)
-            tables.append(request.block_ids[: position // block_size + 1])
-            context_lens.append(position + 1)
-        metadata = AttentionMetadata.build(
-            prefill_lens=[len(new.token_ids) for new in plan.new_requests],
-            slot_blocks=slot_blocks,
-            slot_offsets=[p % block_size for p in positions],
-            decode_block_tables=tables,
-            decode_context_lens=context_lens,
-            block_size=block_size,
-            device=self.device,
-        )
-        return _Batch(
-            request_ids=request_ids,
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device),
-            metadata=metadata,
-        )
+        sub_batches = []
+        for slot in range(2):
+            new_ids = [r.request_id for r in plan.new_requests if r.sub_batch == slot]
+            cached_ids = [r.request_id for r in plan.cached_requests if r.sub_batch == slot]
+            if new_ids or cached_ids:
+                sub_batches.append(layout_sub_batch(
+                    slot, new_ids, cached_ids, self._requests, self.config.block_size, self.max_blocks_per_row,
+                    self.device,
+                ))
+        return sub_batches
 
-    def _validate(self, plan: StepPlan) -> None:
-        """Raise InvalidArgument naming the first request the worker cannot run as planned."""
-        seen: set[str] = set()
-        for new in plan.new_requests:
-            rid = new.request_id
-            if rid in seen:
-                raise InvalidArgument("new_requests", f"request {rid!r} is scheduled twice")
-            seen.add(rid)
-            if not new.token_ids:
-                raise InvalidArgument("token_ids", f"request {rid!r} has no tokens")
-            if not 0 <= new.num_output_tokens < len(new.token_ids):
-                raise InvalidArgument(
-                    "num_output_tokens", f"request {rid!r}: {new.num_output_tokens} of {len(new.token_ids)} tokens"
-                )
-            vocab = self.model_config.vocab_size
-            if not all(0 <= t < vocab for t in new.token_ids):
-                raise InvalidArgument("token_ids", f"request {rid!r} has a token id outside [0, {vocab})")
-            self._check_blocks(rid, new.block_ids, len(new.token_ids) - 1)
-        for cached in plan.cached_requests:
-            rid = cached.request_id
-            if rid in seen:
-                raise InvalidArgument("cached_requests", f"request {rid!r} is scheduled twice")
-            seen.add(rid)
-            request = self._requests.get(rid)
-            if request is None:
-                raise InvalidArgument("cached_requests", f"request {rid!r} is not known to the worker")
-            self._check_blocks(rid, request.block_ids + list(cached.new_block_ids), len(request.token_ids) - 1)
-
-    def _check_blocks(self, request_id: str, block_ids: list[int] | tuple[int, ...], last_position: int) -> None:
-        if last_position >= self.max_model_len:
-            raise InvalidArgument(
-                "max_model_len", f"request {request_id!r} reaches position {last_position} >= {self.max_model_len}"
-            )
-        needed = last_position // self.config.block_size + 1
-        if len(block_ids) < needed:
-            raise InvalidArgument(
-                "block_ids",
-                f"request {request_id!r} has {len(block_ids)} blocks, position {last_position} needs {needed}",
-            )
-        if not all(0 <= b < self.kv_cache.num_blocks for b in block_ids[:needed]):
-            raise InvalidArgument(
-                "block_ids", f"request {request_id!r} has a block id outside [0, {self.kv_cache.num_blocks})"
-            )
+    def _swap(self, swap: SwapData) -> None:
+        """Copy the request's cached blocks to the other pool and move it there."""
+        request = self._requests[swap.request_id]
+        source = request.placement
+        target = Placement.CPU if source is Placement.GPU else Placement.GPU
+        count = -(-request.num_cached_tokens // self.config.block_size)
+        self._pool(source).copy_blocks_to(self._pool(target), request.block_ids[:count], list(swap.block_ids[:count]))
+        request.block_ids = list(swap.block_ids)
+        request.placement = target

@@ -28,7 +28,10 @@ async def serve(config: GpuWorkerConfig) -> None:
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     address = rpc.bind(server, config.address)
     logger.info("listening on %s", address)
-    await service.run()
+    try:
+        await service.run()
+    finally:
+        runner.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

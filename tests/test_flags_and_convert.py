@@ -8,11 +8,14 @@ from apex_serve.flags import parse_config
 from apex_serve.launcher import StackConfig
 from apex_serve.types import (
     CachedRequestData,
+    ExecutionMode,
     NewRequestData,
+    Placement,
     SamplingParams,
     StepOutput,
     StepPlan,
     StepTimings,
+    SwapData,
     TokenLogprob,
 )
 from apex_serve.v1 import common_pb2
@@ -51,12 +54,18 @@ def test_out_of_range_sampling_raises_invalid_argument_naming_the_field(field: s
 def test_plan_and_step_output_survive_the_protobuf_round_trip() -> None:
     plan = StepPlan(
         step_id=5,
-        new_requests=(NewRequestData("a", (1, 2, 3), SamplingParams(temperature=0.0, seed=9), (4, 0), 1),),
-        cached_requests=(CachedRequestData("b", (7,)), CachedRequestData("c")),
+        new_requests=(
+            NewRequestData("a", (1, 2, 3), SamplingParams(temperature=0.0, seed=9), (4, 0), 1),
+            NewRequestData("e", (5,), SamplingParams(), (2,), 0, Placement.CPU, 1),
+        ),
+        cached_requests=(CachedRequestData("b", (7,)), CachedRequestData("c", sub_batch=1)),
         freed_request_ids=("d",),
+        mode=ExecutionMode.ASYM_PIPELINE,
+        swap_out=(SwapData("b", (3, 4)),),
+        swap_in=(SwapData("c", (8,)),),
     )
     assert convert.plan_from_pb(convert.plan_to_pb(plan)) == plan
-    out = StepOutput(5, {"a": 3, "b": 257}, StepTimings(1, 2, 3, 6))
+    out = StepOutput(5, {"a": 3, "b": 257}, StepTimings(*range(1, 11)))
     assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out
 
 

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench_results/gateway.json")
-    args = parser.parse_args(None if argv is None else [a for a in argv if a != "--"])
+    args = parser.parse_args(argv)
     result = run(args.streams, args.new_tokens, args.rounds)
     logger.info(
         "%d concurrent streams, %d tokens each, median of %d rounds per path\n%s",

@@ -5,8 +5,8 @@ read bandwidth (K + V bytes the attention must read / median time of a call) wit
 machine's streaming read bandwidth, measured by a C++ read loop in the same extension right
 before and after the row (the anchor), on the same thread count. Beside it: the same reads as
 the kernel without its arithmetic (paged read: the ceiling of the paged layout, 16-token blocks
-scattered over the pool; anchor, kernel and paged read alternate round by round), the kernel on a cache-resident working set (its arithmetic ceiling),
-torch SDPA in its best form (the query heads of a GQA group folded into the query length, K/V
+scattered over the pool; anchor, kernel and paged read alternate round by round), the kernel on a
+cache-resident working set (its arithmetic ceiling), torch SDPA in its best form (the query heads of a GQA group folded into the query length, K/V
 dense and read once), torch SDPA in the form a paged cache forces on it (gather the blocks, then
 SDPA), and the naive numpy reference (one call, float32, single-threaded numpy einsum, only on
 the first thread count and up to the grid's numpy_max_mib of KV).
@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pin", action="store_true",
                         help="pin kernel helper thread k to the k-th cpu this process may use")
     parser.add_argument("--out", default="bench_results/kernel.json")
-    args = parser.parse_args(None if argv is None else [a for a in argv if a != "--"])
+    args = parser.parse_args(argv)
     configure_logging("bench-kernel")
     grid = GRIDS["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.threads:

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench_results/skeleton.json")
-    args = parser.parse_args(None if argv is None else [a for a in argv if a != "--"])
+    args = parser.parse_args(argv)
     rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads,
         args.pin_cpus,
     )

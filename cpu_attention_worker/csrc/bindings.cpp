@@ -11,27 +11,28 @@
 #include <string>
 #include <vector>
 
+#include "bindings_common.h"
 #include "dispatch.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
 using namespace apex_serve::cpu_attention;
+using namespace apex_serve::cpu_attention::bindings;
 
 namespace {
 
 constexpr int64_t kHeadDimMultiple = 16;
 constexpr int64_t kMaxHeadDim = 512;
-constexpr int kMaxThreads = 1024;
-// Chunks ahead that each stream prefetches: 1 to 32 measured the same here; none lost 25-40%.
-constexpr int64_t kPrefetchDistance = 2;
 const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512bf16"};
 constexpr Isa kIsas[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 
 std::string num(int64_t value) { return std::to_string(value); }
 
-[[noreturn]] void fail(const std::string& name, const std::string& problem) {
-    throw std::invalid_argument(name + ": " + problem);
-}
+}  // namespace
+
+namespace apex_serve::cpu_attention::bindings {
+
+void fail(const std::string& name, const std::string& problem) { throw std::invalid_argument(name + ": " + problem); }
 
 std::string shape_of(const py::array& a) {
     std::string out = "(";
@@ -64,19 +65,23 @@ Isa parse_isa(const std::optional<std::string>& name) {
     fail("isa", "expected 'portable', 'avx2', 'avx512' or 'avx512bf16', got '" + *name + "'");
 }
 
+int check_threads(int num_threads) {
+    if (num_threads < 1 || num_threads > kMaxThreads) {
+        fail("num_threads", "expected 1 to " + num(kMaxThreads) + ", got " + num(num_threads));
+    }
+    return num_threads;
+}
+
+}  // namespace apex_serve::cpu_attention::bindings
+
+namespace {
+
 py::tuple supported_isas() {
     py::list names;
     for (Isa isa : kIsas) {
         if (isa_supported(isa)) names.append(kIsaNames[static_cast<int>(isa)]);
     }
     return py::tuple(names);
-}
-
-int check_threads(int num_threads) {
-    if (num_threads < 1 || num_threads > kMaxThreads) {
-        fail("num_threads", "expected 1 to " + num(kMaxThreads) + ", got " + num(num_threads));
-    }
-    return num_threads;
 }
 
 py::dtype storage_dtype(KvDtype dtype) {
@@ -299,4 +304,5 @@ PYBIND11_MODULE(_kernel, m) {
           "Pin helper thread k to cpus[k % len(cpus)] (the calling thread is worker 0); [] unpins.");
     m.def("set_spin_us", &set_spin, py::arg("spin_us"),
           "How long an idle helper spins for the next call before it sleeps.");
+    bind_serving(m);
 }

@@ -1,0 +1,85 @@
+"""The gpu_worker's side of the data plane to the cpu_attention_worker: the CPU KV pool (shared memory, mapped
+here for prefill writes and swaps), per-slot staging of the CPU rows' q/k/v and o, and the doorbell."""
+
+import logging
+
+import numpy as np
+import torch
+
+from cpu_attention_worker.client import DataPlaneClient
+from cpu_attention_worker.data_plane import DataPlaneSpec
+from gpu_worker.host_transfer import HostTransfer
+from gpu_worker.kv_cache import PagedKVCache
+from gpu_worker.step_batch import SubBatch
+from gpu_worker.step_clock import StepClock
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_view(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over the array's memory; 16-bit storage (numpy uint16 or float16) reinterpreted as dtype."""
+    if array.dtype == np.float32:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.view(np.uint16)).view(dtype)
+
+
+class CpuAttentionBridge:
+    """Launches one layer of a sub-batch's CPU rows on the cpu_attention_worker and collects the result."""
+
+    def __init__(self, client: DataPlaneClient, transfer: HostTransfer, wait_timeout_s: float) -> None:
+        self.client = client
+        self.transfer = transfer
+        self.wait_timeout_s = wait_timeout_s
+        spec: DataPlaneSpec = client.spec
+        storage = TORCH_DTYPES[spec.kv_dtype]
+        self.pool = PagedKVCache.wrap(torch_view(client.k_cache, storage), torch_view(client.v_cache, storage))
+        for region in ("kv", "staging"):  # whole regions: their tensors share pages
+            transfer.register(torch.from_numpy(client.region_buffer(region)))
+        self._staging = []
+        for slot in range(spec.num_slots):
+            views = client.staging(slot)
+            # q, o [max_rows, num_q_heads, head_dim] float32; k, v [max_rows, num_kv_heads, head_dim]
+            self._staging.append((
+                torch_view(views.q, storage), torch_view(views.k, storage),
+                torch_view(views.v, storage), torch_view(views.o, storage),
+            ))
+
+    @property
+    def spec(self) -> DataPlaneSpec:
+        return self.client.spec
+
+    def begin_step(self, sub_batch: SubBatch) -> None:
+        """Write the sub-batch's CPU-row metadata (block tables, context lengths, slots) once for the step."""
+        self.client.write_metadata(
+            sub_batch.slot, sub_batch.cpu_block_tables, sub_batch.cpu_context_lens, sub_batch.cpu_slot_mapping
+        )
+
+    def launch(self, slot: int, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Stage q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim], ring; the ticket to collect."""
+        rows = q.shape[0]
+        q_host, k_host, v_host, _ = self._staging[slot]
+        self.transfer.to_host(q_host[:rows], q)
+        self.transfer.to_host(k_host[:rows], k)
+        self.transfer.to_host(v_host[:rows], v)
+        self.transfer.ready()
+        return self.client.ring(slot, layer_idx)
+
+    def collect(self, slot: int, ticket: int, rows: int, clock: StepClock) -> torch.Tensor:
+        """Wait for a launched layer; o [rows, num_q_heads, head_dim] float32 on the device."""
+        with clock.measure("wait"):
+            self.client.wait(ticket, self.wait_timeout_s)
+        with clock.measure("staging"):
+            return self.transfer.to_device(self._staging[slot][3][:rows])
+
+    def busy_ns(self) -> int:
+        """The CPU serving thread's cumulative busy time over all slots."""
+        return sum(self.client.busy_ns(slot) for slot in range(self.spec.num_slots))
+
+    def close(self) -> None:
+        """Unregister and drop every view of the shared memory, then unmap it."""
+        self.transfer.close()
+        self._staging.clear()
+        del self.pool
+        self.client.close()

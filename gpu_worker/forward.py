@@ -1,0 +1,156 @@
+"""The model's forward pass over a step's sub-batches in the three execution modes (DESIGN §1, §3).
+
+Every layer of a sub-batch runs in three stages:
+- launch: the CPU rows' norm, QKV and RoPE; their q/k/v staged and the doorbell rung (no-op without CPU rows);
+- device: the other rows' QKV, their k/v written to their pool, attention on the accelerator (prefill rows over
+  their own tokens, accelerator decode rows over the paged pool); when CPU rows are in flight, the prefill rows'
+  O-proj and MLP too (they do not depend on the CPU);
+- complete: wait for the CPU's o (lazily, only now), then O-proj and MLP of the rows not yet done.
+
+GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
+ASYM_PIPELINE runs two sub-batches one layer apart, so the CPU attends one while the accelerator works on the other.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from apex_serve.types import ExecutionMode
+from gpu_worker.attention import PagedAttention
+from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.kv_cache import PagedKVCache
+from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
+from gpu_worker.step_batch import SubBatch
+from gpu_worker.step_clock import StepClock
+from gpu_worker.weights import ModelWeights
+
+
+@dataclass
+class _Flight:
+    """A sub-batch between stages of one layer."""
+
+    batch: SubBatch
+    hidden: torch.Tensor  # [num_tokens, hidden]
+    ticket: int = -1  # the doorbell sequence of the CPU rows' layer in flight
+    device_attn: torch.Tensor | None = None  # [device tokens not yet projected, num_heads, head_dim]
+    done_prefill: torch.Tensor | None = None  # [kept prefill tokens, hidden] prefill rows already through the layer
+
+
+class Forward:
+    def __init__(
+        self,
+        weights: ModelWeights,
+        device_pool: PagedKVCache,
+        bridge: CpuAttentionBridge | None,
+        rms_norm_eps: float,
+    ) -> None:
+        self.weights = weights
+        self.device_pool = device_pool
+        self.attention = PagedAttention(device_pool)
+        self.bridge = bridge
+        self.rms_norm_eps = rms_norm_eps
+
+    def logits(self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock) -> torch.Tensor:
+        """fp32 logits [num_requests, vocab] in the order of the sub-batches' request_ids, concatenated."""
+        with torch.inference_mode():
+            flights = []
+            for batch in sub_batches:
+                if batch.num_cpu_decodes:
+                    with clock.measure("staging"):
+                        self._bridge().begin_step(batch)
+                hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
+                flights.append(_Flight(batch, hidden))
+            if mode is ExecutionMode.ASYM_PIPELINE and len(flights) == 2:
+                self._pipelined(flights[0], flights[1], clock)
+            else:
+                for flight in flights:
+                    for i in range(len(self.weights.layers)):
+                        self._launch(flight, i, clock)
+                        self._device(flight, i, clock)
+                        self._complete(flight, i, clock)
+            with clock.measure("device_linear"):
+                hidden = torch.cat([f.hidden for f in flights])  # [num_requests, hidden]
+                normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)
+                return F.linear(normed, self.weights.lm_head).float()  # [num_requests, vocab]
+
+    def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock) -> None:
+        """Two sub-batches one layer apart: the CPU attends A's layer i while the accelerator finishes B's layer
+        i - 1 and runs B's layer i up to its attention, and the other way round."""
+        last = len(self.weights.layers) - 1
+        for i in range(last + 1):
+            self._launch(a, i, clock)
+            self._device(a, i, clock)
+            if i > 0:
+                self._complete(b, i - 1, clock)
+            self._launch(b, i, clock)
+            self._device(b, i, clock)
+            self._complete(a, i, clock)
+        self._complete(b, last, clock)
+
+    def _bridge(self) -> CpuAttentionBridge:
+        if self.bridge is None:
+            raise RuntimeError("a sub-batch has CPU rows but no cpu_attention_worker is attached")
+        return self.bridge
+
+    def _layer(self, i: int) -> LayerWeights:
+        return self.weights.layers[i]
+
+    def _is_last(self, i: int) -> bool:
+        return i == len(self.weights.layers) - 1
+
+    def _launch(self, flight: _Flight, i: int, clock: StepClock) -> None:
+        batch = flight.batch
+        if not batch.num_cpu_decodes:
+            return
+        rows = slice(batch.device_end, batch.num_tokens)
+        with clock.measure("device_linear"):
+            q, k, v = pre_attention(self._layer(i), flight.hidden[rows], batch.positions[rows])
+        with clock.measure("staging"):
+            flight.ticket = self._bridge().launch(batch.slot, i, q, k, v)
+
+    def _device(self, flight: _Flight, i: int, clock: StepClock) -> None:
+        batch = flight.batch
+        end = batch.device_end
+        if end == 0:
+            flight.device_attn = None
+            return
+        layer = self._layer(i)
+        with clock.measure("device_linear"):
+            q, k, v = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
+        split = batch.num_cpu_prefill_tokens
+        if split:
+            with clock.measure("staging"):
+                self._bridge().pool.write(
+                    i, k[:split].cpu(), v[:split].cpu(), batch.cpu_prefill_blocks, batch.cpu_prefill_offsets
+                )
+        with clock.measure("device_attention"):
+            meta = batch.device_metadata
+            self.device_pool.write(i, k[split:], v[split:], meta.slot_blocks, meta.slot_offsets)
+            attn = self.attention.forward(i, q, k, v, meta)  # [end, num_heads, head_dim]
+        prefill = batch.num_prefill_tokens
+        if batch.num_cpu_decodes and prefill:
+            keep = batch.last_rows[: batch.num_prefill_rows] if self._is_last(i) else slice(0, prefill)
+            with clock.measure("device_linear"):
+                flight.done_prefill = post_attention(layer, flight.hidden[keep], attn[keep])
+            attn = attn[prefill:]
+        flight.device_attn = attn
+
+    def _complete(self, flight: _Flight, i: int, clock: StepClock) -> None:
+        batch = flight.batch
+        parts = [] if flight.device_attn is None else [flight.device_attn]
+        if batch.num_cpu_decodes:
+            parts.append(self._bridge().collect(batch.slot, flight.ticket, batch.num_cpu_decodes, clock))
+        attn = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows not yet projected, num_heads, head_dim]
+        hidden = flight.hidden
+        if flight.done_prefill is not None:
+            hidden = hidden[batch.num_prefill_tokens :]  # decode rows
+        elif self._is_last(i):
+            hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_requests, ...]
+        with clock.measure("device_linear"):
+            hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
+        if flight.done_prefill is not None:
+            hidden = torch.cat([flight.done_prefill, hidden])
+            flight.done_prefill = None
+        flight.hidden = hidden
+        flight.device_attn = None
