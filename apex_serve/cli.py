@@ -96,11 +96,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from apex_serve.bench import gateway, hybrid, kernel, skeleton
+def _cmd_delegated(args: argparse.Namespace) -> int:
+    """Verbs with their own argument parser (benchmarks, profile)."""
+    from apex_serve import profile_cli
+    from apex_serve.bench import cost_model_accuracy, gateway, hybrid, kernel, skeleton
 
     mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
-             "bench-hybrid": hybrid.main}
+             "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -142,15 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(chat)
     chat.set_defaults(func=_cmd_chat)
 
+    profile = sub.add_parser("profile", help="profile a running stack: progress, summary, plots "
+                             "(see `apex-serve profile -- --help`)")
+    profile.add_argument("rest", nargs=argparse.REMAINDER)
+    profile.set_defaults(func=_cmd_delegated)
     for name, about in (
         ("bench", "decode tokens/s: the stack against the engine in-process and transformers"),
         ("bench-gateway", "inter-token latency the gateway adds over talking to the scheduler"),
         ("bench-kernel", "the CPU attention kernel's KV read rate against this machine's read bandwidth"),
         ("bench-hybrid", "doorbell against gRPC round trips; tokens/s and hidden CPU time of the three modes"),
+        ("bench-cost-model", "predicted against measured iteration time per mode, before and after online correction"),
     ):
         bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
         bench.add_argument("rest", nargs=argparse.REMAINDER)
-        bench.set_defaults(func=_cmd_bench)
+        bench.set_defaults(func=_cmd_delegated)
     return parser
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 from apex_serve import types
+from apex_serve.hardware import HardwareFingerprint
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
 
 _FINISH_TO_PB = {
@@ -74,6 +75,20 @@ def logprob_from_pb(msg: common_pb2.TokenLogprob) -> types.TokenLogprob:
     return types.TokenLogprob(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))
 
 
+def hardware_to_pb(hw: HardwareFingerprint) -> common_pb2.HardwareFingerprint:
+    return common_pb2.HardwareFingerprint(**dataclasses.asdict(hw))
+
+
+def hardware_from_pb(msg: common_pb2.HardwareFingerprint) -> HardwareFingerprint:
+    return HardwareFingerprint(
+        msg.accelerator, msg.accelerator_memory_bytes, msg.cpu_model, msg.cpu_count, tuple(msg.cpus)
+    )
+
+
+def measure_points_from_pb(msg: common_pb2.MeasureRequest) -> list[tuple[int, int]]:
+    return [(p.x, p.y) for p in msg.points]
+
+
 def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
     return gpu_worker_pb2.WorkerInfo(
         model_name=info.model_name,
@@ -86,6 +101,11 @@ def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
         device=info.device,
         dtype=info.dtype,
         num_cpu_kv_blocks=info.num_cpu_kv_blocks,
+        hardware=None if info.hardware is None else hardware_to_pb(info.hardware),
+        model_config_hash=info.model_config_hash,
+        cpu_kv_dtype=info.cpu_kv_dtype,
+        cpu_max_rows=info.cpu_max_rows,
+        bytes_per_cpu_row=info.bytes_per_cpu_row,
     )
 
 
@@ -101,6 +121,11 @@ def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
         device=msg.device,
         dtype=msg.dtype,
         num_cpu_kv_blocks=msg.num_cpu_kv_blocks,
+        hardware=hardware_from_pb(msg.hardware) if msg.HasField("hardware") else None,
+        model_config_hash=msg.model_config_hash,
+        cpu_kv_dtype=msg.cpu_kv_dtype,
+        cpu_max_rows=msg.cpu_max_rows,
+        bytes_per_cpu_row=msg.bytes_per_cpu_row,
     )
 
 

@@ -29,6 +29,7 @@ class StackConfig:
     http_port: int = 8000  # OpenAI-compatible HTTP; 0: off
     api_keys: str = ""  # comma-separated; empty: no authentication
     run_dir: str = ".apex-run"  # Unix sockets of the internal services
+    profile_dir: str = ".apex-profiles"  # performance profiles, one JSON file per key
     dtype: str = "float32"
     num_kv_blocks: int | None = None
     device_kv_budget_bytes: int = 64 * 2**20
@@ -90,7 +91,9 @@ class Stack:
         return [
             ("cpu_attention_worker", cpu_worker,
              ["--address", cpu_worker, "--kv-budget-bytes", str(c.cpu_kv_budget_bytes)]),
-            ("profiler_service", self._address("profiler"), ["--address", self._address("profiler")]),
+            ("profiler_service", self._address("profiler"),
+             ["--address", self._address("profiler"), "--gpu-worker-address", worker,
+              "--cpu-worker-address", cpu_worker, "--profile-dir", c.profile_dir]),
             ("gpu_worker", worker, worker_args),
             ("scheduler_service", scheduler,
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs)]),

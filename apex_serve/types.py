@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 
 from apex_serve.errors import InvalidArgument
+from apex_serve.hardware import HardwareFingerprint
 
 
 MAX_LOGPROBS = 20
@@ -85,6 +86,11 @@ class WorkerInfo:
     device: str
     dtype: str
     num_cpu_kv_blocks: int = 0  # 0: no cpu_attention_worker, every request stays on the accelerator
+    hardware: HardwareFingerprint | None = None
+    model_config_hash: str = ""  # sha256 of the model's config.json
+    cpu_kv_dtype: str = ""  # empty without a cpu_attention_worker
+    cpu_max_rows: int = 0  # CPU decode rows one sub-batch can stage
+    bytes_per_cpu_row: int = 0  # staged per CPU row per layer: q and o (fp32), k and v (CPU KV dtype)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """gRPC edge of the cpu_attention_worker (control plane only; the data plane is shared memory):
 protobuf to and from domain types here, nowhere else."""
 
+import asyncio
 import dataclasses
 
 import grpc
 
+from apex_serve.convert import hardware_to_pb, measure_points_from_pb
 from apex_serve.errors import InvalidArgument
+from apex_serve.hardware import fingerprint
 from apex_serve.v1 import common_pb2, cpu_attention_pb2, cpu_attention_pb2_grpc
+from cpu_attention_worker import profiling
 from cpu_attention_worker.config import CpuAttentionConfig
 from cpu_attention_worker.data_plane import DataPlaneSpec, DataPlaneSpecError
 from cpu_attention_worker.host import DataPlane, DataPlaneRegistry
@@ -49,8 +53,18 @@ class CpuAttentionServicer(cpu_attention_pb2_grpc.CpuAttentionWorkerServicer):
     ) -> cpu_attention_pb2.KernelInfo:
         info = kernel_info()
         return cpu_attention_pb2.KernelInfo(
-            isa=info["isa"], num_threads=self._config.num_threads, dtypes=list(info["dtypes"])
+            isa=info["isa"], num_threads=self._config.num_threads, dtypes=list(info["dtypes"]),
+            hardware=hardware_to_pb(fingerprint()),
         )
+
+    async def Measure(
+        self, request: common_pb2.MeasureRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.MeasureResponse:
+        ns = await asyncio.to_thread(
+            profiling.measure, self._registry.plane, request.table, measure_points_from_pb(request),
+            request.warmup, request.repeats, self._config.num_threads,
+        )
+        return common_pb2.MeasureResponse(median_ns=ns)
 
     async def SetupDataPlane(
         self, request: cpu_attention_pb2.DataPlaneSpec, context: grpc.aio.ServicerContext

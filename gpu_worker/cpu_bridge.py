@@ -56,14 +56,31 @@ class CpuAttentionBridge:
             sub_batch.slot, sub_batch.cpu_block_tables, sub_batch.cpu_context_lens, sub_batch.cpu_slot_mapping
         )
 
-    def launch(self, slot: int, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Stage q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim], ring; the ticket to collect."""
+    def bytes_per_row(self) -> int:
+        """Staged per CPU row per layer: q and o in fp32, k and v in the CPU KV dtype."""
+        return sum(t[0].numel() * t.element_size() for t in self._staging[0])
+
+    def write_empty_metadata(self, slot: int) -> None:
+        """No rows in the slot: a ring is then a bare doorbell round trip (profiling)."""
+        self.client.write_metadata(
+            slot, np.zeros((0, 1), dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        )
+
+    def stage(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim] into the slot's staging."""
         rows = q.shape[0]
         q_host, k_host, v_host, _ = self._staging[slot]
         self.transfer.to_host(q_host[:rows], q)
         self.transfer.to_host(k_host[:rows], k)
         self.transfer.to_host(v_host[:rows], v)
         self.transfer.ready()
+
+    def output(self, slot: int, rows: int) -> torch.Tensor:  # [rows, num_q_heads, head_dim] float32, host
+        return self._staging[slot][3][:rows]
+
+    def launch(self, slot: int, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Stage one layer of a sub-batch's CPU rows and ring; the ticket to collect."""
+        self.stage(slot, q, k, v)
         return self.client.ring(slot, layer_idx)
 
     def collect(self, slot: int, ticket: int, rows: int, clock: StepClock) -> torch.Tensor:
@@ -71,7 +88,7 @@ class CpuAttentionBridge:
         with clock.measure("wait"):
             self.client.wait(ticket, self.wait_timeout_s)
         with clock.measure("staging"):
-            return self.transfer.to_device(self._staging[slot][3][:rows])
+            return self.transfer.to_device(self.output(slot, rows))
 
     def busy_ns(self) -> int:
         """The CPU serving thread's cumulative busy time over all slots."""

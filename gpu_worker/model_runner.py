@@ -1,11 +1,14 @@
 """Executes StepPlans: keeps per-request token state, runs the model over the step's rows, samples."""
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from apex_serve.hardware import HardwareFingerprint, fingerprint
 from apex_serve.types import (
     Placement, StepOutput, StepPlan, StepTimings, SwapData, TokenLogprob, WorkerInfo,
 )
@@ -27,6 +30,12 @@ from gpu_worker.weights import load_weights
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_hash(model_dir: str) -> str:
+    """sha256 of the model's config.json, keys sorted: a profile's model key."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,8 +92,19 @@ class ModelRunner:
             device=str(self.device),
             dtype=config.dtype,
             num_cpu_kv_blocks=num_cpu_blocks,
+            hardware=self._fingerprint(),
+            model_config_hash=config_hash(config.model_dir),
+            cpu_kv_dtype=self.bridge.spec.kv_dtype if self.bridge else "",
+            cpu_max_rows=self.bridge.spec.max_rows if self.bridge else 0,
+            bytes_per_cpu_row=self.bridge.bytes_per_row() if self.bridge else 0,
         )
         logger.info("model runner ready: %s", self._info)
+
+    def _fingerprint(self) -> HardwareFingerprint:
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            return fingerprint(props.name, props.total_memory)
+        return fingerprint()
 
     def _attach_cpu_worker(self) -> CpuAttentionBridge:
         """Open the cpu_attention_worker's data plane (it creates the shared-memory regions for this model)."""

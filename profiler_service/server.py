@@ -1,7 +1,4 @@
-"""Entry point: `python -m profiler_service [--address ...]`.
-
-It answers health and reflection; Profile and GetPerformanceModel answer UNIMPLEMENTED until
-the profiler issue fills them in."""
+"""Entry point: `python -m profiler_service [--address ...] [--gpu-worker-address ...] [--cpu-worker-address ...]`."""
 
 import asyncio
 import logging
@@ -20,10 +17,11 @@ SERVICE_NAME = profiler_pb2.DESCRIPTOR.services_by_name["Profiler"].full_name
 
 async def serve(config: ProfilerConfig) -> None:
     server = rpc.create_server()
-    profiler_pb2_grpc.add_ProfilerServicer_to_server(ProfilerServicer(), server)
+    servicer = ProfilerServicer(config)
+    profiler_pb2_grpc.add_ProfilerServicer_to_server(servicer, server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     logger.info("listening on %s", rpc.bind(server, config.address))
-    await service.run()
+    await service.run(on_stop=servicer.close)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,6 +4,7 @@ sub-batches, swaps, one greedy StepPlan per step against a ModelRunner."""
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from apex_serve.types import (
     CachedRequestData,
@@ -14,8 +15,8 @@ from apex_serve.types import (
     StepOutput,
     StepPlan,
     SwapData,
+    WorkerInfo,
 )
-from gpu_worker.model_runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
 
@@ -33,10 +34,19 @@ class Tracked:
         return len(self.prompt) + len(self.outputs)
 
 
+class StepRunner(Protocol):
+    """A ModelRunner, or a gpu_worker process behind gRPC."""
+
+    @property
+    def info(self) -> WorkerInfo: ...
+
+    def execute(self, plan: StepPlan) -> StepOutput: ...
+
+
 class HybridDriver:
     """Plays the scheduler over both pools with shuffled block ids."""
 
-    def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
+    def __init__(self, runner: StepRunner, seed: int = 0) -> None:
         self.runner = runner
         self.block_size = runner.info.block_size
         rng = random.Random(seed)
@@ -45,6 +55,7 @@ class HybridDriver:
             Placement.CPU: rng.sample(range(runner.info.num_cpu_kv_blocks), runner.info.num_cpu_kv_blocks),
         }
         self.requests: dict[str, Tracked] = {}
+        self._freed: list[str] = []
         self.step_id = 0
         self.outputs: list[StepOutput] = []
 
@@ -60,6 +71,12 @@ class HybridDriver:
     def add(self, rid: str, prompt: list[int], placement: Placement, sub_batch: int = 0) -> None:
         self.requests[rid] = Tracked(prompt, placement, sub_batch)
 
+    def finish(self, rid: str) -> None:
+        """Drop a request: its blocks go back to its pool, and the next plan frees it on the worker."""
+        request = self.requests.pop(rid)
+        self.free[request.placement].extend(request.blocks)
+        self._freed.append(rid)
+
     def step(
         self,
         mode: ExecutionMode,
@@ -68,6 +85,16 @@ class HybridDriver:
         sub_batch_of: Callable[[str], int] | None = None,
     ) -> StepOutput:
         """One step: swaps first, then every tracked request (prefill of the new, one decode of the others)."""
+        return self.run(self.plan(mode, swap_out, swap_in, sub_batch_of))
+
+    def plan(
+        self,
+        mode: ExecutionMode,
+        swap_out: tuple[str, ...] = (),
+        swap_in: tuple[str, ...] = (),
+        sub_batch_of: Callable[[str], int] | None = None,
+    ) -> StepPlan:
+        """The next step's plan (blocks taken, swaps applied to the bookkeeping); run() executes it."""
         swaps: dict[str, list[SwapData]] = {"out": [], "in": []}
         for kind, rids in (("out", swap_out), ("in", swap_in)):
             target = Placement.CPU if kind == "out" else Placement.GPU
@@ -92,10 +119,14 @@ class HybridDriver:
                     rid, tuple(request.prompt), GREEDY, tuple(request.blocks), 0, request.placement, request.sub_batch
                 ))
         plan = StepPlan(
-            self.step_id, tuple(new_requests), tuple(cached_requests), mode=mode,
+            self.step_id, tuple(new_requests), tuple(cached_requests), tuple(self._freed), mode=mode,
             swap_out=tuple(swaps["out"]), swap_in=tuple(swaps["in"]),
         )
+        self._freed = []
         self.step_id += 1
+        return plan
+
+    def run(self, plan: StepPlan) -> StepOutput:
         output = self.runner.execute(plan)
         for rid, token in output.sampled.items():
             self.requests[rid].outputs.append(token)

@@ -1,20 +1,20 @@
 """CPU paged decode-attention kernel benchmark (issue 3).
 
-Decode attention is bound by memory bandwidth, so each row compares the kernel's effective KV
-read bandwidth (K + V bytes the attention must read / median time of a call) with this
-machine's streaming read bandwidth, measured by a C++ read loop in the same extension right
-before and after the row (the anchor), on the same thread count. Beside it: the same reads as
-the kernel without its arithmetic (paged read: the ceiling of the paged layout, 16-token blocks
-scattered over the pool; anchor, kernel and paged read alternate round by round), the kernel on a
-cache-resident working set (its arithmetic ceiling), torch SDPA in its best form (the query heads of a GQA group folded into the query length, K/V
-dense and read once), torch SDPA in the form a paged cache forces on it (gather the blocks, then
-SDPA), and the naive numpy reference (one call, float32, single-threaded numpy einsum, only on
-the first thread count and up to the grid's numpy_max_mib of KV).
+Decode attention is bound by memory bandwidth, so each row compares the kernel's effective KV read
+bandwidth (K + V bytes the attention must read / median time of a call) with this machine's
+streaming read bandwidth, measured by a C++ read loop in the same extension right before and after
+the row (the anchor), on the same thread count. Beside it: the same reads as the kernel without its
+arithmetic (paged read: the ceiling of the paged layout, 16-token blocks scattered over the pool;
+anchor, kernel and paged read alternate round by round), the kernel on a cache-resident working set
+(its arithmetic ceiling), torch SDPA in its best form (the query heads of a GQA group folded into
+the query length, K/V dense and read once), torch SDPA in the form a paged cache forces on it
+(gather the blocks, then SDPA), and the naive numpy reference (one call, float32, single-threaded
+numpy einsum, only on the first thread count and up to the grid's numpy_max_mib of KV).
 
 The KV pools are allocated once per shape and dtype (at least the grid's pool_mib for K + V, by
 kernel.allocate_kv_cache: transparent huge pages, V off K's page offset; the anchor's buffer is
-allocated the same way) and every call reads another set of blocks, in random order, so the KV
-comes from DRAM. torch's dense K/V are views of the same memory, rotated the same way.
+allocated the same way) and every call reads another set of blocks, in random order, so the KV comes
+from DRAM. torch's dense K/V are views of the same memory, rotated the same way.
 """
 
 import argparse

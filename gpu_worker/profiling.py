@@ -1,0 +1,168 @@
+"""Times synthetic work of one layer on this worker's own hardware and weights (DESIGN §5): the profiler asks for a
+table and its points, and gets the median ns of each point after warm-up. Tables here: t_lin (tokens), t_pref
+(prompt tokens of one request), t_gatt (decode rows, KV tokens over the rows), t_xfer (bytes staged per layer),
+t_sync (doorbell round trip), t_step (requests: the step's layout, embedding, final norm, lm head, sampling; per
+iteration).
+Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
+memory as in a real step instead of staying in cache."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from apex_serve.errors import FailedPrecondition, InvalidArgument
+from apex_serve.types import Placement, SamplingParams
+from gpu_worker.attention import AttentionMetadata, PagedAttention
+from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.layers import post_attention, pre_attention, rms_norm
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.step_batch import RequestState, layout_sub_batch
+
+GPU_TABLES = ("t_lin", "t_pref", "t_gatt", "t_xfer", "t_sync", "t_step")
+_OVER_LAYERS = ("t_lin", "t_gatt")  # timed over every layer, reported per layer
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class LayerProfiler:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.layer = runner.weights.layers[0]
+        self.generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def measure(self, table: str, points: list[tuple[int, int]], warmup: int, repeats: int) -> list[float]:
+        """Median ns of each point of table; InvalidArgument for an unknown table or a point out of range."""
+        if table not in GPU_TABLES:
+            raise InvalidArgument("table", f"{table!r} is not one of {GPU_TABLES}")
+        if not points:
+            raise InvalidArgument("points", f"table {table} needs at least one point")
+        if warmup < 0 or repeats < 1:
+            raise InvalidArgument("repeats", f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        build = getattr(self, f"_{table}")
+        per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
+        with torch.inference_mode():
+            return [self._median(build(x, y), warmup, repeats) / per for x, y in points]
+
+    def _median(self, work: Callable[[], object], warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            work()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            work()
+            self.runner._synchronize()
+            times.append(time.perf_counter_ns() - start)
+        return float(statistics.median(times))
+
+    def _random(self, *shape: int) -> torch.Tensor:
+        values = torch.randn(*shape, generator=self.generator)
+        return values.to(self.runner.device, self.runner.dtype)
+
+    def _positive(self, name: str, value: int, limit: int) -> int:
+        if not 1 <= value <= limit:
+            raise InvalidArgument(name, f"{value} is outside [1, {limit}]")
+        return value
+
+    def _t_lin(self, tokens: int, _: int) -> Callable[[], object]:
+        self._positive("x", tokens, self.runner.max_model_len * 64)
+        hidden = self._random(tokens, self.runner.model_config.hidden_size)  # [tokens, hidden]
+        positions = torch.arange(tokens, device=self.runner.device) % self.runner.max_model_len
+        attn = self._random(tokens, self.layer.num_heads, self.layer.head_dim)  # [tokens, num_heads, head_dim]
+
+        def work() -> None:
+            for layer in self.runner.weights.layers:
+                pre_attention(layer, hidden, positions)
+                post_attention(layer, hidden, attn)
+
+        return work
+
+    def _t_pref(self, length: int, _: int) -> Callable[[], object]:
+        """Self-attention of one prompt and the write of its KV into the pool."""
+        pool = self.runner.kv_cache
+        self._positive("x", length, min(self.runner.max_model_len, pool.num_blocks * pool.block_size))
+        q = self._random(length, self.layer.num_heads, self.layer.head_dim)
+        kv = self._random(length, self.layer.num_kv_heads, self.layer.head_dim)
+        positions = torch.arange(length, device=self.runner.device)
+        blocks, offsets = positions // pool.block_size, positions % pool.block_size
+
+        def work() -> torch.Tensor:
+            pool.write(0, kv, kv, blocks, offsets)
+            return PagedAttention._prefill(q, kv, kv)
+
+        return work
+
+    def _t_gatt(self, rows: int, kv_tokens: int) -> Callable[[], object]:
+        pool = self.runner.kv_cache
+        self._positive("x", rows, pool.num_blocks)
+        context = max(1, kv_tokens // rows)
+        per_row = -(-context // pool.block_size)
+        self._positive("y", rows * per_row, pool.num_blocks)  # the pool must hold the point
+        blocks = torch.randperm(pool.num_blocks, generator=self.generator)[: rows * per_row].reshape(rows, per_row)
+        tables = blocks.tolist()
+        positions = [context - 1] * rows
+        metadata = AttentionMetadata.build(
+            prefill_lens=[], slot_blocks=[t[p // pool.block_size] for t, p in zip(tables, positions)],
+            slot_offsets=[p % pool.block_size for p in positions], decode_block_tables=tables,
+            decode_context_lens=[context] * rows, block_size=pool.block_size, device=self.runner.device,
+        )
+        q = self._random(rows, self.layer.num_heads, self.layer.head_dim)
+        kv = self._random(rows, self.layer.num_kv_heads, self.layer.head_dim)
+        attention = PagedAttention(pool)
+
+        def work() -> None:
+            for i in range(len(self.runner.weights.layers)):
+                pool.write(i, kv, kv, metadata.slot_blocks, metadata.slot_offsets)
+                attention.forward(i, q, kv, kv, metadata)
+
+        return work
+
+    def _t_xfer(self, nbytes: int, _: int) -> Callable[[], object]:
+        bridge = self._bridge()
+        row_bytes = bridge.bytes_per_row()
+        self._positive("x", nbytes, bridge.spec.max_rows * row_bytes)
+        rows = max(1, nbytes // row_bytes)
+        q = self._random(rows, self.layer.num_heads, self.layer.head_dim).float()
+        kv = self._random(rows, self.layer.num_kv_heads, self.layer.head_dim)
+
+        def work() -> None:
+            bridge.stage(0, q, kv, kv)
+            bridge.transfer.to_device(bridge.output(0, rows)).sum()
+
+        return work
+
+    def _t_sync(self, _: int, __: int) -> Callable[[], object]:
+        bridge = self._bridge()
+        bridge.write_empty_metadata(0)
+        return lambda: bridge.client.wait(bridge.client.ring(0, 0), bridge.wait_timeout_s)
+
+    def _t_step(self, requests: int, _: int) -> Callable[[], object]:
+        self._positive("x", requests, 4096)
+        weights = self.runner.weights
+        vocab = self.runner.model_config.vocab_size
+        ids = torch.randint(0, vocab, (requests,), generator=self.generator).to(self.runner.device)
+        hidden = self._random(requests, self.runner.model_config.hidden_size)
+        sampler = self.runner.sampler
+        params = [_GREEDY] * requests
+        histories = [[0]] * requests
+        block_size = self.runner.config.block_size
+        states = {  # decode rows of 64 tokens, for the step's layout (part of its preparation)
+            f"p{i}": RequestState([1] * 64, 63, _GREEDY, [i % self.runner.kv_cache.num_blocks] * 4, Placement.GPU)
+            for i in range(requests)
+        }
+
+        def work() -> list[int]:
+            layout_sub_batch(0, [], list(states), states, block_size, self.runner.max_blocks_per_row,
+                             self.runner.device)
+            F.embedding(ids, weights.embed_tokens)
+            normed = rms_norm(hidden, weights.final_norm, self.runner.model_config.rms_norm_eps)
+            logits = F.linear(normed, weights.lm_head).float()  # [requests, vocab]
+            return sampler.sample(logits, params, [0] * requests, histories)
+
+        return work
+
+    def _bridge(self) -> CpuAttentionBridge:
+        if self.runner.bridge is None:
+            raise FailedPrecondition("t_xfer and t_sync need a cpu_attention_worker attached to this gpu_worker")
+        return self.runner.bridge
