@@ -161,7 +161,7 @@ class StepTimings:
     total_ns: int = 0
     swap_ns: int = 0  # KV block copies between the pools
     device_linear_ns: int = 0  # norms, projections, RoPE, MLP on the accelerator
-    device_attention_ns: int = 0  # attention of the accelerator's rows (prefill and GPU decode)
+    device_attention_ns: int = 0  # attention of the accelerator's rows (prefill and GPU decode), prefill KV writes
     staging_ns: int = 0  # CPU rows' q/k/v to the staging buffers, metadata, o back
     wait_ns: int = 0  # the accelerator blocked waiting for the CPU's attention
     cpu_attention_ns: int = 0  # the cpu_attention_worker's serving thread busy (append + attention)

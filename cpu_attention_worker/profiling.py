@@ -2,12 +2,10 @@
 layer in turn, so the KV comes from memory as in a real step; read only: nothing a request owns is written), x
 decode rows and y KV tokens over the rows, median of repeats, per layer."""
 
-import statistics
-import time
-
 import numpy as np
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument
+from apex_serve.measurement import check_measure, median_ns
 from cpu_attention_worker import kernel
 from cpu_attention_worker.data_plane import view
 from cpu_attention_worker.host import DataPlane
@@ -18,12 +16,7 @@ CPU_TABLES = ("t_catt",)
 def measure(
     plane: DataPlane | None, table: str, points: list[tuple[int, int]], warmup: int, repeats: int, num_threads: int
 ) -> list[float]:
-    if table not in CPU_TABLES:
-        raise InvalidArgument("table", f"{table!r} is not one of {CPU_TABLES}")
-    if not points:
-        raise InvalidArgument("points", f"table {table} needs at least one point")
-    if warmup < 0 or repeats < 1:
-        raise InvalidArgument("repeats", f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    check_measure(table, CPU_TABLES, points, warmup, repeats)
     if plane is None:
         raise FailedPrecondition("t_catt is measured on the data plane's KV pool: call SetupDataPlane first")
     spec = plane.spec
@@ -42,13 +35,11 @@ def measure(
         lens = np.full(rows, context, dtype=np.int32)
         q = rng.standard_normal((rows, spec.num_q_heads, spec.head_dim), dtype=np.float32)
         out = np.empty_like(q)
-        times = []
-        for i in range(warmup + repeats):
-            start = time.perf_counter_ns()
+
+        def work() -> None:
             for layer in range(spec.num_layers):
                 kernel.paged_decode_attention(q, k_cache[layer], v_cache[layer], tables, lens,
                                               num_threads=num_threads, kv_dtype=spec.kv_dtype, out=out)
-            if i >= warmup:
-                times.append((time.perf_counter_ns() - start) / spec.num_layers)
-        medians.append(float(statistics.median(times)))
+
+        medians.append(median_ns(work, warmup, repeats) / spec.num_layers)
     return medians

@@ -119,12 +119,11 @@ class Forward:
         with clock.measure("device_linear"):
             q, k, v = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
         split = batch.num_cpu_prefill_tokens
-        if split:
-            with clock.measure("staging"):
+        with clock.measure("device_attention"):  # prefill KV writes count here, whichever pool they go to
+            if split:
                 self._bridge().pool.write(
                     i, k[:split].cpu(), v[:split].cpu(), batch.cpu_prefill_blocks, batch.cpu_prefill_offsets
                 )
-        with clock.measure("device_attention"):
             meta = batch.device_metadata
             self.device_pool.write(i, k[split:], v[split:], meta.slot_blocks, meta.slot_offsets)
             attn = self.attention.forward(i, q, k, v, meta)  # [end, num_heads, head_dim]

@@ -6,14 +6,13 @@ iteration).
 Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
 memory as in a real step instead of staying in cache."""
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument
+from apex_serve.measurement import check_measure, median_ns
 from apex_serve.types import Placement, SamplingParams
 from gpu_worker.attention import AttentionMetadata, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
@@ -34,27 +33,11 @@ class LayerProfiler:
 
     def measure(self, table: str, points: list[tuple[int, int]], warmup: int, repeats: int) -> list[float]:
         """Median ns of each point of table; InvalidArgument for an unknown table or a point out of range."""
-        if table not in GPU_TABLES:
-            raise InvalidArgument("table", f"{table!r} is not one of {GPU_TABLES}")
-        if not points:
-            raise InvalidArgument("points", f"table {table} needs at least one point")
-        if warmup < 0 or repeats < 1:
-            raise InvalidArgument("repeats", f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+        check_measure(table, GPU_TABLES, points, warmup, repeats)
         build = getattr(self, f"_{table}")
         per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
         with torch.inference_mode():
-            return [self._median(build(x, y), warmup, repeats) / per for x, y in points]
-
-    def _median(self, work: Callable[[], object], warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
-            work()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter_ns()
-            work()
-            self.runner._synchronize()
-            times.append(time.perf_counter_ns() - start)
-        return float(statistics.median(times))
+            return [median_ns(build(x, y), warmup, repeats, self.runner._synchronize) / per for x, y in points]
 
     def _random(self, *shape: int) -> torch.Tensor:
         values = torch.randn(*shape, generator=self.generator)

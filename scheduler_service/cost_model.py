@@ -16,9 +16,13 @@ ASYM_PIPELINE:  two sub-batches A and B, each with its own linear pass (weights 
                 with one sub-batch, the ASYNC_OVERLAP rule.
 total = L * layer + t_step(requests)   (t_step: embedding, final norm, lm head, sampling, prepare; per iteration)
 
-Online correction: a factor per measured subtask scales its per-layer cost before composing (so the overlap rules
-see corrected costs), then a residual factor per mode scales the total so that it converges on what is measured.
-Each factor is a running mean of its observed ratios over the first 1/alpha steps, an EMA with weight alpha after.
+Online correction: per measured subtask, measured ~ a + b * as-profiled is fitted online (least squares whose weights
+are a running mean over the first 1/alpha steps and decay by 1 - alpha after), and its value at this iteration's
+as-profiled cost becomes the subtask's factor before composing (so the overlap rules see corrected costs); then a
+residual fit per mode corrects the total the same way. An affine fit, not a ratio, because the tables miss fixed
+per-step costs (Python, launches) as well as proportional ones: a ratio fitted over short decode steps and long
+prefill steps at once is wrong for both. Until the as-profiled costs vary enough to fit a slope, the fit is the
+plain ratio of the weighted means.
 Which StepTimings field feeds which factor:
     linear           device_linear_ns x the layers' share of the linear weights (the rest is the final norm and lm
                      head, timed in the same bucket but predicted by t_step)
@@ -330,6 +334,45 @@ class _Ema:
 
 
 @dataclass
+class _AffineFit:
+    """measured ~ a + b * predicted by online weighted least squares (see the module docstring)."""
+
+    alpha: float
+    count: int = 0
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def update(self, predicted: float, measured: float) -> None:
+        keep = 1.0 if self.count < 1.0 / self.alpha else 1.0 - self.alpha
+        self.count += 1
+        self.w = keep * self.w + 1.0
+        self.sx = keep * self.sx + predicted
+        self.sy = keep * self.sy + measured
+        self.sxx = keep * self.sxx + predicted * predicted
+        self.sxy = keep * self.sxy + predicted * measured
+
+    @property
+    def value(self) -> float:
+        """The ratio of the weighted means: the factor where the predictions do not vary."""
+        return self.sy / self.sx if self.sx > 0 else 1.0
+
+    def factor_at(self, predicted: float) -> float:
+        """The fitted measured / predicted at this prediction."""
+        if self.sx <= 0 or predicted <= 0:
+            return self.value
+        mean_x, mean_y = self.sx / self.w, self.sy / self.w
+        variance = self.sxx / self.w - mean_x * mean_x
+        if self.count < 3 or variance <= (0.05 * mean_x) ** 2:
+            return self.value
+        slope = min(max((self.sxy / self.w - mean_x * mean_y) / variance, 0.1), 10.0)
+        fitted = mean_y + slope * (predicted - mean_x)
+        return max(fitted, 0.1 * predicted) / predicted
+
+
+@dataclass
 class _ErrorTracker:
     alpha: float
     count: int = 0
@@ -369,14 +412,14 @@ class ComposedCostModel:
         self.costs = costs
         self.model = model
         self.alpha = alpha
-        self._factors = _AS_PROFILED
-        self._subtasks = {name: _Ema(alpha) for name in _SUBTASKS}
-        self._residual: dict[ExecutionMode, _Ema] = {}
+        self._subtasks = {name: _AffineFit(alpha) for name in _SUBTASKS}
+        self._residual: dict[ExecutionMode, _AffineFit] = {}
         self._errors: dict[ExecutionMode, _ErrorTracker] = {}
 
     @property
     def factors(self) -> SubtaskFactors:
-        return self._factors
+        """Each subtask's measured / profiled ratio (of the weighted means)."""
+        return SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
 
     def residual_factor(self, mode: ExecutionMode) -> float:
         residual = self._residual.get(mode)
@@ -387,7 +430,14 @@ class ComposedCostModel:
         return compose(self.costs, self.model, shape)
 
     def predict(self, shape: IterationShape) -> Prediction:
-        return compose(self.costs, self.model, shape, self._factors, self.residual_factor(shape.mode))
+        raw = self.predict_raw(shape)
+        as_profiled = {"linear": raw.linear_ns, "device_attention": raw.device_attention_ns,
+                       "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
+        factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
+        composed = compose(self.costs, self.model, shape, factors)
+        residual = self._residual.get(shape.mode)
+        return compose(self.costs, self.model, shape, factors,
+                       1.0 if residual is None else residual.factor_at(composed.total_ns))
 
     def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
         """Refine the factors from one step's measured timings and record the error of `predicted` (what this model
@@ -401,16 +451,15 @@ class ComposedCostModel:
             "cpu_attention": (timings.cpu_attention_ns, raw.cpu_attention_ns),
             "staging": (timings.staging_ns, raw.staging_ns),
         }
-        ratios = {}  # this step's own factors: measured / as profiled where it ran the subtask, else the running one
+        ratios = {}  # this step's own factors: measured / as profiled where it ran the subtask, else the fitted one
         for name, (measured, profiled) in pairs.items():
-            factor = self._subtasks[name]
-            ratios[name] = measured / profiled if measured > 0 and profiled > 0 else factor.value
+            fit = self._subtasks[name]
+            ratios[name] = measured / profiled if measured > 0 and profiled > 0 else fit.factor_at(profiled)
             if measured > 0 and profiled > 0:
-                factor.update(ratios[name])
-        self._factors = SubtaskFactors(**{name: factor.value for name, factor in self._subtasks.items()})
+                fit.update(profiled, measured)
         explained = compose(self.costs, self.model, shape, SubtaskFactors(**ratios)).total_ns
         if explained > 0:
-            self._residual.setdefault(shape.mode, _Ema(self.alpha)).update(timings.total_ns / explained)
+            self._residual.setdefault(shape.mode, _AffineFit(self.alpha)).update(explained, timings.total_ns)
         tracker = self._errors.setdefault(shape.mode, _ErrorTracker(self.alpha))
         tracker.add(
             (raw.total_ns - timings.total_ns) / timings.total_ns,

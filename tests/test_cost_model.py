@@ -371,6 +371,26 @@ def test_online_correction_follows_a_change_at_the_ema_rate():
     assert model.predict(shape).total_ns == pytest.approx(2.0 * model.predict_raw(shape).total_ns, rel=0.01)
 
 
+def test_online_correction_fits_a_fixed_cost_the_tables_miss_for_short_and_long_steps_alike():
+    """Steps pay 2 ms of linear-layer overhead on top of the tables: one ratio cannot fit a short decode step and a
+    long prefill step at once; the affine fit does."""
+    model = TableCostModel(PerformanceTables.from_json(tables_json()), TINY, alpha=0.1)
+    short, long = one(GPU_ONLY, gpu_rows=2, gpu_kv_tokens=100), one(GPU_ONLY, prefill_lens=(800,), gpu_rows=2,
+                                                                      gpu_kv_tokens=100)
+
+    def measured(shape: IterationShape) -> StepTimings:
+        raw = model.predict_raw(shape)
+        linear = raw.linear_ns + 2e6
+        return StepTimings(total_ns=round(raw.total_ns + 2e6), device_attention_ns=round(raw.device_attention_ns),
+                           device_linear_ns=round(linear / model.model.layers_linear_share))
+
+    for i in range(60):
+        shape = (short, long)[i % 2]
+        model.observe(shape, model.predict(shape), measured(shape))
+    for shape in (short, long):
+        assert model.predict(shape).total_ns == pytest.approx(measured(shape).total_ns, rel=0.01)
+
+
 def test_residual_factor_absorbs_what_no_subtask_measures():
     model = TableCostModel(PerformanceTables.from_json(tables_json()), TINY)
     shape = one(GPU_ONLY, gpu_rows=8, gpu_kv_tokens=4000)
