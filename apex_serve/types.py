@@ -28,6 +28,11 @@ class Placement(enum.Enum):
     GPU = "gpu"  # the accelerator's pool (the CPU device when there is no GPU)
     CPU = "cpu"  # the cpu_attention_worker's shared-memory pool
 
+    @property
+    def other(self) -> "Placement":
+        """The pool a swap moves a request to."""
+        return Placement.CPU if self is Placement.GPU else Placement.GPU
+
 
 @dataclass(frozen=True)
 class SamplingParams:

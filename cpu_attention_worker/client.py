@@ -153,6 +153,11 @@ class DataPlaneClient:
         meta.slot_mapping[:rows] = slot_mapping
         meta.num_rows[0] = rows
 
+    def write_no_rows(self, slot: int) -> None:
+        """An empty slot: a ring of it is then a bare doorbell round trip."""
+        empty = np.zeros(0, dtype=np.int32)
+        self.write_metadata(slot, empty.reshape(0, 1), empty, np.zeros(0, dtype=np.int64))
+
     def ring(self, slot: int, layer: int) -> int:
         """Publishes (slot, layer): staging and metadata of the slot must be written. Returns the seq to wait for."""
         try:

@@ -3,26 +3,16 @@ here for prefill writes and swaps), per-slot staging of the CPU rows' q/k/v and 
 
 import logging
 
-import numpy as np
 import torch
 
 from cpu_attention_worker.client import DataPlaneClient
 from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.host_transfer import HostTransfer
-from gpu_worker.kv_cache import PagedKVCache
+from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, torch_view
 from gpu_worker.step_batch import SubBatch
 from gpu_worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_view(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor over the array's memory; 16-bit storage (numpy uint16 or float16) reinterpreted as dtype."""
-    if array.dtype == np.float32:
-        return torch.from_numpy(array)
-    return torch.from_numpy(array.view(np.uint16)).view(dtype)
 
 
 class CpuAttentionBridge:
@@ -59,12 +49,6 @@ class CpuAttentionBridge:
     def bytes_per_row(self) -> int:
         """Staged per CPU row per layer: q and o in fp32, k and v in the CPU KV dtype."""
         return sum(t[0].numel() * t.element_size() for t in self._staging[0])
-
-    def write_empty_metadata(self, slot: int) -> None:
-        """No rows in the slot: a ring is then a bare doorbell round trip (profiling)."""
-        self.client.write_metadata(
-            slot, np.zeros((0, 1), dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        )
 
     def stage(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim] into the slot's staging."""

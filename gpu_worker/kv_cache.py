@@ -2,11 +2,21 @@
 
 import logging
 
+import numpy as np
 import torch
 
 from gpu_worker.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by config name
+
+
+def torch_view(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over the array's memory; 16-bit storage (numpy uint16 or float16) reinterpreted as dtype."""
+    if array.dtype == np.float32:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.view(np.uint16)).view(dtype)
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -18,7 +18,7 @@ from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.forward import Forward
 from gpu_worker.host_transfer import host_transfer_for
-from gpu_worker.kv_cache import PagedKVCache, bytes_per_block
+from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.model_config import ModelConfig, load_model_config
 from gpu_worker.plan_checks import PlanChecker
 from gpu_worker.rope import RotaryEmbedding
@@ -29,13 +29,15 @@ from gpu_worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def config_hash(model_dir: str) -> str:
     """sha256 of the model's config.json, keys sorted: a profile's model key."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _request_ids(sub_batches: list[SubBatch]) -> list[str]:
+    """The step's requests in the order of the forward's logits rows."""
+    return [rid for batch in sub_batches for rid in batch.request_ids]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +57,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = TORCH_DTYPES[config.dtype]
         self.model_config: ModelConfig = load_model_config(config.model_dir)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         rope = RotaryEmbedding(self.model_config, self.max_model_len, self.dtype, self.device)
@@ -142,7 +144,7 @@ class ModelRunner:
         logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample([rid for b in sub_batches for rid in b.request_ids], logits)
+        sampled, logprobs = self._sample(_request_ids(sub_batches), logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -165,7 +167,7 @@ class ModelRunner:
         if not sub_batches:
             return {}
         logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
-        return dict(zip([rid for b in sub_batches for rid in b.request_ids], logits.unbind(0)))
+        return dict(zip(_request_ids(sub_batches), logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """Sample from compute_logits' output and append each token to its request, as execute does;
@@ -236,8 +238,9 @@ class ModelRunner:
         """Copy the request's cached blocks to the other pool and move it there."""
         request = self._requests[swap.request_id]
         source = request.placement
-        target = Placement.CPU if source is Placement.GPU else Placement.GPU
         count = -(-request.num_cached_tokens // self.config.block_size)
-        self._pool(source).copy_blocks_to(self._pool(target), request.block_ids[:count], list(swap.block_ids[:count]))
+        self._pool(source).copy_blocks_to(
+            self._pool(source.other), request.block_ids[:count], list(swap.block_ids[:count])
+        )
         request.block_ids = list(swap.block_ids)
-        request.placement = target
+        request.placement = source.other

@@ -21,8 +21,8 @@ class PlanChecker:
         self.block_size = block_size
         self.pool_blocks = pool_blocks  # blocks of each pool; 0 CPU blocks: no cpu_attention_worker
 
-    def check(self, plan: StepPlan, requests: dict[str, RequestState]) -> dict[str, Placement]:
-        """Validate the plan against the state after its frees; the placement of every request after its swaps."""
+    def check(self, plan: StepPlan, requests: dict[str, RequestState]) -> None:
+        """Validate the plan against the state after its frees and swaps."""
         placements = {rid: r.placement for rid, r in requests.items() if rid not in plan.freed_request_ids}
         self._check_swaps(plan, requests, placements)
         max_sub_batch = 1 if plan.mode is ExecutionMode.ASYM_PIPELINE else 0
@@ -59,7 +59,6 @@ class PlanChecker:
                 if cpu_rows[cached.sub_batch] > self.max_cpu_rows:
                     raise InvalidArgument("cached_requests", f"sub-batch {cached.sub_batch} has more CPU decode rows "
                                           f"than cpu_max_rows {self.max_cpu_rows}")
-        return placements
 
     def _check_swaps(
         self, plan: StepPlan, requests: dict[str, RequestState], placements: dict[str, Placement]
@@ -67,7 +66,6 @@ class PlanChecker:
         swapped: set[str] = set()
         directions = (("swap_out", plan.swap_out, Placement.GPU), ("swap_in", plan.swap_in, Placement.CPU))
         for field, swaps, source in directions:
-            target = Placement.CPU if source is Placement.GPU else Placement.GPU
             for swap in swaps:
                 rid = swap.request_id
                 self._once(rid, swapped, field)
@@ -75,9 +73,9 @@ class PlanChecker:
                     raise InvalidArgument(field, f"request {rid!r} is not known to the worker")
                 if placements[rid] is not source:
                     raise InvalidArgument(field, f"request {rid!r} is not in the {source.value} pool")
-                self._check_pool(rid, target)
-                self._check_blocks(rid, target, list(swap.block_ids), requests[rid].num_cached_tokens - 1)
-                placements[rid] = target
+                self._check_pool(rid, source.other)
+                self._check_blocks(rid, source.other, list(swap.block_ids), requests[rid].num_cached_tokens - 1)
+                placements[rid] = source.other
 
     @staticmethod
     def _blocks_after_swaps(plan: StepPlan, request: RequestState, rid: str) -> list[int]:

@@ -117,7 +117,7 @@ class LayerProfiler:
 
     def _t_sync(self, _: int, __: int) -> Callable[[], object]:
         bridge = self._bridge()
-        bridge.write_empty_metadata(0)
+        bridge.client.write_no_rows(0)
         return lambda: bridge.client.wait(bridge.client.ring(0, 0), bridge.wait_timeout_s)
 
     def _t_step(self, requests: int, _: int) -> Callable[[], object]:

@@ -3,7 +3,8 @@ on a GPU and its host, composed and corrected exactly as the measured tables are
 
 from dataclasses import dataclass
 
-from scheduler_service.cost_model import ComposedCostModel, ModelShape
+from scheduler_service.cost_model import ComposedCostModel
+from scheduler_service.iteration_shape import ModelShape
 
 _NS_PER_S = 1e9
 

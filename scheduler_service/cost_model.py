@@ -29,159 +29,18 @@ Which StepTimings field feeds which factor:
     device_attention device_attention_ns (prefill self-attention and GPU decode attention, with their KV writes)
     cpu_attention    cpu_attention_ns (the CPU worker busy: append and attention)
     staging          staging_ns
-    residual[mode]   total_ns / the total composed with this step's own measured ratios: what the subtasks cannot
+    residual[mode]   total_ns against the total composed with this step's own measured ratios: what the subtasks cannot
                      explain (step overhead, sync, the overlap rules), apart from the subtask factors' lag
 sync, step overhead and the exposed wait have no factor of their own: they are derived or not timed apart.
 """
 
-from dataclasses import dataclass, fields
-from functools import cached_property
-from typing import Any, Protocol
+from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 from apex_serve.types import ExecutionMode, StepTimings
+from scheduler_service.iteration_shape import IterationShape, ModelShape
+from scheduler_service.online_fit import AffineFit, ErrorStats, ErrorTracker
 from scheduler_service.perf_tables import PerformanceTables
-
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs to know of the model: parameter counts and the bytes a CPU row stages."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    weight_bytes_per_param: int = 2
-    kv_bytes_per_element: int = 2  # the CPU KV cache's storage dtype
-    staged_qo_bytes_per_element: int = 4  # q and o cross to and from the CPU in fp32 (gpu_worker.cpu_bridge)
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "intermediate_size", "num_q_heads", "num_kv_heads", "head_dim",
-                     "vocab_size", "weight_bytes_per_param", "kv_bytes_per_element", "staged_qo_bytes_per_element"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_q_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads: must divide num_q_heads={self.num_q_heads}, got {self.num_kv_heads}")
-
-    @cached_property
-    def qkv_params(self) -> int:
-        return self.hidden_size * (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-
-    @cached_property
-    def layer_params(self) -> int:
-        """QKV, O, gate/up/down and the two norms of one decoder layer."""
-        o_proj = self.num_q_heads * self.head_dim * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        return self.qkv_params + o_proj + mlp + 2 * self.hidden_size
-
-    @cached_property
-    def head_params(self) -> int:
-        """Final norm and lm head: the linear work outside the layers."""
-        return self.vocab_size * self.hidden_size + self.hidden_size
-
-    @cached_property
-    def qkv_fraction(self) -> float:
-        return self.qkv_params / self.layer_params
-
-    @cached_property
-    def layers_linear_share(self) -> float:
-        """Fraction of the step's linear weights that are in the layers (the rest: final norm and lm head)."""
-        layers = self.num_layers * self.layer_params
-        return layers / (layers + self.head_params)
-
-    @cached_property
-    def bytes_per_cpu_row(self) -> int:
-        """Bytes staged per CPU decode row per layer: q out and o back, k and v out (the t_xfer x axis)."""
-        qo = 2 * self.staged_qo_bytes_per_element * self.num_q_heads * self.head_dim
-        kv = 2 * self.kv_bytes_per_element * self.num_kv_heads * self.head_dim
-        return qo + kv
-
-    @cached_property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token in one layer."""
-        return 2 * self.kv_bytes_per_element * self.num_kv_heads * self.head_dim
-
-
-def model_shape_from_config(config: dict[str, Any], kv_bytes_per_element: int | None = None) -> ModelShape:
-    """ModelShape of a Hugging Face LLaMA-family config.json; the KV element size defaults to the weights' dtype."""
-    dtype = config.get("torch_dtype") or config.get("dtype") or "float16"
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"torch_dtype: must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
-    heads = config["num_attention_heads"]
-    return ModelShape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_q_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        weight_bytes_per_param=_DTYPE_BYTES[dtype],
-        kv_bytes_per_element=kv_bytes_per_element or _DTYPE_BYTES[dtype],
-    )
-
-
-@dataclass(frozen=True)
-class SubBatchShape:
-    """What one sub-batch runs: prefill requests (on the accelerator) and decode rows on each side."""
-
-    prefill_lens: tuple[int, ...] = ()
-    gpu_rows: int = 0
-    gpu_kv_tokens: int = 0  # KV tokens summed over the GPU rows, the current token included
-    cpu_rows: int = 0
-    cpu_kv_tokens: int = 0  # KV tokens summed over the CPU rows, the current token included
-
-    def __post_init__(self) -> None:
-        if any(n < 1 for n in self.prefill_lens):
-            raise ValueError(f"prefill_lens: must all be >= 1, got {self.prefill_lens}")
-        for side in ("gpu", "cpu"):
-            rows, kv = getattr(self, f"{side}_rows"), getattr(self, f"{side}_kv_tokens")
-            if rows < 0 or kv < rows or (rows == 0 and kv):
-                raise ValueError(f"{side}_kv_tokens: need {side}_rows >= 0 and {side}_rows <= {side}_kv_tokens "
-                                 f"(0 without rows), got {rows} rows and {kv} tokens")
-        if not self.num_requests:
-            raise ValueError("sub-batch: must hold at least one request")
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.prefill_lens) + self.gpu_rows + self.cpu_rows
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(self.prefill_lens)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefill_tokens + self.gpu_rows + self.cpu_rows
-
-
-@dataclass(frozen=True)
-class IterationShape:
-    mode: ExecutionMode
-    sub_batches: tuple[SubBatchShape, ...]
-
-    def __post_init__(self) -> None:
-        most = 2 if self.mode is ExecutionMode.ASYM_PIPELINE else 1
-        if not 1 <= len(self.sub_batches) <= most:
-            raise ValueError(f"sub_batches: {self.mode.value} takes 1 to {most}, got {len(self.sub_batches)}")
-        if self.mode is ExecutionMode.GPU_ONLY and self.num_cpu_rows:
-            raise ValueError(f"sub_batches: gpu_only runs no CPU rows, got {self.num_cpu_rows}")
-
-    @property
-    def num_requests(self) -> int:
-        return sum(sb.num_requests for sb in self.sub_batches)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(sb.num_tokens for sb in self.sub_batches)
-
-    @property
-    def num_cpu_rows(self) -> int:
-        return sum(sb.cpu_rows for sb in self.sub_batches)
 
 
 @dataclass(frozen=True)
@@ -201,17 +60,10 @@ class Prediction:
     residual_ns: float
     total_ns: float
 
-
-@dataclass(frozen=True)
-class ErrorStats:
-    """Prediction error of the total for one mode; errors are (predicted - measured) / measured."""
-
-    count: int
-    raw_mape: float  # mean |error| of the uncorrected (table or formula) prediction, over all observations
-    corrected_mape: float  # mean |error| of the predictions handed out (with the online correction)
-    recent_corrected_mape: float  # the same, weighted towards the latest observations (the model's alpha)
-    last_raw_error: float
-    last_corrected_error: float
+    def with_residual(self, factor: float) -> "Prediction":
+        """The total scaled by factor, the difference booked as residual."""
+        composed = self.total_ns - self.residual_ns
+        return replace(self, residual_ns=(factor - 1.0) * composed, total_ns=factor * composed)
 
 
 class CostModel(Protocol):
@@ -257,9 +109,9 @@ _SUBTASKS = tuple(f.name for f in fields(SubtaskFactors))
 
 
 def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
-            factors: SubtaskFactors = _AS_PROFILED, residual_factor: float = 1.0) -> Prediction:
+            factors: SubtaskFactors = _AS_PROFILED) -> Prediction:
     """The iteration's predicted time by the composition rules of this module's docstring, the subtasks scaled by
-    factors and the total by residual_factor."""
+    factors (no residual: Prediction.with_residual adds it)."""
     lin_sum = att_sum = xfer_sum = catt_sum = sync_sum = last_layer_saving = 0.0
     device: list[float] = []  # per sub-batch: the accelerator's work of a layer
     hidden: list[float] = []  # per sub-batch: its CPU attention and doorbell, to hide behind other work
@@ -296,8 +148,6 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
     layers = model.num_layers
     linear, attention, staging = layers * lin_sum - last_layer_saving, layers * att_sum, layers * xfer_sum
     exposed_wait, step = layers * exposed, costs.t_step(shape.num_requests)
-    composed = linear + attention + staging + exposed_wait + step
-    residual = (residual_factor - 1.0) * composed
     return Prediction(
         linear_ns=linear,
         device_attention_ns=attention,
@@ -306,8 +156,8 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
         sync_ns=layers * sync_sum,
         exposed_wait_ns=exposed_wait,
         step_overhead_ns=step,
-        residual_ns=residual,
-        total_ns=composed + residual,
+        residual_ns=0.0,
+        total_ns=linear + attention + staging + exposed_wait + step,
     )
 
 
@@ -317,89 +167,6 @@ def pipelining_beats_gpu_only(t_lin: float, t_gatt: float, n_g: float, n_c: floa
     if min(t_lin, t_gatt, n_g, n_c) <= 0:
         raise ValueError(f"t_lin, t_gatt, n_g, n_c: must all be > 0, got {t_lin}, {t_gatt}, {n_g}, {n_c}")
     return n_g / n_c < 2.0 * t_lin / t_gatt + 3.0 + t_gatt / t_lin
-
-
-@dataclass
-class _Ema:
-    """A running mean over the first 1/alpha samples, an exponential moving average after: the first samples are
-    not pulled towards the starting value."""
-
-    alpha: float
-    value: float = 1.0
-    count: int = 0
-
-    def update(self, sample: float) -> None:
-        self.count += 1
-        self.value += max(self.alpha, 1.0 / self.count) * (sample - self.value)
-
-
-@dataclass
-class _AffineFit:
-    """measured ~ a + b * predicted by online weighted least squares (see the module docstring)."""
-
-    alpha: float
-    count: int = 0
-    w: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
-
-    def update(self, predicted: float, measured: float) -> None:
-        keep = 1.0 if self.count < 1.0 / self.alpha else 1.0 - self.alpha
-        self.count += 1
-        self.w = keep * self.w + 1.0
-        self.sx = keep * self.sx + predicted
-        self.sy = keep * self.sy + measured
-        self.sxx = keep * self.sxx + predicted * predicted
-        self.sxy = keep * self.sxy + predicted * measured
-
-    @property
-    def value(self) -> float:
-        """The ratio of the weighted means: the factor where the predictions do not vary."""
-        return self.sy / self.sx if self.sx > 0 else 1.0
-
-    def factor_at(self, predicted: float) -> float:
-        """The fitted measured / predicted at this prediction."""
-        if self.sx <= 0 or predicted <= 0:
-            return self.value
-        mean_x, mean_y = self.sx / self.w, self.sy / self.w
-        variance = self.sxx / self.w - mean_x * mean_x
-        if self.count < 3 or variance <= (0.05 * mean_x) ** 2:
-            return self.value
-        slope = min(max((self.sxy / self.w - mean_x * mean_y) / variance, 0.1), 10.0)
-        fitted = mean_y + slope * (predicted - mean_x)
-        return max(fitted, 0.1 * predicted) / predicted
-
-
-@dataclass
-class _ErrorTracker:
-    alpha: float
-    count: int = 0
-    raw_sum: float = 0.0
-    corrected_sum: float = 0.0
-    last_raw: float = 0.0
-    last_corrected: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.recent = _Ema(self.alpha)
-
-    def add(self, raw_error: float, corrected_error: float) -> None:
-        self.count += 1
-        self.raw_sum += abs(raw_error)
-        self.corrected_sum += abs(corrected_error)
-        self.recent.update(abs(corrected_error))
-        self.last_raw, self.last_corrected = raw_error, corrected_error
-
-    def stats(self) -> ErrorStats:
-        return ErrorStats(
-            count=self.count,
-            raw_mape=self.raw_sum / self.count,
-            corrected_mape=self.corrected_sum / self.count,
-            recent_corrected_mape=self.recent.value,
-            last_raw_error=self.last_raw,
-            last_corrected_error=self.last_corrected,
-        )
 
 
 class ComposedCostModel:
@@ -412,9 +179,9 @@ class ComposedCostModel:
         self.costs = costs
         self.model = model
         self.alpha = alpha
-        self._subtasks = {name: _AffineFit(alpha) for name in _SUBTASKS}
-        self._residual: dict[ExecutionMode, _AffineFit] = {}
-        self._errors: dict[ExecutionMode, _ErrorTracker] = {}
+        self._subtasks = {name: AffineFit(alpha) for name in _SUBTASKS}
+        self._residual: dict[ExecutionMode, AffineFit] = {}
+        self._errors: dict[ExecutionMode, ErrorTracker] = {}
 
     @property
     def factors(self) -> SubtaskFactors:
@@ -436,8 +203,7 @@ class ComposedCostModel:
         factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
         composed = compose(self.costs, self.model, shape, factors)
         residual = self._residual.get(shape.mode)
-        return compose(self.costs, self.model, shape, factors,
-                       1.0 if residual is None else residual.factor_at(composed.total_ns))
+        return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
 
     def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
         """Refine the factors from one step's measured timings and record the error of `predicted` (what this model
@@ -459,8 +225,8 @@ class ComposedCostModel:
                 fit.update(profiled, measured)
         explained = compose(self.costs, self.model, shape, SubtaskFactors(**ratios)).total_ns
         if explained > 0:
-            self._residual.setdefault(shape.mode, _AffineFit(self.alpha)).update(explained, timings.total_ns)
-        tracker = self._errors.setdefault(shape.mode, _ErrorTracker(self.alpha))
+            self._residual.setdefault(shape.mode, AffineFit(self.alpha)).update(explained, timings.total_ns)
+        tracker = self._errors.setdefault(shape.mode, ErrorTracker(self.alpha))
         tracker.add(
             (raw.total_ns - timings.total_ns) / timings.total_ns,
             (predicted.total_ns - timings.total_ns) / timings.total_ns,

@@ -16,14 +16,11 @@ from scheduler_service.analytic_model import (
 from scheduler_service.cost_model import (
     ConstantCostModel,
     ConstantCosts,
-    IterationShape,
-    ModelShape,
     Prediction,
-    SubBatchShape,
     TableCostModel,
-    model_shape_from_config,
     pipelining_beats_gpu_only,
 )
+from scheduler_service.iteration_shape import IterationShape, ModelShape, SubBatchShape, model_shape_from_config
 from scheduler_service.perf_tables import PerformanceTables, Table1D, Table2D
 
 GPU_ONLY, ASYNC, ASYM = ExecutionMode.GPU_ONLY, ExecutionMode.ASYNC_OVERLAP, ExecutionMode.ASYM_PIPELINE

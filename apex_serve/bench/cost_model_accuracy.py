@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
@@ -20,13 +19,14 @@ from pathlib import Path
 import grpc
 
 from apex_serve import convert, rpc
+from apex_serve.bench.common import pinned, two_cores, write_result
 from apex_serve.bench.hybrid_driver import HybridDriver
-from apex_serve.bench.transport import pinned
 from apex_serve.default_model import DEFAULT_SPEC, write_random_llama
 from apex_serve.logs import configure_logging
 from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc, profiler_pb2, profiler_pb2_grpc
-from scheduler_service.cost_model import IterationShape, SubBatchShape, TableCostModel, model_shape_from_config
+from scheduler_service.cost_model import TableCostModel
+from scheduler_service.iteration_shape import IterationShape, SubBatchShape, model_shape_from_config
 from scheduler_service.perf_tables import PerformanceTables
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/cost_model.json")
     args = parser.parse_args(argv)
     configure_logging("bench-cost-model")
-    cpus = sorted(os.sched_getaffinity(0))
-    device_cpu, worker_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    device_cpu, worker_cpu = two_cores()
     with tempfile.TemporaryDirectory(prefix="apx-cm-", dir="/tmp") as tmp:
         run_dir = Path(tmp)
         model_dir = write_random_llama(run_dir / DEFAULT_SPEC.name, DEFAULT_SPEC)
@@ -171,8 +170,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 process.wait(timeout=30)
     result = {"iterations_per_mode": args.iterations, "profile_grid": profile["grid"], "modes": stats}
     logger.info("cost model: predicted against measured iteration time\n%s", report(stats))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    logger.info("wrote %s", out)
+    write_result(args.out, result)
     return 0

@@ -6,7 +6,6 @@ paths alternate, --rounds times each."""
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import tempfile
@@ -18,6 +17,7 @@ import grpc
 import numpy as np
 
 from apex_serve import convert, rpc
+from apex_serve.bench.common import write_result
 from apex_serve.default_model import DEFAULT_SPEC, write_random_llama
 from apex_serve.launcher import Stack, StackConfig
 from apex_serve.logs import configure_logging
@@ -110,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%d concurrent streams, %d tokens each, median of %d rounds per path\n%s",
         args.streams, args.new_tokens, args.rounds, report(result),
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    logger.info("wrote %s", out)
+    write_result(args.out, result)
     return 0
 
 

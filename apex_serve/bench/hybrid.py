@@ -14,7 +14,6 @@ CPU rows in sub-batch 1, so each sub-batch's CPU attention runs under the other'
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import subprocess
@@ -28,8 +27,9 @@ from pathlib import Path
 import torch
 
 from apex_serve import rpc
+from apex_serve.bench.common import pinned, two_cores, write_result
 from apex_serve.bench.hybrid_driver import HybridDriver
-from apex_serve.bench.transport import measure, pinned
+from apex_serve.bench.transport import measure
 from apex_serve.default_model import BENCH_SPEC, write_random_llama
 from apex_serve.logs import configure_logging
 from apex_serve.types import ExecutionMode, Placement
@@ -131,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("bench-hybrid")
     setup = SETUPS["quick" if args.quick else "tiny" if args.tiny else "full"]
-    cpus = sorted(os.sched_getaffinity(0))
-    device_cpu, worker_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    device_cpu, worker_cpu = two_cores()
     if device_cpu is not None:
         os.sched_setaffinity(0, {device_cpu})
     torch.set_num_threads(1)
@@ -157,8 +156,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker.terminate()
             worker.wait(timeout=30)
     logger.info("hybrid execution on %s\n%s", BENCH_SPEC.name, report(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    logger.info("wrote %s", out)
+    write_result(args.out, result)
     return 0

@@ -97,14 +97,12 @@ class HybridDriver:
         """The next step's plan (blocks taken, swaps applied to the bookkeeping); run() executes it."""
         swaps: dict[str, list[SwapData]] = {"out": [], "in": []}
         for kind, rids in (("out", swap_out), ("in", swap_in)):
-            target = Placement.CPU if kind == "out" else Placement.GPU
             for rid in rids:
                 request = self.requests[rid]
-                cached = self._blocks_for(request.num_tokens - 1)
-                blocks = self._take(target, cached)
+                blocks = self._take(request.placement.other, self._blocks_for(request.num_tokens - 1))
                 swaps[kind].append(SwapData(rid, tuple(blocks)))
                 self.free[request.placement].extend(request.blocks)
-                request.blocks, request.placement = blocks, target
+                request.blocks, request.placement = blocks, request.placement.other
         new_requests, cached_requests = [], []
         for rid, request in self.requests.items():
             if sub_batch_of is not None:

@@ -26,10 +26,10 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from apex_serve.bench.common import write_result
 from apex_serve.logs import configure_logging
 from cpu_attention_worker import kernel, reference
 from cpu_attention_worker.kernel import KvDtype
@@ -167,10 +167,9 @@ class Pools:
 
 
 def _torch_tensor(array: np.ndarray, dtype: KvDtype) -> "torch.Tensor":  # noqa: F821
-    import torch
+    from gpu_worker.kv_cache import TORCH_DTYPES, torch_view
 
-    tensor = torch.from_numpy(array)
-    return tensor.view({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    return torch_view(array, TORCH_DTYPES[dtype])
 
 
 def kernel_hot_gbs(shape: Shape, dtype: KvDtype, threads: int, repeats: int) -> float:
@@ -410,11 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in speedups:
         logger.info("scaling %s %s batch %d context %d threads %s: kernel x%.2f, read test x%.2f", s["shape"],
                     s["dtype"], s["batch"], s["context"], s["threads"], s["kernel_speedup"], s["read_speedup"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": peaks, "grid": asdict(grid), "rows": [asdict(r) for r in rows],
-                               "scaling": speedups, "seconds": time.perf_counter() - started}, indent=2))
-    logger.info("wrote %s in %.0f s", out, time.perf_counter() - started)
+    write_result(args.out, {"machine": peaks, "grid": asdict(grid), "rows": [asdict(r) for r in rows],
+                            "scaling": speedups, "seconds": time.perf_counter() - started})
     return 0
 
 

@@ -7,7 +7,6 @@ this run on the same model and thread count, the in-process and stack runs inter
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ import grpc
 import torch
 
 from apex_serve import convert, rpc
+from apex_serve.bench.common import write_result
 from apex_serve.default_model import BENCH_SPEC, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 from apex_serve.launcher import Stack, StackConfig
 from apex_serve.local_engine import LocalEngine
@@ -172,8 +172,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pin_cpus,
     )
     logger.info("decode throughput (median of %d; torch threads %d)\n%s", args.repeats, args.threads, report(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    logger.info("wrote %s", out)
+    write_result(args.out, rows)
     return 0

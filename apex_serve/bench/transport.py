@@ -4,7 +4,6 @@ echo between two processes on the same machine, the per-layer transport we rejec
 server sit on different cores where the machine has two."""
 
 import asyncio
-import os
 import queue
 import statistics
 import subprocess
@@ -14,9 +13,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from apex_serve import rpc
+from apex_serve.bench.common import pinned
 from cpu_attention_worker.client import DataPlaneClient
 from cpu_attention_worker.data_plane import DataPlaneSpec
 
@@ -32,21 +31,13 @@ def percentiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
     }
 
 
-def pinned(cpu: int | None) -> dict:
-    """Popen arguments that pin the child to one cpu (None: not pinned)."""
-    if cpu is None:
-        return {}
-    return {"preexec_fn": lambda: os.sched_setaffinity(0, {cpu})}
-
-
 def doorbell_round_trips(address: str, iterations: int) -> list[int]:
     """ns of ring -> done of an empty layer, through the cpu_attention_worker at address."""
     spec = DataPlaneSpec(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16, num_blocks=16,
                          kv_dtype="float32", max_rows=1, max_blocks_per_row=1)
     client = DataPlaneClient.connect(address, spec)
     try:
-        empty = np.zeros((0, 1), dtype=np.int32)
-        client.write_metadata(0, empty, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
+        client.write_no_rows(0)
         samples = []
         for _ in range(iterations):
             start = time.perf_counter_ns()

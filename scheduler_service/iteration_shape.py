@@ -1,0 +1,150 @@
+"""What the cost model is asked about: the model's shape (parameter counts, bytes a CPU row stages) and the shape
+of one iteration (per sub-batch: prefill requests and decode rows on each side)."""
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from apex_serve.types import ExecutionMode
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know of the model: parameter counts and the bytes a CPU row stages."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    weight_bytes_per_param: int = 2
+    kv_bytes_per_element: int = 2  # the CPU KV cache's storage dtype
+    staged_qo_bytes_per_element: int = 4  # q and o cross to and from the CPU in fp32 (gpu_worker.cpu_bridge)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_q_heads", "num_kv_heads", "head_dim",
+                     "vocab_size", "weight_bytes_per_param", "kv_bytes_per_element", "staged_qo_bytes_per_element"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: must divide num_q_heads={self.num_q_heads}, got {self.num_kv_heads}")
+
+    @cached_property
+    def qkv_params(self) -> int:
+        return self.hidden_size * (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @cached_property
+    def layer_params(self) -> int:
+        """QKV, O, gate/up/down and the two norms of one decoder layer."""
+        o_proj = self.num_q_heads * self.head_dim * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return self.qkv_params + o_proj + mlp + 2 * self.hidden_size
+
+    @cached_property
+    def head_params(self) -> int:
+        """Final norm and lm head: the linear work outside the layers."""
+        return self.vocab_size * self.hidden_size + self.hidden_size
+
+    @cached_property
+    def qkv_fraction(self) -> float:
+        return self.qkv_params / self.layer_params
+
+    @cached_property
+    def layers_linear_share(self) -> float:
+        """Fraction of the step's linear weights that are in the layers (the rest: final norm and lm head)."""
+        layers = self.num_layers * self.layer_params
+        return layers / (layers + self.head_params)
+
+    @cached_property
+    def bytes_per_cpu_row(self) -> int:
+        """Bytes staged per CPU decode row per layer: q out and o back, k and v out (the t_xfer x axis)."""
+        qo = 2 * self.staged_qo_bytes_per_element * self.num_q_heads * self.head_dim
+        kv = 2 * self.kv_bytes_per_element * self.num_kv_heads * self.head_dim
+        return qo + kv
+
+    @cached_property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.kv_bytes_per_element * self.num_kv_heads * self.head_dim
+
+
+def model_shape_from_config(config: dict[str, Any], kv_bytes_per_element: int | None = None) -> ModelShape:
+    """ModelShape of a Hugging Face LLaMA-family config.json; the KV element size defaults to the weights' dtype."""
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float16"
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"torch_dtype: must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_q_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=config["vocab_size"],
+        weight_bytes_per_param=_DTYPE_BYTES[dtype],
+        kv_bytes_per_element=kv_bytes_per_element or _DTYPE_BYTES[dtype],
+    )
+
+
+@dataclass(frozen=True)
+class SubBatchShape:
+    """What one sub-batch runs: prefill requests (on the accelerator) and decode rows on each side."""
+
+    prefill_lens: tuple[int, ...] = ()
+    gpu_rows: int = 0
+    gpu_kv_tokens: int = 0  # KV tokens summed over the GPU rows, the current token included
+    cpu_rows: int = 0
+    cpu_kv_tokens: int = 0  # KV tokens summed over the CPU rows, the current token included
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.prefill_lens):
+            raise ValueError(f"prefill_lens: must all be >= 1, got {self.prefill_lens}")
+        for side in ("gpu", "cpu"):
+            rows, kv = getattr(self, f"{side}_rows"), getattr(self, f"{side}_kv_tokens")
+            if rows < 0 or kv < rows or (rows == 0 and kv):
+                raise ValueError(f"{side}_kv_tokens: need {side}_rows >= 0 and {side}_rows <= {side}_kv_tokens "
+                                 f"(0 without rows), got {rows} rows and {kv} tokens")
+        if not self.num_requests:
+            raise ValueError("sub-batch: must hold at least one request")
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prefill_lens) + self.gpu_rows + self.cpu_rows
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.gpu_rows + self.cpu_rows
+
+
+@dataclass(frozen=True)
+class IterationShape:
+    mode: ExecutionMode
+    sub_batches: tuple[SubBatchShape, ...]
+
+    def __post_init__(self) -> None:
+        most = 2 if self.mode is ExecutionMode.ASYM_PIPELINE else 1
+        if not 1 <= len(self.sub_batches) <= most:
+            raise ValueError(f"sub_batches: {self.mode.value} takes 1 to {most}, got {len(self.sub_batches)}")
+        if self.mode is ExecutionMode.GPU_ONLY and self.num_cpu_rows:
+            raise ValueError(f"sub_batches: gpu_only runs no CPU rows, got {self.num_cpu_rows}")
+
+    @property
+    def num_requests(self) -> int:
+        return sum(sb.num_requests for sb in self.sub_batches)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(sb.num_tokens for sb in self.sub_batches)
+
+    @property
+    def num_cpu_rows(self) -> int:
+        return sum(sb.cpu_rows for sb in self.sub_batches)
