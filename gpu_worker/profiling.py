@@ -4,7 +4,8 @@ table and its points, and gets the median ns of each point after warm-up. Tables
 t_sync (doorbell round trip), t_step (requests: the step's layout, embedding, final norm, lm head, sampling; per
 iteration).
 Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
-memory as in a real step instead of staying in cache."""
+memory as in a real step instead of staying in cache. Requests live in the pool between steps: the blocks a
+measurement writes are saved before and put back after it."""
 
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ class LayerProfiler:
         self.runner = runner
         self.layer = runner.weights.layers[0]
         self.generator = torch.Generator(device="cpu").manual_seed(0)
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (blocks, k, v) to put back
 
     def measure(self, table: str, points: list[tuple[int, int]], warmup: int, repeats: int) -> list[float]:
         """Median ns of each point of table; InvalidArgument for an unknown table or a point out of range."""
@@ -37,7 +39,26 @@ class LayerProfiler:
         build = getattr(self, f"_{table}")
         per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
         with torch.inference_mode():
-            return [median_ns(build(x, y), warmup, repeats, self.runner._synchronize) / per for x, y in points]
+            return [self._timed(lambda: build(x, y), warmup, repeats) / per for x, y in points]
+
+    def _timed(self, build: Callable[[], Callable[[], object]], warmup: int, repeats: int) -> float:
+        """Median ns of the work build() makes; the pool blocks it saved are put back whatever happens."""
+        try:
+            return median_ns(build(), warmup, repeats, self.runner._synchronize)
+        finally:
+            self._restore()
+
+    def _preserve(self, blocks: torch.Tensor) -> None:
+        """Save blocks [n] of every layer of the pool, for _restore after the measurement writes them."""
+        pool = self.runner.kv_cache
+        self._saved.append((blocks, pool.k[:, blocks].clone(), pool.v[:, blocks].clone()))
+
+    def _restore(self) -> None:
+        pool = self.runner.kv_cache
+        while self._saved:
+            blocks, k, v = self._saved.pop()
+            pool.k[:, blocks] = k  # [layers, n, kv_heads, block_size, head_dim]
+            pool.v[:, blocks] = v
 
     def _random(self, *shape: int) -> torch.Tensor:
         values = torch.randn(*shape, generator=self.generator)
@@ -69,6 +90,7 @@ class LayerProfiler:
         kv = self._random(length, self.layer.num_kv_heads, self.layer.head_dim)
         positions = torch.arange(length, device=self.runner.device)
         blocks, offsets = positions // pool.block_size, positions % pool.block_size
+        self._preserve(blocks.unique())
 
         def work() -> torch.Tensor:
             pool.write(0, kv, kv, blocks, offsets)
@@ -93,6 +115,7 @@ class LayerProfiler:
         q = self._random(rows, self.layer.num_heads, self.layer.head_dim)
         kv = self._random(rows, self.layer.num_kv_heads, self.layer.head_dim)
         attention = PagedAttention(pool)
+        self._preserve(metadata.slot_blocks.unique())
 
         def work() -> None:
             for i in range(len(self.runner.weights.layers)):

@@ -1,0 +1,31 @@
+"""The gpu_worker's Measure runs on a live worker: requests decoding in its KV pool are not disturbed by it."""
+
+from pathlib import Path
+
+from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepPlan
+from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.profiling import LayerProfiler
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+
+
+def decode(runner: ModelRunner, profile_between_steps: bool) -> list[int]:
+    """Greedy tokens of one request in blocks 0-7, with t_pref and t_gatt measured between its steps (they write
+    into the pool's blocks, the request's among them)."""
+    prompt = (256, *range(40, 60))
+    tokens = [runner.execute(StepPlan(0, (NewRequestData("r", prompt, GREEDY, tuple(range(8))),))).sampled["r"]]
+    profiler = LayerProfiler(runner)
+    for step in range(1, 12):
+        if profile_between_steps:
+            profiler.measure("t_pref", [(64, 0)], warmup=0, repeats=1)
+            profiler.measure("t_gatt", [(2, 32)], warmup=0, repeats=1)
+        tokens.append(runner.execute(StepPlan(step, cached_requests=(CachedRequestData("r"),))).sampled["r"])
+    return tokens
+
+
+def test_profiling_between_steps_leaves_a_running_requests_tokens_unchanged(mha_model_dir: Path) -> None:
+    def runner() -> ModelRunner:
+        return ModelRunner(GpuWorkerConfig(model_dir=str(mha_model_dir), device="cpu", block_size=4, num_kv_blocks=16))
+
+    assert decode(runner(), profile_between_steps=True) == decode(runner(), profile_between_steps=False)
