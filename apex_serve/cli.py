@@ -99,10 +99,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_delegated(args: argparse.Namespace) -> int:
     """Verbs with their own argument parser (benchmarks, profile)."""
     from apex_serve import profile_cli
-    from apex_serve.bench import cost_model_accuracy, gateway, hybrid, kernel, skeleton
+    from apex_serve.bench import cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, skeleton
+    from apex_serve.sim import cli as simulate
 
     mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
-             "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main}
+             "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
+             "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -154,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench-kernel", "the CPU attention kernel's KV read rate against this machine's read bandwidth"),
         ("bench-hybrid", "doorbell against gRPC round trips; tokens/s and hidden CPU time of the three modes"),
         ("bench-cost-model", "predicted against measured iteration time per mode, before and after online correction"),
+        ("bench-scheduler", "the scheduler's decision overhead per iteration with 256 running requests, per policy"),
+        ("bench-policies", "gpu-only, neo and apex side by side on this machine: tokens/s and TPOT"),
+        ("simulate", "the policies on T4/A10 (or this machine's profile) with the analytic cost model, at scale"),
     ):
         bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
         bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -20,6 +20,14 @@ _MODE_TO_PB = {
 }
 _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
 
+
+def mode_to_pb(mode: types.ExecutionMode) -> int:
+    return _MODE_TO_PB[mode]
+
+
+def mode_from_pb(value: int) -> types.ExecutionMode:
+    return _MODE_FROM_PB.get(value, types.ExecutionMode.GPU_ONLY)
+
 _PLACEMENT_TO_PB = {types.Placement.GPU: common_pb2.PLACEMENT_GPU, types.Placement.CPU: common_pb2.PLACEMENT_CPU}
 _PLACEMENT_FROM_PB = {v: k for k, v in _PLACEMENT_TO_PB.items()}
 
@@ -106,6 +114,7 @@ def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
         cpu_kv_dtype=info.cpu_kv_dtype,
         cpu_max_rows=info.cpu_max_rows,
         bytes_per_cpu_row=info.bytes_per_cpu_row,
+        model_config_json=info.model_config_json,
     )
 
 
@@ -126,13 +135,14 @@ def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
         cpu_kv_dtype=msg.cpu_kv_dtype,
         cpu_max_rows=msg.cpu_max_rows,
         bytes_per_cpu_row=msg.bytes_per_cpu_row,
+        model_config_json=msg.model_config_json,
     )
 
 
 def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
     return gpu_worker_pb2.StepRequest(
         step_id=plan.step_id,
-        mode=_MODE_TO_PB[plan.mode],
+        mode=mode_to_pb(plan.mode),
         new_requests=[
             gpu_worker_pb2.NewRequest(
                 request_id=r.request_id,
@@ -158,7 +168,7 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
 def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
     return types.StepPlan(
         step_id=msg.step_id,
-        mode=_MODE_FROM_PB.get(msg.mode, types.ExecutionMode.GPU_ONLY),
+        mode=mode_from_pb(msg.mode),
         new_requests=tuple(
             types.NewRequestData(
                 request_id=r.request_id,

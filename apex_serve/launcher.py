@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apex_serve import rpc
+from scheduler_service.config import POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class StackConfig:
     device_kv_budget_bytes: int = 64 * 2**20
     cpu_kv_budget_bytes: int = 256 * 2**20  # the cpu_attention_worker's KV pool (shared memory)
     max_num_seqs: int = 64
+    policy: str = "apex"  # the scheduler's: gpu-only, neo or apex (the hybrid ones profile the workers once)
+    tpot_target_ms: float = 0.0  # apex: keep each iteration's predicted time under this; 0: no target
     worker_threads: int = 1
     pin_cpus: bool = True  # gpu_worker on the first worker_threads cores, the others on the rest
     startup_timeout_s: float = 300.0
@@ -45,6 +48,8 @@ class StackConfig:
                 raise ValueError(f"{name}: must be in [0, 65535], got {getattr(self, name)}")
         if len(str(Path(self.run_dir).resolve())) > 80:
             raise ValueError(f"run_dir: socket paths must stay short (<= 80 chars), got {self.run_dir}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: must be one of {POLICIES}, got {self.policy!r}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
 
@@ -96,7 +101,9 @@ class Stack:
               "--cpu-worker-address", cpu_worker, "--profile-dir", c.profile_dir]),
             ("gpu_worker", worker, worker_args),
             ("scheduler_service", scheduler,
-             ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs)]),
+             ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
+              "--policy", c.policy, "--profiler-address", self._address("profiler"),
+              "--tpot-target-ms", str(c.tpot_target_ms)]),
             ("gateway", c.gateway_address,
              ["--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
               "--scheduler-address", scheduler, "--api-keys", c.api_keys]),

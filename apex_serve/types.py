@@ -96,6 +96,7 @@ class WorkerInfo:
     cpu_kv_dtype: str = ""  # empty without a cpu_attention_worker
     cpu_max_rows: int = 0  # CPU decode rows one sub-batch can stage
     bytes_per_cpu_row: int = 0  # staged per CPU row per layer: q and o (fp32), k and v (CPU KV dtype)
+    model_config_json: str = ""  # the model's config.json (the scheduler's cost model reads its shapes)
 
 
 @dataclass(frozen=True)

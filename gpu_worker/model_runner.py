@@ -29,10 +29,14 @@ from gpu_worker.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
+def config_json(model_dir: str) -> str:
+    """The model's config.json, keys sorted."""
+    return json.dumps(json.loads((Path(model_dir) / "config.json").read_text()), sort_keys=True)
+
+
 def config_hash(model_dir: str) -> str:
     """sha256 of the model's config.json, keys sorted: a profile's model key."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(config_json(model_dir).encode()).hexdigest()
 
 
 def _request_ids(sub_batches: list[SubBatch]) -> list[str]:
@@ -99,8 +103,10 @@ class ModelRunner:
             cpu_kv_dtype=self.bridge.spec.kv_dtype if self.bridge else "",
             cpu_max_rows=self.bridge.spec.max_rows if self.bridge else 0,
             bytes_per_cpu_row=self.bridge.bytes_per_row() if self.bridge else 0,
+            model_config_json=config_json(config.model_dir),
         )
-        logger.info("model runner ready: %s", self._info)
+        logger.info("model runner ready: %s, %d accelerator KV blocks, %d CPU KV blocks", self._info.model_name,
+                    num_blocks, num_cpu_blocks)
 
     def _fingerprint(self) -> HardwareFingerprint:
         if self.device.type == "cuda":

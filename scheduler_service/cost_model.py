@@ -21,8 +21,8 @@ are a running mean over the first 1/alpha steps and decay by 1 - alpha after), a
 as-profiled cost becomes the subtask's factor before composing (so the overlap rules see corrected costs); then a
 residual fit per mode corrects the total the same way. An affine fit, not a ratio, because the tables miss fixed
 per-step costs (Python, launches) as well as proportional ones: a ratio fitted over short decode steps and long
-prefill steps at once is wrong for both. Until the as-profiled costs vary enough to fit a slope, the fit is the
-plain ratio of the weighted means.
+prefill steps at once is wrong for both. A mode not observed yet borrows the residual of the most observed one.
+Until the as-profiled costs vary enough to fit a slope, the fit is the plain ratio of the weighted means.
 Which StepTimings field feeds which factor:
     linear           device_linear_ns x the layers' share of the linear weights (the rest is the final norm and lm
                      head, timed in the same bucket but predicted by t_step)
@@ -116,10 +116,13 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
     device: list[float] = []  # per sub-batch: the accelerator's work of a layer
     hidden: list[float] = []  # per sub-batch: its CPU attention and doorbell, to hide behind other work
     windows: list[float] = []  # per sub-batch: its own work that does not wait for its CPU rows
+    requests = 0
     for sb in shape.sub_batches:
-        tokens = sb.num_tokens
+        prefill_tokens = sb.num_prefill_tokens
+        tokens = prefill_tokens + sb.gpu_rows + sb.cpu_rows
+        requests += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
         lin = factors.linear * costs.t_lin(tokens)
-        att = factors.device_attention * sum(costs.t_pref(n) for n in sb.prefill_lens)
+        att = factors.device_attention * sum(costs.t_pref(n) for n in sb.prefill_lens) if prefill_tokens else 0.0
         gatt = factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens) if sb.gpu_rows else 0.0
         window = att + gatt
         att += gatt
@@ -129,9 +132,9 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
             xfer = factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
             sync = costs.t_sync(0)
             qkv = model.qkv_fraction
-            window += lin * (qkv * (tokens - sb.cpu_rows) + (1.0 - qkv) * sb.num_prefill_tokens) / tokens
+            window += lin * (qkv * (tokens - sb.cpu_rows) + (1.0 - qkv) * prefill_tokens) / tokens
         lin_sum += lin
-        if sb.num_prefill_tokens:  # the last layer's O-proj and MLP run for each request's last token only
+        if prefill_tokens:  # the last layer's O-proj and MLP run for each request's last token only
             kept = factors.linear * costs.t_lin(sb.num_requests)
             last_layer_saving += (1.0 - model.qkv_fraction) * max(0.0, lin - kept)
         att_sum += att
@@ -147,7 +150,7 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
         exposed = max(0.0, hidden[0] - windows[0])
     layers = model.num_layers
     linear, attention, staging = layers * lin_sum - last_layer_saving, layers * att_sum, layers * xfer_sum
-    exposed_wait, step = layers * exposed, costs.t_step(shape.num_requests)
+    exposed_wait, step = layers * exposed, costs.t_step(requests)
     return Prediction(
         linear_ns=linear,
         device_attention_ns=attention,
@@ -182,15 +185,26 @@ class ComposedCostModel:
         self._subtasks = {name: AffineFit(alpha) for name in _SUBTASKS}
         self._residual: dict[ExecutionMode, AffineFit] = {}
         self._errors: dict[ExecutionMode, ErrorTracker] = {}
+        self._factors: SubtaskFactors | None = None
 
     @property
     def factors(self) -> SubtaskFactors:
-        """Each subtask's measured / profiled ratio (of the weighted means)."""
-        return SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
+        """Each subtask's measured / profiled ratio (of the weighted means); kept until the next observe()."""
+        if self._factors is None:
+            self._factors = SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
+        return self._factors
 
     def residual_factor(self, mode: ExecutionMode) -> float:
-        residual = self._residual.get(mode)
+        residual = self._residual_fit(mode)
         return 1.0 if residual is None else residual.value
+
+    def _residual_fit(self, mode: ExecutionMode) -> AffineFit | None:
+        """The mode's residual fit; for a mode not run yet, the most observed one's: the tables' error common to
+        every mode (step overhead, a slower machine) should not make an untried mode look better or worse."""
+        fit = self._residual.get(mode)
+        if fit is None and self._residual:
+            fit = max(self._residual.values(), key=lambda f: f.count)
+        return fit
 
     def predict_raw(self, shape: IterationShape) -> Prediction:
         """The prediction of the costs alone, without online correction."""
@@ -202,7 +216,7 @@ class ComposedCostModel:
                        "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
         factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
         composed = compose(self.costs, self.model, shape, factors)
-        residual = self._residual.get(shape.mode)
+        residual = self._residual_fit(shape.mode)
         return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
 
     def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
@@ -210,6 +224,7 @@ class ComposedCostModel:
         predicted for the step) and of the uncorrected prediction."""
         if timings.total_ns <= 0:
             return
+        self._factors = None
         raw = self.predict_raw(shape)
         pairs = {  # subtask: (measured, as profiled), ns over the step
             "linear": (timings.device_linear_ns * self.model.layers_linear_share, raw.linear_ns),

@@ -30,12 +30,22 @@ class EngineLoop:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="engine-loop")
 
-    async def stop(self) -> None:
+    async def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Stop the loop, end every stream with ABORT, and send the worker one last plan that drops their state (a
+        scheduler started later against the same worker finds it holding nothing)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for request_id in list(self._streams):
             self.abort(request_id)
+        for request_id in self._scheduler.request_ids():
+            self._scheduler.abort(request_id)
+        plan = self._scheduler.schedule()
+        if plan.freed_request_ids:
+            try:
+                await asyncio.wait_for(self._step(plan), flush_timeout_s)
+            except Exception:  # the worker is gone or failing: nothing more to free
+                logger.warning("could not drop %d requests from the worker on stop", len(plan.freed_request_ids))
 
     def submit(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams

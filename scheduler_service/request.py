@@ -1,9 +1,10 @@
 """The scheduler's state of one request."""
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from apex_serve.types import SamplingParams
+from apex_serve.types import CachedRequestData, Placement, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -19,10 +20,23 @@ class Request:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    peak_tokens: int  # tokens its KV may hold at most: prompt and max_tokens within the context, less the last output
+    stop_token_ids: frozenset[int] = frozenset()  # tokens that end it (past min_tokens): stop ids, EOS unless ignored
     output_token_ids: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # in the pool of `placement`
     status: RequestStatus = RequestStatus.WAITING
     on_worker: bool = False  # a plan has sent it in full and no plan has freed it since
+    placement: Placement = Placement.GPU
+    last_step: int = 0  # on the CPU: the step it last decoded in, or joined the CPU queue in
+    unchanged_entry: CachedRequestData | None = None  # its plan entry without new blocks, re-used step to step
+    num_tokens: int = field(init=False)  # prompt and output tokens
+
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.num_tokens += 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -33,9 +47,19 @@ class Request:
         return len(self.output_token_ids)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def kv_len(self) -> int:
+        """Tokens in its KV cache while running: all but the last sampled one."""
+        return self.num_tokens - 1
 
     @property
     def token_ids(self) -> tuple[int, ...]:
         return self.prompt_token_ids + tuple(self.output_token_ids)
+
+    def entry(self, new_block_ids: Sequence[int], sub_batch: int) -> CachedRequestData:
+        """Its decode entry in a plan: a new object only when something changed (the plan carries deltas)."""
+        if new_block_ids:
+            return CachedRequestData(self.request_id, tuple(new_block_ids), sub_batch)
+        entry = self.unchanged_entry
+        if entry is None or entry.sub_batch != sub_batch:
+            entry = self.unchanged_entry = CachedRequestData(self.request_id, (), sub_batch)
+        return entry

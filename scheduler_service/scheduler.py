@@ -1,56 +1,98 @@
-"""The gpu-only policy: FCFS, continuous batching, no chunked prefill, preemption by recompute."""
+"""The scheduler core (issue 6): pure Python, no tensors, no gRPC. schedule() plans one iteration, the worker runs it,
+update_from_output() takes its tokens. A policy (scheduler_service.policies) picks each iteration's execution mode and
+CPU decode rows; this module keeps the queues and both KV pools (scheduler_service.kv_manager) consistent.
+
+Each schedule():
+1. swap-in (hybrid policies, nothing waiting, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that
+   sat out longest, those whose KV and one more block fit the accelerator pool, with a block of headroom per
+   accelerator request, move there (at most max_swaps_per_step);
+2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
+   the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
+   (freed, recomputed later);
+3. waiting requests are admitted FCFS, each prefilling all its known tokens, until the first that does not fit:
+   on the accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV
+   (prompt + max_tokens) fits beside what the CPU's requests have reserved and the policy predicts more tokens/s
+   with CPU rows for it and the requests queued behind it, at their mean context over their lives, beside the
+   accelerator rows its pool sustains (CPU rows must pay for themselves);
+4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode.
+The plan carries a request in full once (NewRequestData), then only what changed (new block ids, sub-batch).
+"""
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
+from itertools import accumulate, islice
 
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
     CachedRequestData,
+    ExecutionMode,
     FinishReason,
     NewRequestData,
+    Placement,
     RequestOutput,
     SamplingParams,
     StepOutput,
     StepPlan,
+    SwapData,
     WorkerInfo,
 )
-from scheduler_service.block_manager import BlockManager
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.cost_model import ComposedCostModel, Prediction
+from scheduler_service.iteration_record import IterationRecord
+from scheduler_service.iteration_shape import IterationShape
+from scheduler_service.kv_manager import KVManager
+from scheduler_service.policies import Candidates, Choice, make_policy
 from scheduler_service.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+RECENT_ITERATIONS = 256
+SWAP_IN_LOOKAHEAD = 8
 
 
 class Scheduler:
-    """Plans one engine step at a time: schedule(), the worker runs the plan, update_from_output().
+    """One plan may be in flight: update it, or abort its requests if the step failed, before the next schedule()."""
 
-    Each step every running request decodes one token, oldest first; one that needs a block when the
-    pool is empty preempts the most recently admitted running request (its blocks are freed and it
-    waits at the front of the queue to be prefilled again). Then waiting requests are admitted in FCFS
-    order, each prefilling all its known tokens, until the first that does not fit. One plan may be in
-    flight: update it, or abort its requests if the step failed, before the next schedule().
-    """
-
-    def __init__(self, config: SchedulerConfig, worker: WorkerInfo) -> None:
+    def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
+                 ) -> None:
         self.config = config
+        self.policy = make_policy(config.policy, cost_model, config.tpot_target_ms)
+        if self.policy.uses_cpu and not (worker.num_cpu_kv_blocks and worker.cpu_max_rows):
+            raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
+                             "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
+        self.cost_model = cost_model
         self._max_model_len = worker.max_model_len
         self._vocab_size = worker.vocab_size
         self._eos_token_ids = frozenset(worker.eos_token_ids)
-        self._blocks = BlockManager(worker.num_kv_blocks, worker.block_size)
+        self._kv = KVManager(worker.num_kv_blocks, worker.num_cpu_kv_blocks if self.policy.uses_cpu else 0,
+                             worker.block_size)
+        self._max_cpu_rows = worker.cpu_max_rows
+        self._max_cpu_requests = worker.cpu_max_rows * (config.max_sit_out + 1)  # each runs within max_sit_out
         self._requests: dict[str, Request] = {}  # waiting and running, by id
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # in admission order, the most recent last
+        self._gpu_running: list[Request] = []  # accelerator-resident running requests, the most recently placed last
+        self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
         self._in_flight: list[Request] = []  # scheduled by the plan awaiting update_from_output
         self._in_flight_step: int | None = None
+        self._in_flight_choice: Choice | None = None
+        self._in_flight_prediction: Prediction | None = None
+        self._cpu_refused: tuple[int, int] | None = None  # (running, CPU requests) when a CPU row was last refused
         self._next_step_id = 0
         self._num_steps = 0
         self._num_preemptions = 0
+        self._num_swaps = 0
+        self.iterations_by_mode: Counter[ExecutionMode] = Counter()
+        self.recent_iterations: deque[IterationRecord] = deque(maxlen=RECENT_ITERATIONS)
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._gpu_running) + len(self._cpu_queue)
+
+    @property
+    def running(self) -> list[Request]:
+        """The running requests: the accelerator's, then the CPU's."""
+        return self._gpu_running + list(self._cpu_queue)
 
     @property
     def num_waiting(self) -> int:
@@ -58,15 +100,28 @@ class Scheduler:
 
     @property
     def num_free_blocks(self) -> int:
-        return self._blocks.num_free_blocks
+        return self._kv.num_free(Placement.GPU)
 
     @property
     def num_total_blocks(self) -> int:
-        return self._blocks.num_total_blocks
+        return self._kv.num_total(Placement.GPU)
+
+    def num_free(self, placement: Placement) -> int:
+        return self._kv.num_free(placement)
+
+    def num_total(self, placement: Placement) -> int:
+        return self._kv.num_total(placement)
+
+    def num_running_on(self, placement: Placement) -> int:
+        return len(self._cpu_queue) if placement is Placement.CPU else len(self._gpu_running)
 
     @property
     def num_preemptions(self) -> int:
         return self._num_preemptions
+
+    @property
+    def num_swaps(self) -> int:
+        return self._num_swaps
 
     @property
     def num_steps(self) -> int:
@@ -75,7 +130,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """True while schedule() returns a plan worth sending: requests to run or worker state to drop."""
-        return bool(self._waiting or self._running or self._freed_ids)
+        return bool(self._waiting or self._gpu_running or self._cpu_queue or self._freed_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Queue a request; InvalidArgument if it can never run, ResourceExhausted if the queue is full."""
@@ -85,9 +140,15 @@ class Scheduler:
             raise ResourceExhausted(
                 f"{len(self._waiting)} requests are waiting (max_queued_requests {self.config.max_queued_requests})"
             )
-        request = Request(request_id, prompt, sampling)
+        stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self._eos_token_ids)
+        peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
+        request = Request(request_id, prompt, sampling, peak, frozenset(stop))
         self._requests[request_id] = request
         self._waiting.append(request)
+
+    def request_ids(self) -> list[str]:
+        """Every waiting and running request's id."""
+        return list(self._requests)
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request and free its blocks now; False if unknown or finished."""
@@ -98,35 +159,103 @@ class Scheduler:
         logger.debug("aborted %s after %d output tokens", request_id, request.num_output_tokens)
         return True
 
-    def schedule(self) -> StepPlan:
-        """The next step: decodes of the running requests, then prefills of admitted ones.
+    @property
+    def last_iteration(self) -> IterationRecord | None:
+        return self.recent_iterations[-1] if self.recent_iterations else None
 
-        A request preempted here is not re-admitted in the same step: it needs at least the blocks it
-        freed, and the request that preempted it took one of them (or, preempting itself, needs one more).
-        """
+    def shape_of(self, plan: StepPlan) -> IterationShape | None:
+        """The in-flight plan's iteration in the cost model's terms (None for an empty plan)."""
+        return self._in_flight_choice.shape if self._is_in_flight(plan) and self._in_flight_choice else None
+
+    def prediction_of(self, plan: StepPlan) -> Prediction | None:
+        """The cost model's corrected prediction of the in-flight plan (None without a cost model or for an empty
+        plan), made on first asking: off schedule()'s decision path."""
+        if not self._is_in_flight(plan) or self.cost_model is None:
+            return None
+        if self._in_flight_prediction is None:
+            shape = self.shape_of(plan)
+            self._in_flight_prediction = None if shape is None else self.cost_model.predict(shape)
+        return self._in_flight_prediction
+
+    def _is_in_flight(self, plan: StepPlan) -> bool:
+        return plan.step_id == self._in_flight_step
+
+    def schedule(self) -> StepPlan:
+        """The next iteration (see the module docstring). A request preempted here is not re-admitted in the same
+        step: it needs at least the blocks it freed, and the request that preempted it took one of them."""
         if any(r.status is RequestStatus.RUNNING for r in self._in_flight):
             raise RuntimeError(f"step {self._in_flight_step} is in flight: call update_from_output() first")
-        cached = self._schedule_decodes()
-        new = self._admit(len(cached))
+        preemptions = self._num_preemptions
+        swap_in = self._swap_in()
+        swap_out: list[SwapData] = []
+        gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
+        admitted = self._admit(len(gpu_rows), gpu_longest)
+        cpu_candidates = list(islice(self._cpu_queue, 2 * self._max_cpu_rows))  # at most what one step stages
+        context = [0, *accumulate(r.num_tokens for r in cpu_candidates)]  # a row's context: its KV and its token
+        forced = self._must_run()
+        prefill_lens = [r.num_tokens for r in admitted]
+        choice = self.policy.choose(
+            Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._max_cpu_rows)
+        )
+        cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_b, cached)
+        for request in admitted:
+            if request.placement is Placement.CPU:
+                self._join_cpu_queue(request)
         plan = StepPlan(
             step_id=self._next_step_id,
-            new_requests=tuple(new),
+            new_requests=tuple(self._new_data(r) for r in admitted),
             cached_requests=tuple(cached),
             freed_request_ids=tuple(self._freed_ids),
+            mode=choice.mode,
+            swap_out=tuple(swap_out),
+            swap_in=tuple(swap_in),
         )
         self._next_step_id += 1
         self._freed_ids = []
-        self._in_flight = list(self._running)
+        self._in_flight = admitted + gpu_rows + cpu_rows
         self._in_flight_step = plan.step_id
+        self._in_flight_choice = choice
+        self._in_flight_prediction = None
         if not plan.is_empty:
             self._num_steps += 1
+            self.iterations_by_mode[plan.mode] += 1
+            self.recent_iterations.append(IterationRecord(
+                step_id=plan.step_id, mode=plan.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
+                cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - sum(
+                    r.placement is Placement.CPU for r in admitted),
+                swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
+            ))
         return plan
+
+    def _must_run(self) -> int:
+        """How many CPU requests from the front of the queue must decode now so that none sits out more than
+        max_sit_out iterations: earliest deadline first, the queue being in deadline order, with at most cpu_max_rows
+        of them per iteration; the i-th (from 0) is due within max_sit_out - sat_out iterations."""
+        capacity, due = self._max_cpu_rows, self.config.max_sit_out + 1 - self._next_step_id
+        n = len(self._cpu_queue)
+        must = 0
+        for i, request in enumerate(self._cpu_queue, 1):
+            slack = capacity * max(0, due + request.last_step)  # due + last_step: max_sit_out - its sat_out
+            if slack >= n - must:  # deadlines only grow along the queue: no later request needs more
+                break
+            must = max(must, i - slack)
+        return min(must, capacity)
+
+    def _new_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request_id=request.request_id,
+            token_ids=request.token_ids,
+            sampling=request.sampling,
+            block_ids=tuple(request.block_ids),
+            num_output_tokens=request.num_output_tokens,
+            placement=request.placement,
+        )
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[RequestOutput]:
         """Append each sampled token, finish requests on a stop token or a length limit, report per request.
 
         Tokens of requests aborted since the plan was made are dropped. A request that asked for logprobs
-        gets its token's in RequestOutput.logprobs.
+        gets its token's in RequestOutput.logprobs. The step's timings refine the cost model.
         """
         if plan.step_id != self._in_flight_step or output.step_id != plan.step_id:
             raise ValueError(
@@ -142,13 +271,15 @@ class Scheduler:
         ]
         if no_logprobs:
             raise ValueError(f"logprobs: step {plan.step_id} lacks the logprobs of {no_logprobs}")
+        self._observe(plan, output)
         self._in_flight = []
         self._in_flight_step = None
+        self._in_flight_choice = None
         outputs = []
         for request in live:
             token = output.sampled[request.request_id]
             logprob = output.logprobs.get(request.request_id)
-            request.output_token_ids.append(token)
+            request.append_token(token)
             reason = self._finish_reason(request, token)
             if reason is not None:
                 self._finish(request)
@@ -164,6 +295,22 @@ class Scheduler:
                 )
             )
         return outputs
+
+    def _observe(self, plan: StepPlan, output: StepOutput) -> None:
+        """The measured time on the iteration's record, and into the cost model's online correction."""
+        record = self.last_iteration
+        measured = output.timings.total_ns
+        if record is None or record.step_id != plan.step_id or measured <= 0:
+            return
+        prediction = self.prediction_of(plan)
+        record.predicted_ns = None if prediction is None else prediction.total_ns
+        record.measured_ns = float(measured)
+        shape = self.shape_of(plan)
+        if self.cost_model is not None and shape is not None and prediction is not None:
+            self.cost_model.observe(shape, prediction, output.timings)
+        logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", plan.step_id,
+                     record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
+                     measured)
 
     def _validate(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams) -> None:
         if not request_id:
@@ -184,87 +331,211 @@ class Scheduler:
             )
         # KV of every token but the last generated one, within the context length
         peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
-        pool = self._blocks.num_total_blocks * self._blocks.block_size
+        pool = max(self._kv.num_total(p) for p in Placement) * self._kv.block_size
         if peak > pool:
             raise InvalidArgument(
                 "prompt" if len(prompt) > pool else "max_tokens",
                 f"{len(prompt)} prompt tokens and max_tokens {sampling.max_tokens} need KV for {peak} tokens; "
-                f"the whole KV pool holds {pool}",
+                f"the largest KV pool holds {pool}",
             )
 
-    def _schedule_decodes(self) -> list[CachedRequestData]:
-        """One decode slot for every running request that keeps its place, oldest first."""
-        queue = deque(self._running)
-        self._running = []
-        cached = []
-        while queue:
-            request = queue.popleft()
-            kv_len = request.num_tokens - 1  # the last sampled token is not in the KV cache yet
-            if not self._make_room(request, kv_len, queue):
+    def _swap_in(self) -> list[SwapData]:
+        """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring)."""
+        if not self._cpu_queue or self._waiting or not self._sat_out(self._cpu_queue[0]) or not self.num_free_blocks:
+            return []
+        swaps: list[SwapData] = []
+        # room for its KV and one more block, with a block of headroom for every accelerator request
+        room = self._kv.num_free(Placement.GPU) - len(self._gpu_running)
+        for request in list(islice(self._cpu_queue, SWAP_IN_LOOKAHEAD)):  # those that sat out longest
+            if len(swaps) >= self.config.max_swaps_per_step:
+                break
+            need = self._kv.blocks_for(request.num_tokens) + 1
+            if need > room:
                 continue
-            new_block_ids = self._blocks.append_slot(kv_len)
-            request.block_ids.extend(new_block_ids)
-            self._running.append(request)
-            cached.append(CachedRequestData(request.request_id, tuple(new_block_ids)))
-        return cached
+            self._cpu_queue.remove(request)
+            swaps.append(self._kv.swap(request))
+            self._gpu_running.append(request)
+            room -= need
+            self._num_swaps += 1
+        return swaps
 
-    def _make_room(self, request: Request, kv_len: int, younger: deque[Request]) -> bool:
-        """Preempt the youngest running requests until request can append; False if it preempted itself."""
-        while self._blocks.blocks_needed_to_append(kv_len) > self._blocks.num_free_blocks:
-            victim = younger.pop() if younger else request
-            self._preempt(victim)
-            if victim is request:
-                return False
-        return True
+    def _grow_gpu_rows(self, swap_out: list[SwapData]) -> tuple[list[Request], list[CachedRequestData], int]:
+        """A decode slot for every accelerator request that keeps its place, oldest first (step 2): the requests,
+        their plan entries, and the longest context among them."""
+        pending = self._gpu_running[:]  # [i, end) not yet given a slot; victims come from the end
+        rows: list[Request] = []
+        entries: list[CachedRequestData] = []
+        add_row, add_entry = rows.append, entries.append
+        longest = 0
+        block_size = self._kv.block_size
+        i, end = 0, len(pending)
+        while i < end:
+            request = pending[i]
+            i += 1
+            tokens = request.num_tokens
+            if tokens <= len(request.block_ids) * block_size:  # its next slot is in a block it holds
+                entry = request.unchanged_entry
+                add_entry(entry if entry is not None and entry.sub_batch == 0 else request.entry((), 0))
+            else:
+                while self._kv.num_free(Placement.GPU) == 0:
+                    if end > i:
+                        end -= 1
+                        self._evict(pending[end], swap_out)
+                    else:
+                        self._evict(request, swap_out)
+                        break
+                if request.placement is not Placement.GPU or request.status is not RequestStatus.RUNNING:
+                    continue
+                add_entry(request.entry(self._kv.grow(request), 0))
+            add_row(request)
+            if tokens > longest:
+                longest = tokens
+        return rows, entries, longest
+
+    def _evict(self, request: Request, swap_out: list[SwapData]) -> None:
+        """Make room on the accelerator: swap the request out where the CPU has room for it and the policy gains from
+        one more CPU row, else preempt it."""
+        if self._cpu_takes(request, self._cpu_context(), leaving=request):
+            self._gpu_running.remove(request)
+            swap_out.append(self._kv.swap(request))
+            self._join_cpu_queue(request)
+            self._num_swaps += 1
+            logger.debug("swapped %s out at %d tokens", request.request_id, request.num_tokens)
+        else:
+            self._preempt(request)
+
+    def _grow_cpu_rows(self, chosen: list[Request], in_b: int, entries: list[CachedRequestData]) -> list[Request]:
+        """The chosen CPU requests' decode slots and plan entries (appended to entries; a request whose slot the CPU
+        pool cannot give is preempted), and the rotation: those that decode go to the back of the CPU queue."""
+        rows = []
+        block_size = self._kv.block_size
+        step = self._next_step_id
+        for i, request in enumerate(chosen):
+            sub_batch = 1 if i < in_b else 0
+            if request.num_tokens <= len(request.block_ids) * block_size:
+                entry = request.unchanged_entry
+                entries.append(entry if entry is not None and entry.sub_batch == sub_batch
+                               else request.entry((), sub_batch))
+            elif self._kv.num_free(Placement.CPU) == 0:
+                self._preempt(request)
+                continue
+            else:
+                entries.append(request.entry(self._kv.grow(request), sub_batch))
+            request.last_step = step
+            rows.append(request)
+        queue = self._cpu_queue
+        if len(rows) == len(chosen):  # the chosen are the front of the queue
+            queue.rotate(-len(rows))
+        else:  # a preempted candidate left the queue
+            for request in rows:
+                queue.remove(request)
+                queue.append(request)
+        return rows
+
+    def _sat_out(self, request: Request) -> int:
+        """Iterations since it last decoded (or joined the CPU queue), up to the one being planned."""
+        return self._next_step_id - request.last_step - 1
+
+    def _join_cpu_queue(self, request: Request) -> None:
+        request.last_step = self._next_step_id
+        self._cpu_queue.append(request)
 
     def _preempt(self, request: Request) -> None:
-        self._blocks.free(request.block_ids)
-        request.block_ids = []
+        self._leave_running(request)
+        self._kv.free(request)
         request.status = RequestStatus.WAITING
         self._drop_from_worker(request)
         self._waiting.appendleft(request)
         self._num_preemptions += 1
         logger.debug("preempted %s at %d tokens", request.request_id, request.num_tokens)
 
-    def _admit(self, num_tokens: int) -> list[NewRequestData]:
-        """Admit waiting requests in FCFS order, each prefilling all its tokens, until one does not fit."""
-        new = []
-        while self._waiting and len(self._running) < self.config.max_num_seqs:
+    def _admit(self, num_gpu_rows: int, gpu_longest: int) -> list[Request]:
+        """Admit waiting requests in FCFS order, each prefilling all its tokens, until one does not fit (step 3)."""
+        admitted: list[Request] = []
+        if not self._waiting:
+            return admitted
+        num_tokens = num_gpu_rows + len(self._cpu_queue)
+        prefill_lens: list[int] = []
+        steady_gpu, steady_longest = num_gpu_rows, gpu_longest  # the decode iterations after this one
+        steady_cpu = self._cpu_context()
+        while self._waiting and self.num_running < self.config.max_num_seqs:
             request = self._waiting[0]
             n = request.num_tokens
             # a resumed request may exceed the token budget: it then runs in a step of its own
             if num_tokens > 0 and num_tokens + n > self.config.max_num_batched_tokens:
                 break
-            if not self._blocks.can_allocate(n):
+            placement = self._placement(request, steady_cpu)
+            if placement is None:
                 break
+            gpu, longest, cpu = steady_gpu, steady_longest, steady_cpu
+            if placement is Placement.GPU:
+                gpu, longest = gpu + 1, max(longest, n + 1)
+            else:
+                cpu = cpu + [cpu[-1] + n + 1]
+            if (admitted or self.num_running) and not self.policy.admits(
+                Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._max_cpu_rows),
+                Candidates([], gpu, longest, cpu, 0, self._max_cpu_rows),
+            ):
+                break
+            steady_gpu, steady_longest, steady_cpu = gpu, longest, cpu
             self._waiting.popleft()
-            request.block_ids = self._blocks.allocate(n)
+            self._kv.allocate(request, placement, n)
             request.status = RequestStatus.RUNNING
             request.on_worker = True
-            self._running.append(request)
-            new.append(
-                NewRequestData(
-                    request_id=request.request_id,
-                    token_ids=request.token_ids,
-                    sampling=request.sampling,
-                    block_ids=tuple(request.block_ids),
-                    num_output_tokens=request.num_output_tokens,
-                )
-            )
+            if placement is Placement.GPU:
+                self._gpu_running.append(request)
+            admitted.append(request)
+            prefill_lens.append(n)
             num_tokens += n
-        return new
+        return admitted
+
+    def _placement(self, request: Request, cpu_context: list[int]) -> Placement | None:
+        """Where an admitted request's KV goes; None while it fits nowhere (step 3 of the docstring)."""
+        if self._kv.can_allocate(Placement.GPU, request.num_tokens):
+            return Placement.GPU
+        return Placement.CPU if self._cpu_takes(request, cpu_context) else None
+
+    def _cpu_takes(self, request: Request, cpu_context: list[int], leaving: Request | None = None) -> bool:
+        """Whether the request may live on the CPU: a hybrid policy, room for it at its peak beside what the CPU's
+        requests have reserved, and CPU rows for it and the requests waiting behind it (an admission's; as many as one
+        step stages), at their mean context over their lives, raise the predicted tokens/s of the steady decode
+        iteration: the accelerator rows its pool sustains (at its requests' mean lifetime context; `leaving`
+        excluded) with the CPU rows of cpu_context (prefix sums)."""
+        if not self.policy.uses_cpu or len(self._cpu_queue) >= self._max_cpu_requests:
+            return False
+        if self._kv.blocks_for(request.peak_tokens) > self._kv.num_free(Placement.CPU) - self._kv.reserved(
+                Placement.CPU):
+            return False
+        if not self.num_running:  # the pools are idle: a request that fits must run somewhere
+            return True
+        key = (self.num_running, len(cpu_context))
+        if key == self._cpu_refused:  # nothing changed since the policy last refused a CPU row
+            return False
+        lifetime = [(r.num_tokens + r.peak_tokens) // 2 + 1 for r in self._gpu_running if r is not leaving]
+        mean = sum(lifetime) // len(lifetime) if lifetime else 0
+        rows = min(len(lifetime), self._kv.num_total(Placement.GPU) * self._kv.block_size // mean) if mean else 0
+        steady = Candidates([], rows, mean if rows else 0, cpu_context, 0, self._max_cpu_rows)
+        queued = islice(self._waiting, 0 if leaving else 1, 2 * self._max_cpu_rows - steady.num_cpu)
+        contexts = [(r.num_tokens + r.peak_tokens) // 2 + 1 for r in (request, *queued)]
+        if not self.policy.gains_from_cpu_rows(steady, contexts):
+            self._cpu_refused = key
+            return False
+        return True
+
+    def _cpu_context(self) -> list[int]:
+        """Prefix sums of the CPU requests' contexts, as many as one step may stage."""
+        return [0, *accumulate(r.num_tokens for r in islice(self._cpu_queue, 2 * self._max_cpu_rows))]
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
         """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before)."""
-        sampling = request.sampling
-        if token in sampling.stop_token_ids or (token in self._eos_token_ids and not sampling.ignore_eos):
-            if request.num_output_tokens > sampling.min_tokens:
+        if token in request.stop_token_ids:
+            if request.num_output_tokens > request.sampling.min_tokens:
                 return FinishReason.STOP
             logger.warning(
                 "%s: stop token %d as output token %d of min_tokens %d does not finish it",
-                request.request_id, token, request.num_output_tokens, sampling.min_tokens,
+                request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
             )
-        if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self._max_model_len:
+        if request.num_output_tokens >= request.sampling.max_tokens or request.num_tokens >= self._max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -273,12 +544,17 @@ class Scheduler:
         if request.status is RequestStatus.WAITING:
             self._waiting.remove(request)
         else:
-            self._running.remove(request)
-        self._blocks.free(request.block_ids)
-        request.block_ids = []
+            self._leave_running(request)
+            self._kv.free(request)
         request.status = RequestStatus.FINISHED
         self._drop_from_worker(request)
         del self._requests[request.request_id]
+
+    def _leave_running(self, request: Request) -> None:
+        if request.placement is Placement.CPU:
+            self._cpu_queue.remove(request)
+        else:
+            self._gpu_running.remove(request)
 
     def _drop_from_worker(self, request: Request) -> None:
         if request.on_worker:

@@ -10,6 +10,7 @@ from apex_serve.logs import configure_logging
 from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.performance_model import load_cost_model
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.servicer import SchedulerServicer
 from scheduler_service.worker_client import WorkerClient
@@ -22,8 +23,9 @@ async def serve(config: SchedulerConfig) -> None:
     await rpc.wait_healthy(config.worker_address, timeout_s=300.0)
     worker = WorkerClient(config.worker_address)
     info = await worker.info()
-    logger.info("worker %s: %d KV blocks of %d tokens", info.model_name, info.num_kv_blocks, info.block_size)
-    loop = EngineLoop(Scheduler(config, info), worker.step)
+    logger.info("worker %s: %d accelerator and %d CPU KV blocks of %d tokens", info.model_name, info.num_kv_blocks,
+                info.num_cpu_kv_blocks, info.block_size)
+    loop = EngineLoop(Scheduler(config, info, await load_cost_model(config, info)), worker.step)
     loop.start()
     server = rpc.create_server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info), server)

@@ -1,9 +1,15 @@
-"""Shared fixtures: small random LLaMA directories written once per session."""
+"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker."""
 
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from apex_serve import rpc
 from apex_serve.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 
 MHA_SPEC = RandomLlamaSpec(
@@ -59,3 +65,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def cpu_worker_process(address: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cpu_attention_worker", "--address", address, "--kv-budget-bytes", str(64 * 2**20)],
+    )
+    asyncio.run(rpc.wait_healthy(address, 30.0))
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A cpu_attention_worker process for the module's tests; its address."""
+    address = f"unix://{tmp_path_factory.mktemp('sock')}/cpu.sock"
+    process = cpu_worker_process(address)
+    yield address
+    stop(process)

@@ -388,7 +388,7 @@ def test_online_correction_fits_a_fixed_cost_the_tables_miss_for_short_and_long_
         assert model.predict(shape).total_ns == pytest.approx(measured(shape).total_ns, rel=0.01)
 
 
-def test_residual_factor_absorbs_what_no_subtask_measures():
+def test_residual_factor_absorbs_what_no_subtask_measures_per_mode():
     model = TableCostModel(PerformanceTables.from_json(tables_json()), TINY)
     shape = one(GPU_ONLY, gpu_rows=8, gpu_kv_tokens=4000)
     timings = slower(model, shape, 1.0)
@@ -399,7 +399,13 @@ def test_residual_factor_absorbs_what_no_subtask_measures():
     assert model.factors.device_attention == pytest.approx(1.0, rel=1e-3)
     assert model.residual_factor(GPU_ONLY) > 1.0
     assert model.predict(shape).total_ns == pytest.approx(timings.total_ns, rel=1e-6)
-    assert model.residual_factor(ASYNC) == 1.0  # per mode
+    assert model.residual_factor(ASYNC) == model.residual_factor(GPU_ONLY)  # borrowed until ASYNC runs
+    async_shape = one(ASYNC, gpu_rows=8, gpu_kv_tokens=4000, cpu_rows=2, cpu_kv_tokens=500)
+    exact = slower(model, async_shape, 1.0)
+    for _ in range(20):
+        model.observe(async_shape, model.predict(async_shape), exact)
+    assert model.residual_factor(ASYNC) == pytest.approx(1.0, rel=1e-3)  # then its own
+    assert model.residual_factor(GPU_ONLY) > 1.0
 
 
 def test_subtasks_a_step_did_not_run_keep_their_factor():

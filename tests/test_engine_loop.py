@@ -68,3 +68,23 @@ async def test_a_failed_step_fails_its_requests_and_the_loop_keeps_serving() -> 
     assert served[-1].finish_reason is FinishReason.LENGTH
     await loop.stop()
     assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+
+
+async def test_stop_aborts_running_and_waiting_requests_and_drops_them_from_the_worker() -> None:
+    worker = Worker(delay_s=0.01)
+    plans: list[StepPlan] = []
+
+    async def step(plan: StepPlan) -> StepOutput:
+        plans.append(plan)
+        return await worker.step(plan)
+
+    loop = EngineLoop(Scheduler(SchedulerConfig(max_num_seqs=1), INFO), step)
+    loop.start()
+    running = loop.submit("running", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    waiting = loop.submit("waiting", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    await running.get()
+    await loop.stop()
+    assert (await _drain(running))[-1].finish_reason is FinishReason.ABORT
+    assert (await _drain(waiting))[-1].finish_reason is FinishReason.ABORT
+    assert plans[-1].is_empty and plans[-1].freed_request_ids == ("running",)
+    assert loop.scheduler.num_running == loop.scheduler.num_waiting == 0

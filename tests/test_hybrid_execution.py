@@ -1,23 +1,19 @@
 """Hybrid execution: a real cpu_attention_worker process, its shared-memory data plane and the three modes give the
 tokens of the GPU-only run and of transformers (fp32 greedy), with swaps; per-step timings; faults."""
 
-import asyncio
 import os
 import random
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apex_serve import rpc
 from apex_serve.bench.hybrid_driver import GREEDY, HybridDriver
 from apex_serve.errors import FailedPrecondition, InvalidArgument, Unavailable
 from apex_serve.types import ExecutionMode, NewRequestData, Placement, StepPlan
+from conftest import cpu_worker_process, stop
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 
@@ -25,28 +21,6 @@ DECODE_STEPS = 210
 PROMPT_LENS = (3, 9, 17, 30, 5, 24, 12, 40)
 LATE = {4: 5, 5: 5, 6: 40, 7: 90}  # prompt index -> the step it arrives at (prefill mixed with decode)
 MODELS = ("mha_model_dir", "gqa_llama3_model_dir")
-
-
-def cpu_worker_process(address: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cpu_attention_worker", "--address", address, "--kv-budget-bytes", str(64 * 2**20)],
-    )
-    asyncio.run(rpc.wait_healthy(address, 30.0))
-    return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    address = f"unix://{tmp_path_factory.mktemp('sock')}/cpu.sock"
-    process = cpu_worker_process(address)
-    yield address
-    stop(process)
 
 
 def make_runner(model_dir: Path, cpu_address: str, **overrides: object) -> ModelRunner:

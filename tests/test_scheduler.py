@@ -106,7 +106,9 @@ def tokens_of(stream: list[RequestOutput]) -> list[int]:
     [
         ("max_num_seqs", {"max_num_seqs": 0}),
         ("max_num_batched_tokens", {"max_num_seqs": 64, "max_num_batched_tokens": 63}),
-        ("policy", {"policy": "neo"}),
+        ("policy", {"policy": "vllm"}),
+        ("max_sit_out", {"max_sit_out": -1}),
+        ("tpot_target_ms", {"tpot_target_ms": -1.0}),
         ("address", {"address": ""}),
         ("worker_address", {"worker_address": ""}),
         ("max_queued_requests", {"max_queued_requests": 0}),

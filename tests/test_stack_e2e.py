@@ -42,7 +42,12 @@ def stack(default_model_dir: Path) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def tiny_pool_stack(default_model_dir: Path) -> Iterator[Stack]:
-    yield from _start(default_model_dir, num_kv_blocks=12)
+    yield from _start(default_model_dir, num_kv_blocks=12, policy="gpu-only")
+
+
+@pytest.fixture(scope="module")
+def tiny_pool_apex_stack(default_model_dir: Path) -> Iterator[Stack]:
+    yield from _start(default_model_dir, num_kv_blocks=12, policy="apex")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +124,25 @@ async def test_preemption_under_a_tiny_kv_pool_loses_no_request(
     stats = await _stats(tiny_pool_stack)
     assert stats.num_preemptions > 0, "the tiny pool was meant to force preemption"
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+async def test_apex_spills_requests_to_the_cpu_pool_and_loses_no_token(
+    tiny_pool_apex_stack: Stack, expected: list
+) -> None:
+    results = await asyncio.gather(
+        *(_generate(tiny_pool_apex_stack.config.gateway_address, p, _sampling(i)) for i, p in enumerate(PROMPTS))
+    )
+    for i, ((_, ids, complete), (_, want_ids)) in enumerate(zip(results, expected, strict=True)):
+        assert complete.usage.completion_tokens == 24, f"request {i} lost tokens"
+        assert ids == want_ids, f"request {i}: tokens changed by running on the CPU"
+    stats = await _stats(tiny_pool_apex_stack)
+    assert stats.policy == "apex"
+    hybrid = stats.iterations_by_mode["async_overlap"] + stats.iterations_by_mode["asym_pipeline"]
+    assert hybrid > 0, f"no iteration ran CPU rows: {dict(stats.iterations_by_mode)}"
+    assert any(it.cpu_rows and it.predicted_ns and it.measured_ns for it in stats.recent_iterations)
+    assert stats.cost_model_error, "no prediction error was recorded"
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_free_cpu_blocks == stats.num_total_cpu_blocks > 0
 
 
 BAD_REQUESTS = [
