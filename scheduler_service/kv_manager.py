@@ -27,10 +27,6 @@ class KVManager:
         self._peak_blocks[request.placement] += sign * max(self.blocks_for(request.peak_tokens),
                                                            len(request.block_ids))
 
-    @property
-    def has_cpu_pool(self) -> bool:
-        return Placement.CPU in self._pools
-
     def num_free(self, placement: Placement) -> int:
         pool = self._pools.get(placement)
         return 0 if pool is None else pool.num_free_blocks
