@@ -7,32 +7,40 @@ from scheduler_service.request import Request
 
 
 class KVManager:
-    """Who holds which block of which pool; the workers own the memory."""
+    """Who holds which block of which pool; the workers own the memory. (The pools are looked up by identity, not in a
+    dict: hashing an Enum member runs Python code, and this is on every iteration's path.)"""
 
     def __init__(self, gpu_blocks: int, cpu_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        self._pools = {Placement.GPU: BlockManager(gpu_blocks, block_size)}
-        if cpu_blocks:
-            self._pools[Placement.CPU] = BlockManager(cpu_blocks, block_size)
-        self._peak_blocks = {placement: 0 for placement in self._pools}  # its requests' blocks at their peak, summed
+        self._gpu = BlockManager(gpu_blocks, block_size)
+        self._cpu = BlockManager(cpu_blocks, block_size) if cpu_blocks else None
+        self._gpu_peak_blocks = 0  # the pool's requests' blocks at their peak, summed
+        self._cpu_peak_blocks = 0
+
+    def _pool(self, placement: Placement) -> BlockManager | None:
+        return self._gpu if placement is Placement.GPU else self._cpu
 
     def reserved(self, placement: Placement) -> int:
         """Blocks the pool's requests may still take before they reach their peak."""
-        pool = self._pools.get(placement)
+        pool = self._pool(placement)
         if pool is None:
             return 0
-        return self._peak_blocks[placement] - (pool.num_total_blocks - pool.num_free_blocks)
+        peak = self._gpu_peak_blocks if placement is Placement.GPU else self._cpu_peak_blocks
+        return peak - (pool.num_total_blocks - pool.num_free_blocks)
 
     def _track(self, request: Request, sign: int) -> None:
-        self._peak_blocks[request.placement] += sign * max(self.blocks_for(request.peak_tokens),
-                                                           len(request.block_ids))
+        blocks = sign * max(self.blocks_for(request.peak_tokens), len(request.block_ids))
+        if request.placement is Placement.GPU:
+            self._gpu_peak_blocks += blocks
+        else:
+            self._cpu_peak_blocks += blocks
 
     def num_free(self, placement: Placement) -> int:
-        pool = self._pools.get(placement)
+        pool = self._pool(placement)
         return 0 if pool is None else pool.num_free_blocks
 
     def num_total(self, placement: Placement) -> int:
-        pool = self._pools.get(placement)
+        pool = self._pool(placement)
         return 0 if pool is None else pool.num_total_blocks
 
     def blocks_for(self, n_tokens: int) -> int:
@@ -45,7 +53,7 @@ class KVManager:
         """Blocks for the request's first n_tokens tokens in `placement`; it must hold none."""
         if request.block_ids:
             raise ValueError(f"{request.request_id}: holds {len(request.block_ids)} blocks already")
-        request.block_ids = self._pools[placement].allocate(n_tokens)
+        request.block_ids = self._existing(placement).allocate(n_tokens)
         request.placement = placement
         self._track(request, 1)
 
@@ -57,24 +65,27 @@ class KVManager:
         """The new block (or none) for the slot of its next token, from its own pool."""
         if not self.needs_block(request):
             return []
-        new = self._pools[request.placement].allocate(1)
+        new = self._existing(request.placement).allocate(1)
         request.block_ids.extend(new)
         return new
-
-    def can_swap(self, request: Request) -> bool:
-        return request.placement.other in self._pools and self.can_allocate(request.placement.other, request.kv_len)
 
     def swap(self, request: Request) -> SwapData:
         """Move its cached tokens' blocks to the other pool; the source blocks are free once the swap is planned."""
         target = request.placement.other
-        new = self._pools[target].allocate(request.kv_len)
-        self._pools[request.placement].free(request.block_ids)
+        new = self._existing(target).allocate(request.kv_len)
+        self._existing(request.placement).free(request.block_ids)
         self._track(request, -1)
         request.block_ids, request.placement = new, target
         self._track(request, 1)
         return SwapData(request.request_id, tuple(new))
 
     def free(self, request: Request) -> None:
-        self._pools[request.placement].free(request.block_ids)
+        self._existing(request.placement).free(request.block_ids)
         self._track(request, -1)
         request.block_ids = []
+
+    def _existing(self, placement: Placement) -> BlockManager:
+        pool = self._pool(placement)
+        if pool is None:
+            raise ValueError(f"placement: there is no {placement.value} pool")
+        return pool

@@ -457,7 +457,7 @@ class Scheduler:
         num_tokens = num_gpu_rows + len(self._cpu_queue)
         prefill_lens: list[int] = []
         steady_gpu, steady_longest = num_gpu_rows, gpu_longest  # the decode iterations after this one
-        steady_cpu = self._cpu_context()
+        steady_cpu = self._cpu_context() if self.policy.uses_cpu else [0]
         while self._waiting and self.num_running < self.config.max_num_seqs:
             request = self._waiting[0]
             n = request.num_tokens
