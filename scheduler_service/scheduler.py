@@ -79,7 +79,6 @@ class Scheduler:
         self._in_flight_prediction: Prediction | None = None
         self._cpu_refused: tuple[int, int] | None = None  # (running, CPU requests) when a CPU row was last refused
         self._next_step_id = 0
-        self._num_steps = 0
         self._num_preemptions = 0
         self._num_swaps = 0
         self.iterations_by_mode: Counter[ExecutionMode] = Counter()
@@ -126,7 +125,7 @@ class Scheduler:
     @property
     def num_steps(self) -> int:
         """Plans that ran at least one request."""
-        return self._num_steps
+        return sum(self.iterations_by_mode.values())
 
     def has_work(self) -> bool:
         """True while schedule() returns a plan worth sending: requests to run or worker state to drop."""
@@ -135,13 +134,14 @@ class Scheduler:
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Queue a request; InvalidArgument if it can never run, ResourceExhausted if the queue is full."""
         prompt = tuple(prompt_token_ids)
-        self._validate(request_id, prompt, sampling)
+        # KV of every token but the last generated one, within the context length
+        peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
+        self._validate(request_id, prompt, sampling, peak)
         if len(self._waiting) >= self.config.max_queued_requests:
             raise ResourceExhausted(
                 f"{len(self._waiting)} requests are waiting (max_queued_requests {self.config.max_queued_requests})"
             )
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self._eos_token_ids)
-        peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
         request = Request(request_id, prompt, sampling, peak, frozenset(stop))
         self._requests[request_id] = request
         self._waiting.append(request)
@@ -217,7 +217,6 @@ class Scheduler:
         self._in_flight_choice = choice
         self._in_flight_prediction = None
         if not plan.is_empty:
-            self._num_steps += 1
             self.iterations_by_mode[plan.mode] += 1
             self.recent_iterations.append(IterationRecord(
                 step_id=plan.step_id, mode=plan.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
@@ -312,7 +311,7 @@ class Scheduler:
                      record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
                      measured)
 
-    def _validate(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams, peak: int) -> None:
         if not request_id:
             raise InvalidArgument("request_id", "must not be empty")
         if request_id in self._requests:
@@ -329,8 +328,6 @@ class Scheduler:
                 f"{len(prompt)} tokens; the limit is {limit} (context length {self._max_model_len} less one "
                 f"for output, max_num_batched_tokens {self.config.max_num_batched_tokens})",
             )
-        # KV of every token but the last generated one, within the context length
-        peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
         pool = max(self._kv.num_total(p) for p in Placement) * self._kv.block_size
         if peak > pool:
             raise InvalidArgument(
@@ -374,7 +371,7 @@ class Scheduler:
             i += 1
             tokens = request.num_tokens
             if tokens <= len(request.block_ids) * block_size:  # its next slot is in a block it holds
-                entry = request.unchanged_entry
+                entry = request.unchanged_entry  # Request.entry((), 0) inlined: this loop runs for every row
                 add_entry(entry if entry is not None and entry.sub_batch == 0 else request.entry((), 0))
             else:
                 while self._kv.num_free(Placement.GPU) == 0:
@@ -412,7 +409,7 @@ class Scheduler:
         step = self._next_step_id
         for i, request in enumerate(chosen):
             sub_batch = 1 if i < in_b else 0
-            if request.num_tokens <= len(request.block_ids) * block_size:
+            if request.num_tokens <= len(request.block_ids) * block_size:  # as in _grow_gpu_rows, inlined
                 entry = request.unchanged_entry
                 entries.append(entry if entry is not None and entry.sub_batch == sub_batch
                                else request.entry((), sub_batch))
