@@ -1,4 +1,5 @@
-"""`apex-serve`: up (the whole stack), make-model, generate, chat, bench-* (benchmarks)."""
+"""`apex-serve`: up (the whole stack), make-model, generate, chat, trace-collect, trace-report, bench-*
+(benchmarks)."""
 
 import argparse
 import logging
@@ -98,13 +99,17 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_delegated(args: argparse.Namespace) -> int:
     """Verbs with their own argument parser (benchmarks, profile)."""
-    from apex_serve import profile_cli
-    from apex_serve.bench import cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, skeleton
+    from apex_serve import otlp_receiver, profile_cli
+    from apex_serve.bench import (
+        cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, skeleton, tracing,
+    )
     from apex_serve.sim import cli as simulate
+    from apex_serve.trace_report import cli as trace_report
 
     mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
-             "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main}
+             "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
+             "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench-scheduler", "the scheduler's decision overhead per iteration with 256 running requests, per policy"),
         ("bench-policies", "gpu-only, neo and apex side by side on this machine: tokens/s and TPOT"),
         ("simulate", "the policies on T4/A10 (or this machine's profile) with the analytic cost model, at scale"),
+        ("bench-tracing", "decode tokens/s with tracing on against off, and the overlap report of the traced run"),
+        ("trace-collect", "an OTLP/gRPC receiver that writes the spans it gets to an OTLP JSON file"),
+        ("trace-report", "a trace (OTLP JSON or Jaeger) to an overlap timeline (PNG, HTML), a Chrome trace, a summary"),
     ):
         bench = sub.add_parser(name, help=f"{about} (see `apex-serve {name} -- --help`)")
         bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -162,6 +162,7 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
         freed_request_ids=plan.freed_request_ids,
         swap_out=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_out],
         swap_in=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_in],
+        record_subtasks=plan.record_subtasks,
     )
 
 
@@ -190,6 +191,7 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
         freed_request_ids=tuple(msg.freed_request_ids),
         swap_out=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_out),
         swap_in=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_in),
+        record_subtasks=msg.record_subtasks,
     )
 
 
@@ -206,6 +208,7 @@ def step_output_to_pb(output: types.StepOutput) -> gpu_worker_pb2.StepResponse:
             for k, v in output.sampled.items()
         ],
         timings=gpu_worker_pb2.StepTimings(**dataclasses.asdict(t)),
+        subtasks=[subtask_to_pb(s) for s in output.subtasks],
     )
 
 
@@ -216,6 +219,30 @@ def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
         sampled={s.request_id: s.token_id for s in msg.sampled},
         logprobs={s.request_id: logprob_from_pb(s.logprob) for s in msg.sampled if s.HasField("logprob")},
         timings=types.StepTimings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(types.StepTimings)}),
+        subtasks=tuple(subtask_from_pb(s) for s in msg.subtasks),
+    )
+
+
+_SUBTASK_TO_PB = {
+    types.SubtaskKind.DEVICE_LINEAR: gpu_worker_pb2.SUBTASK_KIND_DEVICE_LINEAR,
+    types.SubtaskKind.DEVICE_ATTENTION: gpu_worker_pb2.SUBTASK_KIND_DEVICE_ATTENTION,
+    types.SubtaskKind.STAGING: gpu_worker_pb2.SUBTASK_KIND_STAGING,
+    types.SubtaskKind.CPU_ATTENTION: gpu_worker_pb2.SUBTASK_KIND_CPU_ATTENTION,
+}
+_SUBTASK_FROM_PB = {v: k for k, v in _SUBTASK_TO_PB.items()}
+
+
+def subtask_to_pb(s: types.Subtask) -> gpu_worker_pb2.Subtask:
+    return gpu_worker_pb2.Subtask(
+        kind=_SUBTASK_TO_PB[s.kind], layer=s.layer, sub_batch=s.sub_batch,
+        start_unix_ns=s.start_unix_ns, end_unix_ns=s.end_unix_ns,
+    )
+
+
+def subtask_from_pb(msg: gpu_worker_pb2.Subtask) -> types.Subtask:
+    return types.Subtask(
+        kind=_SUBTASK_FROM_PB[msg.kind], layer=msg.layer, sub_batch=msg.sub_batch,
+        start_unix_ns=msg.start_unix_ns, end_unix_ns=msg.end_unix_ns,
     )
 
 

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +38,14 @@ class StackConfig:
     max_num_seqs: int = 64
     policy: str = "apex"  # the scheduler's: gpu-only, neo or apex (the hybrid ones profile the workers once)
     tpot_target_ms: float = 0.0  # apex: keep each iteration's predicted time under this; 0: no target
+    metrics_port: int = 9400  # the scheduler's Prometheus /metrics; 0: off
+    sample_layers_every: int = 16  # every Nth iteration records per-layer timings (dashboard, traces); 0: never
     worker_threads: int = 1
     pin_cpus: bool = True  # gpu_worker on the first worker_threads cores, the others on the rest
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}: must be in [0, 65535], got {getattr(self, name)}")
         if len(str(Path(self.run_dir).resolve())) > 80:
@@ -61,6 +63,10 @@ class StackConfig:
     def http_address(self) -> str:
         return f"{self.host}:{self.http_port}" if self.http_port else ""
 
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.host}:{self.metrics_port}" if self.metrics_port else ""
+
 
 def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
     def setup() -> None:
@@ -73,15 +79,18 @@ def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
 
 
 class Stack:
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, env: Mapping[str, str] | None = None) -> None:
+        """env: variables the services get on top of this process's (OTEL_* for tracing, for example)."""
         self.config = config
+        self._env = {**os.environ, **env} if env else None
         self._run_dir = Path(config.run_dir).resolve()
         self._procs: list[tuple[str, str, subprocess.Popen[bytes]]] = []
 
     def _address(self, name: str) -> str:
         return rpc.unix_address(self._run_dir, name)
 
-    def _commands(self) -> list[tuple[str, str, list[str]]]:
+    def commands(self) -> list[tuple[str, str, list[str]]]:
+        """(module, address, flags) of each service, in start order."""
         c = self.config
         worker = self._address("gpu_worker")
         scheduler = self._address("scheduler")
@@ -103,7 +112,8 @@ class Stack:
             ("scheduler_service", scheduler,
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
-              "--tpot-target-ms", str(c.tpot_target_ms)]),
+              "--tpot-target-ms", str(c.tpot_target_ms), "--sample-layers-every", str(c.sample_layers_every),
+              "--metrics-address", c.metrics_address]),
             ("gateway", c.gateway_address,
              ["--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
               "--scheduler-address", scheduler, "--api-keys", c.api_keys]),
@@ -120,11 +130,12 @@ class Stack:
     def start(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)  # stale sockets of a killed run
         self._run_dir.mkdir(mode=0o700, parents=True)
-        for module, address, args in self._commands():
+        for module, address, args in self.commands():
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
                 start_new_session=True,
                 preexec_fn=_child_setup(self._cpus(module)),
+                env=self._env,
             )
             self._procs.append((module, address, proc))
         try:
@@ -181,7 +192,10 @@ def run_until_signal(config: StackConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     stack = Stack(config)
     stack.start()
-    http = f", OpenAI HTTP on http://{config.http_address}/v1" if config.http_address else ""
+    http = (f", OpenAI HTTP on http://{config.http_address}/v1, dashboard http://{config.http_address}/dashboard"
+            if config.http_address else "")
+    if config.metrics_address:
+        http += f", metrics http://{config.metrics_address}/metrics"
     logger.info("apex-serve ready: gateway gRPC on %s%s, model %s (pid %d; Ctrl-C stops)",
                 config.gateway_address, http, Path(config.model_dir).name, os.getpid())
     code = 0

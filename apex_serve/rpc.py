@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from apex_serve import errors
+from apex_serve import errors, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,16 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
 
 
 def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """A grpc.aio server; `interceptors` run before the exception interceptor."""
-    return grpc.aio.server(interceptors=[*interceptors, ExceptionInterceptor()], options=CHANNEL_OPTIONS)
+    """A grpc.aio server; `interceptors` run before the exception interceptor, after the tracing one (when on), so
+    a call's SERVER span covers them and records the status they answer with."""
+    return grpc.aio.server(
+        interceptors=[*tracing.server_interceptors(), *interceptors, ExceptionInterceptor()], options=CHANNEL_OPTIONS
+    )
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel to an internal service; its calls carry the trace context when tracing is on."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
 
 
 def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> str:

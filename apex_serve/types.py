@@ -22,6 +22,19 @@ class ExecutionMode(enum.Enum):
     ASYNC_OVERLAP = "async_overlap"
 
 
+class SubtaskKind(enum.Enum):
+    """A lane of the iteration timeline: what the accelerator side or the CPU did in one layer."""
+
+    DEVICE_LINEAR = "device_linear"  # norms, projections, RoPE, MLP (layer = num_layers: the LM head)
+    DEVICE_ATTENTION = "device_attention"  # attention of the accelerator's rows, prefill KV writes
+    STAGING = "staging"  # the CPU rows' q/k/v to the staging buffers and o back
+    CPU_ATTENTION = "cpu_attention"  # the cpu_attention_worker's KV append + paged decode attention
+
+    @property
+    def on_cpu(self) -> bool:
+        return self is SubtaskKind.CPU_ATTENTION
+
+
 class Placement(enum.Enum):
     """Where a request's KV cache lives, and so where its decode attention runs."""
 
@@ -147,6 +160,7 @@ class StepPlan:
     mode: ExecutionMode = ExecutionMode.GPU_ONLY
     swap_out: tuple[SwapData, ...] = ()  # accelerator pool -> CPU pool, before the step
     swap_in: tuple[SwapData, ...] = ()  # CPU pool -> accelerator pool, before the step
+    record_subtasks: bool = False  # a sampled iteration: the worker returns each layer's subtask intervals
 
     @property
     def is_empty(self) -> bool:
@@ -171,6 +185,18 @@ class StepTimings:
     staging_ns: int = 0  # CPU rows' q/k/v to the staging buffers, metadata, o back
     wait_ns: int = 0  # the accelerator blocked waiting for the CPU's attention
     cpu_attention_ns: int = 0  # the cpu_attention_worker's serving thread busy (append + attention)
+    start_unix_ns: int = 0  # wall clock when the step began; it ended total_ns later
+
+
+@dataclass(frozen=True)
+class Subtask:
+    """One layer's subtask on one side, in wall-clock nanoseconds (both workers read the same clock)."""
+
+    kind: SubtaskKind
+    layer: int
+    sub_batch: int
+    start_unix_ns: int
+    end_unix_ns: int
 
 
 @dataclass(frozen=True)
@@ -190,6 +216,7 @@ class StepOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     timings: StepTimings = StepTimings()
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # requests that asked for them
+    subtasks: tuple[Subtask, ...] = ()  # when the plan asked (record_subtasks), in start order
 
 
 @dataclass(frozen=True)

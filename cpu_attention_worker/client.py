@@ -176,6 +176,10 @@ class DataPlaneClient:
         """The serving thread's cumulative append + attention time for the slot."""
         return self._live().busy_ns(slot)
 
+    def served_interval(self, seq: int) -> tuple[int, int]:
+        """(start, end) of a served request on the monotonic clock (time.monotonic_ns); read it right after wait."""
+        return self._live().served_interval(seq)
+
     def _live(self) -> _kernel.DoorbellClient:
         if self._doorbell is None:
             raise CpuAttentionError("the data plane client is closed")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from apex_serve import rpc
+from apex_serve import rpc, tracing
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
@@ -39,4 +39,5 @@ async def serve(config: CpuAttentionConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("cpu_attention_worker")
+    tracing.setup("cpu_attention_worker")
     asyncio.run(serve(parse_config(CpuAttentionConfig, argv, "apex-serve cpu_attention_worker")))

@@ -49,7 +49,9 @@ class ChatTemplate:
             raise InvalidArgument("messages", "must not be empty")
         for i, m in enumerate(messages):
             if m.get("role") not in _ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
+                raise InvalidArgument(
+                    f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}, got {m.get('role')!r}"
+                )
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,

@@ -10,17 +10,25 @@ class GatewayConfig:
     model_name: str = ""  # empty: the model directory's name
     address: str = "127.0.0.1:50051"  # public gRPC
     http_address: str = ""  # OpenAI-compatible HTTP (host:port); empty: off
-    scheduler_address: str = "unix:///tmp/apex-serve/scheduler.sock"
+    scheduler_address: str = "unix:///tmp/apex-serve/scheduler.sock"  # comma-separated: replicas, routed by load
     api_keys: str = ""  # comma-separated; empty: no authentication
     tls_cert_file: str = ""  # PEM; with tls_key_file, the public gRPC port speaks TLS
     tls_key_file: str = ""
     max_concurrent_requests: int = 1024  # more get RESOURCE_EXHAUSTED / HTTP 429
     max_prompt_bytes: int = 1 << 20  # larger prompts get RESOURCE_EXHAUSTED / HTTP 429 before tokenizing
     drain_timeout_s: float = 10.0
+    startup_timeout_s: float = 300.0  # how long to wait for every scheduler replica to be SERVING
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "tokenizer.json").is_file():
             raise ValueError(f"model_dir: no tokenizer.json in {self.model_dir}")
+        addresses = [a.strip() for a in self.scheduler_address.split(",")]
+        if not all(addresses):
+            raise ValueError(f"scheduler_address: empty entry in {self.scheduler_address!r}")
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"scheduler_address: a replica is listed twice in {self.scheduler_address!r}")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
         if self.max_concurrent_requests < 1:
@@ -36,6 +44,10 @@ class GatewayConfig:
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model_dir).resolve().name
+
+    @property
+    def scheduler_addresses(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.scheduler_address.split(","))
 
     @property
     def api_key_set(self) -> frozenset[str]:

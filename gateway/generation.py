@@ -1,18 +1,18 @@
-"""What the gRPC and HTTP front ends share: validate, tokenize, submit to the scheduler, and turn
+"""What the gRPC and HTTP front ends share: validate, tokenize, submit to a scheduler replica, and turn
 token ids into text deltas with stop strings, logprobs, cancellation and an admission bound."""
 
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import grpc
-
-from apex_serve import convert
+from apex_serve import convert, tracing
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob, WorkerInfo
-from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from apex_serve.v1 import scheduler_pb2
 from gateway import validation
 from gateway.chat_template import ChatTemplate
+from gateway.replicas import Replicas, RoutedCall
+from gateway.request_span import RequestSpan
 from gateway.stop_strings import StopStringMatcher
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -62,7 +62,7 @@ class Generator:
         chat_template: ChatTemplate | None,
         model_name: str,
         worker: WorkerInfo,
-        scheduler: scheduler_pb2_grpc.SchedulerStub,
+        replicas: Replicas,
         max_concurrent_requests: int,
         max_prompt_bytes: int,
     ) -> None:
@@ -70,10 +70,11 @@ class Generator:
         self.chat_template = chat_template
         self.model_name = model_name
         self.worker = worker
-        self._scheduler = scheduler
+        self.replicas = replicas
         self._max_concurrent = max_concurrent_requests
         self._max_prompt_bytes = max_prompt_bytes
         self._active: set[str] = set()
+        self._tracer = tracing.tracer(__name__)  # None: tracing off, no span
 
     @property
     def num_active(self) -> int:
@@ -124,23 +125,42 @@ class Generator:
         """Text deltas, then one GenerationEnd. Bad input raises at the first step, before any
         output; closing the iterator early aborts the request in the scheduler."""
         prepared = self._prepare(request)
-        self._active.add(prepared.request_id)
-        call = self._scheduler.Submit(
-            scheduler_pb2.SubmitRequest(
-                request_id=prepared.request_id,
-                prompt_token_ids=prepared.prompt_token_ids,
-                sampling=convert.sampling_to_pb(prepared.sampling),
-            )
+        span = None if self._tracer is None else RequestSpan(
+            self._tracer, prepared.request_id, bool(request.messages), self.model_name, prepared.sampling,
+            request.stop, len(prepared.prompt_token_ids),
         )
         try:
+            call = self.replicas.submit(
+                scheduler_pb2.SubmitRequest(
+                    request_id=prepared.request_id,
+                    prompt_token_ids=prepared.prompt_token_ids,
+                    sampling=convert.sampling_to_pb(prepared.sampling),
+                ),
+                None if span is None else span.context,
+            )
+        except BaseException as exc:
+            if span is not None:
+                span.failed(exc)
+                span.close()
+            raise
+        self._active.add(prepared.request_id)
+        try:
             async for event in self._events(prepared, call):
+                if span is not None and isinstance(event, GenerationEnd):
+                    span.ended(event.completion_tokens, event.finish_reason)
                 yield event
+        except Exception as exc:
+            if span is not None:
+                span.failed(exc)
+            raise
         finally:
             call.cancel()  # no-op when done; otherwise (stop string, client gone) the scheduler aborts
             self._active.discard(prepared.request_id)
+            if span is not None:
+                span.close()
 
     async def _events(
-        self, prepared: PreparedRequest, call: grpc.aio.UnaryStreamCall
+        self, prepared: PreparedRequest, call: RoutedCall
     ) -> AsyncIterator[TextDelta | GenerationEnd]:
         request = prepared.request
         num_prompt = len(prepared.prompt_token_ids)
@@ -163,15 +183,11 @@ class Generator:
                 return
 
     async def abort(self, request_id: str) -> bool:
-        reply = await self._scheduler.Abort(scheduler_pb2.AbortRequest(request_id=request_id))
-        return reply.aborted
+        return await self.replicas.abort(request_id)
 
     async def ready(self) -> bool:
-        try:
-            await self._scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+        """True while at least one scheduler replica is SERVING."""
+        return self.replicas.serving
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

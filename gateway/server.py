@@ -1,4 +1,5 @@
-"""Entry point: `python -m gateway --model-dir DIR [--address host:port] [--http-address host:port] ...`."""
+"""Entry point: `python -m gateway --model-dir DIR [--address host:port] [--http-address host:port]
+[--scheduler-address A[,B...]] ...`."""
 
 import asyncio
 import logging
@@ -7,14 +8,15 @@ from pathlib import Path
 
 import grpc
 
-from apex_serve import convert, rpc
+from apex_serve import rpc, tracing
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
-from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, gpu_worker_pb2, scheduler_pb2_grpc
+from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import ApiKeyInterceptor
 from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
+from gateway.replicas import ReplicaMismatch, Replicas
 from gateway.servicer import GatewayServicer
 from gateway.tokenizer import load_tokenizer
 
@@ -30,13 +32,10 @@ def _tls(config: GatewayConfig) -> grpc.ServerCredentials | None:
 
 
 async def serve(config: GatewayConfig) -> None:
-    await rpc.wait_healthy(config.scheduler_address, timeout_s=300.0)
-    channel = grpc.aio.insecure_channel(config.scheduler_address, options=rpc.CHANNEL_OPTIONS)
-    scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
-    worker = convert.worker_info_from_pb(await scheduler.GetWorkerInfo(gpu_worker_pb2.GetWorkerInfoRequest()))
+    replicas, worker = await Replicas.connect(config.scheduler_addresses, config.startup_timeout_s)
     generator = Generator(
         load_tokenizer(config.model_dir), ChatTemplate.from_model_dir(config.model_dir), config.served_model_name,
-        worker, scheduler,
+        worker, replicas,
         config.max_concurrent_requests, config.max_prompt_bytes,
     )
     server = rpc.create_server([ApiKeyInterceptor(config.api_key_set)])
@@ -44,8 +43,9 @@ async def serve(config: GatewayConfig) -> None:
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     address = rpc.bind(server, config.address, _tls(config))
     logger.info(
-        "serving model %s: gRPC on %s%s%s", config.served_model_name, address,
+        "serving model %s: gRPC on %s%s%s; %d scheduler replica(s): %s", config.served_model_name, address,
         " (TLS)" if config.tls_cert_file else "", " (API keys required)" if config.api_key_set else "",
+        len(replicas.replicas), ", ".join(config.scheduler_addresses),
     )
     http = None
     if config.http_address:
@@ -53,13 +53,18 @@ async def serve(config: GatewayConfig) -> None:
 
         http = HttpServer(generator, config)
         await http.start()
-        logger.info("OpenAI-compatible HTTP on http://%s/v1", config.http_address)
+        logger.info("OpenAI-compatible HTTP on http://%s/v1, dashboard on /dashboard", config.http_address)
 
     await service.run(
-        grace_s=config.drain_timeout_s, on_stop=channel.close, drain_alongside=http.stop if http is not None else None
+        grace_s=config.drain_timeout_s, on_stop=replicas.close, drain_alongside=http.stop if http is not None else None
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("gateway")
-    asyncio.run(serve(parse_config(GatewayConfig, argv, "apex-serve gateway")))
+    tracing.setup("gateway")
+    try:
+        asyncio.run(serve(parse_config(GatewayConfig, argv, "apex-serve gateway")))
+    except (ReplicaMismatch, TimeoutError) as exc:
+        logger.error("not starting: %s", exc)
+        raise SystemExit(1) from exc

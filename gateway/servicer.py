@@ -45,7 +45,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             else:
                 yield gateway_pb2.GenerateResponse(
                     chunk=gateway_pb2.GenerateChunk(
-                        text=event.text, token_ids=event.token_ids, logprobs=[self._logprob(lp) for lp in event.logprobs]
+                        text=event.text, token_ids=event.token_ids,
+                        logprobs=[self._logprob(lp) for lp in event.logprobs],
                     )
                 )
 

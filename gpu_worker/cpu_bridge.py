@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from apex_serve.types import SubtaskKind
 from cpu_attention_worker.client import DataPlaneClient
 from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.host_transfer import HostTransfer
@@ -67,11 +68,13 @@ class CpuAttentionBridge:
         self.stage(slot, q, k, v)
         return self.client.ring(slot, layer_idx)
 
-    def collect(self, slot: int, ticket: int, rows: int, clock: StepClock) -> torch.Tensor:
+    def collect(self, slot: int, layer: int, ticket: int, rows: int, clock: StepClock) -> torch.Tensor:
         """Wait for a launched layer; o [rows, num_q_heads, head_dim] float32 on the device."""
         with clock.measure("wait"):
             self.client.wait(ticket, self.wait_timeout_s)
-        with clock.measure("staging"):
+        if clock.record:
+            clock.add_interval(SubtaskKind.CPU_ATTENTION, layer, slot, *self.client.served_interval(ticket))
+        with clock.measure("staging", layer, slot):
             return self.transfer.to_device(self.output(slot, rows))
 
     def busy_ns(self) -> int:

@@ -57,7 +57,7 @@ class Forward:
             flights = []
             for batch in sub_batches:
                 if batch.num_cpu_decodes:
-                    with clock.measure("staging"):
+                    with clock.measure("staging", 0, batch.slot):
                         self._bridge().begin_step(batch)
                 hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
                 flights.append(_Flight(batch, hidden))
@@ -69,7 +69,7 @@ class Forward:
                         self._launch(flight, i, clock)
                         self._device(flight, i, clock)
                         self._complete(flight, i, clock)
-            with clock.measure("device_linear"):
+            with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
                 hidden = torch.cat([f.hidden for f in flights])  # [num_requests, hidden]
                 normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)
                 return F.linear(normed, self.weights.lm_head).float()  # [num_requests, vocab]
@@ -104,9 +104,9 @@ class Forward:
         if not batch.num_cpu_decodes:
             return
         rows = slice(batch.device_end, batch.num_tokens)
-        with clock.measure("device_linear"):
+        with clock.measure("device_linear", i, batch.slot):
             q, k, v = pre_attention(self._layer(i), flight.hidden[rows], batch.positions[rows])
-        with clock.measure("staging"):
+        with clock.measure("staging", i, batch.slot):
             flight.ticket = self._bridge().launch(batch.slot, i, q, k, v)
 
     def _device(self, flight: _Flight, i: int, clock: StepClock) -> None:
@@ -116,10 +116,10 @@ class Forward:
             flight.device_attn = None
             return
         layer = self._layer(i)
-        with clock.measure("device_linear"):
+        with clock.measure("device_linear", i, batch.slot):
             q, k, v = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
         split = batch.num_cpu_prefill_tokens
-        with clock.measure("device_attention"):  # prefill KV writes count here, whichever pool they go to
+        with clock.measure("device_attention", i, batch.slot):  # prefill KV writes count here, either pool
             if split:
                 self._bridge().pool.write(
                     i, k[:split].cpu(), v[:split].cpu(), batch.cpu_prefill_blocks, batch.cpu_prefill_offsets
@@ -130,7 +130,7 @@ class Forward:
         prefill = batch.num_prefill_tokens
         if batch.num_cpu_decodes and prefill:
             keep = batch.last_rows[: batch.num_prefill_rows] if self._is_last(i) else slice(0, prefill)
-            with clock.measure("device_linear"):
+            with clock.measure("device_linear", i, batch.slot):
                 flight.done_prefill = post_attention(layer, flight.hidden[keep], attn[keep])
             attn = attn[prefill:]
         flight.device_attn = attn
@@ -139,14 +139,14 @@ class Forward:
         batch = flight.batch
         parts = [] if flight.device_attn is None else [flight.device_attn]
         if batch.num_cpu_decodes:
-            parts.append(self._bridge().collect(batch.slot, flight.ticket, batch.num_cpu_decodes, clock))
+            parts.append(self._bridge().collect(batch.slot, i, flight.ticket, batch.num_cpu_decodes, clock))
         attn = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows not yet projected, num_heads, head_dim]
         hidden = flight.hidden
         if flight.done_prefill is not None:
             hidden = hidden[batch.num_prefill_tokens :]  # decode rows
         elif self._is_last(i):
             hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_requests, ...]
-        with clock.measure("device_linear"):
+        with clock.measure("device_linear", i, batch.slot):
             hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
         if flight.done_prefill is not None:
             hidden = torch.cat([flight.done_prefill, hidden])

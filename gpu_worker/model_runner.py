@@ -139,13 +139,17 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step and sample one token per scheduled request (with logprobs where asked for)."""
+        start_unix_ns = time.time_ns()
         start = time.perf_counter_ns()
-        clock = StepClock()
+        clock = StepClock(plan.record_subtasks, self._synchronize if self.device.type == "cuda" else None)
         busy_before = self.bridge.busy_ns() if self.bridge else 0
         sub_batches = self._prepare(plan, clock)
         prepared = time.perf_counter_ns()
         if not sub_batches:
-            timings = StepTimings(prepare_ns=prepared - start, total_ns=prepared - start, swap_ns=clock.ns["swap"])
+            timings = StepTimings(
+                prepare_ns=prepared - start, total_ns=prepared - start, swap_ns=clock.ns["swap"],
+                start_unix_ns=start_unix_ns,
+            )
             return StepOutput(step_id=plan.step_id, timings=timings)
         logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
         self._synchronize()
@@ -163,8 +167,11 @@ class ModelRunner:
             staging_ns=clock.ns["staging"],
             wait_ns=clock.ns["wait"],
             cpu_attention_ns=(self.bridge.busy_ns() - busy_before) if self.bridge else 0,
+            start_unix_ns=start_unix_ns,
         )
-        return StepOutput(step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs)
+        return StepOutput(
+            step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs, subtasks=clock.subtasks_unix()
+        )
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         """Run one step without sampling: fp32 logits [vocab] of each scheduled request's last position."""

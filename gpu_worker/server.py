@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from apex_serve import rpc
+from apex_serve import rpc, tracing
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
@@ -36,4 +36,5 @@ async def serve(config: GpuWorkerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("gpu_worker")
+    tracing.setup("gpu_worker")
     asyncio.run(serve(parse_config(GpuWorkerConfig, argv, "apex-serve gpu_worker")))

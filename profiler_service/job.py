@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from apex_serve import convert
+from apex_serve import convert, rpc
 from apex_serve.errors import Unavailable
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, cpu_attention_pb2, cpu_attention_pb2_grpc, gpu_worker_pb2, gpu_worker_pb2_grpc
@@ -46,8 +46,8 @@ class Workers:
     """The two workers' control channels."""
 
     def __init__(self, gpu_address: str, cpu_address: str) -> None:
-        self._gpu_channel = grpc.aio.insecure_channel(gpu_address)
-        self._cpu_channel = grpc.aio.insecure_channel(cpu_address)
+        self._gpu_channel = rpc.channel(gpu_address)
+        self._cpu_channel = rpc.channel(cpu_address)
         self.gpu = gpu_worker_pb2_grpc.GpuWorkerStub(self._gpu_channel)
         self.cpu = cpu_attention_pb2_grpc.CpuAttentionWorkerStub(self._cpu_channel)
 

@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from apex_serve import rpc
+from apex_serve import rpc, tracing
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
@@ -26,4 +26,5 @@ async def serve(config: ProfilerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("profiler")
+    tracing.setup("profiler_service")
     asyncio.run(serve(parse_config(ProfilerConfig, argv, "apex-serve profiler_service")))

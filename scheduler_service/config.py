@@ -20,6 +20,8 @@ class SchedulerConfig:
     max_sit_out: int = 4  # iterations a running CPU request may go without decoding before it must run
     tpot_target_ms: float = 0.0  # apex: keep each iteration's predicted time under this; 0: no target
     max_swaps_per_step: int = 2  # swap-ins of one step (swap-outs that make room for growth are not capped)
+    sample_layers_every: int = 16  # every Nth iteration records per-layer subtask intervals; 0: never
+    metrics_address: str = ""  # Prometheus /metrics (host:port); empty: off
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -41,6 +43,8 @@ class SchedulerConfig:
             raise ValueError(f"max_sit_out: must be >= 0, got {self.max_sit_out}")
         if not self.tpot_target_ms >= 0.0:
             raise ValueError(f"tpot_target_ms: must be >= 0 (0: no target), got {self.tpot_target_ms}")
+        if self.sample_layers_every < 0:
+            raise ValueError(f"sample_layers_every: must be >= 0 (0: never), got {self.sample_layers_every}")
         if self.max_swaps_per_step < 0:
             raise ValueError(f"max_swaps_per_step: must be >= 0, got {self.max_swaps_per_step}")
 

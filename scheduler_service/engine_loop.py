@@ -2,23 +2,27 @@
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
-from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
+from opentelemetry.trace import SpanContext
+
+from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepPlan
+from scheduler_service.iteration_spans import StepFn
+from scheduler_service.observer import EngineObserver
 from scheduler_service.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[[StepPlan], Awaitable[StepOutput]]
 Outcome = RequestOutput | Exception
 
 
 class EngineLoop:
     """Owns the Scheduler; callers submit requests and read their outputs from a queue."""
 
-    def __init__(self, scheduler: Scheduler, step: StepFn) -> None:
+    def __init__(self, scheduler: Scheduler, step: StepFn, observer: EngineObserver | None = None) -> None:
         self._scheduler = scheduler
         self._step = step
+        self.observer = observer or EngineObserver(scheduler)
         self._streams: dict[str, asyncio.Queue[Outcome]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -48,10 +52,13 @@ class EngineLoop:
                 logger.warning("could not drop %d requests from the worker on stop", len(plan.freed_request_ids))
 
     def submit(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+        trace_context: SpanContext | None = None,
     ) -> asyncio.Queue[Outcome]:
-        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler."""
+        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler. The iterations that serve
+        it link to trace_context (the caller's span) when tracing is on."""
         self._scheduler.add_request(request_id, prompt_token_ids, sampling)
+        self.observer.submitted(request_id, len(prompt_token_ids), trace_context)
         queue: asyncio.Queue[Outcome] = asyncio.Queue()
         self._streams[request_id] = queue
         self._wake.set()
@@ -60,6 +67,7 @@ class EngineLoop:
     def abort(self, request_id: str) -> bool:
         """Frees the request's blocks at once and ends its stream with FinishReason.ABORT."""
         aborted = self._scheduler.abort(request_id)
+        self.observer.aborted(request_id)
         queue = self._streams.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(RequestOutput(request_id, (), finished=True, finish_reason=FinishReason.ABORT))
@@ -73,12 +81,15 @@ class EngineLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            plan = self.observer.sampled(plan)
             try:
-                outputs = self._scheduler.update_from_output(plan, await self._step(plan))
+                output = await self.observer.step(plan, self._step)
+                outputs = self._scheduler.update_from_output(plan, output)
             except Exception as exc:  # the worker failed: fail what was in the step, keep serving
                 logger.exception("step %d failed", plan.step_id)
                 self._fail(plan, exc)
                 continue
+            self.observer.stepped(plan, output, outputs)
             for out in outputs:
                 self._deliver(out)
 
@@ -94,6 +105,7 @@ class EngineLoop:
         ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
         for request_id in ids:
             self._scheduler.abort(request_id)
+            self.observer.aborted(request_id)
             queue = self._streams.pop(request_id, None)
             if queue is not None:
                 queue.put_nowait(exc)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from apex_serve.overlap import Overlap
 from apex_serve.types import ExecutionMode
 
 
@@ -18,6 +19,7 @@ class IterationRecord:
     preemptions: int
     predicted_ns: float | None = None  # the cost model's prediction of the whole iteration, once the step returned
     measured_ns: float | None = None  # the worker's total_ns, once the step returned
+    overlap: Overlap | None = None  # from the step's timings, once the step returned
 
     @property
     def relative_error(self) -> float | None:

@@ -31,7 +31,7 @@ async def load_cost_model(config: SchedulerConfig, info: WorkerInfo, timeout_s: 
     if not info.model_config_json:
         raise ValueError("model_config_json: the gpu_worker did not report its model's config.json")
     await rpc.wait_healthy(config.profiler_address, timeout_s=300.0)
-    async with grpc.aio.insecure_channel(config.profiler_address, options=rpc.CHANNEL_OPTIONS) as channel:
+    async with rpc.channel(config.profiler_address) as channel:
         stub = profiler_pb2_grpc.ProfilerStub(channel)
         try:
             reply = await stub.GetPerformanceModel(profiler_pb2.GetPerformanceModelRequest())

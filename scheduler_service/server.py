@@ -4,12 +4,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from apex_serve import rpc
+from apex_serve import rpc, tracing
 from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.iteration_spans import IterationSpans
+from scheduler_service.metrics import EngineMetrics
+from scheduler_service.observer import EngineObserver
 from scheduler_service.performance_model import load_cost_model
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.servicer import SchedulerServicer
@@ -25,7 +28,14 @@ async def serve(config: SchedulerConfig) -> None:
     info = await worker.info()
     logger.info("worker %s: %d accelerator and %d CPU KV blocks of %d tokens", info.model_name, info.num_kv_blocks,
                 info.num_cpu_kv_blocks, info.block_size)
-    loop = EngineLoop(Scheduler(config, info, await load_cost_model(config, info)), worker.step)
+    scheduler = Scheduler(config, info, await load_cost_model(config, info))
+    tracer = tracing.tracer(__name__)
+    observer = EngineObserver(
+        scheduler, config.sample_layers_every, EngineMetrics(scheduler) if config.metrics_address else None,
+        IterationSpans(tracer) if tracer is not None else None,
+    )
+    metrics_server = observer.metrics.serve(config.metrics_address) if observer.metrics is not None else None
+    loop = EngineLoop(scheduler, worker.step, observer)
     loop.start()
     server = rpc.create_server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info), server)
@@ -35,10 +45,14 @@ async def serve(config: SchedulerConfig) -> None:
     async def on_stop() -> None:
         await loop.stop()
         await worker.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
 
     await service.run(on_stop=on_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("scheduler")
+    tracing.setup("scheduler_service")
     asyncio.run(serve(parse_config(SchedulerConfig, argv, "apex-serve scheduler_service")))

@@ -3,12 +3,21 @@
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
-from apex_serve import convert, errors
+from apex_serve import convert, errors, overlap
 from apex_serve.types import Placement, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.iteration_record import IterationRecord
+from scheduler_service.observer import IterationTimeline
+
+
+def _overlap_to_pb(o: overlap.Overlap) -> scheduler_pb2.Overlap:
+    return scheduler_pb2.Overlap(
+        hidden_ratio=o.hidden_ratio, cpu_attention_ns=o.cpu_attention_ns, hidden_ns=o.hidden_ns,
+        device_idle_ns=o.device_idle_ns, cpu_idle_ns=o.cpu_idle_ns,
+    )
 
 
 def _iteration_to_pb(record: IterationRecord) -> scheduler_pb2.IterationStats:
@@ -17,6 +26,15 @@ def _iteration_to_pb(record: IterationRecord) -> scheduler_pb2.IterationStats:
         gpu_rows=record.gpu_rows, cpu_rows=record.cpu_rows, cpu_sat_out=record.cpu_sat_out,
         swaps_out=record.swaps_out, swaps_in=record.swaps_in, preemptions=record.preemptions,
         predicted_ns=record.predicted_ns or 0.0, measured_ns=record.measured_ns or 0.0,
+        overlap=None if record.overlap is None else _overlap_to_pb(record.overlap),
+    )
+
+
+def _timeline_to_pb(t: IterationTimeline) -> scheduler_pb2.IterationTimeline:
+    return scheduler_pb2.IterationTimeline(
+        step_id=t.step_id, mode=convert.mode_to_pb(t.mode), start_unix_ns=t.start_unix_ns,
+        end_unix_ns=t.end_unix_ns, subtasks=[convert.subtask_to_pb(s) for s in t.subtasks],
+        overlap=_overlap_to_pb(t.overlap),
     )
 
 
@@ -31,7 +49,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if not request.request_id:
             raise errors.InvalidArgument("request_id", "must not be empty")
         sampling = convert.sampling_from_pb(request.sampling)
-        queue = self._loop.submit(request.request_id, list(request.prompt_token_ids), sampling)
+        queue = self._loop.submit(
+            request.request_id, list(request.prompt_token_ids), sampling, trace.get_current_span().get_span_context()
+        )
         finished = False
         try:
             while not finished:
@@ -53,6 +73,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SchedulerStats:
         s = self._loop.scheduler
+        observer = self._loop.observer
         errors_by_mode = {} if s.cost_model is None else s.cost_model.error_stats()
         return scheduler_pb2.SchedulerStats(
             num_running=s.num_running,
@@ -76,6 +97,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 for mode, e in errors_by_mode.items()
             ],
             recent_iterations=[_iteration_to_pb(r) for r in s.recent_iterations],
+            latest_timeline=None if observer.latest_timeline is None else _timeline_to_pb(observer.latest_timeline),
+            tokens_per_s=observer.tokens_per_s(),
+            num_finished=observer.num_finished,
+            prompt_tokens=observer.prompt_tokens,
+            generation_tokens=observer.generation_tokens,
         )
 
     async def GetWorkerInfo(

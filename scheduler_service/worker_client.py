@@ -1,7 +1,5 @@
 """The scheduler's client of the gpu_worker: domain types in, domain types out."""
 
-import grpc
-
 from apex_serve import convert, rpc
 from apex_serve.types import StepOutput, StepPlan, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
@@ -9,7 +7,7 @@ from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
 
 class WorkerClient:
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
+        self._channel = rpc.channel(address)
         self._stub = gpu_worker_pb2_grpc.GpuWorkerStub(self._channel)
 
     async def info(self) -> WorkerInfo:

@@ -32,7 +32,8 @@ from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
 def stack(default_model_dir: Path) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
     config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=run_dir, num_kv_blocks=64
+        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=run_dir, num_kv_blocks=64,
+        metrics_port=0,
     )
     with Stack(config) as s:
         yield s

@@ -21,6 +21,7 @@ from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
+from gateway.replicas import Replica, Replicas
 from gateway.tokenizer import load_tokenizer
 
 KEY = "sk-test-1"
@@ -31,7 +32,7 @@ def stack(default_model_dir: Path) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
     config = StackConfig(
         model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        api_keys=f"other-key,{KEY}",
+        api_keys=f"other-key,{KEY}", metrics_port=0,
     )
     with Stack(config) as s:
         yield s
@@ -252,22 +253,17 @@ def token(token_id: int, n: int, finish: int | None = None) -> scheduler_pb2.Sub
 
 
 class ScriptedScheduler:
-    """Stands in for the scheduler stub: every Submit plays the script, then hangs until cancelled."""
+    """Stands in for the scheduler stub: every Submit plays the script, then ends the stream after a finished
+    message (as the scheduler does) or hangs until cancelled."""
 
     def __init__(self, script: Script) -> None:
         self.script = script
         self.submitted = 0
         self.cancelled = 0
-        self.answers = True
 
     def Submit(self, request: scheduler_pb2.SubmitRequest) -> "ScriptedCall":
         self.submitted += 1
         return ScriptedCall(self)
-
-    async def GetStats(self, request: scheduler_pb2.GetStatsRequest, timeout: float) -> scheduler_pb2.SchedulerStats:
-        if not self.answers:
-            raise unavailable("no scheduler")
-        return scheduler_pb2.SchedulerStats()
 
 
 class ScriptedCall:
@@ -282,6 +278,8 @@ class ScriptedCall:
                 await asyncio.sleep(step)
             else:
                 yield step
+                if step.finished:
+                    return
         await asyncio.Event().wait()
 
     def cancel(self) -> bool:
@@ -298,7 +296,8 @@ async def scripted(default_model_dir: Path) -> AsyncIterator:
         scheduler = ScriptedScheduler(script)
         generator = Generator(
             load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "scripted", WORKER,
-            scheduler, gateway.max_concurrent_requests, gateway.max_prompt_bytes,  # type: ignore[arg-type]
+            Replicas([Replica("scripted", scheduler)]),  # type: ignore[arg-type]
+            gateway.max_concurrent_requests, gateway.max_prompt_bytes,
         )
         server = HttpServer(generator, gateway)
         await server.start()
@@ -333,14 +332,16 @@ async def test_requests_past_max_concurrent_requests_get_429_until_a_slot_frees(
 
 
 async def test_a_scheduler_that_does_not_answer_is_503_on_health_and_before_any_output(scripted) -> None:
-    _, _, scheduler, url = await scripted([unavailable("gone")])
+    _, generator, _, url = await scripted([unavailable("gone")])
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
         assert (await c.get("/health")).status_code == 200
         for path, body in (("/v1/completions", _scripted_body()), ("/v1/chat/completions", _chat("scripted"))):
             error = error_of(await c.post(path, json=body), 503, "service_unavailable_error")
             assert "UNAVAILABLE" in error["message"] and "gone" in error["message"]
-        scheduler.answers = False
+        generator.replicas.replicas[0].serving = False  # what its health watch does when it goes away
         error_of(await c.get("/health"), 503, "service_unavailable_error")
+        error = error_of(await c.post("/v1/completions", json=_scripted_body()), 503, "service_unavailable_error")
+        assert "no scheduler replica is SERVING" in error["message"]
 
 
 async def test_a_failure_after_the_first_event_is_an_error_event_then_done(scripted) -> None:

@@ -23,7 +23,8 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 def stack(default_model_dir: Path) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
     config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir
+        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
+        metrics_port=0,
     )
     with Stack(config) as s:
         yield s
@@ -172,6 +173,6 @@ def test_models_health_and_metrics(client: openai.OpenAI, stack: Stack, model: s
     }
     assert samples[("apex_http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] >= 1
     assert samples[("apex_http_requests_total", (("endpoint", "unmatched"), ("status", "404")))] >= 1
-    assert samples[("apex_prompt_tokens_total", ())] >= done.usage.prompt_tokens
-    assert samples[("apex_generation_tokens_total", ())] >= done.usage.completion_tokens
+    assert samples[("apex_http_prompt_tokens_total", ())] >= done.usage.prompt_tokens
+    assert samples[("apex_http_generation_tokens_total", ())] >= done.usage.completion_tokens
     assert samples[("apex_requests_in_flight", ())] == 0

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,8 @@ PROMPTS = [f"Request {i}: " + "the quick brown fox é€ " * (i % 5) for i in ra
 def _start(model_dir: Path, **overrides: object) -> Iterator[Stack]:
     run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
     config = StackConfig(
-        model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir, **overrides
+        model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
+        metrics_port=rpc.free_tcp_port(), **overrides
     )
     with Stack(config) as stack:
         yield stack
@@ -143,6 +145,37 @@ async def test_apex_spills_requests_to_the_cpu_pool_and_loses_no_token(
     assert stats.cost_model_error, "no prediction error was recorded"
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_free_cpu_blocks == stats.num_total_cpu_blocks > 0
+    assert stats.num_finished == len(PROMPTS) and stats.generation_tokens == 24 * len(PROMPTS)
+    with_cpu = [it for it in stats.recent_iterations if it.cpu_rows]
+    assert all(it.overlap.cpu_attention_ns > 0 and 0.0 <= it.overlap.hidden_ratio <= 1.0 for it in with_cpu)
+    timeline = stats.latest_timeline
+    assert timeline.step_id % 16 == 0 and timeline.subtasks, "no sampled iteration's timeline (every 16th)"
+    assert all(timeline.start_unix_ns - 5_000_000 <= s.start_unix_ns <= s.end_unix_ns for s in timeline.subtasks)
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of one sample line `name value` in a Prometheus exposition."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_apex_stack_exports_prometheus_metrics_of_the_requests_and_iterations(tiny_pool_apex_stack: Stack) -> None:
+    """Runs after the spill test: its 16 requests are in the counters."""
+    url = f"http://{tiny_pool_apex_stack.config.metrics_address}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    assert _metric(text, "apex_time_to_first_token_seconds_count") >= len(PROMPTS)
+    assert _metric(text, "apex_e2e_request_latency_seconds_count") >= len(PROMPTS)
+    assert _metric(text, "apex_request_queue_time_seconds_count") >= len(PROMPTS)
+    assert _metric(text, "apex_inter_token_latency_seconds_count") >= 23 * len(PROMPTS)
+    assert _metric(text, "apex_generation_tokens_total") >= 24 * len(PROMPTS)
+    assert _metric(text, 'apex_request_success_total{finished_reason="length"}') >= len(PROMPTS)
+    assert _metric(text, 'apex_iterations_total{mode="async_overlap"}') > 0
+    assert _metric(text, "apex_iteration_overlap_ratio_count") > 0
+    assert 0 < _metric(text, "apex_cpu_attention_hidden_seconds_total") <= _metric(
+        text, "apex_cpu_attention_seconds_total")
+    assert _metric(text, 'apex_kv_cache_usage_perc{pool="cpu"}') == 0.0  # all finished: the pools are free
+    assert 'apex_cost_model_mape{mode="async_overlap"}' in text
+    assert _metric(text, "apex_num_requests_running") == 0
 
 
 BAD_REQUESTS = [

@@ -73,7 +73,7 @@ def run(streams: int, new_tokens: int, rounds: int) -> dict:
         prompt_ids = [tokenizer.encode(p).ids for p in prompts]
         config = StackConfig(
             model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run",
-            max_num_seqs=streams,
+            max_num_seqs=streams, metrics_port=0,
         )
         with Stack(config) as stack:
             scheduler = rpc.unix_address(f"{tmp}/run", "scheduler")

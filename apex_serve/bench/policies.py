@@ -142,10 +142,13 @@ class Stack:
     def address(self, name: str) -> str:
         return rpc.unix_address(self.run_dir, name)
 
-    def start(self, module: str, name: str, args: Sequence[str], on_device: bool = False) -> subprocess.Popen:
-        """Start `python -m module --address <name's socket> args` and wait until it is SERVING."""
+    def start(self, module: str, name: str, args: Sequence[str], on_device: bool = False,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start `python -m module --address <name's socket> args` (env: variables on top of ours) and wait until it
+        is SERVING."""
         address = self.address(name)
         process = subprocess.Popen([sys.executable, "-m", module, "--address", address, *args],
+                                   env={**os.environ, **env} if env else None,
                                    **pinned(self.device_cpu if on_device else self.host_cpu))
         self._processes.append(process)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -190,13 +193,14 @@ def cpu_blocks(preset: Preset) -> int:
     return math.ceil(CPU_POOL_HEADROOM * max(w.working_set_tokens() for w in preset.workloads) / BLOCK_SIZE)
 
 
-def start_gpu_worker(stack: Stack, model_dir: Path, num_kv_blocks: int, preset: Preset) -> subprocess.Popen:
+def start_gpu_worker(stack: Stack, model_dir: Path, num_kv_blocks: int, preset: Preset,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen:
     return stack.start("gpu_worker", "gpu", [
         "--model-dir", str(model_dir), "--device", "cpu", "--num-threads", "1",
         "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(num_kv_blocks),
         "--cpu-worker-address", stack.address("cpu"), "--cpu-num-kv-blocks", str(cpu_blocks(preset)),
         "--cpu-max-rows", str(preset.max_num_seqs),
-    ], on_device=True)
+    ], on_device=True, env=env)
 
 
 def worker_info(address: str) -> WorkerInfo:

@@ -116,7 +116,7 @@ def run(
             del hf_model
             config = StackConfig(
                 model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run", worker_threads=threads,
-                pin_cpus=pin_cpus,
+                pin_cpus=pin_cpus, metrics_port=0,
             )
             with Stack(config) as stack:
                 for batch in batches:

@@ -163,7 +163,9 @@ void bind_serving(py::module_& m) {
              py::call_guard<py::gil_scoped_release>(),
              "Blocks until request seq is served; DataPlaneError on timeout, a dead or stopped server, or a "
              "rejected request.")
-        .def("busy_ns", &DoorbellClient::busy_ns, py::arg("slot"));
+        .def("busy_ns", &DoorbellClient::busy_ns, py::arg("slot"))
+        .def("served_interval", &DoorbellClient::served_interval, py::arg("seq"),
+             "(start_ns, end_ns) on CLOCK_MONOTONIC of a served request; valid until 8 more are rung.");
 }
 
 }  // namespace apex_serve::cpu_attention::bindings

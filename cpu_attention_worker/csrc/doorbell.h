@@ -22,7 +22,7 @@ constexpr size_t kDoorbellBytes = 4096;
 constexpr size_t kCacheLine = 64;
 constexpr uint32_t kRingEntries = 8;  // requests the client may have outstanding
 constexpr uint32_t kMaxSlots = 8;
-constexpr size_t kMessageBytes = 244;
+constexpr size_t kMessageBytes = 224;
 
 enum class ServerState : uint32_t { kCreated = 0, kRunning = 1, kStopped = 2 };
 enum class RequestStatus : uint32_t { kOk = 0, kRejected = 1 };
@@ -37,12 +37,15 @@ struct alignas(kCacheLine) Word64 {
     std::atomic<uint64_t> value;
 };
 
-// One request, written by the client before it publishes ring_seq; status and message written
-// by the server before it publishes done_seq.
+// One request, written by the client before it publishes ring_seq; status, the serving interval
+// and message written by the server before it publishes done_seq.
 struct alignas(kCacheLine) RingEntry {
     uint32_t slot;
     uint32_t layer;
     uint32_t status;                // RequestStatus
+    uint32_t reserved;
+    uint64_t start_ns;              // CLOCK_MONOTONIC (steady_clock) when serving began and ended: the
+    uint64_t end_ns;                // client reads them for its per-layer timeline, no clock of its own
     char message[kMessageBytes];    // NUL-terminated reason when status is kRejected
 };
 

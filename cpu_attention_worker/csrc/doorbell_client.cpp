@@ -98,6 +98,14 @@ uint64_t DoorbellClient::busy_ns(uint32_t slot) const {
     return d_->busy_ns[slot].value.load(std::memory_order_relaxed);
 }
 
+std::pair<uint64_t, uint64_t> DoorbellClient::served_interval(uint32_t seq) const {
+    if (!seq_reached(d_->done_seq.value.load(std::memory_order_acquire), seq)) {
+        throw std::invalid_argument("seq: " + std::to_string(seq) + " has not been served yet");
+    }
+    const RingEntry& entry = d_->ring[seq % kRingEntries];
+    return {entry.start_ns, entry.end_ns};
+}
+
 std::string DoorbellClient::describe(uint32_t seq) const {
     const RingEntry& entry = d_->ring[seq % kRingEntries];
     std::ostringstream out;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "doorbell.h"
 
@@ -26,6 +27,9 @@ public:
     // its entry (and so its error status) is reused after that.
     void wait(uint32_t seq, double timeout_s);
     uint64_t busy_ns(uint32_t slot) const;
+    // When the server began and ended serving seq (CLOCK_MONOTONIC ns). Valid after wait(seq) and until
+    // kRingEntries more requests are rung.
+    std::pair<uint64_t, uint64_t> served_interval(uint32_t seq) const;
 
 private:
     std::string describe(uint32_t seq) const;  // "layer L (slot S, seq N)"

@@ -107,8 +107,12 @@ void ServingLoop::serve(uint32_t seq) {
         std::snprintf(entry.message, kMessageBytes, "%s", problem.c_str());
         entry.status = static_cast<uint32_t>(RequestStatus::kRejected);
     }
+    const auto end = Clock::now();
+    entry.start_ns = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count());
+    entry.end_ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(end.time_since_epoch()).count());
     if (entry.slot < g_.num_slots) {
-        const auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+        const auto elapsed = std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count();
         std::atomic<uint64_t>& busy = d.busy_ns[entry.slot].value;
         busy.store(busy.load(std::memory_order_relaxed) + static_cast<uint64_t>(elapsed), std::memory_order_relaxed);
     }

@@ -1,5 +1,6 @@
 """The FastAPI app of the OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models
-(each behind the API key when keys are configured), /health and /metrics."""
+(each behind the API key when keys are configured), /health, /metrics, and the /dashboard page with
+its data (the data behind the API key too)."""
 
 import time
 
@@ -8,7 +9,7 @@ from fastapi import FastAPI
 from apex_serve import __version__
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
-from gateway.http_api import chat, completions, model_list, probes
+from gateway.http_api import chat, completions, dashboard, model_list, probes
 from gateway.http_api.errors import install_error_handlers
 from gateway.http_api.metrics import HttpMetrics, RequestCounter
 
@@ -29,6 +30,6 @@ def create_app(generator: Generator, config: GatewayConfig) -> FastAPI:
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
-    for router in (completions.router, chat.router, model_list.router, probes.router):
+    for router in (completions.router, chat.router, model_list.router, probes.router, dashboard.router):
         app.include_router(router)
     return app

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads the response; it shows in the metrics
 _APEX_STATUS: tuple[tuple[type[errors.ApexError], int], ...] = (
     (errors.InvalidArgument, 400), (errors.NotFound, 404), (errors.ResourceExhausted, 429),
-    (errors.FailedPrecondition, 503),
+    (errors.FailedPrecondition, 503), (errors.Unavailable, 503),
 )
 _GRPC_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,

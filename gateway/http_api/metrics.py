@@ -1,4 +1,5 @@
-"""Prometheus metrics of the HTTP front end, in a registry per app (issue 8 adds the engine's)."""
+"""Prometheus metrics of the HTTP front end, in a registry per app; the engine's are the scheduler's
+(scheduler_service/metrics.py, docs/observability.md)."""
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.routing import BaseRoute
@@ -19,10 +20,10 @@ class HttpMetrics:
             ["endpoint", "status"], registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "apex_prompt_tokens", "Prompt tokens of finished HTTP generations", registry=self.registry
+            "apex_http_prompt_tokens", "Prompt tokens of finished HTTP generations", registry=self.registry
         )
         self.generation_tokens = Counter(
-            "apex_generation_tokens", "Tokens generated for finished HTTP generations", registry=self.registry
+            "apex_http_generation_tokens", "Tokens generated for finished HTTP generations", registry=self.registry
         )
         in_flight = Gauge(
             "apex_requests_in_flight", "Generations in flight in the gateway (gRPC and HTTP)", registry=self.registry

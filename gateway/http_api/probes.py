@@ -1,4 +1,4 @@
-"""GET /health (200 when the scheduler answers, else 503) and GET /metrics (Prometheus text); both
+"""GET /health (200 while a scheduler replica is SERVING, else 503) and GET /metrics (Prometheus text); both
 stay open when API keys are configured, as load balancers and scrapers expect."""
 
 from fastapi import APIRouter
@@ -13,7 +13,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(gen: GeneratorDep) -> JSONResponse:
     if not await gen.ready():
-        return error_response(503, "the scheduler does not answer")
+        return error_response(503, "no scheduler replica is SERVING")
     return JSONResponse({"status": "ok"})
 
 

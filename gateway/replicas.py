@@ -1,0 +1,295 @@
+"""The scheduler replicas behind one gateway (DESIGN §9): each new request goes to the SERVING replica
+with the fewest requests this gateway has in flight on it (exact counts, no polling), ties broken
+round-robin; a Submit that fails UNAVAILABLE before its first token is retried once on another replica;
+Abort goes to the replica that holds the request."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
+
+from apex_serve import convert, rpc, tracing
+from apex_serve.errors import Unavailable
+from apex_serve.types import WorkerInfo
+from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CLOSE_WAIT_S = 1.0  # how long the end of a Submit stream is awaited after its last message
+HEALTH_RETRY_S = 0.5  # between attempts to re-open the health watch of a replica that went away
+# A replica that comes back is reconnected within seconds, not gRPC's default of up to two minutes.
+_CHANNEL_OPTIONS = [*rpc.CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 2000)]
+_SAME_MODEL_FIELDS = ("model_config_hash", "vocab_size", "max_model_len")
+
+
+class ReplicaMismatch(ValueError):
+    """The replicas do not serve the same model; the message names the replica and the field."""
+
+
+@dataclass
+class Replica:
+    """One scheduler replica, and what this gateway knows of it without asking it."""
+
+    address: str
+    scheduler: scheduler_pb2_grpc.SchedulerStub
+    health: health_pb2_grpc.HealthStub | None = None  # None: never watched, `serving` is set by its owner
+    serving: bool = True
+    in_flight: int = 0  # requests of this gateway running there now
+    submitted: int = 0  # requests sent there since start (retries included)
+    completed: int = 0  # of them, those that ended (finished, failed or cancelled)
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    """A replica's routing counters and its scheduler's GetStats (None when it did not answer)."""
+
+    address: str
+    serving: bool
+    in_flight: int
+    submitted: int
+    completed: int
+    stats: scheduler_pb2.SchedulerStats | None
+    error: str = ""
+
+
+def check_same_model(infos: Sequence[tuple[str, WorkerInfo]]) -> None:
+    """Raises ReplicaMismatch naming the first replica whose model differs from the first one's."""
+    first_address, first = infos[0]
+    for address, info in infos[1:]:
+        for name in _SAME_MODEL_FIELDS:
+            theirs, ours = getattr(info, name), getattr(first, name)
+            if theirs != ours:
+                raise ReplicaMismatch(
+                    f"scheduler_address: replica {address} serves a different model than {first_address}: "
+                    f"{name} {theirs!r} != {ours!r}"
+                )
+
+
+class Replicas:
+    def __init__(self, replicas: Sequence[Replica]) -> None:
+        if not replicas:
+            raise ValueError("replicas: need at least one scheduler replica")
+        self.replicas = tuple(replicas)
+        self._cursor = 0  # round-robin start among equally loaded replicas
+        self._holders: dict[str, Replica] = {}  # request id -> the replica running it
+        self._channels: list[grpc.aio.Channel] = []
+        self._watchers: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def connect(cls, addresses: Sequence[str], timeout_s: float) -> tuple["Replicas", WorkerInfo]:
+        """Waits until every replica is SERVING, checks they serve the same model, and watches their
+        health. Returns the replicas and the (common) worker info; raises ReplicaMismatch or TimeoutError."""
+        await asyncio.gather(*(rpc.wait_healthy(a, timeout_s=timeout_s) for a in addresses))
+        channels = [
+            grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
+            for a in addresses
+        ]
+        replicas = [
+            Replica(a, scheduler_pb2_grpc.SchedulerStub(c), health_pb2_grpc.HealthStub(c))
+            for a, c in zip(addresses, channels, strict=True)
+        ]
+        routed = cls(replicas)
+        routed._channels = channels
+        try:
+            replies = await asyncio.gather(
+                *(r.scheduler.GetWorkerInfo(gpu_worker_pb2.GetWorkerInfoRequest()) for r in replicas)
+            )
+            infos = [convert.worker_info_from_pb(reply) for reply in replies]
+            check_same_model(list(zip(addresses, infos, strict=True)))
+        except BaseException:
+            await routed.close()
+            raise
+        routed._watchers = [asyncio.create_task(routed._watch(r), name=f"health {r.address}") for r in replicas]
+        return routed, infos[0]
+
+    @property
+    def serving(self) -> bool:
+        return any(r.serving for r in self.replicas)
+
+    def pick(self, exclude: Replica | None = None) -> Replica | None:
+        """The SERVING replica with the fewest requests in flight (round-robin among equals), or None."""
+        candidates = [(i, r) for i, r in enumerate(self.replicas) if r.serving and r is not exclude]
+        if not candidates:
+            return None
+        least = min(r.in_flight for _, r in candidates)
+        n = len(self.replicas)
+        index, choice = min(
+            ((i, r) for i, r in candidates if r.in_flight == least), key=lambda ir: (ir[0] - self._cursor) % n
+        )
+        self._cursor = (index + 1) % n
+        return choice
+
+    def submit(
+        self, request: scheduler_pb2.SubmitRequest, trace_context: otel_context.Context | None = None
+    ) -> "RoutedCall":
+        """Sends the request to the least-loaded replica (its Submit calls made in trace_context, when given);
+        raises Unavailable when none is SERVING."""
+        replica = self.pick()
+        if replica is None:
+            raise Unavailable(f"no scheduler replica is SERVING ({', '.join(r.address for r in self.replicas)})")
+        return RoutedCall(self, request, replica, trace_context)
+
+    def hold(self, request_id: str, replica: Replica) -> None:
+        replica.in_flight += 1
+        replica.submitted += 1
+        self._holders[request_id] = replica
+
+    def release(self, request_id: str, replica: Replica) -> None:
+        replica.in_flight -= 1
+        replica.completed += 1
+        if self._holders.get(request_id) is replica:
+            del self._holders[request_id]
+
+    async def abort(self, request_id: str) -> bool:
+        """Aborts on the replica holding the request; a request this gateway does not hold (another
+        gateway's, or finished) is asked of every SERVING replica. False when none had it."""
+        holder = self._holders.get(request_id)
+        targets = [holder] if holder is not None else [r for r in self.replicas if r.serving]
+        replies = await asyncio.gather(
+            *(r.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=request_id)) for r in targets),
+            return_exceptions=True,
+        )
+        if any(not isinstance(reply, BaseException) and reply.aborted for reply in replies):
+            return True
+        failures = [reply for reply in replies if isinstance(reply, BaseException)]
+        if failures and len(failures) == len(replies):
+            raise failures[0]  # nobody could say: the caller learns why
+        return False
+
+    async def snapshot(self, timeout_s: float = 2.0) -> list[ReplicaSnapshot]:
+        """Every replica's counters and GetStats, asked concurrently."""
+        replies = await asyncio.gather(
+            *(r.scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=timeout_s) for r in self.replicas),
+            return_exceptions=True,
+        )
+        snapshots = []
+        for replica, reply in zip(self.replicas, replies, strict=True):
+            if isinstance(reply, grpc.aio.AioRpcError):
+                stats, error = None, f"{reply.code().name}: {reply.details()}"
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                stats, error = reply, ""
+            snapshots.append(
+                ReplicaSnapshot(
+                    replica.address, replica.serving, replica.in_flight, replica.submitted, replica.completed,
+                    stats, error,
+                )
+            )
+        return snapshots
+
+    async def _watch(self, replica: Replica) -> None:
+        """Follows the replica's grpc.health.v1 status; a broken watch counts as NOT_SERVING until it
+        can be opened again."""
+        assert replica.health is not None
+        while True:
+            try:
+                async for reply in replica.health.Watch(health_pb2.HealthCheckRequest(service="")):
+                    self._set_serving(replica, reply.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError as exc:
+                if replica.serving:
+                    logger.warning("replica %s: health watch failed (%s)", replica.address, exc.code().name)
+            self._set_serving(replica, False)
+            await asyncio.sleep(HEALTH_RETRY_S)
+
+    @staticmethod
+    def _set_serving(replica: Replica, serving: bool) -> None:
+        if serving != replica.serving:
+            logger.info("replica %s is %s", replica.address, "SERVING" if serving else "NOT_SERVING")
+        replica.serving = serving
+
+    async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self._channels))
+        self._watchers, self._channels = [], []
+
+
+async def _read_to_end_after_last(
+    msg: scheduler_pb2.SubmitResponse, messages: AsyncIterator[scheduler_pb2.SubmitResponse]
+) -> scheduler_pb2.SubmitResponse:
+    """The scheduler closes the stream right after a request's last message. Reading to that close before handing the
+    last message on lets the call complete with OK instead of being cancelled by a caller that stops reading: its
+    trace span ends, and the scheduler's handler returns rather than being interrupted."""
+    if msg.finished:
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                async for _ in messages:
+                    pass
+        except TimeoutError:
+            logger.warning("a scheduler kept a stream open %.1f s past its last message", CLOSE_WAIT_S)
+    return msg
+
+
+class RoutedCall:
+    """One Submit stream on the replica it was routed to. Iterate it for the scheduler's messages;
+    cancel() ends it (a no-op when it is done) and frees its place in the replica's count."""
+
+    def __init__(
+        self, replicas: Replicas, request: scheduler_pb2.SubmitRequest, replica: Replica,
+        trace_context: otel_context.Context | None = None,
+    ) -> None:
+        self._replicas = replicas
+        self._request = request
+        self._trace_context = trace_context
+        self._released = True
+        self._start(replica)
+
+    def _start(self, replica: Replica) -> None:
+        self.replica = replica
+        self._replicas.hold(self._request.request_id, replica)
+        self._released = False
+        # the tracing interceptor reads the context when the call is made: a retry is the request span's child too
+        token = None if self._trace_context is None else otel_context.attach(self._trace_context)
+        try:
+            self._call = replica.scheduler.Submit(self._request)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._replicas.release(self._request.request_id, self.replica)
+
+    def _reroute(self, exc: grpc.aio.AioRpcError) -> bool:
+        """After UNAVAILABLE before any token: Submit again on another SERVING replica, if there is one."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        other = self._replicas.pick(exclude=self.replica)
+        if other is None:
+            return False
+        logger.warning(
+            "request %s: replica %s UNAVAILABLE before the first token (%s); retrying on %s",
+            self._request.request_id, self.replica.address, exc.details(), other.address,
+        )
+        self._release()
+        self._start(other)
+        return True
+
+    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+        try:
+            messages = aiter(self._call)
+            try:
+                first = await anext(messages, None)
+            except grpc.aio.AioRpcError as exc:
+                if not self._reroute(exc):
+                    raise
+                messages = aiter(self._call)
+                first = await anext(messages, None)
+            if first is None:
+                return
+            yield await _read_to_end_after_last(first, messages)
+            async for msg in messages:
+                yield await _read_to_end_after_last(msg, messages)
+        finally:
+            self._release()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._release()
