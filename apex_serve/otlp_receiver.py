@@ -52,16 +52,19 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._executor: futures.ThreadPoolExecutor | None = None
         self._changed = threading.Condition()
         self._requests: list[ExportTraceServiceRequest] = []
+        self._count = 0  # spans kept
+        # flattened only when read: Export stays cheap, so a receiver sharing cores with the stack perturbs it less
         self._spans: list[Span] = []
+        self._num_flattened = 0  # requests already in _spans
         self._dropped = 0
 
     def Export(self, request: ExportTraceServiceRequest, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         with self._changed:
-            dropped = _trim(request, self.max_spans - len(self._spans))
-            spans = flatten(request)
-            if spans:
+            dropped = _trim(request, self.max_spans - self._count)
+            kept = sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+            if kept:
                 self._requests.append(request)
-                self._spans.extend(spans)
+                self._count += kept
             if dropped:
                 if not self._dropped:
                     logger.warning("span limit %d reached: dropping further spans", self.max_spans)
@@ -112,7 +115,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def spans(self) -> list[Span]:
         """A snapshot of the spans received so far, in arrival order."""
         with self._changed:
-            return list(self._spans)
+            return list(self._flattened())
 
     @property
     def dropped_spans(self) -> int:
@@ -122,7 +125,14 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def wait_until(self, predicate: SpanPredicate, timeout_s: float) -> bool:
         """Block until `predicate(spans)` holds (True) or `timeout_s` passes (False)."""
         with self._changed:
-            return self._changed.wait_for(lambda: predicate(self._spans), timeout=timeout_s)
+            return self._changed.wait_for(lambda: predicate(self._flattened()), timeout=timeout_s)
+
+    def _flattened(self) -> list[Span]:
+        """Every span kept, flattening the requests that arrived since the last read (call with the lock held)."""
+        for request in self._requests[self._num_flattened:]:
+            self._spans.extend(flatten(request))
+        self._num_flattened = len(self._requests)
+        return self._spans
 
     def write_json(self, path: str | Path) -> Path:
         """The received requests as OTLP JSON lines (hex ids), readable by `apex-serve trace-report`."""

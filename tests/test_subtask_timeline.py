@@ -5,14 +5,17 @@ import dataclasses
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from apex_serve.bench.hybrid_driver import HybridDriver
 from apex_serve.types import ExecutionMode, Placement, StepOutput, SubtaskKind
 from test_hybrid_execution import make_runner, prompts
 
 
-def sampled_steps(model_dir: Path, cpu_address: str, mode: ExecutionMode, record: bool) -> list[StepOutput]:
+def sampled_steps(model_dir: Path, cpu_address: str, mode: ExecutionMode, record: bool,
+                  device: str = "cpu") -> list[StepOutput]:
     """Prefill 4 requests (CPU and accelerator alternating, two sub-batches), then 3 decode steps."""
-    runner = make_runner(model_dir, cpu_address)
+    runner = make_runner(model_dir, cpu_address, device=device)
     driver = HybridDriver(runner)
     try:
         for i, prompt in enumerate(prompts()[:4]):
@@ -61,3 +64,13 @@ def test_asym_pipeline_sampled_step_records_both_sub_batches_cpu_attention(
 def test_unsampled_steps_return_no_subtasks(mha_model_dir: Path, cpu_worker: str) -> None:
     outputs = sampled_steps(mha_model_dir, cpu_worker, ExecutionMode.ASYNC_OVERLAP, record=False)
     assert all(not o.subtasks and o.timings.start_unix_ns > 0 for o in outputs)
+
+
+@pytest.mark.gpu
+def test_cuda_sampled_step_intervals_cover_the_devices_work(mha_model_dir: Path, cpu_worker: str) -> None:
+    """On CUDA a sampled step synchronises at the end of each interval, so the intervals are the device's work and
+    still add up to the step's timings."""
+    out = sampled_steps(mha_model_dir, cpu_worker, ExecutionMode.ASYNC_OVERLAP, record=True, device="cuda")[-1]
+    total = sum(s.end_unix_ns - s.start_unix_ns for s in out.subtasks if s.kind is SubtaskKind.DEVICE_LINEAR)
+    assert total == out.timings.device_linear_ns > 0
+    assert {s.kind for s in out.subtasks} == set(SubtaskKind)
