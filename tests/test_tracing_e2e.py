@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from apex_serve import rpc
@@ -30,7 +31,7 @@ def traced(default_model_dir: Path) -> Iterator[tuple[Stack, OtlpReceiver]]:
             "OTEL_BSP_SCHEDULE_DELAY": "100",  # export every 100 ms, not every 5 s
         }
         config = StackConfig(
-            model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=0, metrics_port=0,
+            model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), metrics_port=0,
             run_dir=tempfile.mkdtemp(prefix="apx-", dir="/tmp"), num_kv_blocks=12, policy="apex",
             sample_layers_every=SAMPLE_EVERY,
         )
@@ -39,6 +40,10 @@ def traced(default_model_dir: Path) -> Iterator[tuple[Stack, OtlpReceiver]]:
                 # at once: together they overflow the 12-block accelerator pool, so apex puts rows on the CPU
                 list(pool.map(lambda i: client.generate(f"request {i} " * (i + 1), max_tokens=MAX_TOKENS,
                                                         temperature=0.0, ignore_eos=True), range(NUM_REQUESTS)))
+            chat = httpx.post(f"http://{config.http_address}/v1/chat/completions", timeout=60, json={
+                "model": Path(config.model_dir).name, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3, "stop": ["zz"]})
+            assert chat.status_code == 200, chat.text
             assert receiver.wait_until(_all_arrived, timeout_s=30), "the services did not export the expected spans"
             yield stack, receiver
 
@@ -81,7 +86,7 @@ def _all_arrived(spans: list[Span]) -> bool:
     """Every request's spans on both sides, and spans of sampled iterations from the scheduler and the worker."""
     iterations = {s.span_id for s in spans if s.name == "apex.iteration"}
     subtask_parents = {s.parent_span_id for s in spans if s.name in SUBTASKS}
-    return (len(_request_spans(spans)) >= NUM_REQUESTS and len(_submit_spans(spans)) >= NUM_REQUESTS
+    return (len(_request_spans(spans)) >= NUM_REQUESTS + 1 and len(_submit_spans(spans)) >= NUM_REQUESTS + 1
             and bool(subtask_parents) and subtask_parents <= iterations
             and iterations <= set(_iterations_of_worker_steps(spans))
             and any(s.service_name == "apex-gpu-worker" for s in spans))
@@ -89,7 +94,7 @@ def _all_arrived(spans: list[Span]) -> bool:
 
 def test_request_spans_carry_the_genai_attributes(traced: tuple[Stack, OtlpReceiver]) -> None:
     stack, receiver = traced
-    requests = _request_spans(receiver.spans)
+    requests = [s for s in _request_spans(receiver.spans) if s.attributes["gen_ai.operation.name"] != "chat"]
     assert len(requests) == NUM_REQUESTS
     model = Path(stack.config.model_dir).name
     for span in requests:
@@ -98,6 +103,18 @@ def test_request_spans_carry_the_genai_attributes(traced: tuple[Stack, OtlpRecei
         assert a["gen_ai.request.model"] == model and a["gen_ai.request.max_tokens"] == MAX_TOKENS
         assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] == MAX_TOKENS
         assert list(a["gen_ai.response.finish_reasons"]) == ["length"]
+
+
+def test_an_http_chat_request_has_a_chat_span_with_its_stop_sequences_and_usage(
+    traced: tuple[Stack, OtlpReceiver],
+) -> None:
+    stack, receiver = traced
+    model = Path(stack.config.model_dir).name
+    (chat,) = [s for s in _request_spans(receiver.spans) if s.attributes["gen_ai.operation.name"] == "chat"]
+    assert chat.name == f"chat {model}" and chat.attributes["gen_ai.request.max_tokens"] == 3
+    assert list(chat.attributes["gen_ai.request.stop_sequences"]) == ["zz"]
+    assert chat.attributes["gen_ai.usage.output_tokens"] <= 3
+    assert list(chat.attributes["gen_ai.response.finish_reasons"])[0] in ("stop", "length")
 
 
 def test_scheduler_submit_spans_are_descendants_of_the_gateway_request_spans(
