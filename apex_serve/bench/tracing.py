@@ -13,6 +13,9 @@ Measured per run: output tokens/s (all tokens / first submit to last token, the 
 the median of each side and their ratio (target >= 0.97). Then the traced runs' spans are written as OTLP JSON and
 `apex-serve trace-report` renders them; per sampled iteration with CPU rows, the overlap computed from the subtask
 intervals is compared with the one the Step timings give for the same iteration.
+
+Beside it, without the stack and free of the machine's noise: the scheduler's CPU time per iteration for its spans
+(apex_serve/bench/span_cost.py), to set against the measured iteration time.
 """
 
 import argparse
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apex_serve.bench import policies as bench
+from apex_serve.bench import span_cost
 from apex_serve.bench.common import write_result
 from apex_serve.default_model import write_random_llama
 from apex_serve.logs import configure_logging
@@ -96,6 +100,7 @@ def agreement(trace_path: Path) -> dict:
 
 
 def run(preset: bench.Preset, rounds: int, out: Path, profile_dir: str | None) -> dict:
+    spans_cpu = span_cost.measure(rows=preset.max_num_seqs, layers=preset.spec.num_layers, every=SAMPLE_EVERY)
     run_dir = Path(tempfile.mkdtemp(prefix="apx-trc-", dir="/tmp"))
     stack = bench.Stack(run_dir)
     affinity = os.sched_getaffinity(0)
@@ -130,7 +135,7 @@ def run(preset: bench.Preset, rounds: int, out: Path, profile_dir: str | None) -
         "tokens_per_s_on_median": statistics.median(on),
         "on_over_off": ratio, "target_met": ratio >= 0.97, "spans": spans, "trace": str(trace_path),
         "report": str(out / "report"), "report_exit_code": report_code, "overlap_agreement": agreement(trace_path),
-        "lengths_ok": all(r["lengths_ok"] for r in runs),
+        "lengths_ok": all(r["lengths_ok"] for r in runs), "scheduler_span_cpu": spans_cpu,
     }
 
 
@@ -149,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(bench.PRESETS[args.preset], args.rounds, out, args.profile_dir)
-    logger.info("tracing on/off: %.1f / %.1f tok/s (medians) = %.3f (target >= 0.97); overlap agreement %s",
-                result["tokens_per_s_on_median"], result["tokens_per_s_off_median"], result["on_over_off"],
-                result["overlap_agreement"])
+    logger.info("tracing on/off: %.1f / %.1f tok/s (medians) = %.3f (target >= 0.97); overlap agreement %s; "
+                "the scheduler's spans: %.0f us of CPU per iteration", result["tokens_per_s_on_median"],
+                result["tokens_per_s_off_median"], result["on_over_off"], result["overlap_agreement"],
+                result["scheduler_span_cpu"]["added_us_per_iteration"])
     write_result(str(out / "tracing.json"), result)
     return 0 if result["lengths_ok"] and result["report_exit_code"] == 0 else 1
 
