@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from opentelemetry.trace import SpanContext
 
-from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepPlan
+from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
 from scheduler_service.iteration_spans import StepFn
 from scheduler_service.observer import EngineObserver
 from scheduler_service.scheduler import Scheduler
@@ -83,8 +83,7 @@ class EngineLoop:
                 continue
             plan = self.observer.sampled(plan)
             try:
-                output = await self.observer.step(plan, self._step)
-                outputs = self._scheduler.update_from_output(plan, output)
+                output, outputs = await self.observer.iterate(plan, self._iterate)
             except Exception as exc:  # the worker failed: fail what was in the step, keep serving
                 logger.exception("step %d failed", plan.step_id)
                 self._fail(plan, exc)
@@ -92,6 +91,10 @@ class EngineLoop:
             self.observer.stepped(plan, output, outputs)
             for out in outputs:
                 self._deliver(out)
+
+    async def _iterate(self, plan: StepPlan) -> tuple[StepOutput, list[RequestOutput]]:
+        output = await self._step(plan)
+        return output, self._scheduler.update_from_output(plan, output)
 
     def _deliver(self, out: RequestOutput) -> None:
         queue = self._streams.get(out.request_id)

@@ -1,6 +1,7 @@
 """OpenTelemetry spans of engine iterations (DESIGN §8): one `apex.iteration` span per step, linked to the spans of
-the requests it served, around the Step call (so the gpu_worker's SERVER span is its child); on sampled steps one
-child span per layer and subtask, with the times both workers recorded."""
+the requests it served, around the Step call and the scheduler's update (so the gpu_worker's SERVER span is its child,
+and the iteration record carries the measured overlap by its end); on sampled steps one child span per layer and
+subtask, with the times both workers recorded."""
 
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -9,10 +10,12 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from apex_serve import overlap
-from apex_serve.types import StepOutput, StepPlan, Subtask
+from apex_serve.types import RequestOutput, StepOutput, StepPlan, Subtask
 from scheduler_service.iteration_record import IterationRecord
 
 StepFn = Callable[[StepPlan], Awaitable[StepOutput]]
+# one iteration: the worker's Step, then the scheduler's update from its output
+IterateFn = Callable[[StepPlan], Awaitable[tuple[StepOutput, list[RequestOutput]]]]
 
 
 def _record_attributes(plan: StepPlan, record: IterationRecord | None) -> dict[str, int | str | bool]:
@@ -40,20 +43,21 @@ class IterationSpans:
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
 
-    async def step(
-        self, plan: StepPlan, record: IterationRecord | None, requests: Iterable[SpanContext], step: StepFn
-    ) -> StepOutput:
+    async def iterate(
+        self, plan: StepPlan, record: IterationRecord | None, requests: Iterable[SpanContext], iterate: IterateFn
+    ) -> tuple[StepOutput, list[RequestOutput]]:
         links = [Link(context) for context in requests if context.is_valid]
         span = self._tracer.start_span(
             "apex.iteration", kind=SpanKind.INTERNAL, links=links, attributes=_record_attributes(plan, record),
             start_time=time.time_ns(),
         )
         with trace.use_span(span, end_on_exit=True):
-            output = await step(plan)
-            span.set_attributes(_overlap_attributes(overlap.from_timings(output.timings)))
+            output, outputs = await iterate(plan)
+            if record is not None and record.overlap is not None:
+                span.set_attributes(_overlap_attributes(record.overlap))
             span.set_attribute("apex.iteration.measured_ns", output.timings.total_ns)
             self._subtask_spans(span, output.subtasks)
-        return output
+        return output, outputs
 
     def _subtask_spans(self, parent: trace.Span, subtasks: Iterable[Subtask]) -> None:
         context = trace.set_span_in_context(parent)

@@ -11,8 +11,7 @@ from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
 from apex_serve import overlap
 from apex_serve.types import ExecutionMode, FinishReason, RequestOutput, StepOutput, StepPlan, Subtask
-from scheduler_service.iteration_record import IterationRecord
-from scheduler_service.iteration_spans import IterationSpans, StepFn
+from scheduler_service.iteration_spans import IterateFn, IterationSpans
 from scheduler_service.metrics import EngineMetrics
 from scheduler_service.scheduler import Scheduler
 
@@ -71,8 +70,8 @@ class EngineObserver:
             return replace(plan, record_subtasks=True)
         return plan
 
-    async def step(self, plan: StepPlan, step: StepFn) -> StepOutput:
-        """Runs the step (in an iteration span when tracing is on); marks first-scheduled times."""
+    async def iterate(self, plan: StepPlan, iterate: IterateFn) -> tuple[StepOutput, list[RequestOutput]]:
+        """Runs the iteration (in an iteration span when tracing is on); marks first-scheduled times."""
         now = time.monotonic()
         for new in plan.new_requests:
             times = self._requests.get(new.request_id)
@@ -81,27 +80,24 @@ class EngineObserver:
                 if self.metrics is not None:
                     self.metrics.queue.observe(now - times.arrival)
         if self._spans is None or plan.is_empty:  # a plan that only frees requests is no iteration
-            return await step(plan)
-        record = self._iteration_record(plan)
+            return await iterate(plan)
         contexts = [self._requests[r].trace_context for r in _request_ids(plan) if r in self._requests]
-        return await self._spans.step(plan, record, contexts, step)
+        return await self._spans.iterate(plan, self._scheduler.record_of(plan), contexts, iterate)
 
     def stepped(self, plan: StepPlan, output: StepOutput, outputs: Sequence[RequestOutput]) -> None:
-        """After update_from_output: the iteration's overlap and metrics, and each request's latencies."""
+        """After update_from_output: the iteration's metrics, its timeline when sampled, and each request's
+        latencies."""
         if plan.is_empty:
             return
-        ov = overlap.from_timings(output.timings)
-        record = self._iteration_record(plan)
-        if record is not None:
-            record.overlap = ov
+        record = self._scheduler.record_of(plan)
         if output.subtasks:
             t = output.timings
             self.latest_timeline = IterationTimeline(
                 plan.step_id, plan.mode, t.start_unix_ns, t.start_unix_ns + t.total_ns, output.subtasks,
                 overlap.from_subtasks(output.subtasks),
             )
-        if self.metrics is not None:
-            self.metrics.iteration(plan.mode, output.timings.total_ns / 1e9, ov, record.preemptions if record else 0)
+        if self.metrics is not None and record is not None and record.overlap is not None:
+            self.metrics.iteration(plan.mode, output.timings.total_ns / 1e9, record.overlap, record.preemptions)
         now = time.monotonic()
         produced = 0
         for out in outputs:
@@ -134,10 +130,6 @@ class EngineObserver:
         self.num_finished += 1
         if self.metrics is not None:
             self.metrics.success.labels(reason.value).inc()
-
-    def _iteration_record(self, plan: StepPlan) -> IterationRecord | None:
-        record = self._scheduler.last_iteration
-        return record if record is not None and record.step_id == plan.step_id else None
 
     def _trim(self, now: float) -> None:
         while self._tokens and self._tokens[0][0] < now - TOKENS_WINDOW_S:

@@ -113,6 +113,13 @@ class _Predicting:
         return self._estimated(ExecutionMode.ASYM_PIPELINE, [a, b], k0 + k1, k1)
 
 
+def _device_attention(m: ComposedCostModel, c: Candidates) -> float:
+    """The accelerator's attention of one layer: the prefills' and the accelerator rows', at the fitted factor."""
+    costs = m.costs
+    gatt = costs.t_gatt(c.gpu_rows, c.gpu_rows * c.gpu_longest) if c.gpu_rows else 0.0
+    return m.factors.device_attention * (sum(costs.t_pref(n) for n in c.prefill_lens) + gatt)
+
+
 def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
     """c with more CPU candidates of these contexts at the back."""
     context = list(c.cpu_context)
@@ -173,9 +180,7 @@ class NeoPolicy(_Predicting):
             return k // 2, k - k // 2
         sync = costs.t_sync(0)
         tokens = sum(c.prefill_lens) + c.gpu_rows
-        dev0 = f.linear * costs.t_lin(tokens) + f.device_attention * (
-            sum(costs.t_pref(n) for n in c.prefill_lens)
-            + (costs.t_gatt(c.gpu_rows, c.gpu_rows * c.gpu_longest) if c.gpu_rows else 0.0))
+        dev0 = f.linear * costs.t_lin(tokens) + _device_attention(m, c)
         ctx = c.cpu_context
 
         def catt(start: int, k: int) -> float:
@@ -227,8 +232,7 @@ class ApexPolicy(NeoPolicy):
         m = self.model
         f, costs, qkv = m.factors, m.costs, m.model.qkv_fraction
         prefill = sum(c.prefill_lens)
-        fixed = f.device_attention * (sum(costs.t_pref(n) for n in c.prefill_lens)
-                                      + (costs.t_gatt(c.gpu_rows, c.gpu_rows * c.gpu_longest) if c.gpu_rows else 0.0))
+        fixed = _device_attention(m, c)
         sync = costs.t_sync(0)
 
         def fits(k: int) -> bool:

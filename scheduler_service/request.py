@@ -52,6 +52,11 @@ class Request:
         return self.num_tokens - 1
 
     @property
+    def lifetime_context(self) -> int:
+        """Its decode context halfway between now and its peak: the mean over the rest of its life."""
+        return (self.num_tokens + self.peak_tokens) // 2 + 1
+
+    @property
     def token_ids(self) -> tuple[int, ...]:
         return self.prompt_token_ids + tuple(self.output_token_ids)
 

@@ -20,14 +20,14 @@ The plan carries a request in full once (NewRequestData), then only what changed
 
 import logging
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import accumulate, islice
 
+from apex_serve import overlap
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
     CachedRequestData,
     ExecutionMode,
-    FinishReason,
     NewRequestData,
     Placement,
     RequestOutput,
@@ -44,10 +44,16 @@ from scheduler_service.iteration_shape import IterationShape
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import Candidates, Choice, make_policy
 from scheduler_service.request import Request, RequestStatus
+from scheduler_service.request_limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 RECENT_ITERATIONS = 256
 SWAP_IN_LOOKAHEAD = 8
+
+
+def _prefix_contexts(requests: Iterable[Request]) -> list[int]:
+    """Prefix sums of the requests' decode contexts (a row's context: its KV and its token)."""
+    return [0, *accumulate(r.num_tokens for r in requests)]
 
 
 class Scheduler:
@@ -61,11 +67,12 @@ class Scheduler:
             raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
         self.cost_model = cost_model
-        self._max_model_len = worker.max_model_len
-        self._vocab_size = worker.vocab_size
-        self._eos_token_ids = frozenset(worker.eos_token_ids)
         self._kv = KVManager(worker.num_kv_blocks, worker.num_cpu_kv_blocks if self.policy.uses_cpu else 0,
                              worker.block_size)
+        self.limits = RequestLimits(
+            worker.vocab_size, worker.max_model_len, config.max_num_batched_tokens,
+            max(self._kv.num_total(p) for p in Placement) * worker.block_size, frozenset(worker.eos_token_ids),
+        )
         self._max_cpu_rows = worker.cpu_max_rows
         self._max_cpu_requests = worker.cpu_max_rows * (config.max_sit_out + 1)  # each runs within max_sit_out
         self._requests: dict[str, Request] = {}  # waiting and running, by id
@@ -133,16 +140,15 @@ class Scheduler:
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Queue a request; InvalidArgument if it can never run, ResourceExhausted if the queue is full."""
-        prompt = tuple(prompt_token_ids)
-        # KV of every token but the last generated one, within the context length
-        peak = min(len(prompt) + sampling.max_tokens, self._max_model_len) - 1
-        self._validate(request_id, prompt, sampling, peak)
+        if not request_id:
+            raise InvalidArgument("request_id", "must not be empty")
+        if request_id in self._requests:
+            raise InvalidArgument("request_id", f"{request_id!r} is already waiting or running")
+        request = self.limits.new_request(request_id, prompt_token_ids, sampling)
         if len(self._waiting) >= self.config.max_queued_requests:
             raise ResourceExhausted(
                 f"{len(self._waiting)} requests are waiting (max_queued_requests {self.config.max_queued_requests})"
             )
-        stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self._eos_token_ids)
-        request = Request(request_id, prompt, sampling, peak, frozenset(stop))
         self._requests[request_id] = request
         self._waiting.append(request)
 
@@ -162,6 +168,11 @@ class Scheduler:
     @property
     def last_iteration(self) -> IterationRecord | None:
         return self.recent_iterations[-1] if self.recent_iterations else None
+
+    def record_of(self, plan: StepPlan) -> IterationRecord | None:
+        """The plan's iteration record, while it is the latest (None for a plan that ran no request)."""
+        record = self.last_iteration
+        return record if record is not None and record.step_id == plan.step_id else None
 
     def shape_of(self, plan: StepPlan) -> IterationShape | None:
         """The in-flight plan's iteration in the cost model's terms (None for an empty plan)."""
@@ -191,7 +202,7 @@ class Scheduler:
         gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
         admitted = self._admit(len(gpu_rows), gpu_longest)
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._max_cpu_rows))  # at most what one step stages
-        context = [0, *accumulate(r.num_tokens for r in cpu_candidates)]  # a row's context: its KV and its token
+        context = _prefix_contexts(cpu_candidates)
         forced = self._must_run()
         prefill_lens = [r.num_tokens for r in admitted]
         choice = self.policy.choose(
@@ -279,7 +290,7 @@ class Scheduler:
             token = output.sampled[request.request_id]
             logprob = output.logprobs.get(request.request_id)
             request.append_token(token)
-            reason = self._finish_reason(request, token)
+            reason = self.limits.finish_reason(request, token)
             if reason is not None:
                 self._finish(request)
             outputs.append(
@@ -296,45 +307,22 @@ class Scheduler:
         return outputs
 
     def _observe(self, plan: StepPlan, output: StepOutput) -> None:
-        """The measured time on the iteration's record, and into the cost model's online correction."""
-        record = self.last_iteration
+        """The measured time and overlap on the iteration's record, and the time into the cost model's online
+        correction."""
+        record = self.record_of(plan)
         measured = output.timings.total_ns
-        if record is None or record.step_id != plan.step_id or measured <= 0:
+        if record is None or measured <= 0:
             return
         prediction = self.prediction_of(plan)
         record.predicted_ns = None if prediction is None else prediction.total_ns
         record.measured_ns = float(measured)
+        record.overlap = overlap.from_timings(output.timings)
         shape = self.shape_of(plan)
         if self.cost_model is not None and shape is not None and prediction is not None:
             self.cost_model.observe(shape, prediction, output.timings)
         logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", plan.step_id,
                      record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
                      measured)
-
-    def _validate(self, request_id: str, prompt: tuple[int, ...], sampling: SamplingParams, peak: int) -> None:
-        if not request_id:
-            raise InvalidArgument("request_id", "must not be empty")
-        if request_id in self._requests:
-            raise InvalidArgument("request_id", f"{request_id!r} is already waiting or running")
-        if not prompt:
-            raise InvalidArgument("prompt", "must not be empty")
-        bad = next((t for t in prompt if not 0 <= t < self._vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument("prompt", f"token id {bad} is outside the vocabulary [0, {self._vocab_size})")
-        limit = min(self._max_model_len - 1, self.config.max_num_batched_tokens)
-        if len(prompt) > limit:
-            raise InvalidArgument(
-                "prompt",
-                f"{len(prompt)} tokens; the limit is {limit} (context length {self._max_model_len} less one "
-                f"for output, max_num_batched_tokens {self.config.max_num_batched_tokens})",
-            )
-        pool = max(self._kv.num_total(p) for p in Placement) * self._kv.block_size
-        if peak > pool:
-            raise InvalidArgument(
-                "prompt" if len(prompt) > pool else "max_tokens",
-                f"{len(prompt)} prompt tokens and max_tokens {sampling.max_tokens} need KV for {peak} tokens; "
-                f"the largest KV pool holds {pool}",
-            )
 
     def _swap_in(self) -> list[SwapData]:
         """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring)."""
@@ -508,12 +496,12 @@ class Scheduler:
         key = (self.num_running, len(cpu_context))
         if key == self._cpu_refused:  # nothing changed since the policy last refused a CPU row
             return False
-        lifetime = [(r.num_tokens + r.peak_tokens) // 2 + 1 for r in self._gpu_running if r is not leaving]
+        lifetime = [r.lifetime_context for r in self._gpu_running if r is not leaving]
         mean = sum(lifetime) // len(lifetime) if lifetime else 0
         rows = min(len(lifetime), self._kv.num_total(Placement.GPU) * self._kv.block_size // mean) if mean else 0
         steady = Candidates([], rows, mean if rows else 0, cpu_context, 0, self._max_cpu_rows)
         queued = islice(self._waiting, 0 if leaving else 1, 2 * self._max_cpu_rows - steady.num_cpu)
-        contexts = [(r.num_tokens + r.peak_tokens) // 2 + 1 for r in (request, *queued)]
+        contexts = [r.lifetime_context for r in (request, *queued)]
         if not self.policy.gains_from_cpu_rows(steady, contexts):
             self._cpu_refused = key
             return False
@@ -521,20 +509,7 @@ class Scheduler:
 
     def _cpu_context(self) -> list[int]:
         """Prefix sums of the CPU requests' contexts, as many as one step may stage."""
-        return [0, *accumulate(r.num_tokens for r in islice(self._cpu_queue, 2 * self._max_cpu_rows))]
-
-    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
-        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before)."""
-        if token in request.stop_token_ids:
-            if request.num_output_tokens > request.sampling.min_tokens:
-                return FinishReason.STOP
-            logger.warning(
-                "%s: stop token %d as output token %d of min_tokens %d does not finish it",
-                request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
-            )
-        if request.num_output_tokens >= request.sampling.max_tokens or request.num_tokens >= self._max_model_len:
-            return FinishReason.LENGTH
-        return None
+        return _prefix_contexts(islice(self._cpu_queue, 2 * self._max_cpu_rows))
 
     def _finish(self, request: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""

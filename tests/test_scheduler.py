@@ -31,7 +31,7 @@ class FakeWorker:
     """Holds per-request state as gpu_worker does, asserting that every plan is exactly right."""
 
     def __init__(self, sched: Scheduler, token_fn: TokenFn = lambda rid, pos: TOKEN) -> None:
-        self.max_model_len = sched._max_model_len
+        self.max_model_len = sched.limits.max_model_len
         self.token_fn = token_fn
         self.held: dict[str, tuple[list[int], list[int]]] = {}  # id -> (token ids, block ids)
         self.sampled: dict[str, list[int]] = {}  # every token sampled per id, across preemptions

@@ -1,0 +1,65 @@
+"""What a request may ask of this worker and when it ends: the checks at admission (vocabulary, context length,
+step token budget, the largest KV pool) and the finish reason of each sampled token."""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from apex_serve.errors import InvalidArgument
+from apex_serve.types import FinishReason, SamplingParams
+from scheduler_service.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    largest_pool_tokens: int  # KV tokens the larger of the two pools holds
+    eos_token_ids: frozenset[int]
+
+    def new_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> Request:
+        """The request, with its peak KV and stop tokens; InvalidArgument (naming the field and the limit) if it can
+        never run here."""
+        prompt = tuple(prompt_token_ids)
+        # KV of every token but the last generated one, within the context length
+        peak = min(len(prompt) + sampling.max_tokens, self.max_model_len) - 1
+        self._check(prompt, sampling, peak)
+        stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_token_ids)
+        return Request(request_id, prompt, sampling, peak, frozenset(stop))
+
+    def _check(self, prompt: tuple[int, ...], sampling: SamplingParams, peak: int) -> None:
+        if not prompt:
+            raise InvalidArgument("prompt", "must not be empty")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument("prompt", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        limit = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        if len(prompt) > limit:
+            raise InvalidArgument(
+                "prompt",
+                f"{len(prompt)} tokens; the limit is {limit} (context length {self.max_model_len} less one "
+                f"for output, max_num_batched_tokens {self.max_num_batched_tokens})",
+            )
+        pool = self.largest_pool_tokens
+        if peak > pool:
+            raise InvalidArgument(
+                "prompt" if len(prompt) > pool else "max_tokens",
+                f"{len(prompt)} prompt tokens and max_tokens {sampling.max_tokens} need KV for {peak} tokens; "
+                f"the largest KV pool holds {pool}",
+            )
+
+    def finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before)."""
+        if token in request.stop_token_ids:
+            if request.num_output_tokens > request.sampling.min_tokens:
+                return FinishReason.STOP
+            logger.warning(
+                "%s: stop token %d as output token %d of min_tokens %d does not finish it",
+                request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
+            )
+        if request.num_output_tokens >= request.sampling.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
