@@ -13,8 +13,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, TraceFlags
 
+from apex_serve import overlap
 from apex_serve.types import (
-    CachedRequestData, ExecutionMode, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind,
+    CachedRequestData, ExecutionMode, RequestOutput, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind,
 )
 from scheduler_service.iteration_record import IterationRecord
 from scheduler_service.iteration_spans import IterationSpans
@@ -50,15 +51,17 @@ async def _loop(spans: IterationSpans | None, iterations: int, rows: int, layers
         plan = StepPlan(step_id, cached_requests=cached, mode=ExecutionMode.ASYNC_OVERLAP,
                         record_subtasks=step_id % every == 0)
         output = _output(step_id, layers, plan.record_subtasks)
+        record = IterationRecord(step_id, plan.mode, 0, 4, rows - 4, 0, 0, 0, 0)
 
-        async def step(p: StepPlan, out: StepOutput = output) -> StepOutput:
-            return out
+        async def iterate(p: StepPlan, out: StepOutput = output, rec: IterationRecord = record
+                          ) -> tuple[StepOutput, list[RequestOutput]]:
+            rec.overlap = overlap.from_timings(out.timings)  # as Scheduler.update_from_output sets it
+            return out, []
 
         if spans is None:
-            await step(plan)
+            await iterate(plan)
         else:
-            record = IterationRecord(step_id, plan.mode, 0, 4, rows - 4, 0, 0, 0, 0)
-            await spans.step(plan, record, contexts, step)
+            await spans.iterate(plan, record, contexts, iterate)
 
 
 def measure(iterations: int = 2000, rows: int = 32, layers: int = 8, every: int = 16) -> dict:

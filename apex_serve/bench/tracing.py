@@ -21,18 +21,14 @@ Beside it, without the stack and free of the machine's noise: the scheduler's CP
 import argparse
 import asyncio
 import logging
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from apex_serve.bench import policies as bench
+from apex_serve.bench import serving_stack as bench
 from apex_serve.bench import span_cost
 from apex_serve.bench.common import write_result
-from apex_serve.default_model import write_random_llama
 from apex_serve.logs import configure_logging
 from apex_serve.otlp_receiver import OtlpReceiver
 from apex_serve.trace_report import cli as trace_report
@@ -101,30 +97,14 @@ def agreement(trace_path: Path) -> dict:
 
 def run(preset: bench.Preset, rounds: int, out: Path, profile_dir: str | None) -> dict:
     spans_cpu = span_cost.measure(rows=preset.max_num_seqs, layers=preset.spec.num_layers, every=SAMPLE_EVERY)
-    run_dir = Path(tempfile.mkdtemp(prefix="apx-trc-", dir="/tmp"))
-    stack = bench.Stack(run_dir)
-    affinity = os.sched_getaffinity(0)
-    if stack.host_cpu is not None:  # this client shares the host core: the device core stays exclusive
-        os.sched_setaffinity(0, {stack.host_cpu})
     runs: list[dict] = []
-    try:
-        model_dir = write_random_llama(run_dir / preset.spec.name, preset.spec)
-        cpu_budget = 2 * bench.cpu_blocks(preset) * bench.BLOCK_SIZE * bench.kv_bytes_per_token(preset.spec)
-        stack.start("cpu_attention_worker", "cpu", ["--num-threads", "1", "--kv-budget-bytes", str(cpu_budget)])
-        stack.start("profiler_service", "profiler", [
-            "--gpu-worker-address", stack.address("gpu"), "--cpu-worker-address", stack.address("cpu"),
-            "--profile-dir", profile_dir or str(run_dir / "profiles"),
-            "--warmup", str(preset.profile_warmup), "--repeats", str(preset.profile_repeats)])
+    with bench.running_stack(preset, profile_dir, "apx-trc-") as (stack, model_dir):
         bench.profile(stack, model_dir, preset)
         with OtlpReceiver("127.0.0.1:0") as receiver:
             for i, traced in enumerate([False, True, True, False] * rounds):
                 runs.append(run_once(stack, model_dir, preset, traced, _on_env(receiver) if traced else OFF_ENV, i))
             spans = _settled(receiver)
             trace_path = receiver.write_json(out / "trace.jsonl")
-    finally:
-        stack.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.sched_setaffinity(0, affinity)
     report_code = trace_report.main([str(trace_path), "--out", str(out / "report")])
     on = [r["tokens_per_s"] for r in runs if r["tracing"]]
     off = [r["tokens_per_s"] for r in runs if not r["tracing"]]
