@@ -88,3 +88,8 @@ def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process = cpu_worker_process(address)
     yield address
     stop(process)
+
+
+def prometheus_value(text: str, series: str) -> float:
+    """The value of one series (`name` or `name{labels}`, as exposed) in a Prometheus text exposition; 0 if absent."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))

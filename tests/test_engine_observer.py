@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from apex_serve.types import (
     ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind,
 )
+from conftest import prometheus_value
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.iteration_spans import IterationSpans
@@ -48,10 +49,6 @@ class TimedWorker:
         return StepOutput(plan.step_id, {rid: 7 for rid in ids}, timings, subtasks=subtasks)
 
 
-def _sample(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 async def _run(observer: EngineObserver, worker: TimedWorker, scheduler: Scheduler, contexts: list) -> list:
     loop = EngineLoop(scheduler, worker.step, observer)
     loop.start()
@@ -70,20 +67,20 @@ async def test_latency_histograms_count_every_request_and_token_and_overlap_is_r
     worker = TimedWorker()
     await _run(observer, worker, scheduler, [None] * 3)
     text = generate_latest(observer.metrics.registry).decode()
-    assert _sample(text, "apex_time_to_first_token_seconds_count") == 3
-    assert _sample(text, "apex_inter_token_latency_seconds_count") == 3 * (MAX_TOKENS - 1)
-    assert _sample(text, "apex_e2e_request_latency_seconds_count") == 3
-    assert _sample(text, "apex_request_queue_time_seconds_count") == 3
-    assert _sample(text, "apex_prompt_tokens_total") == 9
-    assert _sample(text, "apex_generation_tokens_total") == 3 * MAX_TOKENS
-    assert _sample(text, 'apex_request_success_total{finished_reason="length"}') == 3
-    iterations = _sample(text, 'apex_iterations_total{mode="gpu_only"}')
+    assert prometheus_value(text, "apex_time_to_first_token_seconds_count") == 3
+    assert prometheus_value(text, "apex_inter_token_latency_seconds_count") == 3 * (MAX_TOKENS - 1)
+    assert prometheus_value(text, "apex_e2e_request_latency_seconds_count") == 3
+    assert prometheus_value(text, "apex_request_queue_time_seconds_count") == 3
+    assert prometheus_value(text, "apex_prompt_tokens_total") == 9
+    assert prometheus_value(text, "apex_generation_tokens_total") == 3 * MAX_TOKENS
+    assert prometheus_value(text, 'apex_request_success_total{finished_reason="length"}') == 3
+    iterations = prometheus_value(text, 'apex_iterations_total{mode="gpu_only"}')
     assert iterations == scheduler.num_steps
-    assert _sample(text, "apex_iteration_overlap_ratio_count") == iterations
-    assert abs(_sample(text, "apex_cpu_attention_hidden_seconds_total") - iterations * 0.003) < 1e-9
-    assert abs(_sample(text, "apex_device_idle_seconds_total") - iterations * 0.001) < 1e-9
-    assert _sample(text, "apex_num_requests_running") == 0
-    assert _sample(text, 'apex_kv_cache_usage_perc{pool="accelerator"}') == 0.0
+    assert prometheus_value(text, "apex_iteration_overlap_ratio_count") == iterations
+    assert abs(prometheus_value(text, "apex_cpu_attention_hidden_seconds_total") - iterations * 0.003) < 1e-9
+    assert abs(prometheus_value(text, "apex_device_idle_seconds_total") - iterations * 0.001) < 1e-9
+    assert prometheus_value(text, "apex_num_requests_running") == 0
+    assert prometheus_value(text, 'apex_kv_cache_usage_perc{pool="accelerator"}') == 0.0
     overlaps = [r.overlap for r in scheduler.recent_iterations]
     assert all(o is not None and abs(o.hidden_ratio - 0.75) < 1e-12 for o in overlaps)
     assert worker.sampled_steps and all(step % 4 == 0 for step in worker.sampled_steps)
@@ -103,7 +100,7 @@ async def test_an_aborted_request_counts_as_finished_with_reason_abort() -> None
     loop.abort("long")
     await loop.stop()
     text = generate_latest(observer.metrics.registry).decode()
-    assert _sample(text, 'apex_request_success_total{finished_reason="abort"}') == 1
+    assert prometheus_value(text, 'apex_request_success_total{finished_reason="abort"}') == 1
     assert observer.num_finished == 1
 
 

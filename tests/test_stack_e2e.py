@@ -21,6 +21,7 @@ from apex_serve.launcher import Stack, StackConfig
 from apex_serve.local_engine import LocalEngine
 from apex_serve.types import FinishReason, SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from conftest import prometheus_value
 from gpu_worker.config import GpuWorkerConfig
 
 PROMPTS = [f"Request {i}: " + "the quick brown fox é€ " * (i % 5) for i in range(16)]
@@ -153,29 +154,24 @@ async def test_apex_spills_requests_to_the_cpu_pool_and_loses_no_token(
     assert all(timeline.start_unix_ns - 5_000_000 <= s.start_unix_ns <= s.end_unix_ns for s in timeline.subtasks)
 
 
-def _metric(text: str, name: str) -> float:
-    """The value of one sample line `name value` in a Prometheus exposition."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-
 def test_apex_stack_exports_prometheus_metrics_of_the_requests_and_iterations(tiny_pool_apex_stack: Stack) -> None:
     """Runs after the spill test: its 16 requests are in the counters."""
     url = f"http://{tiny_pool_apex_stack.config.metrics_address}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
-    assert _metric(text, "apex_time_to_first_token_seconds_count") >= len(PROMPTS)
-    assert _metric(text, "apex_e2e_request_latency_seconds_count") >= len(PROMPTS)
-    assert _metric(text, "apex_request_queue_time_seconds_count") >= len(PROMPTS)
-    assert _metric(text, "apex_inter_token_latency_seconds_count") >= 23 * len(PROMPTS)
-    assert _metric(text, "apex_generation_tokens_total") >= 24 * len(PROMPTS)
-    assert _metric(text, 'apex_request_success_total{finished_reason="length"}') >= len(PROMPTS)
-    assert _metric(text, 'apex_iterations_total{mode="async_overlap"}') > 0
-    assert _metric(text, "apex_iteration_overlap_ratio_count") > 0
-    assert 0 < _metric(text, "apex_cpu_attention_hidden_seconds_total") <= _metric(
+    assert prometheus_value(text, "apex_time_to_first_token_seconds_count") >= len(PROMPTS)
+    assert prometheus_value(text, "apex_e2e_request_latency_seconds_count") >= len(PROMPTS)
+    assert prometheus_value(text, "apex_request_queue_time_seconds_count") >= len(PROMPTS)
+    assert prometheus_value(text, "apex_inter_token_latency_seconds_count") >= 23 * len(PROMPTS)
+    assert prometheus_value(text, "apex_generation_tokens_total") >= 24 * len(PROMPTS)
+    assert prometheus_value(text, 'apex_request_success_total{finished_reason="length"}') >= len(PROMPTS)
+    assert prometheus_value(text, 'apex_iterations_total{mode="async_overlap"}') > 0
+    assert prometheus_value(text, "apex_iteration_overlap_ratio_count") > 0
+    assert 0 < prometheus_value(text, "apex_cpu_attention_hidden_seconds_total") <= prometheus_value(
         text, "apex_cpu_attention_seconds_total")
-    assert _metric(text, 'apex_kv_cache_usage_perc{pool="cpu"}') == 0.0  # all finished: the pools are free
+    assert prometheus_value(text, 'apex_kv_cache_usage_perc{pool="cpu"}') == 0.0  # all finished: the pools are free
     assert 'apex_cost_model_mape{mode="async_overlap"}' in text
-    assert _metric(text, "apex_num_requests_running") == 0
+    assert prometheus_value(text, "apex_num_requests_running") == 0
 
 
 BAD_REQUESTS = [

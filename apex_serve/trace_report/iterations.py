@@ -4,6 +4,7 @@ timings' overlap) and, on sampled iterations, its per-layer subtask children (th
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from apex_serve.overlap import Interval, Overlap, from_intervals
 from apex_serve.trace_report.spans import Span, TraceInputError
@@ -38,7 +39,7 @@ class Iteration:
     step_overlap: Overlap  # from the step's summed timings (the span's apex.overlap.* attributes)
     subtasks: tuple[SubtaskBar, ...] = ()
 
-    @property
+    @cached_property  # the summary rows, the timeline's titles and the bench read it: intersect the intervals once
     def subtask_overlap(self) -> Overlap | None:
         """Exact overlap from the subtask intervals; None when no subtask spans arrived."""
         if not self.subtasks:
