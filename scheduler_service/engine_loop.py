@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from opentelemetry.trace import SpanContext
 
 from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
-from scheduler_service.iteration_spans import StepFn
-from scheduler_service.observer import EngineObserver
+from scheduler_service.telemetry.spans import StepFn
+from scheduler_service.telemetry.observer import EngineObserver
 from scheduler_service.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)

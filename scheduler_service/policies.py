@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from apex_serve.types import ExecutionMode
-from scheduler_service.cost_model import ComposedCostModel, compose, pipelining_beats_gpu_only
-from scheduler_service.iteration_shape import IterationShape, SubBatchShape
+from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only
+from scheduler_service.cost.shape import IterationShape, SubBatchShape
 
 MAX_EXPOSED_SHARE = 0.25  # apex admits a CPU row only into options that wait for the CPU at most this share of a step
 

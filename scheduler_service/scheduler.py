@@ -38,9 +38,9 @@ from apex_serve.types import (
     WorkerInfo,
 )
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.cost_model import ComposedCostModel, Prediction
+from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.iteration_record import IterationRecord
-from scheduler_service.iteration_shape import IterationShape
+from scheduler_service.cost.shape import IterationShape
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import Candidates, Choice, make_policy
 from scheduler_service.request import Request, RequestStatus

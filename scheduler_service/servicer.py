@@ -10,7 +10,7 @@ from apex_serve.types import Placement, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.iteration_record import IterationRecord
-from scheduler_service.observer import IterationTimeline
+from scheduler_service.telemetry.observer import IterationTimeline
 
 
 def _overlap_to_pb(o: overlap.Overlap) -> scheduler_pb2.Overlap:

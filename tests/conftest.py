@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from apex_serve import rpc
-from apex_serve.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_tools.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 
 MHA_SPEC = RandomLlamaSpec(
     hidden_size=128,

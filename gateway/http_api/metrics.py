@@ -1,5 +1,5 @@
 """Prometheus metrics of the HTTP front end, in a registry per app; the engine's are the scheduler's
-(scheduler_service/metrics.py, docs/observability.md)."""
+(scheduler_service/telemetry/metrics.py, docs/observability.md)."""
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.routing import BaseRoute

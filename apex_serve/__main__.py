@@ -1,3 +1,0 @@
-from apex_serve.cli import main
-
-main()

@@ -1,7 +1,0 @@
-import sys
-
-from apex_serve.logs import configure_logging
-from apex_serve.trace_report.cli import main
-
-configure_logging("trace-report")
-sys.exit(main())

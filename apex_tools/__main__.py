@@ -1,0 +1,3 @@
+from apex_tools.cli import main
+
+main()

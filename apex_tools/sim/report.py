@@ -1,0 +1,89 @@
+"""The simulator's outputs: a text table per run (throughput against gpu-only and neo in the same setup and workload,
+latency percentiles, modes), a PNG of throughput and TPOT p99 per policy, and the JSON result."""
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from apex_tools.sim.engine import RunResult
+
+_MODE_LETTERS = {"gpu_only": "G", "async_overlap": "O", "asym_pipeline": "P"}
+
+
+def _group(result: RunResult) -> str:
+    return f"{result.hardware}/{result.model}/{result.workload}"
+
+
+def _ratio(result: RunResult, baseline: RunResult | None) -> str:
+    """Throughput ratio; starred where the two runs served different requests (one refused some)."""
+    if baseline is None or baseline.throughput_tok_s <= 0:
+        return "-"
+    star = "*" if baseline.finished != result.finished else ""
+    return f"{result.throughput_tok_s / baseline.throughput_tok_s:.2f}x{star}"
+
+
+def _num(value: float, fmt: str) -> str:
+    return "-" if math.isnan(value) else format(value, fmt)
+
+
+def mode_mix(result: RunResult) -> str:
+    """e.g. 'G10 O63 P27': percent of iterations in GPU_ONLY, ASYNC_OVERLAP, ASYM_PIPELINE."""
+    return " ".join(f"{letter}{result.mode_mix[mode] * 100:.0f}" for mode, letter in _MODE_LETTERS.items()
+                    if mode in result.mode_mix)
+
+
+def table(results: list[RunResult]) -> str:
+    """One line per run, grouped by hardware/model/workload, ratios against that group's gpu-only and neo runs."""
+    by_group: dict[str, dict[str, RunResult]] = defaultdict(dict)
+    for r in results:
+        by_group[_group(r)][r.policy] = r
+    width = max(len("setup/workload"), *(len(group) for group in by_group)) + 2
+    header = (f"{'setup/workload':<{width}}{'policy':<10}{'served':>11}{'tok/s':>9}{'vs gpu':>9}{'vs neo':>9}"
+              f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'preempt':>8}"
+              f"  modes (G/O/P %)")
+    lines = [header, "-" * len(header)]
+    for group, runs in by_group.items():
+        for r in runs.values():
+            lines.append(
+                f"{group:<{width}}{r.policy:<10}{f'{r.finished}/{r.num_requests}':>11}{r.throughput_tok_s:>9.1f}"
+                f"{_ratio(r, runs.get('gpu-only')):>9}{_ratio(r, runs.get('neo')):>9}"
+                f"{_num(r.ttft_p50_s, '.1f'):>11}{_num(r.ttft_p99_s, '.1f'):>9}"
+                f"{_num(r.tpot_p50_ms, '.1f'):>12}{_num(r.tpot_p99_ms, '.1f'):>9}{r.mean_cpu_rows:>9.1f}"
+                f"{r.preemptions:>8}  {mode_mix(r)}"
+            )
+    if any("*" in line for line in lines[2:]):
+        lines.append("* the two runs served different requests: one refused those longer than any KV pool it uses")
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], path: Path) -> Path:
+    """Bars per policy for each hardware/model/workload: throughput (top) and TPOT p99 (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(_group(r) for r in results))
+    policies = list(dict.fromkeys(r.policy for r in results))
+    value = {(_group(r), r.policy): r for r in results}
+    width = 0.8 / len(policies)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.8 * len(groups) + 2), 7), sharex=True)
+    for p, policy in enumerate(policies):
+        xs = [g + (p - (len(policies) - 1) / 2) * width for g in range(len(groups))]
+        runs = [value.get((group, policy)) for group in groups]
+        axes[0].bar(xs, [r.throughput_tok_s if r else 0.0 for r in runs], width, label=policy)
+        axes[1].bar(xs, [r.tpot_p99_ms if r and not math.isnan(r.tpot_p99_ms) else 0.0 for r in runs], width,
+                    label=policy)
+    axes[0].set_ylabel("output tokens/s")
+    axes[0].set_title("simulated throughput", fontsize=10)
+    axes[0].legend()
+    axes[1].set_ylabel("TPOT p99 (ms)")
+    axes[1].set_title("time per output token, p99", fontsize=10)
+    axes[1].set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    for ax in axes:
+        ax.grid(True, axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,107 @@
+"""Engine iterations rebuilt from the scheduler's spans: the `apex.iteration` span's attributes (the step
+timings' overlap) and, on sampled iterations, its per-layer subtask children (the exact overlap)."""
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+from apex_serve.overlap import Interval, Overlap, from_intervals
+from apex_tools.trace_report.spans import Span, TraceInputError
+
+ITERATION_SPAN = "apex.iteration"
+CPU_LANE, DEVICE_LANE = "cpu", "accelerator"
+MODES = ("gpu_only", "async_overlap", "asym_pipeline")
+SUBTASK_KINDS = ("device_linear", "device_attention", "staging", "cpu_attention")
+
+
+@dataclass(frozen=True)
+class SubtaskBar:
+    kind: str
+    lane: str  # DEVICE_LANE or CPU_LANE
+    layer: int
+    sub_batch: int
+    start_unix_ns: int
+    end_unix_ns: int
+
+
+@dataclass(frozen=True)
+class Iteration:
+    step_id: int
+    mode: str
+    num_prefills: int
+    gpu_rows: int
+    cpu_rows: int
+    cpu_sat_out: int
+    sampled: bool  # the scheduler recorded per-layer children
+    start_unix_ns: int
+    end_unix_ns: int
+    step_overlap: Overlap  # from the step's summed timings (the span's apex.overlap.* attributes)
+    subtasks: tuple[SubtaskBar, ...] = ()
+
+    @cached_property  # the summary rows, the timeline's titles and the bench read it: intersect the intervals once
+    def subtask_overlap(self) -> Overlap | None:
+        """Exact overlap from the subtask intervals; None when no subtask spans arrived."""
+        if not self.subtasks:
+            return None
+        device: list[Interval] = []
+        cpu: list[Interval] = []
+        for bar in self.subtasks:
+            (cpu if bar.lane == CPU_LANE else device).append((bar.start_unix_ns, bar.end_unix_ns))
+        return from_intervals(device, cpu)
+
+
+def _int(span: Span, key: str) -> int:
+    value = span.attributes.get(key, 0)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TraceInputError(f"span {span.name} {span.span_id}: {key}={value!r} is not an integer") from None
+
+
+def _subtask(span: Span) -> SubtaskBar:
+    kind = str(span.attributes.get("apex.subtask.kind", span.name))
+    default_lane = CPU_LANE if kind == "cpu_attention" else DEVICE_LANE
+    return SubtaskBar(
+        kind=kind, lane=str(span.attributes.get("apex.subtask.lane", default_lane)),
+        layer=_int(span, "apex.subtask.layer"), sub_batch=_int(span, "apex.subtask.sub_batch"),
+        start_unix_ns=span.start_unix_ns, end_unix_ns=span.end_unix_ns,
+    )
+
+
+def _iteration(span: Span, children: list[Span]) -> Iteration:
+    bars = sorted((_subtask(c) for c in children if c.name in SUBTASK_KINDS or "apex.subtask.kind" in c.attributes),
+                  key=lambda b: (b.start_unix_ns, b.lane, b.layer))
+    return Iteration(
+        step_id=_int(span, "apex.iteration.step_id"),
+        mode=str(span.attributes.get("apex.iteration.mode", "unknown")),
+        num_prefills=_int(span, "apex.iteration.num_prefills"),
+        gpu_rows=_int(span, "apex.iteration.gpu_rows"),
+        cpu_rows=_int(span, "apex.iteration.cpu_rows"),
+        cpu_sat_out=_int(span, "apex.iteration.cpu_sat_out"),
+        sampled=bool(span.attributes.get("apex.iteration.sampled", False)) or bool(bars),
+        start_unix_ns=span.start_unix_ns,
+        end_unix_ns=span.end_unix_ns,
+        step_overlap=Overlap(
+            cpu_attention_ns=_int(span, "apex.overlap.cpu_attention_ns"),
+            hidden_ns=_int(span, "apex.overlap.hidden_ns"),
+            device_idle_ns=_int(span, "apex.overlap.device_idle_ns"),
+            cpu_idle_ns=_int(span, "apex.overlap.cpu_idle_ns"),
+        ),
+        subtasks=tuple(bars),
+    )
+
+
+def build_iterations(spans: Iterable[Span]) -> list[Iteration]:
+    """Iterations in time order. Spans are deduplicated by id: a Jaeger search returns a span once per trace
+    that holds it, and a file may be written twice."""
+    unique = {(s.trace_id, s.span_id): s for s in spans}
+    children: dict[tuple[str, str], list[Span]] = defaultdict(list)
+    for s in unique.values():
+        if s.parent_span_id:
+            children[(s.trace_id, s.parent_span_id)].append(s)
+    iterations = [_iteration(s, children[key]) for key, s in unique.items() if s.name == ITERATION_SPAN]
+    if not iterations:
+        raise TraceInputError(f"no {ITERATION_SPAN!r} spans among the {len(unique)} spans read "
+                              "(is the scheduler's tracing on, and is this its service?)")
+    return sorted(iterations, key=lambda it: (it.start_unix_ns, it.step_id))

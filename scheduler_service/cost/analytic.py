@@ -1,0 +1,89 @@
+"""The cost model of published hardware numbers (DESIGN §6), for the simulator: roofline per-layer costs of a model
+on a GPU and its host, composed and corrected exactly as the measured tables are (cost_model.ComposedCostModel)."""
+
+from dataclasses import dataclass
+
+from scheduler_service.cost.model import ComposedCostModel
+from scheduler_service.cost.shape import ModelShape
+
+_NS_PER_S = 1e9
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    hbm_bytes_per_s: float  # GPU memory bandwidth
+    flops: float  # fp16 dense, per second
+    pcie_bytes_per_s: float  # the host path the CPU rows' q/k/v/o take
+    host_dram_bytes_per_s: float
+    cpu_attention_efficiency: float  # fraction of host DRAM bandwidth the CPU attention kernel reaches
+    launch_overhead_ns: float  # per layer subtask on the GPU (kernel launches); also one doorbell round trip
+
+    def __post_init__(self) -> None:
+        for name in ("hbm_bytes_per_s", "flops", "pcie_bytes_per_s", "host_dram_bytes_per_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.cpu_attention_efficiency <= 1.0:
+            raise ValueError(f"cpu_attention_efficiency: must be in (0, 1], got {self.cpu_attention_efficiency}")
+        if self.launch_overhead_ns < 0:
+            raise ValueError(f"launch_overhead_ns: must be >= 0, got {self.launch_overhead_ns}")
+
+
+# CPU attention at 40% of host DRAM bandwidth: about 6% of the GPU's attention throughput, as the paper observes
+# ("often under 10%") on the T4 and A10 instances.
+T4 = HardwareSpec(
+    name="T4", hbm_bytes_per_s=320e9, flops=65e12, pcie_bytes_per_s=12e9, host_dram_bytes_per_s=50e9,
+    cpu_attention_efficiency=0.4, launch_overhead_ns=10_000.0,
+)
+A10 = HardwareSpec(
+    name="A10", hbm_bytes_per_s=600e9, flops=125e12, pcie_bytes_per_s=25e9, host_dram_bytes_per_s=80e9,
+    cpu_attention_efficiency=0.4, launch_overhead_ns=10_000.0,
+)
+
+
+@dataclass(frozen=True)
+class AnalyticCosts:
+    """Roofline per-layer costs (ns): the slower of streaming the bytes and doing the flops, plus launch overhead."""
+
+    hardware: HardwareSpec
+    model: ModelShape
+
+    def t_lin(self, tokens: float) -> float:
+        params = self.model.layer_params
+        weights = params * self.model.weight_bytes_per_param / self.hardware.hbm_bytes_per_s
+        compute = 2.0 * params * tokens / self.hardware.flops
+        return max(weights, compute) * _NS_PER_S + self.hardware.launch_overhead_ns
+
+    def t_pref(self, prompt_tokens: float) -> float:
+        """Causal self-attention of one prompt: QK^T and PV over the lower triangle."""
+        model = self.model
+        flops = 2.0 * prompt_tokens * prompt_tokens * model.num_q_heads * model.head_dim
+        return flops / self.hardware.flops * _NS_PER_S + self.hardware.launch_overhead_ns
+
+    def t_gatt(self, rows: float, kv_tokens: float) -> float:
+        kv_bytes = kv_tokens * self.model.kv_bytes_per_token
+        return kv_bytes / self.hardware.hbm_bytes_per_s * _NS_PER_S + self.hardware.launch_overhead_ns
+
+    def t_catt(self, rows: float, kv_tokens: float) -> float:
+        kv_bytes = kv_tokens * self.model.kv_bytes_per_token
+        bandwidth = self.hardware.host_dram_bytes_per_s * self.hardware.cpu_attention_efficiency
+        return kv_bytes / bandwidth * _NS_PER_S
+
+    def t_xfer(self, nbytes: float) -> float:
+        return nbytes / self.hardware.pcie_bytes_per_s * _NS_PER_S
+
+    def t_sync(self, x: float) -> float:
+        return self.hardware.launch_overhead_ns
+
+    def t_step(self, requests: float) -> float:
+        """Final norm and lm head over the requests' last tokens (embedding and sampling are small beside it)."""
+        params = self.model.head_params
+        weights = params * self.model.weight_bytes_per_param / self.hardware.hbm_bytes_per_s
+        compute = 2.0 * params * requests / self.hardware.flops
+        return max(weights, compute) * _NS_PER_S + self.hardware.launch_overhead_ns
+
+
+class AnalyticCostModel(ComposedCostModel):
+    def __init__(self, hardware: HardwareSpec, shape: ModelShape, alpha: float = 0.1) -> None:
+        super().__init__(AnalyticCosts(hardware, shape), shape, alpha)
+        self.hardware = hardware

@@ -1,0 +1,305 @@
+"""The scheduler's performance model (DESIGN §5): predicted time of one iteration from per-layer subtask costs, one
+composition rule per execution mode, and online correction from the timings each Step returns.
+
+Per layer, for each sub-batch sb (L layers; every cost in ns per layer):
+    lin  = t_lin(tokens of sb)                    pref = sum of t_pref(len) over its prefill requests
+    gatt = t_gatt(gpu_rows, gpu_kv) if gpu_rows    catt = t_catt(cpu_rows, cpu_kv) if cpu_rows
+    xfer = t_xfer(cpu_rows * bytes_per_cpu_row)    sync = t_sync(0); both 0 without CPU rows
+    dev  = lin + pref + gatt + xfer               (the accelerator's work)
+GPU_ONLY:       layer = lin + pref + gatt
+ASYNC_OVERLAP:  layer = dev + max(0, catt + sync - window), window = the accelerator's work that does not wait for the
+                CPU rows: gatt + pref + lin * (qkv * non-CPU tokens + (1 - qkv) * prefill tokens) / tokens, where
+                qkv = QKV params / layer params (QKV of the other rows, and O + MLP of the prefill rows, run before
+                the lazy wait; see gpu_worker.forward).
+ASYM_PIPELINE:  two sub-batches A and B, each with its own linear pass (weights streamed twice):
+                layer = dev(A) + dev(B) + max(0, catt(B) + sync - dev(A)) + max(0, catt(A) + sync - dev(B));
+                with one sub-batch, the ASYNC_OVERLAP rule.
+total = L * layer + t_step(requests)   (t_step: embedding, final norm, lm head, sampling, prepare; per iteration)
+
+Online correction: per measured subtask, measured ~ a + b * as-profiled is fitted online (least squares whose weights
+are a running mean over the first 1/alpha steps and decay by 1 - alpha after), and its value at this iteration's
+as-profiled cost becomes the subtask's factor before composing (so the overlap rules see corrected costs); then a
+residual fit per mode corrects the total the same way. An affine fit, not a ratio, because the tables miss fixed
+per-step costs (Python, launches) as well as proportional ones: a ratio fitted over short decode steps and long
+prefill steps at once is wrong for both. A mode not observed yet borrows the residual of the most observed one.
+Until the as-profiled costs vary enough to fit a slope, the fit is the plain ratio of the weighted means.
+Which StepTimings field feeds which factor:
+    linear           device_linear_ns x the layers' share of the linear weights (the rest is the final norm and lm
+                     head, timed in the same bucket but predicted by t_step)
+    device_attention device_attention_ns (prefill self-attention and GPU decode attention, with their KV writes)
+    cpu_attention    cpu_attention_ns (the CPU worker busy: append and attention)
+    staging          staging_ns
+    residual[mode]   total_ns against the total composed with this step's own measured ratios: what the subtasks cannot
+                     explain (step overhead, sync, the overlap rules), apart from the subtask factors' lag
+sync, step overhead and the exposed wait have no factor of their own: they are derived or not timed apart.
+"""
+
+from dataclasses import dataclass, fields, replace
+from typing import Protocol
+
+from apex_serve.types import ExecutionMode, StepTimings
+from scheduler_service.cost.shape import IterationShape, ModelShape
+from scheduler_service.cost.online_fit import AffineFit, ErrorStats, ErrorTracker
+from scheduler_service.cost.tables import PerformanceTables
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted ns of one whole iteration (summed over layers) by subtask.
+
+    total_ns = linear + device_attention + staging + exposed_wait + step_overhead + residual; cpu_attention and sync
+    run beside the accelerator and count only through exposed_wait; residual is the per-mode correction's share."""
+
+    linear_ns: float
+    device_attention_ns: float
+    cpu_attention_ns: float
+    staging_ns: float
+    sync_ns: float
+    exposed_wait_ns: float
+    step_overhead_ns: float
+    residual_ns: float
+    total_ns: float
+
+    def with_residual(self, factor: float) -> "Prediction":
+        """The total scaled by factor, the difference booked as residual."""
+        composed = self.total_ns - self.residual_ns
+        return replace(self, residual_ns=(factor - 1.0) * composed, total_ns=factor * composed)
+
+
+class CostModel(Protocol):
+    """What the scheduler asks of a performance model: predict an iteration, learn from what it measured."""
+
+    def predict(self, shape: IterationShape) -> Prediction: ...
+
+    def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None: ...
+
+    def error_stats(self) -> dict[ExecutionMode, ErrorStats]: ...
+
+
+class LayerCosts(Protocol):
+    """Per-layer subtask costs in ns (t_step: per iteration), as the profiler's tables define them."""
+
+    def t_lin(self, tokens: float) -> float: ...
+
+    def t_pref(self, prompt_tokens: float) -> float: ...
+
+    def t_gatt(self, rows: float, kv_tokens: float) -> float: ...
+
+    def t_catt(self, rows: float, kv_tokens: float) -> float: ...
+
+    def t_xfer(self, nbytes: float) -> float: ...
+
+    def t_sync(self, x: float) -> float: ...
+
+    def t_step(self, requests: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class SubtaskFactors:
+    """Multipliers on the per-layer costs (1.0: as profiled)."""
+
+    linear: float = 1.0
+    device_attention: float = 1.0
+    cpu_attention: float = 1.0
+    staging: float = 1.0
+
+
+_AS_PROFILED = SubtaskFactors()
+_SUBTASKS = tuple(f.name for f in fields(SubtaskFactors))
+
+
+def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
+            factors: SubtaskFactors = _AS_PROFILED) -> Prediction:
+    """The iteration's predicted time by the composition rules of this module's docstring, the subtasks scaled by
+    factors (no residual: Prediction.with_residual adds it)."""
+    lin_sum = att_sum = xfer_sum = catt_sum = sync_sum = last_layer_saving = 0.0
+    device: list[float] = []  # per sub-batch: the accelerator's work of a layer
+    hidden: list[float] = []  # per sub-batch: its CPU attention and doorbell, to hide behind other work
+    windows: list[float] = []  # per sub-batch: its own work that does not wait for its CPU rows
+    requests = 0
+    for sb in shape.sub_batches:
+        prefill_tokens = sb.num_prefill_tokens
+        tokens = prefill_tokens + sb.gpu_rows + sb.cpu_rows
+        requests += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
+        lin = factors.linear * costs.t_lin(tokens)
+        att = factors.device_attention * sum(costs.t_pref(n) for n in sb.prefill_lens) if prefill_tokens else 0.0
+        gatt = factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens) if sb.gpu_rows else 0.0
+        window = att + gatt
+        att += gatt
+        xfer = catt = sync = 0.0
+        if sb.cpu_rows:
+            catt = factors.cpu_attention * costs.t_catt(sb.cpu_rows, sb.cpu_kv_tokens)
+            xfer = factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
+            sync = costs.t_sync(0)
+            qkv = model.qkv_fraction
+            window += lin * (qkv * (tokens - sb.cpu_rows) + (1.0 - qkv) * prefill_tokens) / tokens
+        lin_sum += lin
+        if prefill_tokens:  # the last layer's O-proj and MLP run for each request's last token only
+            kept = factors.linear * costs.t_lin(sb.num_requests)
+            last_layer_saving += (1.0 - model.qkv_fraction) * max(0.0, lin - kept)
+        att_sum += att
+        xfer_sum += xfer
+        catt_sum += catt
+        sync_sum += sync
+        device.append(lin + att + xfer)
+        hidden.append(catt + sync)
+        windows.append(window)
+    if len(device) == 2:  # ASYM_PIPELINE: each sub-batch's CPU attention hides behind the other's device work
+        exposed = max(0.0, hidden[1] - device[0]) + max(0.0, hidden[0] - device[1])
+    else:
+        exposed = max(0.0, hidden[0] - windows[0])
+    layers = model.num_layers
+    linear, attention, staging = layers * lin_sum - last_layer_saving, layers * att_sum, layers * xfer_sum
+    exposed_wait, step = layers * exposed, costs.t_step(requests)
+    return Prediction(
+        linear_ns=linear,
+        device_attention_ns=attention,
+        cpu_attention_ns=layers * catt_sum,
+        staging_ns=staging,
+        sync_ns=layers * sync_sum,
+        exposed_wait_ns=exposed_wait,
+        step_overhead_ns=step,
+        residual_ns=0.0,
+        total_ns=linear + attention + staging + exposed_wait + step,
+    )
+
+
+def pipelining_beats_gpu_only(t_lin: float, t_gatt: float, n_g: float, n_c: float) -> bool:
+    """APEX eq. 6: asymmetric pipelining outruns GPU-only iff N_G / N_C < 2 T_lin / T_gatt + 3 + T_gatt / T_lin,
+    with N_G, N_C the GPU's and the CPU's attention throughput and T_lin, T_gatt per-layer times of the batch."""
+    if min(t_lin, t_gatt, n_g, n_c) <= 0:
+        raise ValueError(f"t_lin, t_gatt, n_g, n_c: must all be > 0, got {t_lin}, {t_gatt}, {n_g}, {n_c}")
+    return n_g / n_c < 2.0 * t_lin / t_gatt + 3.0 + t_gatt / t_lin
+
+
+class ComposedCostModel:
+    """A CostModel from per-layer costs: compose() plus the online correction. TableCostModel, ConstantCostModel and
+    analytic_model.AnalyticCostModel differ only in where their LayerCosts come from."""
+
+    def __init__(self, costs: LayerCosts, model: ModelShape, alpha: float = 0.1) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha: must be in (0, 1], got {alpha}")
+        self.costs = costs
+        self.model = model
+        self.alpha = alpha
+        self._subtasks = {name: AffineFit(alpha) for name in _SUBTASKS}
+        self._residual: dict[ExecutionMode, AffineFit] = {}
+        self._errors: dict[ExecutionMode, ErrorTracker] = {}
+        self._factors: SubtaskFactors | None = None
+
+    @property
+    def factors(self) -> SubtaskFactors:
+        """Each subtask's measured / profiled ratio (of the weighted means); kept until the next observe()."""
+        if self._factors is None:
+            self._factors = SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
+        return self._factors
+
+    def residual_factor(self, mode: ExecutionMode) -> float:
+        residual = self._residual_fit(mode)
+        return 1.0 if residual is None else residual.value
+
+    def _residual_fit(self, mode: ExecutionMode) -> AffineFit | None:
+        """The mode's residual fit; for a mode not run yet, the most observed one's: the tables' error common to
+        every mode (step overhead, a slower machine) should not make an untried mode look better or worse."""
+        fit = self._residual.get(mode)
+        if fit is None and self._residual:
+            fit = max(self._residual.values(), key=lambda f: f.count)
+        return fit
+
+    def predict_raw(self, shape: IterationShape) -> Prediction:
+        """The prediction of the costs alone, without online correction."""
+        return compose(self.costs, self.model, shape)
+
+    def predict(self, shape: IterationShape) -> Prediction:
+        raw = self.predict_raw(shape)
+        as_profiled = {"linear": raw.linear_ns, "device_attention": raw.device_attention_ns,
+                       "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
+        factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
+        composed = compose(self.costs, self.model, shape, factors)
+        residual = self._residual_fit(shape.mode)
+        return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
+
+    def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
+        """Refine the factors from one step's measured timings and record the error of `predicted` (what this model
+        predicted for the step) and of the uncorrected prediction."""
+        if timings.total_ns <= 0:
+            return
+        self._factors = None
+        raw = self.predict_raw(shape)
+        pairs = {  # subtask: (measured, as profiled), ns over the step
+            "linear": (timings.device_linear_ns * self.model.layers_linear_share, raw.linear_ns),
+            "device_attention": (timings.device_attention_ns, raw.device_attention_ns),
+            "cpu_attention": (timings.cpu_attention_ns, raw.cpu_attention_ns),
+            "staging": (timings.staging_ns, raw.staging_ns),
+        }
+        ratios = {}  # this step's own factors: measured / as profiled where it ran the subtask, else the fitted one
+        for name, (measured, profiled) in pairs.items():
+            fit = self._subtasks[name]
+            ratios[name] = measured / profiled if measured > 0 and profiled > 0 else fit.factor_at(profiled)
+            if measured > 0 and profiled > 0:
+                fit.update(profiled, measured)
+        explained = compose(self.costs, self.model, shape, SubtaskFactors(**ratios)).total_ns
+        if explained > 0:
+            self._residual.setdefault(shape.mode, AffineFit(self.alpha)).update(explained, timings.total_ns)
+        tracker = self._errors.setdefault(shape.mode, ErrorTracker(self.alpha))
+        tracker.add(
+            (raw.total_ns - timings.total_ns) / timings.total_ns,
+            (predicted.total_ns - timings.total_ns) / timings.total_ns,
+        )
+
+    def error_stats(self) -> dict[ExecutionMode, ErrorStats]:
+        return {mode: tracker.stats() for mode, tracker in self._errors.items()}
+
+
+class TableCostModel(ComposedCostModel):
+    """The cost model of the profiler's measured tables."""
+
+    def __init__(self, tables: PerformanceTables, shape: ModelShape, alpha: float = 0.1) -> None:
+        if tables.num_layers != shape.num_layers:
+            raise ValueError(f"num_layers: the tables have {tables.num_layers}, the model {shape.num_layers}")
+        super().__init__(tables, shape, alpha)
+
+
+@dataclass(frozen=True)
+class ConstantCosts:
+    """Per-layer costs affine in their sizes (ns), for tests and back-of-envelope checks."""
+
+    lin_ns: float = 0.0
+    lin_ns_per_token: float = 0.0
+    pref_ns_per_token: float = 0.0
+    gatt_ns_per_row: float = 0.0
+    gatt_ns_per_kv_token: float = 0.0
+    catt_ns_per_row: float = 0.0
+    catt_ns_per_kv_token: float = 0.0
+    xfer_ns_per_byte: float = 0.0
+    sync_ns: float = 0.0
+    step_ns: float = 0.0
+    step_ns_per_request: float = 0.0
+
+    def t_lin(self, tokens: float) -> float:
+        return self.lin_ns + self.lin_ns_per_token * tokens
+
+    def t_pref(self, prompt_tokens: float) -> float:
+        return self.pref_ns_per_token * prompt_tokens
+
+    def t_gatt(self, rows: float, kv_tokens: float) -> float:
+        return self.gatt_ns_per_row * rows + self.gatt_ns_per_kv_token * kv_tokens
+
+    def t_catt(self, rows: float, kv_tokens: float) -> float:
+        return self.catt_ns_per_row * rows + self.catt_ns_per_kv_token * kv_tokens
+
+    def t_xfer(self, nbytes: float) -> float:
+        return self.xfer_ns_per_byte * nbytes
+
+    def t_sync(self, x: float) -> float:
+        return self.sync_ns
+
+    def t_step(self, requests: float) -> float:
+        return self.step_ns + self.step_ns_per_request * requests
+
+
+class ConstantCostModel(ComposedCostModel):
+    """The cost model of ConstantCosts: the same composition and correction, with costs a test can add up by hand."""
+
+    def __init__(self, costs: ConstantCosts, shape: ModelShape, alpha: float = 0.1) -> None:
+        super().__init__(costs, shape, alpha)

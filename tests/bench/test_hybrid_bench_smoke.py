@@ -1,0 +1,23 @@
+"""The hybrid benchmark (`apex-serve bench-hybrid`) runs its tiny setup end to end and writes what it prints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_hybrid_bench_tiny_setup_reports_transport_and_every_mode(tmp_path: Path) -> None:
+    out = tmp_path / "hybrid.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "apex_tools", "bench-hybrid", "--", "--tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    transport = result["transport"]
+    assert transport["doorbell"]["p50_us"] > 0 and transport["grpc_stream"]["p50_us"] > 0
+    assert [row["mode"] for row in result["modes"]] == ["gpu_only", "async_overlap", "asym_pipeline"]
+    for row in result["modes"]:
+        assert row["tokens_per_s"] > 0
+        assert (row["hidden_fraction"] is None) == (row["cpu_rows"] == 0), row
+    assert "gRPC / doorbell" in done.stderr, "the table was not printed"

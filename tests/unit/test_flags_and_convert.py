@@ -1,0 +1,82 @@
+"""Config flags derived from dataclasses, and the protobuf edge round trip."""
+
+import pytest
+
+from apex_serve import convert
+from apex_serve.errors import InvalidArgument
+from apex_serve.flags import parse_config
+from apex_tools.launcher import StackConfig
+from apex_serve.types import (
+    CachedRequestData,
+    ExecutionMode,
+    NewRequestData,
+    Placement,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+    StepTimings,
+    SwapData,
+    TokenLogprob,
+)
+from apex_serve.v1 import common_pb2
+
+
+def test_flags_mirror_config_fields_and_defaults() -> None:
+    config = parse_config(StackConfig, ["--port", "6000", "--num-kv-blocks", "7"], "test")
+    assert config.port == 6000 and config.num_kv_blocks == 7
+    assert config.dtype == StackConfig.dtype
+    assert parse_config(StackConfig, [], "test") == StackConfig()
+
+
+def test_invalid_config_flag_names_the_field() -> None:
+    with pytest.raises(ValueError, match="port"):
+        parse_config(StackConfig, ["--port", "70000"], "test")
+
+
+def test_absent_sampling_fields_take_defaults_and_present_ones_are_kept() -> None:
+    assert convert.sampling_from_pb(common_pb2.SamplingParams()) == SamplingParams()
+    msg = common_pb2.SamplingParams(temperature=0.0, seed=0, top_k=3)
+    params = convert.sampling_from_pb(msg)
+    assert params.temperature == 0.0 and params.seed == 0 and params.top_k == 3
+
+
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [("temperature", dict(temperature=-1.0)), ("top_p", dict(top_p=0.0)), ("top_p", dict(top_p=1.01)),
+     ("top_k", dict(top_k=-2)), ("max_tokens", dict(max_tokens=0))],
+)
+def test_out_of_range_sampling_raises_invalid_argument_naming_the_field(field: str, kwargs: dict) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        convert.sampling_from_pb(common_pb2.SamplingParams(**kwargs))
+    assert err.value.field == field
+
+
+def test_plan_and_step_output_survive_the_protobuf_round_trip() -> None:
+    plan = StepPlan(
+        step_id=5,
+        new_requests=(
+            NewRequestData("a", (1, 2, 3), SamplingParams(temperature=0.0, seed=9), (4, 0), 1),
+            NewRequestData("e", (5,), SamplingParams(), (2,), 0, Placement.CPU, 1),
+        ),
+        cached_requests=(CachedRequestData("b", (7,)), CachedRequestData("c", sub_batch=1)),
+        freed_request_ids=("d",),
+        mode=ExecutionMode.ASYM_PIPELINE,
+        swap_out=(SwapData("b", (3, 4)),),
+        swap_in=(SwapData("c", (8,)),),
+    )
+    assert convert.plan_from_pb(convert.plan_to_pb(plan)) == plan
+    out = StepOutput(5, {"a": 3, "b": 257}, StepTimings(*range(1, 11)))
+    assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out
+
+
+def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
+    params = SamplingParams(
+        temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=20, stop_token_ids=(1, 2), ignore_eos=True,
+        min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0,
+    )
+    assert convert.sampling_from_pb(convert.sampling_to_pb(params)) == params
+
+
+def test_step_output_logprobs_survive_the_protobuf_round_trip() -> None:
+    out = StepOutput(1, {"a": 3, "b": 4}, logprobs={"a": TokenLogprob(3, -0.25, ((3, -0.25), (9, -2.0)))})
+    assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out

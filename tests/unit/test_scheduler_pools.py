@@ -1,0 +1,173 @@
+"""The scheduler core on fabricated step results, for every policy: after any sequence of admissions, growth, swaps,
+preemptions, aborts and finishes no block leaks or is held twice; no CPU request sits out more than max_sit_out
+iterations; plans carry deltas; the iteration record reports the step."""
+
+import random
+from collections import defaultdict
+from dataclasses import replace
+
+import pytest
+
+from apex_serve.types import ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, StepTimings, WorkerInfo
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
+from scheduler_service.cost.shape import ModelShape
+from scheduler_service.cost.loader import load_cost_model
+from scheduler_service.request import RequestStatus
+from scheduler_service.scheduler import Scheduler
+
+MODEL = ModelShape(num_layers=4, hidden_size=256, intermediate_size=512, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                   vocab_size=1000)
+COSTS = ConstantCosts(lin_ns=1_000_000.0, lin_ns_per_token=1_000.0, pref_ns_per_token=100.0,
+                      gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=50.0, sync_ns=1_000.0, step_ns=100_000.0)
+POLICIES = ("gpu-only", "neo", "apex")
+
+
+def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4) -> WorkerInfo:
+    return WorkerInfo(model_name="m", num_layers=4, vocab_size=1000, max_model_len=512, eos_token_ids=(2,),
+                      block_size=4, num_kv_blocks=gpu_blocks, device="sim", dtype="float32",
+                      num_cpu_kv_blocks=cpu_blocks, cpu_max_rows=cpu_max_rows)
+
+
+def scheduler(policy: str, max_sit_out: int = 3, **pools: int) -> Scheduler:
+    cost_model = ConstantCostModel(COSTS, MODEL) if policy != "gpu-only" else None
+    return Scheduler(SchedulerConfig(policy=policy, max_num_seqs=32, max_sit_out=max_sit_out), worker(**pools),
+                     cost_model)
+
+
+def check_blocks(s: Scheduler) -> None:
+    """Every block is free or held by exactly one running request, in the pool the request lives in."""
+    held: dict[Placement, list[int]] = defaultdict(list)
+    for request in s.running:
+        assert request.status is RequestStatus.RUNNING
+        assert len(request.block_ids) >= s._kv.blocks_for(request.kv_len), request.request_id
+        held[request.placement] += request.block_ids
+    for request in s._waiting:
+        assert request.block_ids == []
+    for placement in Placement:
+        ids = held[placement]
+        assert len(ids) == len(set(ids)), f"a {placement.value} block is held twice"
+        assert len(ids) + s.num_free(placement) == s.num_total(placement), f"{placement.value} blocks leaked"
+
+
+def step(s: Scheduler, plan: StepPlan, rng: random.Random) -> list:
+    ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
+    sampled = {rid: (2 if rng.random() < 0.03 else 7) for rid in ids}  # token 2 is EOS
+    prediction = s.prediction_of(plan)
+    measured = 1_000_000 if prediction is None else int(prediction.total_ns * 1.1)  # the tables 10% optimistic
+    return s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=measured)))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_admit_grow_swap_preempt_abort_finish_leaks_no_block(policy: str, seed: int) -> None:
+    rng = random.Random(seed)
+    s = scheduler(policy, gpu_blocks=30, cpu_blocks=120)
+    count = 0
+    saw = defaultdict(int)
+    for _ in range(400):
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            s.add_request(f"r{count}", [5] * rng.randint(1, 40),
+                          SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 60)))
+            count += 1
+        if s._requests and rng.random() < 0.05:
+            s.abort(rng.choice(list(s._requests)))
+        plan = s.schedule()
+        check_blocks(s)
+        saw["swaps"] += len(plan.swap_out) + len(plan.swap_in)
+        saw[plan.mode] += 1
+        if rng.random() < 0.03 and s._in_flight:  # an abort while the step runs: its token is dropped
+            s.abort(rng.choice(s._in_flight).request_id)
+        step(s, plan, rng)
+        check_blocks(s)
+    for request_id in list(s._requests):
+        s.abort(request_id)
+    plan = s.schedule()
+    assert plan.is_empty and s.num_running == s.num_waiting == 0
+    for placement in Placement:
+        assert s.num_free(placement) == s.num_total(placement)
+    assert s.num_preemptions > 0 or saw["swaps"] > 0, "the pools were never under pressure"
+    if policy == "apex":  # CPU rows pay here for apex (neo's second weight pass costs more than they yield)
+        assert saw["swaps"] > 0
+
+
+@pytest.mark.parametrize("policy", ("neo", "apex"))
+@pytest.mark.parametrize("cpu_turns_slow", (False, True))
+def test_no_cpu_request_sits_out_more_than_max_sit_out_iterations(policy: str, cpu_turns_slow: bool) -> None:
+    s = scheduler(policy, max_sit_out=2, gpu_blocks=8, cpu_blocks=2000, cpu_max_rows=2)
+    for i in range(12):
+        s.add_request(f"r{i}", [5] * 20, SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True))
+    last_run: dict[str, int] = {}
+    rng = random.Random(0)
+    iteration = 0
+    while s.has_work():
+        if cpu_turns_slow and iteration == 10:  # CPU rows admitted while cheap stop paying: they must still run
+            s.cost_model.costs = replace(COSTS, catt_ns_per_kv_token=1e7)
+        plan = s.schedule()
+        for entry in (*plan.new_requests, *plan.cached_requests):
+            last_run[entry.request_id] = iteration
+        for request in s.running:
+            if request.request_id in last_run:
+                gap = iteration - last_run[request.request_id]
+                assert gap <= s.config.max_sit_out, f"{request.request_id} sat out {gap} iterations"
+        step(s, plan, rng)
+        iteration += 1
+    assert len(last_run) == 12
+
+
+def test_cpu_requests_decode_while_the_accelerator_pool_is_full_under_hybrid_policies() -> None:
+    s = scheduler("apex", gpu_blocks=12, cpu_blocks=400, cpu_max_rows=8)
+    for i in range(6):
+        s.add_request(f"r{i}", [5] * 10, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    plan = s.schedule()
+    placements = {r.request_id: r.placement for r in plan.new_requests}
+    assert Placement.CPU in placements.values() and Placement.GPU in placements.values()
+    step(s, plan, random.Random(0))
+    plan = s.schedule()
+    assert plan.mode is ExecutionMode.ASYNC_OVERLAP
+    assert len(plan.cached_requests) == 6
+    record = s.last_iteration
+    assert record is not None and record.cpu_rows == sum(p is Placement.CPU for p in placements.values())
+    predicted = s.prediction_of(plan).total_ns
+    step(s, plan, random.Random(0))
+    assert record.predicted_ns == predicted
+    assert record.measured_ns == int(record.predicted_ns * 1.1)
+    assert record.relative_error == pytest.approx(1 / 1.1 - 1, abs=1e-6)
+
+
+def test_gpu_only_policy_keeps_every_request_on_the_accelerator_and_preempts_when_full() -> None:
+    s = scheduler("gpu-only", gpu_blocks=12)
+    for i in range(6):
+        s.add_request(f"r{i}", [5] * 10, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    rng = random.Random(0)
+    while s.has_work():
+        plan = s.schedule()
+        assert plan.mode is ExecutionMode.GPU_ONLY and not plan.swap_out and not plan.swap_in
+        assert all(r.placement is Placement.GPU for r in plan.new_requests)
+        step(s, plan, rng)
+    assert s.num_preemptions > 0
+
+
+def test_an_unchanged_decode_entry_is_the_same_object_from_step_to_step() -> None:
+    s = scheduler("gpu-only", gpu_blocks=40)
+    s.add_request("a", [5] * 3, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    rng = random.Random(0)
+    step(s, s.schedule(), rng)  # prefill: 3 tokens in 1 block of 4
+    first = s.schedule()  # decodes position 3: still block 0
+    step(s, first, rng)
+    second = s.schedule()  # position 4 needs a new block
+    step(s, second, rng)
+    third = s.schedule()
+    assert first.cached_requests[0].new_block_ids == () and len(second.cached_requests[0].new_block_ids) == 1
+    assert third.cached_requests[0] is first.cached_requests[0]
+
+
+def test_hybrid_policy_without_a_cpu_worker_is_refused_naming_the_policy() -> None:
+    with pytest.raises(ValueError, match="^policy: 'neo' places requests on the CPU"):
+        Scheduler(SchedulerConfig(policy="neo"), worker(cpu_blocks=0), ConstantCostModel(COSTS, MODEL))
+
+
+async def test_the_service_refuses_a_hybrid_policy_without_a_profiler_and_runs_gpu_only_without_one() -> None:
+    with pytest.raises(ValueError, match="^profiler_address: policy 'apex'"):
+        await load_cost_model(SchedulerConfig(policy="apex"), worker())
+    assert await load_cost_model(SchedulerConfig(policy="gpu-only"), worker()) is None

@@ -1,0 +1,133 @@
+"""The simulator (apex-serve simulate): workloads, setups, the engine driving the real Scheduler, the CLI."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from apex_tools.sim.cli import main
+from apex_tools.sim.engine import Simulation
+from apex_tools.sim.setups import UnsupportedSetup, profiled_setup, published_setup
+from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate
+from apex_serve.types import Placement
+from scheduler_service.config import POLICIES, SchedulerConfig
+
+
+def config(policy: str) -> SchedulerConfig:
+    return SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, policy=policy)
+
+
+@pytest.mark.parametrize("kind", WORKLOADS)
+def test_workload_differs_between_seeds_and_repeats_for_one(kind: str) -> None:
+    spec = WorkloadSpec(kind, num_requests=300, rate=2.0, seed=7)
+    assert generate(spec) == generate(spec)
+    if kind != "grid":
+        assert generate(spec) != generate(dataclasses.replace(spec, seed=8))
+
+
+def test_workload_lengths_stay_in_their_documented_ranges() -> None:
+    chat, cot, summarize = (generate(WorkloadSpec(kind, 2000)) for kind in ("chat", "cot", "summarize"))
+    assert all(4 <= r.prompt_len <= 2048 and 4 <= r.output_len <= 2048 for r in chat)
+    assert 150 < np.median([r.prompt_len for r in chat]) < 260
+    assert all(16 <= r.prompt_len <= 512 and 1024 <= r.output_len <= 4096 for r in cot)
+    assert all(1024 <= r.prompt_len <= 4000 and 16 <= r.output_len <= 256 for r in summarize)
+    grid = generate(WorkloadSpec("grid", 5, grid_prompt_len=33, grid_output_len=9))
+    assert {(r.prompt_len, r.output_len) for r in grid} == {(33, 9)}
+
+
+def test_poisson_inter_arrival_mean_is_one_over_rate() -> None:
+    arrivals = np.array([r.arrival_s for r in generate(WorkloadSpec("chat", 20000, rate=4.0, seed=1))])
+    gaps = np.diff(arrivals, prepend=0.0)
+    assert np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.03)
+
+
+def test_rate_zero_arrives_all_at_once() -> None:
+    assert {r.arrival_s for r in generate(WorkloadSpec("chat", 50))} == {0.0}
+
+
+def test_llama31_8b_weights_on_t4_are_refused_not_squeezed() -> None:
+    with pytest.raises(UnsupportedSetup, match="do not fit"):
+        published_setup("t4", "llama3.1-8b", 4096, 256)
+
+
+def test_t4_llama2_accelerator_pool_is_a_thousand_odd_tokens() -> None:
+    setup = published_setup("t4", "llama2-7b", 4096, 256)
+    assert 900 <= setup.worker.num_kv_blocks * setup.worker.block_size <= 1300
+    assert setup.worker.num_cpu_kv_blocks * setup.worker.block_size == 65536  # 32 GiB at 0.5 MiB per token
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_engine_finishes_every_request_at_its_length_and_frees_every_block(policy: str) -> None:
+    setup = published_setup("a10", "llama2-7b", 4096, 64)
+    small = dataclasses.replace(setup, worker=dataclasses.replace(setup.worker, num_kv_blocks=48))  # preempts, swaps
+    requests = generate(WorkloadSpec("chat", 40, rate=20.0, seed=3))
+    requests = [r for r in requests if r.prompt_len + r.output_len <= 48 * 16]
+    sim = Simulation(small, requests, config(policy), "chat")
+    result = sim.run()
+    assert sim.rejected == 0 and result.finished == len(requests)
+    assert result.preemptions + result.swaps > 0, "the pool was meant to overflow"
+    assert sim.produced == [r.output_len for r in requests]
+    scheduler = sim.scheduler
+    assert scheduler.num_running == 0 and scheduler.num_waiting == 0
+    for placement in Placement:
+        assert scheduler.num_free(placement) == scheduler.num_total(placement), f"{placement.value} blocks leaked"
+    assert result.output_tokens == sum(r.output_len for r in requests)
+    assert sum(result.mode_mix.values()) == pytest.approx(1.0)
+    assert result.duration_s > 0 and result.ttft_p50_s <= result.ttft_p99_s and result.tpot_p50_ms > 0
+
+
+def fitted(setup, kind: str, n: int) -> list:
+    return fit_to(generate(WorkloadSpec(kind, n, seed=0)), setup.worker.num_kv_blocks * setup.worker.block_size)
+
+
+def test_fit_to_cuts_requests_to_the_accelerator_pool_output_first() -> None:
+    requests = [SimRequest(0.0, 100, 50), SimRequest(0.0, 100, 2000), SimRequest(0.0, 3000, 10)]
+    assert [(r.prompt_len, r.output_len) for r in fit_to(requests, 1000)] == [(100, 50), (100, 901), (500, 501)]
+
+
+def test_apex_nearly_doubles_gpu_only_on_t4_llama2_chat() -> None:
+    setup = published_setup("t4", "llama2-7b", 4096, 64)
+    requests = fitted(setup, "chat", 150)
+    gpu_only = Simulation(setup, requests, config("gpu-only"), "chat").run()
+    apex = Simulation(setup, requests, config("apex"), "chat").run()
+    assert gpu_only.finished == apex.finished == 150
+    assert apex.throughput_tok_s > 1.5 * gpu_only.throughput_tok_s
+
+
+def test_apex_beats_gpu_only_and_neo_on_a10_llama2_chat() -> None:
+    setup = published_setup("a10", "llama2-7b", 4096, 256)
+    requests = fitted(setup, "chat", 200)
+    runs = {policy: Simulation(setup, requests, config(policy), "chat").run() for policy in POLICIES}
+    assert runs["apex"].throughput_tok_s > max(runs["gpu-only"].throughput_tok_s, runs["neo"].throughput_tok_s)
+
+
+def test_this_machine_runs_on_a_profile_and_its_model_config(tmp_path) -> None:
+    line = {"xs": [1, 64], "ys": [1000.0, 3000.0]}
+    grid = {"xs": [1, 16], "ys": [16, 4096], "zs": [[500.0, 4000.0], [800.0, 8000.0]]}
+    profile = {"version": 1, "key": {}, "num_layers": 2, "tables": {
+        "t_lin": line, "t_pref": {"xs": [16, 256], "ys": [200.0, 4000.0]}, "t_gatt": grid, "t_catt": grid,
+        "t_xfer": {"xs": [1000, 100000], "ys": [100.0, 10000.0]}, "t_sync": {"xs": [0], "ys": [5000.0]},
+        "t_step": line}}
+    model = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 258, "eos_token_id": 0, "torch_dtype": "float32"}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(model))
+    setup = profiled_setup(str(tmp_path / "profile.json"), str(tmp_path / "tiny" / "config.json"), 16, 256)
+    assert setup.model == "tiny" and setup.worker.eos_token_ids == (0,)
+    sim = Simulation(setup, generate(WorkloadSpec("grid", 12, grid_prompt_len=40, grid_output_len=20)),
+                     config("apex"), "grid")
+    assert sim.run().finished == 12 and sim.produced == [20] * 12
+
+
+def test_cli_writes_json_and_png(tmp_path) -> None:
+    out = tmp_path / "sim"
+    rc = main(["--hardware", "t4", "--hardware", "a10", "--workload", "grid", "--grid-prompt-len", "64",
+               "--grid-output-len", "16", "--requests", "20", "--out-dir", str(out)])
+    assert rc == 0
+    result = json.loads((out / "simulate.json").read_text())
+    assert {(r["hardware"], r["policy"]) for r in result["runs"]} == {(h, p) for h in ("t4", "a10") for p in POLICIES}
+    assert all(r["finished"] == 20 for r in result["runs"])
+    assert (out / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
