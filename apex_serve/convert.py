@@ -1,43 +1,80 @@
 """The one place where protobuf messages and domain types meet."""
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
-from apex_serve import types
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from apex_serve import engine_stats, overlap, types
+from apex_serve.errors import InvalidArgument
 from apex_serve.hardware import HardwareFingerprint
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
+
+_Domain = TypeVar("_Domain")
+
+
+def _enum_from_pb(table: Mapping[int, _Domain], enum_type: EnumTypeWrapper, value: int, field: str) -> _Domain:
+    """The domain value of a protobuf enum value; InvalidArgument naming the field for a value the table lacks
+    (one this build does not know, or an UNSPECIFIED the field does not accept)."""
+    try:
+        return table[value]
+    except KeyError:
+        label = enum_type.Name(value) if value in enum_type.values() else str(value)
+        accepted = ", ".join(enum_type.Name(v) for v in table)
+        raise InvalidArgument(field, f"{enum_type.DESCRIPTOR.name} {label} is not one of {accepted}") from None
+
 
 _FINISH_TO_PB = {
     types.FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
     types.FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     types.FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
 }
-_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+_FINISH_FROM_PB: dict[int, types.FinishReason | None] = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None,  # a message before the last one
+    **{v: k for k, v in _FINISH_TO_PB.items()},
+}
 
 _MODE_TO_PB = {
     types.ExecutionMode.GPU_ONLY: common_pb2.EXECUTION_MODE_GPU_ONLY,
     types.ExecutionMode.ASYM_PIPELINE: common_pb2.EXECUTION_MODE_ASYM_PIPELINE,
     types.ExecutionMode.ASYNC_OVERLAP: common_pb2.EXECUTION_MODE_ASYNC_OVERLAP,
 }
-_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+_MODE_FROM_PB = {
+    common_pb2.EXECUTION_MODE_UNSPECIFIED: types.ExecutionMode.GPU_ONLY,  # unset: StepPlan's default mode
+    **{v: k for k, v in _MODE_TO_PB.items()},
+}
 
 
 def mode_to_pb(mode: types.ExecutionMode) -> int:
     return _MODE_TO_PB[mode]
 
 
-def mode_from_pb(value: int) -> types.ExecutionMode:
-    return _MODE_FROM_PB.get(value, types.ExecutionMode.GPU_ONLY)
+def mode_from_pb(value: int, field: str = "mode") -> types.ExecutionMode:
+    """Raises InvalidArgument naming `field` for a value that is not an execution mode."""
+    return _enum_from_pb(_MODE_FROM_PB, common_pb2.ExecutionMode, value, field)
+
 
 _PLACEMENT_TO_PB = {types.Placement.GPU: common_pb2.PLACEMENT_GPU, types.Placement.CPU: common_pb2.PLACEMENT_CPU}
-_PLACEMENT_FROM_PB = {v: k for k, v in _PLACEMENT_TO_PB.items()}
+_PLACEMENT_FROM_PB = {
+    common_pb2.PLACEMENT_UNSPECIFIED: types.Placement.GPU,  # unset: read as GPU
+    **{v: k for k, v in _PLACEMENT_TO_PB.items()},
+}
+
+
+def placement_from_pb(value: int, field: str = "placement") -> types.Placement:
+    """Raises InvalidArgument naming `field` for a value that is not a placement."""
+    return _enum_from_pb(_PLACEMENT_FROM_PB, common_pb2.Placement, value, field)
 
 
 def finish_reason_to_pb(reason: types.FinishReason | None) -> int:
     return common_pb2.FINISH_REASON_UNSPECIFIED if reason is None else _FINISH_TO_PB[reason]
 
 
-def finish_reason_from_pb(value: int) -> types.FinishReason | None:
-    return _FINISH_FROM_PB.get(value)
+def finish_reason_from_pb(value: int, field: str = "finish_reason") -> types.FinishReason | None:
+    """None for UNSPECIFIED (a request that is not finished); raises InvalidArgument naming `field` for a value
+    that is not a finish reason."""
+    return _enum_from_pb(_FINISH_FROM_PB, common_pb2.FinishReason, value, field)
 
 
 _OPTIONAL_SAMPLING_FIELDS = (
@@ -90,6 +127,14 @@ def hardware_to_pb(hw: HardwareFingerprint) -> common_pb2.HardwareFingerprint:
 def hardware_from_pb(msg: common_pb2.HardwareFingerprint) -> HardwareFingerprint:
     return HardwareFingerprint(
         msg.accelerator, msg.accelerator_memory_bytes, msg.cpu_model, msg.cpu_count, tuple(msg.cpus)
+    )
+
+
+def measure_request_to_pb(
+    table: str, points: Sequence[tuple[int, int]], warmup: int, repeats: int
+) -> common_pb2.MeasureRequest:
+    return common_pb2.MeasureRequest(
+        table=table, points=[common_pb2.MeasurePoint(x=x, y=y) for x, y in points], warmup=warmup, repeats=repeats
     )
 
 
@@ -177,10 +222,10 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
                 sampling=sampling_from_pb(r.sampling),
                 block_ids=tuple(r.block_ids),
                 num_output_tokens=r.num_output_tokens,
-                placement=_PLACEMENT_FROM_PB.get(r.placement, types.Placement.GPU),
+                placement=placement_from_pb(r.placement, f"new_requests[{i}].placement"),
                 sub_batch=r.sub_batch,
             )
-            for r in msg.new_requests
+            for i, r in enumerate(msg.new_requests)
         ),
         cached_requests=tuple(
             types.CachedRequestData(
@@ -219,7 +264,7 @@ def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
         sampled={s.request_id: s.token_id for s in msg.sampled},
         logprobs={s.request_id: logprob_from_pb(s.logprob) for s in msg.sampled if s.HasField("logprob")},
         timings=types.StepTimings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(types.StepTimings)}),
-        subtasks=tuple(subtask_from_pb(s) for s in msg.subtasks),
+        subtasks=tuple(subtask_from_pb(s, f"subtasks[{i}]") for i, s in enumerate(msg.subtasks)),
     )
 
 
@@ -239,10 +284,11 @@ def subtask_to_pb(s: types.Subtask) -> gpu_worker_pb2.Subtask:
     )
 
 
-def subtask_from_pb(msg: gpu_worker_pb2.Subtask) -> types.Subtask:
+def subtask_from_pb(msg: gpu_worker_pb2.Subtask, field: str = "subtask") -> types.Subtask:
+    """Raises InvalidArgument naming `field`.kind for a kind that is unset or unknown."""
     return types.Subtask(
-        kind=_SUBTASK_FROM_PB[msg.kind], layer=msg.layer, sub_batch=msg.sub_batch,
-        start_unix_ns=msg.start_unix_ns, end_unix_ns=msg.end_unix_ns,
+        kind=_enum_from_pb(_SUBTASK_FROM_PB, gpu_worker_pb2.SubtaskKind, msg.kind, f"{field}.kind"),
+        layer=msg.layer, sub_batch=msg.sub_batch, start_unix_ns=msg.start_unix_ns, end_unix_ns=msg.end_unix_ns,
     )
 
 
@@ -251,6 +297,14 @@ def usage_to_pb(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def submit_request_to_pb(
+    request_id: str, prompt_token_ids: Sequence[int], sampling: types.SamplingParams
+) -> scheduler_pb2.SubmitRequest:
+    return scheduler_pb2.SubmitRequest(
+        request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling_to_pb(sampling)
     )
 
 
@@ -273,4 +327,64 @@ def request_output_from_pb(request_id: str, msg: scheduler_pb2.SubmitResponse) -
         num_prompt_tokens=msg.usage.prompt_tokens,
         num_output_tokens=msg.usage.completion_tokens,
         logprobs=tuple(logprob_from_pb(lp) for lp in msg.logprobs),
+    )
+
+
+def overlap_to_pb(o: overlap.Overlap) -> scheduler_pb2.Overlap:
+    return scheduler_pb2.Overlap(
+        hidden_ratio=o.hidden_ratio, cpu_attention_ns=o.cpu_attention_ns, hidden_ns=o.hidden_ns,
+        device_idle_ns=o.device_idle_ns, cpu_idle_ns=o.cpu_idle_ns,
+    )
+
+
+def iteration_to_pb(record: engine_stats.IterationRecord) -> scheduler_pb2.IterationStats:
+    return scheduler_pb2.IterationStats(
+        step_id=record.step_id, mode=mode_to_pb(record.mode), num_prefills=record.num_prefills,
+        gpu_rows=record.gpu_rows, cpu_rows=record.cpu_rows, cpu_sat_out=record.cpu_sat_out,
+        swaps_out=record.swaps_out, swaps_in=record.swaps_in, preemptions=record.preemptions,
+        predicted_ns=record.predicted_ns or 0.0, measured_ns=record.measured_ns or 0.0,
+        overlap=None if record.overlap is None else overlap_to_pb(record.overlap),
+    )
+
+
+def timeline_to_pb(t: engine_stats.IterationTimeline) -> scheduler_pb2.IterationTimeline:
+    return scheduler_pb2.IterationTimeline(
+        step_id=t.step_id, mode=mode_to_pb(t.mode), start_unix_ns=t.start_unix_ns, end_unix_ns=t.end_unix_ns,
+        subtasks=[subtask_to_pb(s) for s in t.subtasks], overlap=overlap_to_pb(t.overlap),
+    )
+
+
+def scheduler_stats_to_pb(
+    scheduler: engine_stats.SchedulerStats, serving: engine_stats.ServingStats
+) -> scheduler_pb2.SchedulerStats:
+    """The GetStats answer: the scheduler's snapshot and the engine loop's counters."""
+    gpu, cpu = types.Placement.GPU, types.Placement.CPU
+    last = scheduler.last_iteration
+    return scheduler_pb2.SchedulerStats(
+        num_running=scheduler.num_running,
+        num_waiting=scheduler.num_waiting,
+        num_free_blocks=scheduler.free_blocks[gpu],
+        num_total_blocks=scheduler.total_blocks[gpu],
+        num_steps=scheduler.num_steps,
+        num_preemptions=scheduler.num_preemptions,
+        policy=scheduler.policy,
+        iterations_by_mode={mode.value: n for mode, n in scheduler.iterations_by_mode.items()},
+        num_running_cpu=scheduler.num_running_cpu,
+        num_free_cpu_blocks=scheduler.free_blocks[cpu],
+        num_total_cpu_blocks=scheduler.total_blocks[cpu],
+        num_swaps=scheduler.num_swaps,
+        last_iteration=None if last is None else iteration_to_pb(last),
+        cost_model_error=[
+            scheduler_pb2.CostModelError(
+                mode=mode_to_pb(mode), count=e.count, raw_mape=e.raw_mape, corrected_mape=e.corrected_mape,
+                recent_corrected_mape=e.recent_corrected_mape,
+            )
+            for mode, e in scheduler.cost_model_error.items()
+        ],
+        recent_iterations=[iteration_to_pb(r) for r in scheduler.recent_iterations],
+        latest_timeline=None if serving.latest_timeline is None else timeline_to_pb(serving.latest_timeline),
+        tokens_per_s=serving.tokens_per_s,
+        num_finished=serving.num_finished,
+        prompt_tokens=serving.prompt_tokens,
+        generation_tokens=serving.generation_tokens,
     )

@@ -101,12 +101,12 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
     """Verbs with their own argument parser (benchmarks, profile)."""
     from apex_tools import otlp_receiver, profile_cli
     from apex_tools.bench import (
-        cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, skeleton, tracing,
+        cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, stack_overhead, tracing,
     )
     from apex_tools.sim import cli as simulate
     from apex_tools.trace_report import cli as trace_report
 
-    mains = {"bench": skeleton.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
+    mains = {"bench": stack_overhead.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
              "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
              "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main}

@@ -1,25 +1,20 @@
 """Starts the five services as local processes, waits until each is SERVING, and stops them
 in order (gateway first) on Ctrl-C / SIGTERM or when one of them dies."""
 
-import asyncio
-import ctypes
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from apex_serve import rpc
+from apex_tools.processes import ServiceGroup, split_cores
 from scheduler_service.config import POLICIES
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -68,23 +63,15 @@ class StackConfig:
         return f"{self.host}:{self.metrics_port}" if self.metrics_port else ""
 
 
-def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
-    def setup() -> None:
-        """Child processes get SIGTERM if the launcher dies, so nothing outlives it."""
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
-
-
 class Stack:
+    """The five services of `apex-serve up` under one config: their flags, and the ServiceGroup that runs them."""
+
     def __init__(self, config: StackConfig, env: Mapping[str, str] | None = None) -> None:
         """env: variables the services get on top of this process's (OTEL_* for tracing, for example)."""
         self.config = config
-        self._env = {**os.environ, **env} if env else None
+        self._env = env
         self._run_dir = Path(config.run_dir).resolve()
-        self._procs: list[tuple[str, str, subprocess.Popen[bytes]]] = []
+        self._services = ServiceGroup(config.startup_timeout_s)
 
     def _address(self, name: str) -> str:
         return rpc.unix_address(self._run_dir, name)
@@ -121,55 +108,31 @@ class Stack:
 
     def _cpus(self, module: str) -> set[int] | None:
         """DESIGN §6: the gpu_worker gets cores of its own; None (no pinning) when too few exist."""
-        available = sorted(os.sched_getaffinity(0))
-        threads = self.config.worker_threads
-        if not self.config.pin_cpus or len(available) <= threads:
+        if not self.config.pin_cpus:
             return None
-        return set(available[:threads]) if module == "gpu_worker" else set(available[threads:])
+        device, rest = split_cores(device=self.config.worker_threads)
+        return device if module == "gpu_worker" else rest
 
     def start(self) -> None:
+        """Every service started at once, then waited for in start order."""
         shutil.rmtree(self._run_dir, ignore_errors=True)  # stale sockets of a killed run
         self._run_dir.mkdir(mode=0o700, parents=True)
-        for module, address, args in self.commands():
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                start_new_session=True,
-                preexec_fn=_child_setup(self._cpus(module)),
-                env=self._env,
-            )
-            self._procs.append((module, address, proc))
         try:
-            for module, address, proc in self._procs:
-                asyncio.run(self._wait_ready(module, address, proc))
-                logger.info("%-21s SERVING on %s (pid %d)", module, address, proc.pid)
+            started = [self._services.spawn(module, address, args, self._cpus(module), self._env)
+                       for module, address, args in self.commands()]
+            for service in started:
+                self._services.wait_serving(service)
+                logger.info("%-21s SERVING on %s (pid %d)", service.module, service.address, service.pid)
         except BaseException:
             self.stop()
             raise
 
-    async def _wait_ready(self, module: str, address: str, proc: subprocess.Popen[bytes]) -> None:
-        waiter = asyncio.create_task(rpc.wait_healthy(address, self.config.startup_timeout_s))
-        while not waiter.done():
-            if proc.poll() is not None:
-                waiter.cancel()
-                raise RuntimeError(f"{module} exited with code {proc.returncode} during start-up")
-            await asyncio.sleep(0.1)
-        waiter.result()
-
     def dead(self) -> list[tuple[str, int]]:
-        return [(m, p.returncode) for m, _, p in self._procs if p.poll() is not None]
+        return self._services.dead()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM in reverse start order (gateway drains first), then SIGKILL what lingers."""
-        for module, _, proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    logger.warning("%s did not stop in %.0fs; killing it", module, timeout_s)
-                    proc.kill()
-                    proc.wait()
-        self._procs.clear()
+    def stop(self) -> None:
+        """Every service stopped in reverse start order (the gateway drains first), the run directory removed."""
+        self._services.stop_all()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def __enter__(self) -> "Stack":

@@ -22,7 +22,8 @@ class Generation:
 class LocalEngine:
     def __init__(self, worker: GpuWorkerConfig, scheduler: SchedulerConfig | None = None) -> None:
         self.runner = ModelRunner(worker)
-        self.scheduler = Scheduler(scheduler or SchedulerConfig(), self.runner.info)
+        # no per-layer timeline by default: nothing here reads it
+        self.scheduler = Scheduler(scheduler or SchedulerConfig(sample_layers_every=0), self.runner.info)
         self._ids = itertools.count()
 
     def generate(
@@ -37,7 +38,7 @@ class LocalEngine:
         reasons: dict[str, FinishReason | None] = {}
         while len(reasons) < len(ids):
             plan = self.scheduler.schedule()
-            for out in self.scheduler.update_from_output(plan, self.runner.execute(plan)):
+            for out in self.scheduler.update_from_output(plan, self.runner.execute(plan)).outputs:
                 tokens[out.request_id].extend(out.new_token_ids)
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason

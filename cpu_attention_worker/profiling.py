@@ -8,7 +8,7 @@ from apex_serve.errors import FailedPrecondition, InvalidArgument
 from apex_serve.measurement import check_measure, median_ns
 from cpu_attention_worker import kernel
 from cpu_attention_worker.data_plane import view
-from cpu_attention_worker.host import DataPlane
+from cpu_attention_worker.data_plane_registry import DataPlane
 
 CPU_TABLES = ("t_catt",)
 

@@ -12,7 +12,7 @@ from apex_serve.logs import configure_logging
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
 from cpu_attention_worker import shm
 from cpu_attention_worker.config import CpuAttentionConfig
-from cpu_attention_worker.host import DataPlaneRegistry
+from cpu_attention_worker.data_plane_registry import DataPlaneRegistry
 from cpu_attention_worker.servicer import CpuAttentionServicer
 
 logger = logging.getLogger(__name__)

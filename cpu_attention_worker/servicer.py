@@ -13,7 +13,7 @@ from apex_serve.v1 import common_pb2, cpu_attention_pb2, cpu_attention_pb2_grpc
 from cpu_attention_worker import profiling
 from cpu_attention_worker.config import CpuAttentionConfig
 from cpu_attention_worker.data_plane import DataPlaneSpec, DataPlaneSpecError
-from cpu_attention_worker.host import DataPlane, DataPlaneRegistry
+from cpu_attention_worker.data_plane_registry import DataPlane, DataPlaneRegistry
 from cpu_attention_worker.kernel import kernel_info
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from apex_serve import convert, tracing
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob, WorkerInfo
-from apex_serve.v1 import scheduler_pb2
 from gateway import validation
 from gateway.chat_template import ChatTemplate
 from gateway.replicas import Replicas, RoutedCall
@@ -131,11 +130,7 @@ class Generator:
         )
         try:
             call = self.replicas.submit(
-                scheduler_pb2.SubmitRequest(
-                    request_id=prepared.request_id,
-                    prompt_token_ids=prepared.prompt_token_ids,
-                    sampling=convert.sampling_to_pb(prepared.sampling),
-                ),
+                convert.submit_request_to_pb(prepared.request_id, prepared.prompt_token_ids, prepared.sampling),
                 None if span is None else span.context,
             )
         except BaseException as exc:

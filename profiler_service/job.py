@@ -11,8 +11,9 @@ import grpc
 
 from apex_serve import convert, rpc
 from apex_serve.errors import Unavailable
+from apex_serve.hardware import HardwareFingerprint
 from apex_serve.types import WorkerInfo
-from apex_serve.v1 import common_pb2, cpu_attention_pb2, cpu_attention_pb2_grpc, gpu_worker_pb2, gpu_worker_pb2_grpc
+from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc, gpu_worker_pb2, gpu_worker_pb2_grpc
 from profiler_service.grid import TABLE_FIELDS, Grid
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class Progress:
     total: int
 
 
-def profile_key(info: WorkerInfo, cpu_hardware: common_pb2.HardwareFingerprint | None) -> dict:
+def profile_key(info: WorkerInfo, cpu_hardware: HardwareFingerprint | None) -> dict:
     """Hardware of both workers, model config, dtypes, block size, code version (in its JSON form)."""
     key = {
         "gpu_worker_hardware": asdict(info.hardware) if info.hardware else None,
@@ -51,7 +52,7 @@ class Workers:
         self.gpu = gpu_worker_pb2_grpc.GpuWorkerStub(self._gpu_channel)
         self.cpu = cpu_attention_pb2_grpc.CpuAttentionWorkerStub(self._cpu_channel)
 
-    async def describe(self) -> tuple[WorkerInfo, common_pb2.HardwareFingerprint | None]:
+    async def describe(self) -> tuple[WorkerInfo, HardwareFingerprint | None]:
         try:
             info = convert.worker_info_from_pb(await self.gpu.GetWorkerInfo(gpu_worker_pb2.GetWorkerInfoRequest()))
             if not info.num_cpu_kv_blocks:
@@ -59,14 +60,11 @@ class Workers:
             kernel = await self.cpu.GetKernelInfo(cpu_attention_pb2.GetKernelInfoRequest())
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"a worker did not answer: {exc.code().name}: {exc.details()}") from exc
-        return info, kernel.hardware
+        return info, convert.hardware_from_pb(kernel.hardware)
 
     async def measure(self, table: str, points: list[tuple[int, int]], warmup: int, repeats: int) -> list[float]:
         stub = self.cpu if table in CPU_TABLES else self.gpu
-        request = common_pb2.MeasureRequest(
-            table=table, points=[common_pb2.MeasurePoint(x=x, y=y) for x, y in points], warmup=warmup, repeats=repeats
-        )
-        reply = await stub.Measure(request)
+        reply = await stub.Measure(convert.measure_request_to_pb(table, points, warmup, repeats))
         return list(reply.median_ns)
 
     async def close(self) -> None:

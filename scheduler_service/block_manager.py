@@ -29,20 +29,9 @@ class BlockManager:
         """Blocks that hold n_tokens tokens from position 0."""
         return -(-n_tokens // self.block_size)
 
-    def can_allocate(self, n_tokens: int) -> bool:
-        return self.num_blocks_for(n_tokens) <= len(self._free)
-
     def allocate(self, n_tokens: int) -> list[int]:
         """Block ids for a sequence of n_tokens tokens, taken from the free list."""
         return self._take(self.num_blocks_for(n_tokens))
-
-    def blocks_needed_to_append(self, current_len: int) -> int:
-        """New blocks a sequence whose KV holds current_len tokens needs to store one more (0 or 1)."""
-        return 1 if current_len % self.block_size == 0 else 0
-
-    def append_slot(self, current_len: int) -> list[int]:
-        """The new block ids (zero or one) for the token at position current_len."""
-        return self._take(self.blocks_needed_to_append(current_len))
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Return blocks to the pool; all or none: a foreign, repeated or already free id raises ValueError."""

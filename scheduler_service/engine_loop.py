@@ -2,27 +2,28 @@
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from opentelemetry.trace import SpanContext
 
 from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
-from scheduler_service.telemetry.spans import StepFn
-from scheduler_service.telemetry.observer import EngineObserver
 from scheduler_service.scheduler import Scheduler
+from scheduler_service.telemetry.observer import EngineObserver
 
 logger = logging.getLogger(__name__)
 
+StepFn = Callable[[StepPlan], Awaitable[StepOutput]]  # the gpu_worker's Step
 Outcome = RequestOutput | Exception
 
 
 class EngineLoop:
-    """Owns the Scheduler; callers submit requests and read their outputs from a queue."""
+    """Owns the Scheduler; callers submit requests and read their outputs from a queue. Each iteration: schedule,
+    begin (the observer), Step, update (the scheduler), end (the observer), deliver."""
 
     def __init__(self, scheduler: Scheduler, step: StepFn, observer: EngineObserver | None = None) -> None:
         self._scheduler = scheduler
         self._step = step
-        self.observer = observer or EngineObserver(scheduler)
+        self.observer = observer or EngineObserver()
         self._streams: dict[str, asyncio.Queue[Outcome]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -40,10 +41,8 @@ class EngineLoop:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for request_id in list(self._streams):
-            self.abort(request_id)
-        for request_id in self._scheduler.request_ids():
-            self._scheduler.abort(request_id)
+        for request_id in dict.fromkeys([*self._streams, *self._scheduler.request_ids()]):
+            self._drop(request_id, _aborted(request_id))
         plan = self._scheduler.schedule()
         if plan.freed_request_ids:
             try:
@@ -66,11 +65,7 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> bool:
         """Frees the request's blocks at once and ends its stream with FinishReason.ABORT."""
-        aborted = self._scheduler.abort(request_id)
-        self.observer.aborted(request_id)
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(RequestOutput(request_id, (), finished=True, finish_reason=FinishReason.ABORT))
+        aborted = self._drop(request_id, _aborted(request_id))
         self._wake.set()
         return aborted
 
@@ -81,20 +76,26 @@ class EngineLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            plan = self.observer.sampled(plan)
-            try:
-                output, outputs = await self.observer.iterate(plan, self._iterate)
-            except Exception as exc:  # the worker failed: fail what was in the step, keep serving
-                logger.exception("step %d failed", plan.step_id)
-                self._fail(plan, exc)
-                continue
-            self.observer.stepped(plan, output, outputs)
-            for out in outputs:
-                self._deliver(out)
+            await self._iterate(plan)
 
-    async def _iterate(self, plan: StepPlan) -> tuple[StepOutput, list[RequestOutput]]:
-        output = await self._step(plan)
-        return output, self._scheduler.update_from_output(plan, output)
+    async def _iterate(self, plan: StepPlan) -> None:
+        flight = self._scheduler.in_flight
+        span = self.observer.begin(plan, None if flight is None else flight.record)
+        try:
+            output = await self._step(plan)
+            result = self._scheduler.update_from_output(plan, output)
+        except asyncio.CancelledError:  # stop() during the step
+            self.observer.fail(span, None)
+            raise
+        except Exception as exc:  # the worker failed: fail what was in the step, keep serving
+            logger.exception("step %d failed", plan.step_id)
+            self.observer.fail(span, exc)
+            for request_id in [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]:
+                self._drop(request_id, exc)
+            return
+        self.observer.end(span, plan, output, result)
+        for out in result.outputs:
+            self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
         queue = self._streams.get(out.request_id)
@@ -104,11 +105,16 @@ class EngineLoop:
         if out.finished:
             del self._streams[out.request_id]
 
-    def _fail(self, plan: StepPlan, exc: Exception) -> None:
-        ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
-        for request_id in ids:
-            self._scheduler.abort(request_id)
-            self.observer.aborted(request_id)
-            queue = self._streams.pop(request_id, None)
-            if queue is not None:
-                queue.put_nowait(exc)
+    def _drop(self, request_id: str, outcome: Outcome) -> bool:
+        """Removes the request from the scheduler (freeing its blocks), the observer and the streams, and ends its
+        stream with `outcome`; whether the scheduler still held it."""
+        held = self._scheduler.abort(request_id)
+        self.observer.aborted(request_id)
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(outcome)
+        return held
+
+
+def _aborted(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, (), finished=True, finish_reason=FinishReason.ABORT)

@@ -1,4 +1,4 @@
-"""The three policies (DESIGN §1, issue 6): per iteration, the execution mode and the CPU decode rows that run.
+"""The three policies (DESIGN §1): per iteration, the execution mode and the CPU decode rows that run.
 
 Every policy runs all prefills and all accelerator-resident decodes the Scheduler admitted; they differ in what they
 do with the CPU-resident requests (the candidates, least recently run first):
@@ -41,13 +41,14 @@ class Candidates:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """The mode; the first cpu_rows candidates decode, the first cpu_rows_b of them in sub-batch 1 (ASYM_PIPELINE).
-    estimate_ns ranks the options: one composition at the fitted mean factors (the cost model's full corrected
-    prediction of the chosen one is made off the decision path, by Scheduler.prediction_of)."""
+    """The mode; the first cpu_rows candidates decode, the first cpu_rows_in_sub_batch_1 of them in sub-batch 1
+    (ASYM_PIPELINE; the rest in sub-batch 0). estimate_ns ranks the options: one composition at the fitted mean factors
+    (the cost model's full corrected prediction of the chosen one is made off the decision path, by
+    InFlightStep.prediction)."""
 
     mode: ExecutionMode
     cpu_rows: int = 0
-    cpu_rows_b: int = 0
+    cpu_rows_in_sub_batch_1: int = 0
     shape: IterationShape | None = None
     estimate_ns: float = 0.0
     exposed_wait_ns: float = 0.0  # of the estimate: the accelerator waiting for the CPU
@@ -84,17 +85,17 @@ class _Predicting:
         self.cost_model = cost_model
 
     def _estimated(self, mode: ExecutionMode, parts: Sequence[SubBatchShape | None], cpu_rows: int = 0,
-                   cpu_rows_b: int = 0) -> Choice:
+                   in_sub_batch_1: int = 0) -> Choice:
         sub_batches = tuple(filter(None, parts))
         if not sub_batches:
             return Choice(ExecutionMode.GPU_ONLY)
         shape = IterationShape(mode, sub_batches)
         m = self.cost_model
         if m is None:
-            return Choice(mode, cpu_rows, cpu_rows_b, shape)
+            return Choice(mode, cpu_rows, in_sub_batch_1, shape)
         composed = compose(m.costs, m.model, shape, m.factors)
         residual = m.residual_factor(mode)
-        return Choice(mode, cpu_rows, cpu_rows_b, shape, composed.total_ns * residual,
+        return Choice(mode, cpu_rows, in_sub_batch_1, shape, composed.total_ns * residual,
                       composed.exposed_wait_ns * residual)
 
     def gpu_only(self, c: Candidates) -> Choice:

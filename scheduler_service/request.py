@@ -4,7 +4,9 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from apex_serve.types import CachedRequestData, Placement, SamplingParams
+from apex_serve.types import (
+    CachedRequestData, FinishReason, NewRequestData, Placement, RequestOutput, SamplingParams, TokenLogprob,
+)
 
 
 class RequestStatus(enum.Enum):
@@ -59,6 +61,29 @@ class Request:
     @property
     def token_ids(self) -> tuple[int, ...]:
         return self.prompt_token_ids + tuple(self.output_token_ids)
+
+    def new_data(self) -> NewRequestData:
+        """Its entry in full, in the plan that sends it to the worker."""
+        return NewRequestData(
+            request_id=self.request_id,
+            token_ids=self.token_ids,
+            sampling=self.sampling,
+            block_ids=tuple(self.block_ids),
+            num_output_tokens=self.num_output_tokens,
+            placement=self.placement,
+        )
+
+    def output(self, token: int, reason: FinishReason | None, logprob: TokenLogprob | None) -> RequestOutput:
+        """What its caller is told of its latest token (already appended)."""
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=(token,),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+            logprobs=() if logprob is None else (logprob,),
+        )
 
     def entry(self, new_block_ids: Sequence[int], sub_batch: int) -> CachedRequestData:
         """Its decode entry in a plan: a new object only when something changed (the plan carries deltas)."""

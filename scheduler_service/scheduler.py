@@ -1,4 +1,4 @@
-"""The scheduler core (issue 6): pure Python, no tensors, no gRPC. schedule() plans one iteration, the worker runs it,
+"""The scheduler core: pure Python, no tensors, no gRPC. schedule() plans one iteration, the worker runs it,
 update_from_output() takes its tokens. A policy (scheduler_service.policies) picks each iteration's execution mode and
 CPU decode rows; this module keeps the queues and both KV pools (scheduler_service.kv_manager) consistent.
 
@@ -15,7 +15,9 @@ Each schedule():
    with CPU rows for it and the requests queued behind it, at their mean context over their lives, beside the
    accelerator rows its pool sustains (CPU rows must pay for themselves);
 4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode.
-The plan carries a request in full once (NewRequestData), then only what changed (new block ids, sub-batch).
+The plan carries a request in full once (NewRequestData), then only what changed (new block ids, sub-batch); every
+sample_layers_every-th plan asks the workers for per-layer subtask intervals. Until update_from_output() the plan is
+in flight (scheduler_service.in_flight): its requests, the policy's choice and the iteration's record.
 """
 
 import logging
@@ -23,26 +25,16 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from itertools import accumulate, islice
 
-from apex_serve import overlap
+from apex_serve.engine_stats import IterationRecord, SchedulerStats
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
-    CachedRequestData,
-    ExecutionMode,
-    NewRequestData,
-    Placement,
-    RequestOutput,
-    SamplingParams,
-    StepOutput,
-    StepPlan,
-    SwapData,
-    WorkerInfo,
+    CachedRequestData, ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, SwapData, WorkerInfo,
 )
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.cost.model import ComposedCostModel, Prediction
-from scheduler_service.iteration_record import IterationRecord
-from scheduler_service.cost.shape import IterationShape
+from scheduler_service.cost.model import ComposedCostModel
+from scheduler_service.in_flight import InFlightStep, StepResult
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import Candidates, Choice, make_policy
+from scheduler_service.policies import Candidates, make_policy
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
 
@@ -80,20 +72,13 @@ class Scheduler:
         self._gpu_running: list[Request] = []  # accelerator-resident running requests, the most recently placed last
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
-        self._in_flight: list[Request] = []  # scheduled by the plan awaiting update_from_output
-        self._in_flight_step: int | None = None
-        self._in_flight_choice: Choice | None = None
-        self._in_flight_prediction: Prediction | None = None
+        self._in_flight: InFlightStep | None = None
         self._cpu_refused: tuple[int, int] | None = None  # (running, CPU requests) when a CPU row was last refused
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
-        self.iterations_by_mode: Counter[ExecutionMode] = Counter()
-        self.recent_iterations: deque[IterationRecord] = deque(maxlen=RECENT_ITERATIONS)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._gpu_running) + len(self._cpu_queue)
+        self._iterations_by_mode: Counter[ExecutionMode] = Counter()
+        self._recent_iterations: deque[IterationRecord] = deque(maxlen=RECENT_ITERATIONS)
 
     @property
     def running(self) -> list[Request]:
@@ -101,38 +86,30 @@ class Scheduler:
         return self._gpu_running + list(self._cpu_queue)
 
     @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
+    def in_flight(self) -> InFlightStep | None:
+        """The latest plan until update_from_output() takes its step's output."""
+        return self._in_flight
+
+    def stats(self) -> SchedulerStats:
+        """A snapshot of the queues, both KV pools and the iteration counts."""
+        kv = self._kv
+        return SchedulerStats(
+            policy=self.config.policy,
+            num_running=self._num_running,
+            num_running_cpu=len(self._cpu_queue),
+            num_waiting=len(self._waiting),
+            free_blocks={p: kv.num_free(p) for p in Placement},
+            total_blocks={p: kv.num_total(p) for p in Placement},
+            num_preemptions=self._num_preemptions,
+            num_swaps=self._num_swaps,
+            iterations_by_mode=dict(self._iterations_by_mode),
+            recent_iterations=tuple(self._recent_iterations),
+            cost_model_error={} if self.cost_model is None else self.cost_model.error_stats(),
+        )
 
     @property
-    def num_free_blocks(self) -> int:
-        return self._kv.num_free(Placement.GPU)
-
-    @property
-    def num_total_blocks(self) -> int:
-        return self._kv.num_total(Placement.GPU)
-
-    def num_free(self, placement: Placement) -> int:
-        return self._kv.num_free(placement)
-
-    def num_total(self, placement: Placement) -> int:
-        return self._kv.num_total(placement)
-
-    def num_running_on(self, placement: Placement) -> int:
-        return len(self._cpu_queue) if placement is Placement.CPU else len(self._gpu_running)
-
-    @property
-    def num_preemptions(self) -> int:
-        return self._num_preemptions
-
-    @property
-    def num_swaps(self) -> int:
-        return self._num_swaps
-
-    @property
-    def num_steps(self) -> int:
-        """Plans that ran at least one request."""
-        return sum(self.iterations_by_mode.values())
+    def _num_running(self) -> int:
+        return len(self._gpu_running) + len(self._cpu_queue)
 
     def has_work(self) -> bool:
         """True while schedule() returns a plan worth sending: requests to run or worker state to drop."""
@@ -165,37 +142,11 @@ class Scheduler:
         logger.debug("aborted %s after %d output tokens", request_id, request.num_output_tokens)
         return True
 
-    @property
-    def last_iteration(self) -> IterationRecord | None:
-        return self.recent_iterations[-1] if self.recent_iterations else None
-
-    def record_of(self, plan: StepPlan) -> IterationRecord | None:
-        """The plan's iteration record, while it is the latest (None for a plan that ran no request)."""
-        record = self.last_iteration
-        return record if record is not None and record.step_id == plan.step_id else None
-
-    def shape_of(self, plan: StepPlan) -> IterationShape | None:
-        """The in-flight plan's iteration in the cost model's terms (None for an empty plan)."""
-        return self._in_flight_choice.shape if self._is_in_flight(plan) and self._in_flight_choice else None
-
-    def prediction_of(self, plan: StepPlan) -> Prediction | None:
-        """The cost model's corrected prediction of the in-flight plan (None without a cost model or for an empty
-        plan), made on first asking: off schedule()'s decision path."""
-        if not self._is_in_flight(plan) or self.cost_model is None:
-            return None
-        if self._in_flight_prediction is None:
-            shape = self.shape_of(plan)
-            self._in_flight_prediction = None if shape is None else self.cost_model.predict(shape)
-        return self._in_flight_prediction
-
-    def _is_in_flight(self, plan: StepPlan) -> bool:
-        return plan.step_id == self._in_flight_step
-
     def schedule(self) -> StepPlan:
         """The next iteration (see the module docstring). A request preempted here is not re-admitted in the same
         step: it needs at least the blocks it freed, and the request that preempted it took one of them."""
-        if any(r.status is RequestStatus.RUNNING for r in self._in_flight):
-            raise RuntimeError(f"step {self._in_flight_step} is in flight: call update_from_output() first")
+        if self._in_flight is not None and self._in_flight.is_running():
+            raise RuntimeError(f"step {self._in_flight.step_id} is in flight: call update_from_output() first")
         preemptions = self._num_preemptions
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
@@ -208,33 +159,36 @@ class Scheduler:
         choice = self.policy.choose(
             Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._max_cpu_rows)
         )
-        cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_b, cached)
+        cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_in_sub_batch_1, cached)
         for request in admitted:
             if request.placement is Placement.CPU:
                 self._join_cpu_queue(request)
+        step_id = self._next_step_id
+        scheduled = admitted + gpu_rows + cpu_rows
+        every = self.config.sample_layers_every
         plan = StepPlan(
-            step_id=self._next_step_id,
-            new_requests=tuple(self._new_data(r) for r in admitted),
+            step_id=step_id,
+            new_requests=tuple(r.new_data() for r in admitted),
             cached_requests=tuple(cached),
             freed_request_ids=tuple(self._freed_ids),
             mode=choice.mode,
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
+            record_subtasks=bool(scheduled) and every > 0 and step_id % every == 0,
         )
         self._next_step_id += 1
         self._freed_ids = []
-        self._in_flight = admitted + gpu_rows + cpu_rows
-        self._in_flight_step = plan.step_id
-        self._in_flight_choice = choice
-        self._in_flight_prediction = None
-        if not plan.is_empty:
-            self.iterations_by_mode[plan.mode] += 1
-            self.recent_iterations.append(IterationRecord(
-                step_id=plan.step_id, mode=plan.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
+        record = None
+        if scheduled:
+            self._iterations_by_mode[plan.mode] += 1
+            record = IterationRecord(
+                step_id=step_id, mode=plan.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
                 cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - sum(
                     r.placement is Placement.CPU for r in admitted),
                 swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
-            ))
+            )
+            self._recent_iterations.append(record)
+        self._in_flight = InFlightStep(step_id, scheduled, choice, record, self.cost_model)
         return plan
 
     def _must_run(self) -> int:
@@ -251,40 +205,22 @@ class Scheduler:
             must = max(must, i - slack)
         return min(must, capacity)
 
-    def _new_data(self, request: Request) -> NewRequestData:
-        return NewRequestData(
-            request_id=request.request_id,
-            token_ids=request.token_ids,
-            sampling=request.sampling,
-            block_ids=tuple(request.block_ids),
-            num_output_tokens=request.num_output_tokens,
-            placement=request.placement,
-        )
-
-    def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[RequestOutput]:
-        """Append each sampled token, finish requests on a stop token or a length limit, report per request.
+    def update_from_output(self, plan: StepPlan, output: StepOutput) -> StepResult:
+        """Append each sampled token, finish requests on a stop token or a length limit, report per request, and
+        complete the iteration's record with the step's timings (which also refine the cost model).
 
         Tokens of requests aborted since the plan was made are dropped. A request that asked for logprobs
-        gets its token's in RequestOutput.logprobs. The step's timings refine the cost model.
+        gets its token's in RequestOutput.logprobs.
         """
-        if plan.step_id != self._in_flight_step or output.step_id != plan.step_id:
-            raise ValueError(
-                f"step_id: output {output.step_id} of plan {plan.step_id}, but step {self._in_flight_step} is in flight"
-            )
-        live = [r for r in self._in_flight if r.status is RequestStatus.RUNNING]
-        missing = [r.request_id for r in live if r.request_id not in output.sampled]
-        unplanned = sorted(output.sampled.keys() - {r.request_id for r in self._in_flight})
-        if missing or unplanned:
-            raise ValueError(f"sampled: step {plan.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
-        no_logprobs = [
-            r.request_id for r in live if r.sampling.logprobs is not None and r.request_id not in output.logprobs
-        ]
-        if no_logprobs:
-            raise ValueError(f"logprobs: step {plan.step_id} lacks the logprobs of {no_logprobs}")
-        self._observe(plan, output)
-        self._in_flight = []
-        self._in_flight_step = None
-        self._in_flight_choice = None
+        flight = self._in_flight
+        if flight is None or plan.step_id != flight.step_id or output.step_id != plan.step_id:
+            raise ValueError(f"step_id: output {output.step_id} of plan {plan.step_id}, but step "
+                             f"{None if flight is None else flight.step_id} is in flight")
+        live = flight.live_requests(output)
+        record = flight.measured(output)
+        if record is not flight.record:  # the in-flight plan's record is the latest
+            self._recent_iterations[-1] = record
+        self._in_flight = None
         outputs = []
         for request in live:
             token = output.sampled[request.request_id]
@@ -293,40 +229,13 @@ class Scheduler:
             reason = self.limits.finish_reason(request, token)
             if reason is not None:
                 self._finish(request)
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    new_token_ids=(token,),
-                    finished=reason is not None,
-                    finish_reason=reason,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_output_tokens=request.num_output_tokens,
-                    logprobs=() if logprob is None else (logprob,),
-                )
-            )
-        return outputs
-
-    def _observe(self, plan: StepPlan, output: StepOutput) -> None:
-        """The measured time and overlap on the iteration's record, and the time into the cost model's online
-        correction."""
-        record = self.record_of(plan)
-        measured = output.timings.total_ns
-        if record is None or measured <= 0:
-            return
-        prediction = self.prediction_of(plan)
-        record.predicted_ns = None if prediction is None else prediction.total_ns
-        record.measured_ns = float(measured)
-        record.overlap = overlap.from_timings(output.timings)
-        shape = self.shape_of(plan)
-        if self.cost_model is not None and shape is not None and prediction is not None:
-            self.cost_model.observe(shape, prediction, output.timings)
-        logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", plan.step_id,
-                     record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
-                     measured)
+            outputs.append(request.output(token, reason, logprob))
+        return StepResult(tuple(outputs), record)
 
     def _swap_in(self) -> list[SwapData]:
         """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring)."""
-        if not self._cpu_queue or self._waiting or not self._sat_out(self._cpu_queue[0]) or not self.num_free_blocks:
+        if not self._cpu_queue or self._waiting or not self._sat_out(self._cpu_queue[0]) or not self._kv.num_free(
+                Placement.GPU):
             return []
         swaps: list[SwapData] = []
         # room for its KV and one more block, with a block of headroom for every accelerator request
@@ -443,7 +352,7 @@ class Scheduler:
         prefill_lens: list[int] = []
         steady_gpu, steady_longest = num_gpu_rows, gpu_longest  # the decode iterations after this one
         steady_cpu = self._cpu_context() if self.policy.uses_cpu else [0]
-        while self._waiting and self.num_running < self.config.max_num_seqs:
+        while self._waiting and self._num_running < self.config.max_num_seqs:
             request = self._waiting[0]
             n = request.num_tokens
             # a resumed request may exceed the token budget: it then runs in a step of its own
@@ -457,7 +366,7 @@ class Scheduler:
                 gpu, longest = gpu + 1, max(longest, n + 1)
             else:
                 cpu = cpu + [cpu[-1] + n + 1]
-            if (admitted or self.num_running) and not self.policy.admits(
+            if (admitted or self._num_running) and not self.policy.admits(
                 Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._max_cpu_rows),
                 Candidates([], gpu, longest, cpu, 0, self._max_cpu_rows),
             ):
@@ -491,9 +400,9 @@ class Scheduler:
         if self._kv.blocks_for(request.peak_tokens) > self._kv.num_free(Placement.CPU) - self._kv.reserved(
                 Placement.CPU):
             return False
-        if not self.num_running:  # the pools are idle: a request that fits must run somewhere
+        if not self._num_running:  # the pools are idle: a request that fits must run somewhere
             return True
-        key = (self.num_running, len(cpu_context))
+        key = (self._num_running, len(cpu_context))
         if key == self._cpu_refused:  # nothing changed since the policy last refused a CPU row
             return False
         lifetime = [r.lifetime_context for r in self._gpu_running if r is not leaving]

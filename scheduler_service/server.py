@@ -31,7 +31,7 @@ async def serve(config: SchedulerConfig) -> None:
     scheduler = Scheduler(config, info, await load_cost_model(config, info))
     tracer = tracing.tracer(__name__)
     observer = EngineObserver(
-        scheduler, config.sample_layers_every, EngineMetrics(scheduler) if config.metrics_address else None,
+        EngineMetrics(scheduler) if config.metrics_address else None,
         IterationSpans(tracer) if tracer is not None else None,
     )
     metrics_server = observer.metrics.serve(config.metrics_address) if observer.metrics is not None else None

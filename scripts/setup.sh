@@ -18,7 +18,7 @@ extras=""
 .venv/bin/python -m pip install --quiet -e ".${extras}"
 [ -f models/apex-tiny-llama/config.json ] || .venv/bin/apex-serve make-model --preset default
 
-# tests/test_dashboard_browser.py renders /dashboard in a headless Chromium; it skips where none can be had.
+# tests/e2e/test_dashboard_browser.py renders /dashboard in a headless Chromium; it skips where none can be had.
 if [ -n "$extras" ] && ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
         || echo "setup.sh: could not install chromium; the dashboard's browser test will skip" >&2

@@ -1,16 +1,16 @@
-"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker."""
+"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker; the tiers'
+markers; waiting for a condition with a time limit."""
 
 import asyncio
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from apex_serve import rpc
 from apex_tools.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_tools.processes import Service, ServiceGroup
 
 MHA_SPEC = RandomLlamaSpec(
     hidden_size=128,
@@ -55,10 +55,19 @@ def gqa_llama3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_llama(tmp_path_factory.mktemp("models") / GQA_LLAMA3_SPEC.name, GQA_LLAMA3_SPEC, seed=2)
 
 
+TIER_MARKERS = {"e2e": "slow", "bench": "bench"}  # tests/<tier>/ -> the marker every test there carries
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` need CUDA; without it they are skipped, and say so."""
+    """Every test under tests/e2e is `slow` and under tests/bench is `bench`, so `-m "not slow and not bench"` selects
+    the fast tier. Tests marked `gpu` need CUDA; without it they are skipped, and say so."""
     import torch
 
+    tests_dir = Path(__file__).parent
+    for item in items:
+        tier = item.path.relative_to(tests_dir).parts[0] if item.path.is_relative_to(tests_dir) else ""
+        if tier in TIER_MARKERS:
+            item.add_marker(TIER_MARKERS[tier])
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none here")
@@ -67,27 +76,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def cpu_worker_process(address: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cpu_attention_worker", "--address", address, "--kv-budget-bytes", str(64 * 2**20)],
-    )
-    asyncio.run(rpc.wait_healthy(address, 30.0))
-    return process
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.01) -> object:
+    """Polls condition until it returns something true, and returns that; fails the test saying `what` was awaited
+    once timeout_s has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+    return value
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+async def wait_until_async(condition: Callable[[], object | Awaitable[object]], timeout_s: float, what: str,
+                           interval_s: float = 0.01) -> object:
+    """wait_until for the event loop: condition may be a coroutine function, and the loop runs between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+def start_cpu_worker(services: ServiceGroup, address: str) -> Service:
+    """A cpu_attention_worker process at address, SERVING."""
+    args = ["--address", address, "--kv-budget-bytes", str(64 * 2**20)]
+    return services.start("cpu_attention_worker", address, args, timeout_s=30.0)
 
 
 @pytest.fixture(scope="module")
 def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A cpu_attention_worker process for the module's tests; its address."""
     address = f"unix://{tmp_path_factory.mktemp('sock')}/cpu.sock"
-    process = cpu_worker_process(address)
-    yield address
-    stop(process)
+    with ServiceGroup(stop_timeout_s=30.0) as services:
+        start_cpu_worker(services, address)
+        yield address
 
 
 def prometheus_value(text: str, series: str) -> float:

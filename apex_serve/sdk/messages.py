@@ -70,8 +70,8 @@ def parse_response(msg: gateway_pb2.GenerateResponse) -> Chunk | Completion:
     if kind == "complete":
         c = msg.complete
         return Completion(
-            c.request_id, convert.finish_reason_from_pb(c.finish_reason), c.usage.prompt_tokens,
-            c.usage.completion_tokens, c.stop_reason or None,
+            c.request_id, convert.finish_reason_from_pb(c.finish_reason, "complete.finish_reason"),
+            c.usage.prompt_tokens, c.usage.completion_tokens, c.stop_reason or None,
         )
     raise error_for(status_code(msg.error.code), msg.error.message)
 

@@ -1,8 +1,7 @@
-"""What every benchmark shares: where its JSON goes, and pinning the device and CPU-worker sides to their cores."""
+"""What every benchmark shares: where its JSON goes, and how it reports the core a side is pinned to."""
 
 import json
 import logging
-import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -17,14 +16,6 @@ def write_result(path: str, result: object) -> Path:
     return out
 
 
-def two_cores() -> tuple[int | None, int | None]:
-    """(device core, CPU-worker core) of the cores this process may use (DESIGN §6); (None, None) with fewer than 2."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-
-
-def pinned(cpu: int | None) -> dict:
-    """Popen arguments that pin the child to one cpu (None: not pinned)."""
-    if cpu is None:
-        return {}
-    return {"preexec_fn": lambda: os.sched_setaffinity(0, {cpu})}
+def one_core(cpus: set[int] | None) -> int | None:
+    """The core of a side pinned to one core, as the results report it (None: not pinned)."""
+    return None if cpus is None else min(cpus)

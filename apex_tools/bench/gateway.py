@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def _steady_gaps_ms(streams: list[list[int]]) -> list[float]:
-    """Inter-token gaps once every stream has its first token: prefill stalls (no chunked
-    prefill yet) depend on how arrivals batch up, which differs between the two paths."""
+    """Inter-token gaps once every stream has its first token: prefill stalls (prompts are not
+    chunked) depend on how arrivals batch up, which differs between the two paths."""
     start = max(stamps[0] for stamps in streams)
     return [(b - a) / 1e6 for stamps in streams for a, b in zip(stamps, stamps[1:]) if a >= start]
 
@@ -81,7 +81,8 @@ def run(streams: int, new_tokens: int, rounds: int) -> dict:
             results: dict[str, list[dict[str, float]]] = {"gateway": [], "scheduler": []}
             for _ in range(rounds):
                 results["scheduler"].append(_percentiles(asyncio.run(_via_scheduler(scheduler, prompt_ids, sampling))))
-                results["gateway"].append(_percentiles(asyncio.run(_via_gateway(stack.config.gateway_address, prompts, sampling))))
+                gaps = asyncio.run(_via_gateway(stack.config.gateway_address, prompts, sampling))
+                results["gateway"].append(_percentiles(gaps))
     summary = {
         path: {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms")} for path, runs in results.items()
     }

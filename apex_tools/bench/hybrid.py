@@ -1,4 +1,4 @@
-"""Hybrid execution benchmark (issue 4), in one run:
+"""Hybrid execution benchmark, in one run:
 
 1. the per-layer transport: doorbell round trip through a real cpu_attention_worker against a gRPC
    bidirectional-stream round trip between two processes (p50/p99);
@@ -13,11 +13,7 @@ CPU rows in sub-batch 1, so each sub-batch's CPU attention runs under the other'
 """
 
 import argparse
-import asyncio
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,10 +23,11 @@ from pathlib import Path
 import torch
 
 from apex_serve import rpc
-from apex_tools.bench.common import pinned, two_cores, write_result
-from apex_tools.bench.hybrid_driver import HybridDriver
+from apex_tools.bench.common import one_core, write_result
+from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 from apex_tools.bench.transport import measure
 from apex_tools.default_model import BENCH_SPEC, write_random_llama
+from apex_tools.processes import ServiceGroup, pinned, split_cores
 from apex_serve.logs import configure_logging
 from apex_serve.types import ExecutionMode, Placement
 from gpu_worker.config import GpuWorkerConfig
@@ -71,21 +68,21 @@ def run_mode(model_dir: Path, cpu_address: str, setup: Setup, name: str) -> dict
         cpu_num_kv_blocks=setup.cpu_rows * blocks_per_row, cpu_max_rows=max(setup.cpu_rows, 1),
     )
     runner = ModelRunner(config)
-    driver = HybridDriver(runner, seed=1)
+    scheduler = ScriptedScheduler(runner, seed=1)
     try:
         prompt = [256] + [(7 * i) % 256 for i in range(setup.prompt_len - 1)]
         for i in range(setup.gpu_rows):
-            driver.add(f"g{i}", prompt, Placement.GPU, 0)
+            scheduler.add(f"g{i}", prompt, Placement.GPU, 0)
         for i in range(setup.cpu_rows if with_cpu else 0):
-            driver.add(f"c{i}", prompt, Placement.CPU, cpu_sub_batch)
+            scheduler.add(f"c{i}", prompt, Placement.CPU, cpu_sub_batch)
         for _ in range(1 + setup.warmup_steps):  # the prefill, then warm-up decode steps
-            driver.step(mode)
+            scheduler.step(mode)
         start = time.perf_counter()
-        outputs = [driver.step(mode) for _ in range(setup.decode_steps)]
+        outputs = [scheduler.step(mode) for _ in range(setup.decode_steps)]
         elapsed = time.perf_counter() - start
     finally:
         runner.close()
-    rows = len(driver.requests)
+    rows = len(scheduler.requests)
     cpu_ns = sum(o.timings.cpu_attention_ns for o in outputs)
     wait_ns = sum(o.timings.wait_ns for o in outputs)
     return {
@@ -131,30 +128,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("bench-hybrid")
     setup = SETUPS["quick" if args.quick else "tiny" if args.tiny else "full"]
-    device_cpu, worker_cpu = two_cores()
-    if device_cpu is not None:
-        os.sched_setaffinity(0, {device_cpu})
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="apex-bench-hybrid-") as tmp:
+    device_cpus, worker_cpus = split_cores(device=1, host=1)
+    with (pinned(device_cpus), tempfile.TemporaryDirectory(prefix="apex-bench-hybrid-") as tmp,
+          ServiceGroup(stop_timeout_s=30.0) as services):
+        torch.set_num_threads(1)
         run_dir = Path(tmp)
         model_dir = write_random_llama(run_dir / BENCH_SPEC.name, BENCH_SPEC)
         address = rpc.unix_address(run_dir, "cpu_attention_worker")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "cpu_attention_worker", "--address", address, "--num-threads", "1"],
-            **pinned(worker_cpu),
-        )
-        try:
-            asyncio.run(rpc.wait_healthy(address, 60.0))
-            result = {
-                "setup": setup.__dict__,
-                "device_cpu": device_cpu,
-                "cpu_worker_cpu": worker_cpu,
-                "transport": measure(address, run_dir, setup.transport_iterations, worker_cpu),
-                "modes": [run_mode(model_dir, address, setup, name) for name in MODES],
-            }
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+        services.start("cpu_attention_worker", address, ["--address", address, "--num-threads", "1"], worker_cpus,
+                       timeout_s=60.0)
+        result = {
+            "setup": setup.__dict__,
+            "device_cpu": one_core(device_cpus),
+            "cpu_worker_cpu": one_core(worker_cpus),
+            "transport": measure(address, run_dir, setup.transport_iterations, worker_cpus),
+            "modes": [run_mode(model_dir, address, setup, name) for name in MODES],
+        }
     logger.info("hybrid execution on %s\n%s", BENCH_SPEC.name, report(result))
     write_result(args.out, result)
     return 0

@@ -1,4 +1,4 @@
-"""CPU paged decode-attention kernel benchmark (issue 3).
+"""CPU paged decode-attention kernel benchmark.
 
 Decode attention is bound by memory bandwidth, so each row compares the kernel's effective KV read
 bandwidth (K + V bytes the attention must read / median time of a call) with this machine's

@@ -1,4 +1,4 @@
-"""Decision overhead of the scheduler core (issue 6): schedule() and update_from_output() wall time per iteration,
+"""Decision overhead of the scheduler core: schedule() and update_from_output() wall time per iteration,
 p50/p99, for each policy with 256 running requests. The cost model is the analytic one of a T4 with LLaMA-2-7B
 shapes whose host reads 40x faster than a real one: every CPU row then pays for itself, so the hybrid policies admit
 all 256 requests, half of them on the CPU (the pools are sized so; gpu-only gets an accelerator pool for all 256), and
@@ -59,16 +59,18 @@ def measure(policy: str, running: int, prompt_len: int, iterations: int, warmup:
         if step >= warmup:
             schedule_ns.append(t1 - t0)
             update_ns.append(t3 - t2)
-    if scheduler.num_running != running:
-        raise RuntimeError(f"{policy}: {scheduler.num_running} running at the end, expected {running}")
-    modes = {mode.value: n for mode, n in scheduler.iterations_by_mode.items()}
+    stats = scheduler.stats()
+    if stats.num_running != running:
+        raise RuntimeError(f"{policy}: {stats.num_running} running at the end, expected {running}")
+    modes = {mode.value: n for mode, n in stats.iterations_by_mode.items()}
+    last = stats.last_iteration
     return {
         "schedule_us_p50": float(np.percentile(schedule_ns, 50)) / 1e3,
         "schedule_us_p99": float(np.percentile(schedule_ns, 99)) / 1e3,
         "update_us_p50": float(np.percentile(update_ns, 50)) / 1e3,
         "update_us_p99": float(np.percentile(update_ns, 99)) / 1e3,
         "modes": modes,
-        "last_iteration_rows": {"gpu": scheduler.last_iteration.gpu_rows, "cpu": scheduler.last_iteration.cpu_rows},
+        "last_iteration_rows": {"gpu": last.gpu_rows, "cpu": last.cpu_rows},
     }
 
 

@@ -1,17 +1,13 @@
 """The serving stack the bench-policies and bench-tracing benchmarks run: a random LLaMA on a gpu_worker pinned to the
 first core (torch on one thread, exclusive), the cpu_attention_worker, the profiler, the schedulers and the client on
-the second; its workloads and presets, process management, the profile cut to the workloads, Submit streams with
+the second; its workloads and presets, where its services run, the profile cut to the workloads, Submit streams with
 per-token arrival times, and the latency and throughput of a run."""
 
 import asyncio
 import logging
 import math
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -26,8 +22,8 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
 from apex_serve import convert, rpc
-from apex_tools.bench.common import pinned, two_cores
 from apex_tools.default_model import BENCH_SPEC, BOS_TOKEN_ID, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_tools.processes import Service, ServiceGroup, pinned, split_cores
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import (
     gpu_worker_pb2,
@@ -43,6 +39,7 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE = 16
 CPU_POOL_HEADROOM = 1.5  # CPU KV pool over the working set
 START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -96,52 +93,25 @@ PRESETS = {
 }
 
 
-class Stack:
-    """The run directory's processes: started pinned, stopped (SIGTERM, then SIGKILL) in reverse order."""
+@dataclass(frozen=True)
+class BenchStack:
+    """Where the benchmark's services run: their sockets in run_dir, the gpu_worker on the device core, the others
+    on the host core (None: not pinned), started and stopped by services."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.device_cpu, self.host_cpu = two_cores()
-        self._processes: list[subprocess.Popen] = []
+    services: ServiceGroup
+    run_dir: Path
+    device_cpus: set[int] | None
+    host_cpus: set[int] | None
 
     def address(self, name: str) -> str:
         return rpc.unix_address(self.run_dir, name)
 
     def start(self, module: str, name: str, args: Sequence[str], on_device: bool = False,
-              env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """Start `python -m module --address <name's socket> args` (env: variables on top of ours) and wait until it
-        is SERVING."""
+              env: Mapping[str, str] | None = None) -> Service:
+        """`python -m module --address <name's socket> args` (env: variables on top of ours), SERVING."""
         address = self.address(name)
-        process = subprocess.Popen([sys.executable, "-m", module, "--address", address, *args],
-                                   env={**os.environ, **env} if env else None,
-                                   **pinned(self.device_cpu if on_device else self.host_cpu))
-        self._processes.append(process)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                asyncio.run(rpc.wait_healthy(address, 2.0))
-                return process
-            except TimeoutError:
-                if process.poll() is not None:
-                    self._processes.remove(process)
-                    raise RuntimeError(f"{module} exited with status {process.returncode} before serving") from None
-                if time.monotonic() > deadline:
-                    raise
-
-    def stop(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                logger.warning("pid %d ignored SIGTERM: killed", process.pid)
-                process.kill()
-                process.wait()
-        self._processes.remove(process)
-
-    def close(self) -> None:
-        for process in reversed(list(self._processes)):
-            self.stop(process)
+        cpus = self.device_cpus if on_device else self.host_cpus
+        return self.services.start(module, address, ["--address", address, *args], cpus, env)
 
 
 def kv_bytes_per_token(spec: RandomLlamaSpec) -> int:
@@ -158,8 +128,8 @@ def cpu_blocks(preset: Preset) -> int:
     return math.ceil(CPU_POOL_HEADROOM * max(w.working_set_tokens() for w in preset.workloads) / BLOCK_SIZE)
 
 
-def start_gpu_worker(stack: Stack, model_dir: Path, num_kv_blocks: int, preset: Preset,
-                     env: Mapping[str, str] | None = None) -> subprocess.Popen:
+def start_gpu_worker(stack: BenchStack, model_dir: Path, num_kv_blocks: int, preset: Preset,
+                     env: Mapping[str, str] | None = None) -> Service:
     return stack.start("gpu_worker", "gpu", [
         "--model-dir", str(model_dir), "--device", "cpu", "--num-threads", "1",
         "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(num_kv_blocks),
@@ -195,7 +165,7 @@ def profile_grid(info: WorkerInfo, preset: Preset) -> Grid:
     )
 
 
-def profile(stack: Stack, model_dir: Path, preset: Preset) -> dict:
+def profile(stack: BenchStack, model_dir: Path, preset: Preset) -> dict:
     """Profile once against a gpu_worker whose device pool holds a whole working set; returns the grid used."""
     largest = max(w.working_set_tokens() for w in preset.workloads)
     worker = start_gpu_worker(stack, model_dir, math.ceil(largest / BLOCK_SIZE) + preset.max_num_seqs, preset)
@@ -209,7 +179,7 @@ def profile(stack: Stack, model_dir: Path, preset: Preset) -> dict:
                     logger.info("profile %s (%s) in %.0f s: %s", progress.key_hash, progress.stage,
                                 time.perf_counter() - started, progress.path)
     finally:
-        stack.stop(worker)
+        stack.services.stop(worker)
     return asdict(grid)
 
 
@@ -296,25 +266,23 @@ def metrics(start_ns: int, results: list[dict], expected: list[int]) -> dict:
 
 
 @contextmanager
-def running_stack(preset: Preset, profile_dir: str | None, prefix: str) -> Iterator[tuple[Stack, Path]]:
+def running_stack(preset: Preset, profile_dir: str | None, prefix: str) -> Iterator[tuple[BenchStack, Path]]:
     """The cpu_attention_worker (a pool for the presets' largest working set, twice over) and the profiler started in
-    a fresh run directory with the preset's model written to it, this process pinned to the host core; (stack, model
-    directory). Everything is stopped and removed on exit, and this process's affinity restored."""
+    a fresh run directory with the preset's model written to it, this process pinned to the host core (the device
+    core stays the gpu_worker's alone); (stack, model directory). Everything is stopped and removed on exit, and this
+    process's affinity restored."""
     run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    stack = Stack(run_dir)
-    affinity = os.sched_getaffinity(0)
-    if stack.host_cpu is not None:  # this client shares the host core: the device core stays exclusive
-        os.sched_setaffinity(0, {stack.host_cpu})
+    device_cpus, host_cpus = split_cores(device=1, host=1)
     try:
-        model_dir = write_random_llama(run_dir / preset.spec.name, preset.spec)
-        cpu_budget = 2 * cpu_blocks(preset) * BLOCK_SIZE * kv_bytes_per_token(preset.spec)
-        stack.start("cpu_attention_worker", "cpu", ["--num-threads", "1", "--kv-budget-bytes", str(cpu_budget)])
-        stack.start("profiler_service", "profiler", [
-            "--gpu-worker-address", stack.address("gpu"), "--cpu-worker-address", stack.address("cpu"),
-            "--profile-dir", profile_dir or str(run_dir / "profiles"),
-            "--warmup", str(preset.profile_warmup), "--repeats", str(preset.profile_repeats)])
-        yield stack, model_dir
+        with pinned(host_cpus), ServiceGroup(START_TIMEOUT_S, STOP_TIMEOUT_S) as services:
+            stack = BenchStack(services, run_dir, device_cpus, host_cpus)
+            model_dir = write_random_llama(run_dir / preset.spec.name, preset.spec)
+            cpu_budget = 2 * cpu_blocks(preset) * BLOCK_SIZE * kv_bytes_per_token(preset.spec)
+            stack.start("cpu_attention_worker", "cpu", ["--num-threads", "1", "--kv-budget-bytes", str(cpu_budget)])
+            stack.start("profiler_service", "profiler", [
+                "--gpu-worker-address", stack.address("gpu"), "--cpu-worker-address", stack.address("cpu"),
+                "--profile-dir", profile_dir or str(run_dir / "profiles"),
+                "--warmup", str(preset.profile_warmup), "--repeats", str(preset.profile_repeats)])
+            yield stack, model_dir
     finally:
-        stack.close()
         shutil.rmtree(run_dir, ignore_errors=True)
-        os.sched_setaffinity(0, affinity)

@@ -7,6 +7,7 @@ CPU time of this process (time.process_time), so the export thread counts and ot
 import asyncio
 import random
 import time
+from dataclasses import replace
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,10 +15,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from apex_serve import overlap
-from apex_serve.types import (
-    CachedRequestData, ExecutionMode, RequestOutput, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind,
-)
-from scheduler_service.iteration_record import IterationRecord
+from apex_serve.engine_stats import IterationRecord
+from apex_serve.types import CachedRequestData, ExecutionMode, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind
 from scheduler_service.telemetry.spans import IterationSpans
 
 
@@ -52,16 +51,11 @@ async def _loop(spans: IterationSpans | None, iterations: int, rows: int, layers
                         record_subtasks=step_id % every == 0)
         output = _output(step_id, layers, plan.record_subtasks)
         record = IterationRecord(step_id, plan.mode, 0, 4, rows - 4, 0, 0, 0, 0)
-
-        async def iterate(p: StepPlan, out: StepOutput = output, rec: IterationRecord = record
-                          ) -> tuple[StepOutput, list[RequestOutput]]:
-            rec.overlap = overlap.from_timings(out.timings)  # as Scheduler.update_from_output sets it
-            return out, []
-
-        if spans is None:
-            await iterate(plan)
-        else:
-            await spans.iterate(plan, record, contexts, iterate)
+        span = None if spans is None else spans.start(plan, record, contexts)
+        await asyncio.sleep(0)  # the Step call
+        measured = replace(record, overlap=overlap.from_timings(output.timings))  # as update_from_output does
+        if spans is not None and span is not None:
+            spans.end(span, output, measured)
 
 
 def measure(iterations: int = 2000, rows: int = 32, layers: int = 8, every: int = 16) -> dict:

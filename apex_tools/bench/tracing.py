@@ -1,4 +1,4 @@
-"""Tracing overhead and the overlap report from a real run (issue 8).
+"""Tracing overhead and the overlap report from a real run.
 
 The stack of `bench-policies` (the bench model on a gpu_worker pinned to the first core, the cpu_attention_worker on
 the second, apex's scheduler, a device KV pool of 10% of the decode-heavy working set so that most rows run on the
@@ -44,7 +44,7 @@ def _on_env(receiver: OtlpReceiver) -> dict[str, str]:
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.address}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
 
 
-def run_once(stack: bench.Stack, model_dir: Path, preset: bench.Preset, traced: bool, env: dict[str, str],
+def run_once(stack: bench.BenchStack, model_dir: Path, preset: bench.Preset, traced: bool, env: dict[str, str],
              index: int) -> dict:
     workload = preset.workloads[0]
     worker = bench.start_gpu_worker(stack, model_dir, bench.device_blocks(workload, 0.1), preset, env)
@@ -60,9 +60,9 @@ def run_once(stack: bench.Stack, model_dir: Path, preset: bench.Preset, traced: 
                 stack.address("scheduler"), f"run{index}", requests, [0.0] * len(requests)))
             stats = bench.scheduler_stats(stack.address("scheduler"))
         finally:
-            stack.stop(scheduler)
+            stack.services.stop(scheduler)
     finally:
-        stack.stop(worker)
+        stack.services.stop(worker)
     row = bench.metrics(start_ns, results, [n for _, n in requests])
     logger.info("run %d, tracing %s: %.1f tok/s, p50 TPOT %.1f ms", index, "on" if traced else "off",
                 row["tokens_per_s"], row["tpot_p50_ms"])

@@ -6,7 +6,6 @@ server sit on different cores where the machine has two."""
 import asyncio
 import queue
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from apex_serve import rpc
-from apex_tools.bench.common import pinned
+from apex_tools.processes import ServiceGroup
 from cpu_attention_worker.client import DataPlaneClient
 from cpu_attention_worker.data_plane import DataPlaneSpec
 
@@ -79,16 +78,13 @@ def grpc_round_trips(address: str, iterations: int) -> list[int]:
         return samples
 
 
-def measure(cpu_worker_address: str, run_dir: Path, iterations: int, server_cpu: int | None) -> dict:
-    """Doorbell and gRPC round trips; the gRPC echo server is started here, pinned like the cpu worker."""
+def measure(cpu_worker_address: str, run_dir: Path, iterations: int, server_cpus: set[int] | None) -> dict:
+    """Doorbell and gRPC round trips; the gRPC echo server is started here, on server_cpus (None: not pinned)."""
     doorbell = doorbell_round_trips(cpu_worker_address, iterations)
     echo_address = rpc.unix_address(run_dir, "echo")
-    echo = subprocess.Popen([sys.executable, "-m", "apex_tools.bench.transport", echo_address], **pinned(server_cpu))
-    try:
+    with ServiceGroup(stop_timeout_s=30.0) as services:
+        services.spawn("apex_tools.bench.transport", echo_address, [echo_address], server_cpus)
         grpc_samples = grpc_round_trips(echo_address, iterations)
-    finally:
-        echo.terminate()
-        echo.wait(timeout=30)
     result = {
         "iterations": iterations, "doorbell": percentiles_us(doorbell), "grpc_stream": percentiles_us(grpc_samples),
     }

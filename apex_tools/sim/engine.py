@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from apex_serve.errors import InvalidArgument
+from apex_serve.engine_stats import IterationRecord
+from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_tools.sim.setups import Setup
 from apex_tools.sim.workloads import SimRequest
 from apex_serve.types import ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.iteration_record import IterationRecord
 from scheduler_service.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -126,18 +126,20 @@ class Simulation:
             while next_arrival < n and arrival_ns[next_arrival] <= now:
                 backlog.append(next_arrival)
                 next_arrival += 1
-            while backlog and scheduler.num_waiting < config.max_queued_requests:
-                self._add(backlog.popleft())
+            while backlog and self._add(backlog[0]):
+                backlog.popleft()
             plan = scheduler.schedule()
             if plan.is_empty:
-                if scheduler.num_running or scheduler.num_waiting:
-                    raise RuntimeError(f"{config.policy}: the scheduler planned nothing with {scheduler.num_running} "
-                                       f"running and {scheduler.num_waiting} waiting")
+                stats = scheduler.stats()
+                if stats.num_running or stats.num_waiting:
+                    raise RuntimeError(f"{config.policy}: the scheduler planned nothing with {stats.num_running} "
+                                       f"running and {stats.num_waiting} waiting")
                 if next_arrival == n and not backlog:
                     break
                 now = max(now, arrival_ns[next_arrival])
                 continue
-            shape, record = scheduler.shape_of(plan), scheduler.last_iteration
+            flight = scheduler.in_flight
+            shape, record = (None, None) if flight is None else (flight.shape, flight.record)
             assert shape is not None and record is not None, "a non-empty plan has a shape and a record"
             swap_ns = _swap_ns(self.setup, plan) if plan.swap_out or plan.swap_in else 0.0
             step_ns = self.truth.predict_raw(shape).total_ns + swap_ns
@@ -146,7 +148,7 @@ class Simulation:
             sampled = {r.request_id: token for r in plan.new_requests}
             for r in plan.cached_requests:
                 sampled[r.request_id] = token
-            for out in scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled, _UNMEASURED)):
+            for out in scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled, _UNMEASURED)).outputs:
                 if out.num_output_tokens == 1 or out.finished:
                     i = int(out.request_id)
                     if math.isnan(first_ns[i]):
@@ -156,14 +158,18 @@ class Simulation:
                         self.produced[i] = out.num_output_tokens
         return self._result(tally, arrival_ns, first_ns, finish_ns, time.perf_counter() - started)
 
-    def _add(self, i: int) -> None:
+    def _add(self, i: int) -> bool:
+        """Offers request i to the scheduler; False while max_queued_requests wait (it stays in the backlog)."""
         r = self.requests[i]
         sampling = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
         try:
             self.scheduler.add_request(str(i), [self._token] * r.prompt_len, sampling)
+        except ResourceExhausted:
+            return False
         except InvalidArgument as exc:
             self.rejected += 1
             logger.debug("request %d refused: %s", i, exc)
+        return True
 
     def _result(self, tally: _Tally, arrival_ns: list[float], first_ns: list[float], finish_ns: list[float],
                 wall_s: float) -> RunResult:
@@ -177,6 +183,7 @@ class Simulation:
         tokens = int(outputs[done].sum())
         iterations = sum(tally.modes.values())
         per_iteration = 1.0 / iterations if iterations else 0.0
+        stats = self.scheduler.stats()
         return RunResult(
             policy=self.config.policy,
             hardware=self.setup.hardware,
@@ -197,8 +204,8 @@ class Simulation:
             mean_gpu_rows=tally.gpu_rows * per_iteration,
             mean_cpu_rows=tally.cpu_rows * per_iteration,
             mean_prefills=tally.prefills * per_iteration,
-            preemptions=self.scheduler.num_preemptions,
-            swaps=self.scheduler.num_swaps,
+            preemptions=stats.num_preemptions,
+            swaps=stats.num_swaps,
             swap_time_share=tally.swap_ns / tally.step_ns if tally.step_ns else 0.0,
             wall_s=wall_s,
         )

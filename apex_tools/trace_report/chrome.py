@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apex_serve.span_attributes import ITERATION_SPAN
 from apex_tools.trace_report.iterations import CPU_LANE, DEVICE_LANE, Iteration
 from apex_tools.trace_report.summary import iteration_record
 
@@ -31,7 +32,7 @@ def trace_events(iterations: Sequence[Iteration]) -> list[dict[str, Any]]:
         events.append(_meta("process_name", pid, 0, f"step {it.step_id} ({it.mode})"))
         events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
         events += [_meta("thread_name", pid, tid, lane) for lane, tid in TIDS.items()]
-        events.append({"name": "apex.iteration", "cat": it.mode, "ph": "X", "ts": us(it.start_unix_ns),
+        events.append({"name": ITERATION_SPAN, "cat": it.mode, "ph": "X", "ts": us(it.start_unix_ns),
                        "dur": (it.end_unix_ns - it.start_unix_ns) / 1e3, "pid": pid, "tid": TIDS["iteration"],
                        "args": iteration_record(it) | {"overlap_step_timings": dataclasses.asdict(it.step_overlap)}})
         for bar in it.subtasks:

@@ -6,13 +6,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
+from apex_serve import span_attributes as attr
 from apex_serve.overlap import Interval, Overlap, from_intervals
+from apex_serve.types import SubtaskKind
 from apex_tools.trace_report.spans import Span, TraceInputError
 
-ITERATION_SPAN = "apex.iteration"
-CPU_LANE, DEVICE_LANE = "cpu", "accelerator"
+CPU_LANE, DEVICE_LANE = attr.LANE_CPU, attr.LANE_ACCELERATOR
 MODES = ("gpu_only", "async_overlap", "asym_pipeline")
-SUBTASK_KINDS = ("device_linear", "device_attention", "staging", "cpu_attention")
+SUBTASK_KINDS = tuple(attr.SUBTASK_SPANS.values())
 
 
 @dataclass(frozen=True)
@@ -60,33 +61,33 @@ def _int(span: Span, key: str) -> int:
 
 
 def _subtask(span: Span) -> SubtaskBar:
-    kind = str(span.attributes.get("apex.subtask.kind", span.name))
-    default_lane = CPU_LANE if kind == "cpu_attention" else DEVICE_LANE
+    kind = str(span.attributes.get(attr.SUBTASK_KIND, span.name))
+    default_lane = CPU_LANE if kind == attr.SUBTASK_SPANS[SubtaskKind.CPU_ATTENTION] else DEVICE_LANE
     return SubtaskBar(
-        kind=kind, lane=str(span.attributes.get("apex.subtask.lane", default_lane)),
-        layer=_int(span, "apex.subtask.layer"), sub_batch=_int(span, "apex.subtask.sub_batch"),
+        kind=kind, lane=str(span.attributes.get(attr.SUBTASK_LANE, default_lane)),
+        layer=_int(span, attr.SUBTASK_LAYER), sub_batch=_int(span, attr.SUBTASK_SUB_BATCH),
         start_unix_ns=span.start_unix_ns, end_unix_ns=span.end_unix_ns,
     )
 
 
 def _iteration(span: Span, children: list[Span]) -> Iteration:
-    bars = sorted((_subtask(c) for c in children if c.name in SUBTASK_KINDS or "apex.subtask.kind" in c.attributes),
+    bars = sorted((_subtask(c) for c in children if c.name in SUBTASK_KINDS or attr.SUBTASK_KIND in c.attributes),
                   key=lambda b: (b.start_unix_ns, b.lane, b.layer))
     return Iteration(
-        step_id=_int(span, "apex.iteration.step_id"),
-        mode=str(span.attributes.get("apex.iteration.mode", "unknown")),
-        num_prefills=_int(span, "apex.iteration.num_prefills"),
-        gpu_rows=_int(span, "apex.iteration.gpu_rows"),
-        cpu_rows=_int(span, "apex.iteration.cpu_rows"),
-        cpu_sat_out=_int(span, "apex.iteration.cpu_sat_out"),
-        sampled=bool(span.attributes.get("apex.iteration.sampled", False)) or bool(bars),
+        step_id=_int(span, attr.ITERATION_STEP_ID),
+        mode=str(span.attributes.get(attr.ITERATION_MODE, "unknown")),
+        num_prefills=_int(span, attr.ITERATION_NUM_PREFILLS),
+        gpu_rows=_int(span, attr.ITERATION_GPU_ROWS),
+        cpu_rows=_int(span, attr.ITERATION_CPU_ROWS),
+        cpu_sat_out=_int(span, attr.ITERATION_CPU_SAT_OUT),
+        sampled=bool(span.attributes.get(attr.ITERATION_SAMPLED, False)) or bool(bars),
         start_unix_ns=span.start_unix_ns,
         end_unix_ns=span.end_unix_ns,
         step_overlap=Overlap(
-            cpu_attention_ns=_int(span, "apex.overlap.cpu_attention_ns"),
-            hidden_ns=_int(span, "apex.overlap.hidden_ns"),
-            device_idle_ns=_int(span, "apex.overlap.device_idle_ns"),
-            cpu_idle_ns=_int(span, "apex.overlap.cpu_idle_ns"),
+            cpu_attention_ns=_int(span, attr.OVERLAP_CPU_ATTENTION_NS),
+            hidden_ns=_int(span, attr.OVERLAP_HIDDEN_NS),
+            device_idle_ns=_int(span, attr.OVERLAP_DEVICE_IDLE_NS),
+            cpu_idle_ns=_int(span, attr.OVERLAP_CPU_IDLE_NS),
         ),
         subtasks=tuple(bars),
     )
@@ -100,8 +101,8 @@ def build_iterations(spans: Iterable[Span]) -> list[Iteration]:
     for s in unique.values():
         if s.parent_span_id:
             children[(s.trace_id, s.parent_span_id)].append(s)
-    iterations = [_iteration(s, children[key]) for key, s in unique.items() if s.name == ITERATION_SPAN]
+    iterations = [_iteration(s, children[key]) for key, s in unique.items() if s.name == attr.ITERATION_SPAN]
     if not iterations:
-        raise TraceInputError(f"no {ITERATION_SPAN!r} spans among the {len(unique)} spans read "
+        raise TraceInputError(f"no {attr.ITERATION_SPAN!r} spans among the {len(unique)} spans read "
                               "(is the scheduler's tracing on, and is this its service?)")
     return sorted(iterations, key=lambda it: (it.start_unix_ns, it.step_id))

@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from apex_tools.trace_report.iterations import ITERATION_SPAN
+from apex_serve.span_attributes import ITERATION_SPAN
 from apex_tools.trace_report.spans import Attributes, Link, Span, TraceInputError
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -8,10 +8,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from apex_tools.trace_report.iterations import CPU_LANE, SUBTASK_KINDS, Iteration
+from apex_tools.trace_report.iterations import CPU_LANE, DEVICE_LANE, SUBTASK_KINDS, Iteration
 
 COLORS = {"device_linear": "#4c72b0", "device_attention": "#55a868", "staging": "#ccb974", "cpu_attention": "#c44e52"}
-LANES = ("accelerator", CPU_LANE)  # top to bottom
+LANES = (DEVICE_LANE, CPU_LANE)  # top to bottom
 LABEL_MIN_FRACTION = 0.025  # a bar narrower than this share of the axis gets no layer number: it would not fit
 
 

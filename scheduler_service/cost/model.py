@@ -37,9 +37,10 @@ sync, step overhead and the exposed wait have no factor of their own: they are d
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
+from apex_serve.engine_stats import ErrorStats
 from apex_serve.types import ExecutionMode, StepTimings
 from scheduler_service.cost.shape import IterationShape, ModelShape
-from scheduler_service.cost.online_fit import AffineFit, ErrorStats, ErrorTracker
+from scheduler_service.cost.online_fit import AffineFit, ErrorTracker
 from scheduler_service.cost.tables import PerformanceTables
 
 

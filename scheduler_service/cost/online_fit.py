@@ -1,19 +1,9 @@
 """The online correction's building blocks (see scheduler_service.cost.model): running means, an affine least-squares
-fit with decaying weights, and the per-mode error record."""
+fit with decaying weights, and the per-mode error tracker."""
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class ErrorStats:
-    """Prediction error of the total for one mode; errors are (predicted - measured) / measured."""
-
-    count: int
-    raw_mape: float  # mean |error| of the uncorrected (table or formula) prediction, over all observations
-    corrected_mape: float  # mean |error| of the predictions handed out (with the online correction)
-    recent_corrected_mape: float  # the same, weighted towards the latest observations (the model's alpha)
-    last_raw_error: float
-    last_corrected_error: float
+from apex_serve.engine_stats import ErrorStats
 
 
 @dataclass

@@ -35,22 +35,22 @@ class _SchedulerState(Collector):
         self._scheduler = scheduler
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        s = self._scheduler
+        stats = self._scheduler.stats()
         yield GaugeMetricFamily("apex_num_requests_running", "Requests running (decoding or prefilling)",
-                                value=s.num_running)
-        yield GaugeMetricFamily("apex_num_requests_waiting", "Requests waiting to be admitted", value=s.num_waiting)
+                                value=stats.num_running)
+        yield GaugeMetricFamily("apex_num_requests_waiting", "Requests waiting to be admitted",
+                                value=stats.num_waiting)
         usage = GaugeMetricFamily("apex_kv_cache_usage_perc", "KV cache usage per pool, 0 to 1", labels=["pool"])
         for placement, label in POOL_LABELS.items():
-            total = s.num_total(placement)
+            total = stats.total_blocks[placement]
             if total:
-                usage.add_metric([label], 1.0 - s.num_free(placement) / total)
+                usage.add_metric([label], 1.0 - stats.free_blocks[placement] / total)
         yield usage
         mape = GaugeMetricFamily("apex_cost_model_mape",
                                  "Mean absolute relative error of the predicted iteration time (recent, corrected)",
                                  labels=["mode"])
-        if s.cost_model is not None:
-            for mode, stats in s.cost_model.error_stats().items():
-                mape.add_metric([mode.value], stats.recent_corrected_mape)
+        for mode, error in stats.cost_model_error.items():
+            mape.add_metric([mode.value], error.recent_corrected_mape)
         yield mape
 
 

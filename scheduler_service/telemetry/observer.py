@@ -4,30 +4,18 @@ spans. Pure bookkeeping beside the loop; metrics and tracing are optional."""
 
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
 from apex_serve import overlap
-from apex_serve.types import ExecutionMode, FinishReason, RequestOutput, StepOutput, StepPlan, Subtask
-from scheduler_service.telemetry.spans import IterateFn, IterationSpans
+from apex_serve.engine_stats import IterationRecord, IterationTimeline, ServingStats
+from apex_serve.types import FinishReason, RequestOutput, StepOutput, StepPlan
+from scheduler_service.in_flight import StepResult
 from scheduler_service.telemetry.metrics import EngineMetrics
-from scheduler_service.scheduler import Scheduler
+from scheduler_service.telemetry.spans import IterationSpan, IterationSpans
 
 TOKENS_WINDOW_S = 10.0  # tokens/s is measured over this much of the recent past
-
-
-@dataclass(frozen=True)
-class IterationTimeline:
-    """The per-layer subtasks of one sampled iteration."""
-
-    step_id: int
-    mode: ExecutionMode
-    start_unix_ns: int
-    end_unix_ns: int
-    subtasks: tuple[Subtask, ...]
-    overlap: overlap.Overlap
 
 
 @dataclass
@@ -39,24 +27,26 @@ class _RequestTimes:
 
 
 class EngineObserver:
-    def __init__(
-        self, scheduler: Scheduler, sample_layers_every: int = 0, metrics: EngineMetrics | None = None,
-        spans: IterationSpans | None = None,
-    ) -> None:
-        self._scheduler = scheduler
-        self._sample_every = sample_layers_every
+    """Called by the engine loop around each iteration: begin() before the Step call, then end() after the
+    scheduler's update, or fail() when either raised."""
+
+    def __init__(self, metrics: EngineMetrics | None = None, spans: IterationSpans | None = None) -> None:
         self.metrics = metrics
         self._spans = spans
         self._requests: dict[str, _RequestTimes] = {}
         self._tokens: deque[tuple[float, int]] = deque()  # (time, tokens produced by an iteration)
-        self.latest_timeline: IterationTimeline | None = None
-        self.num_finished = 0
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
+        self._latest_timeline: IterationTimeline | None = None
+        self._num_finished = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    def stats(self) -> ServingStats:
+        return ServingStats(self.tokens_per_s(), self._num_finished, self._prompt_tokens, self._generation_tokens,
+                            self._latest_timeline)
 
     def submitted(self, request_id: str, num_prompt_tokens: int, trace_context: SpanContext | None) -> None:
         self._requests[request_id] = _RequestTimes(time.monotonic(), trace_context or INVALID_SPAN_CONTEXT)
-        self.prompt_tokens += num_prompt_tokens
+        self._prompt_tokens += num_prompt_tokens
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(num_prompt_tokens)
 
@@ -64,14 +54,9 @@ class EngineObserver:
         if self._requests.pop(request_id, None) is not None:
             self._finished(FinishReason.ABORT)
 
-    def sampled(self, plan: StepPlan) -> StepPlan:
-        """The plan, asking for per-layer subtask intervals on every Nth iteration."""
-        if self._sample_every and plan.step_id % self._sample_every == 0:
-            return replace(plan, record_subtasks=True)
-        return plan
-
-    async def iterate(self, plan: StepPlan, iterate: IterateFn) -> tuple[StepOutput, list[RequestOutput]]:
-        """Runs the iteration (in an iteration span when tracing is on); marks first-scheduled times."""
+    def begin(self, plan: StepPlan, record: IterationRecord | None) -> IterationSpan | None:
+        """Marks first-scheduled times; opens the iteration's span when tracing is on (None otherwise, and for a plan
+        that only frees requests: no iteration)."""
         now = time.monotonic()
         for new in plan.new_requests:
             times = self._requests.get(new.request_id)
@@ -79,20 +64,27 @@ class EngineObserver:
                 times.scheduled = now
                 if self.metrics is not None:
                     self.metrics.queue.observe(now - times.arrival)
-        if self._spans is None or plan.is_empty:  # a plan that only frees requests is no iteration
-            return await iterate(plan)
+        if self._spans is None or plan.is_empty:
+            return None
         contexts = [self._requests[r].trace_context for r in _request_ids(plan) if r in self._requests]
-        return await self._spans.iterate(plan, self._scheduler.record_of(plan), contexts, iterate)
+        return self._spans.start(plan, record, contexts)
 
-    def stepped(self, plan: StepPlan, output: StepOutput, outputs: Sequence[RequestOutput]) -> None:
-        """After update_from_output: the iteration's metrics, its timeline when sampled, and each request's
-        latencies."""
+    def fail(self, span: IterationSpan | None, error: Exception | None) -> None:
+        """The step or the update raised `error`, or the loop was cancelled during them (None)."""
+        if span is not None and self._spans is not None:
+            self._spans.fail(span, error)
+
+    def end(self, span: IterationSpan | None, plan: StepPlan, output: StepOutput, result: StepResult) -> None:
+        """After update_from_output: closes the span, then the iteration's metrics, its timeline when sampled, and
+        each request's latencies."""
+        record = result.record
+        if span is not None and self._spans is not None:
+            self._spans.end(span, output, record)
         if plan.is_empty:
             return
-        record = self._scheduler.record_of(plan)
         if output.subtasks:
             t = output.timings
-            self.latest_timeline = IterationTimeline(
+            self._latest_timeline = IterationTimeline(
                 plan.step_id, plan.mode, t.start_unix_ns, t.start_unix_ns + t.total_ns, output.subtasks,
                 overlap.from_subtasks(output.subtasks),
             )
@@ -100,10 +92,10 @@ class EngineObserver:
             self.metrics.iteration(plan.mode, output.timings.total_ns / 1e9, record.overlap, record.preemptions)
         now = time.monotonic()
         produced = 0
-        for out in outputs:
+        for out in result.outputs:
             produced += len(out.new_token_ids)
             self._token_times(out, now)
-        self.generation_tokens += produced
+        self._generation_tokens += produced
         if self.metrics is not None and produced:
             self.metrics.generation_tokens.inc(produced)
         self._tokens.append((now, produced))
@@ -127,7 +119,7 @@ class EngineObserver:
             self._finished(out.finish_reason or FinishReason.ABORT)
 
     def _finished(self, reason: FinishReason) -> None:
-        self.num_finished += 1
+        self._num_finished += 1
         if self.metrics is not None:
             self.metrics.success.labels(reason.value).inc()
 

@@ -1,71 +1,90 @@
 """OpenTelemetry spans of engine iterations (DESIGN §8): one `apex.iteration` span per step, linked to the spans of
-the requests it served, around the Step call and the scheduler's update (so the gpu_worker's SERVER span is its child,
-and the iteration record carries the measured overlap by its end); on sampled steps one child span per layer and
-subtask, with the times both workers recorded."""
+the requests it served, current from before the Step call until after the scheduler's update (so the gpu_worker's
+SERVER span is its child, and the iteration record carries the measured overlap by its end); on sampled steps one
+child span per layer and subtask, with the times both workers recorded. Names: apex_serve.span_attributes."""
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from apex_serve import overlap
-from apex_serve.types import RequestOutput, StepOutput, StepPlan, Subtask
-from scheduler_service.iteration_record import IterationRecord
-
-StepFn = Callable[[StepPlan], Awaitable[StepOutput]]
-# one iteration: the worker's Step, then the scheduler's update from its output
-IterateFn = Callable[[StepPlan], Awaitable[tuple[StepOutput, list[RequestOutput]]]]
-
+from apex_serve import span_attributes as attr
+from apex_serve.engine_stats import IterationRecord
+from apex_serve.types import StepOutput, StepPlan, Subtask
 
 def _record_attributes(plan: StepPlan, record: IterationRecord | None) -> dict[str, int | str | bool]:
     attributes: dict[str, int | str | bool] = {
-        "apex.iteration.step_id": plan.step_id, "apex.iteration.mode": plan.mode.value,
-        "apex.iteration.sampled": plan.record_subtasks,
+        attr.ITERATION_STEP_ID: plan.step_id, attr.ITERATION_MODE: plan.mode.value,
+        attr.ITERATION_SAMPLED: plan.record_subtasks,
     }
     if record is not None:
         attributes |= {
-            "apex.iteration.num_prefills": record.num_prefills, "apex.iteration.gpu_rows": record.gpu_rows,
-            "apex.iteration.cpu_rows": record.cpu_rows, "apex.iteration.cpu_sat_out": record.cpu_sat_out,
+            attr.ITERATION_NUM_PREFILLS: record.num_prefills, attr.ITERATION_GPU_ROWS: record.gpu_rows,
+            attr.ITERATION_CPU_ROWS: record.cpu_rows, attr.ITERATION_CPU_SAT_OUT: record.cpu_sat_out,
         }
     return attributes
 
 
 def _overlap_attributes(o: overlap.Overlap) -> dict[str, int | float]:
     return {
-        "apex.overlap.hidden_ratio": o.hidden_ratio, "apex.overlap.cpu_attention_ns": o.cpu_attention_ns,
-        "apex.overlap.hidden_ns": o.hidden_ns, "apex.overlap.device_idle_ns": o.device_idle_ns,
-        "apex.overlap.cpu_idle_ns": o.cpu_idle_ns,
+        attr.OVERLAP_HIDDEN_RATIO: o.hidden_ratio, attr.OVERLAP_CPU_ATTENTION_NS: o.cpu_attention_ns,
+        attr.OVERLAP_HIDDEN_NS: o.hidden_ns, attr.OVERLAP_DEVICE_IDLE_NS: o.device_idle_ns,
+        attr.OVERLAP_CPU_IDLE_NS: o.cpu_idle_ns,
     }
+
+
+@dataclass(frozen=True)
+class IterationSpan:
+    """An open iteration span and the context token that made it current."""
+
+    span: trace.Span
+    token: object
 
 
 class IterationSpans:
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
 
-    async def iterate(
-        self, plan: StepPlan, record: IterationRecord | None, requests: Iterable[SpanContext], iterate: IterateFn
-    ) -> tuple[StepOutput, list[RequestOutput]]:
+    def start(self, plan: StepPlan, record: IterationRecord | None, requests: Iterable[SpanContext]) -> IterationSpan:
+        """Opens the plan's span and makes it current; end() or fail() closes it, in the same task."""
         links = [Link(context) for context in requests if context.is_valid]
         span = self._tracer.start_span(
-            "apex.iteration", kind=SpanKind.INTERNAL, links=links, attributes=_record_attributes(plan, record),
+            attr.ITERATION_SPAN, kind=SpanKind.INTERNAL, links=links, attributes=_record_attributes(plan, record),
             start_time=time.time_ns(),
         )
-        with trace.use_span(span, end_on_exit=True):
-            output, outputs = await iterate(plan)
-            if record is not None and record.overlap is not None:
-                span.set_attributes(_overlap_attributes(record.overlap))
-            span.set_attribute("apex.iteration.measured_ns", output.timings.total_ns)
-            self._subtask_spans(span, output.subtasks)
-        return output, outputs
+        return IterationSpan(span, otel_context.attach(trace.set_span_in_context(span)))
+
+    def end(self, iteration: IterationSpan, output: StepOutput, record: IterationRecord | None) -> None:
+        """Closes the span with the step's measured time and overlap, and its per-layer children when sampled."""
+        otel_context.detach(iteration.token)
+        span = iteration.span
+        if record is not None and record.overlap is not None:
+            span.set_attributes(_overlap_attributes(record.overlap))
+        span.set_attribute(attr.ITERATION_MEASURED_NS, output.timings.total_ns)
+        self._subtask_spans(span, output.subtasks)
+        span.end()
+
+    def fail(self, iteration: IterationSpan, error: Exception | None) -> None:
+        """Closes the span of a step that raised `error` (recorded, status ERROR) or was cancelled (None)."""
+        otel_context.detach(iteration.token)
+        span = iteration.span
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
 
     def _subtask_spans(self, parent: trace.Span, subtasks: Iterable[Subtask]) -> None:
         context = trace.set_span_in_context(parent)
         for s in subtasks:
             child = self._tracer.start_span(
-                s.kind.value, context=context, start_time=s.start_unix_ns, attributes={
-                    "apex.subtask.kind": s.kind.value, "apex.subtask.lane": "cpu" if s.kind.on_cpu else "accelerator",
-                    "apex.subtask.layer": s.layer, "apex.subtask.sub_batch": s.sub_batch,
+                attr.SUBTASK_SPANS[s.kind], context=context, start_time=s.start_unix_ns, attributes={
+                    attr.SUBTASK_KIND: s.kind.value,
+                    attr.SUBTASK_LANE: attr.LANE_CPU if s.kind.on_cpu else attr.LANE_ACCELERATOR,
+                    attr.SUBTASK_LAYER: s.layer, attr.SUBTASK_SUB_BATCH: s.sub_batch,
                 },
             )
             child.end(end_time=s.end_unix_ns)

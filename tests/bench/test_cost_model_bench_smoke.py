@@ -18,5 +18,6 @@ def test_cost_model_bench_reports_errors_before_and_after_correction_for_every_m
     assert set(result["modes"]) == {"gpu_only", "async_overlap", "asym_pipeline"}
     for mode, row in result["modes"].items():
         assert row["count"] >= 5, mode
-        assert 0 < row["raw_mape"] < 5 and 0 < row["corrected_mape"] < 5, row
+        # measured side by side on 2 shared cores: raw 7-14%, corrected 5-30% per mode; twice that is a broken model
+        assert 0 < row["raw_mape"] < 0.5 and 0 < row["corrected_mape"] < 0.75, row
     assert "MAPE before" in done.stderr, "the table was not printed"

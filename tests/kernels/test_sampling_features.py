@@ -270,7 +270,7 @@ def test_logprobs_reach_request_outputs_aligned_with_new_tokens(default_model_di
     outputs: dict[str, list[RequestOutput]] = {"lp": [], "plain": []}
     while engine.scheduler.has_work():
         plan = engine.scheduler.schedule()
-        for out in engine.scheduler.update_from_output(plan, engine.runner.execute(plan)):
+        for out in engine.scheduler.update_from_output(plan, engine.runner.execute(plan)).outputs:
             outputs[out.request_id].append(out)
     assert len(outputs["lp"]) == 5 and all(out.logprobs == () for out in outputs["plain"])
     for out in outputs["lp"]:
@@ -290,7 +290,8 @@ def test_scheduler_finishes_on_stop_or_eos_only_after_min_tokens() -> None:
         finished = []
         for token in (stop, stop, stop):
             plan = sched.schedule()
-            finished.append(sched.update_from_output(plan, StepOutput(plan.step_id, {"r": token}))[0].finish_reason)
+            result = sched.update_from_output(plan, StepOutput(plan.step_id, {"r": token}))
+            finished.append(result.outputs[0].finish_reason)
         assert finished == [None, None, FinishReason.STOP], f"token {stop} with min_tokens 2"
 
 
@@ -300,7 +301,8 @@ def test_scheduler_rejects_a_step_without_the_logprobs_a_request_asked_for() -> 
     with pytest.raises(ValueError, match="logprobs"):
         sched.update_from_output(plan, StepOutput(plan.step_id, {"r": 5}))
     lp = TokenLogprob(5, -0.5, ((5, -0.5),))
-    assert sched.update_from_output(plan, StepOutput(plan.step_id, {"r": 5}, logprobs={"r": lp}))[0].logprobs == (lp,)
+    result = sched.update_from_output(plan, StepOutput(plan.step_id, {"r": 5}, logprobs={"r": lp}))
+    assert result.outputs[0].logprobs == (lp,)
 
 
 # -- protobuf edge -------------------------------------------------------------------------------

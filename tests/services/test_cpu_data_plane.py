@@ -20,11 +20,12 @@ import pytest
 
 from apex_serve import rpc
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
+from apex_tools.processes import ServiceGroup
 from cpu_attention_worker import reference, shm
 from cpu_attention_worker.client import CpuAttentionError, DataPlaneClient
 from cpu_attention_worker.config import CpuAttentionConfig
 from cpu_attention_worker.data_plane import DataPlaneSpec, DataPlaneSpecError, layout
-from cpu_attention_worker.host import DataPlaneRegistry
+from cpu_attention_worker.data_plane_registry import DataPlaneRegistry
 from cpu_attention_worker.server import create_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -303,17 +304,12 @@ def _stop(pid: int) -> None:
 def worker_process() -> Iterator[tuple[subprocess.Popen, str]]:
     run_dir = tempfile.mkdtemp(prefix="apex-dp-", dir="/tmp")
     address = rpc.unix_address(run_dir, "cpu")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cpu_attention_worker", "--address", address, "--kv-budget-bytes", str(2**20)],
-        cwd=Path(__file__).parents[2],
-    )
     try:
-        asyncio.run(rpc.wait_healthy(address, timeout_s=60))
-        yield process, address
+        with ServiceGroup(startup_timeout_s=60.0, stop_timeout_s=1.0) as services:
+            worker = services.start("cpu_attention_worker", address,
+                                    ["--address", address, "--kv-budget-bytes", str(2**20)])
+            yield worker.process, address
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         shm.remove_stale()
 
 

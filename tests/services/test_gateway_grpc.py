@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import wait_until, wait_until_async
 from apex_serve import rpc
 from apex_tools.launcher import Stack, StackConfig
 from apex_serve.sdk import (
@@ -49,12 +50,11 @@ async def _stats(stack: Stack) -> scheduler_pb2.SchedulerStats:
 
 
 async def _wait_idle(stack: Stack) -> scheduler_pb2.SchedulerStats:
-    for _ in range(100):
+    async def idle() -> scheduler_pb2.SchedulerStats | None:
         stats = await _stats(stack)
-        if stats.num_running == 0 and stats.num_waiting == 0:
-            break
-        await asyncio.sleep(0.05)
-    return stats
+        return stats if stats.num_running == 0 and stats.num_waiting == 0 else None
+
+    return await wait_until_async(idle, 5.0, "the scheduler to run and queue nothing", interval_s=0.05)
 
 
 def test_sync_client_streams_then_completes_and_generate_gives_the_same_text(stack: Stack) -> None:
@@ -119,8 +119,7 @@ async def test_abort_by_request_id_ends_the_stream_and_is_idempotent(stack: Stac
                 events.append(event)
 
         task = asyncio.create_task(consume())
-        while not events:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: events, 30.0, "the stream's first event")
         assert await client.abort("abort-1") is True
         await asyncio.wait_for(task, 10)
         assert await client.abort("abort-1") is False
@@ -169,13 +168,17 @@ def secure_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
     ])
     try:
         creds = grpc.ssl_channel_credentials(cert.read_bytes())
-        for _ in range(300):
+
+        def ready() -> bool:
+            assert proc.poll() is None, "the TLS gateway exited"
             with grpc.secure_channel(address, creds) as channel:
                 try:
                     grpc.channel_ready_future(channel).result(timeout=0.2)
-                    break
+                    return True
                 except grpc.FutureTimeoutError:
-                    assert proc.poll() is None, "the TLS gateway exited"
+                    return False
+
+        wait_until(ready, 60.0, "the TLS gateway to accept connections", interval_s=0.0)
         yield address, cert.read_bytes()
     finally:
         proc.terminate()

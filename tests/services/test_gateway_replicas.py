@@ -5,7 +5,6 @@ different models; then two real replicas (gpu_worker + scheduler processes each)
 import asyncio
 import dataclasses
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from tokenizers import Tokenizer
 
 from apex_serve import convert, rpc
 from apex_tools.local_engine import LocalEngine
+from apex_tools.processes import Service, ServiceGroup
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 from gateway.config import GatewayConfig
@@ -175,39 +175,28 @@ def test_scheduler_address_lists_replicas_and_rejects_empty_or_repeated_entries(
 @dataclass
 class ReplicaProcesses:
     scheduler_address: str
-    worker: subprocess.Popen
-    scheduler: subprocess.Popen
+    worker: Service
+    scheduler: Service
 
 
-def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True)
-
-
-def _start_replica(run_dir: Path, name: str, model_dir: Path) -> ReplicaProcesses:
+def _start_replica(services: ServiceGroup, run_dir: Path, name: str, model_dir: Path) -> ReplicaProcesses:
+    """A gpu_worker and its scheduler, not waited for."""
     worker_address, scheduler_address = f"unix://{run_dir}/{name}-w.sock", f"unix://{run_dir}/{name}-s.sock"
-    worker = _spawn("gpu_worker", "--model-dir", str(model_dir), "--address", worker_address, "--num-kv-blocks", "64")
-    scheduler = _spawn(
-        "scheduler_service", "--address", scheduler_address, "--worker-address", worker_address, "--policy", "gpu-only"
+    worker = services.spawn(
+        "gpu_worker", worker_address,
+        ["--model-dir", str(model_dir), "--address", worker_address, "--num-kv-blocks", "64"],
+    )
+    scheduler = services.spawn(
+        "scheduler_service", scheduler_address,
+        ["--address", scheduler_address, "--worker-address", worker_address, "--policy", "gpu-only"],
     )
     return ReplicaProcesses(scheduler_address, worker, scheduler)
-
-
-def _stop(*processes: subprocess.Popen) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
 class TwoReplicaGateway:
     replicas: list[ReplicaProcesses]
-    gateway: subprocess.Popen
+    gateway: Service
     address: str
     http_url: str
 
@@ -221,20 +210,15 @@ def run_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def two_replicas(default_model_dir: Path, run_dir: Path) -> Iterator[TwoReplicaGateway]:
-    replicas = [_start_replica(run_dir, name, default_model_dir) for name in ("a", "b")]
-    processes = [p for r in replicas for p in (r.worker, r.scheduler)]
-    port, http_port = rpc.free_tcp_port(), rpc.free_tcp_port()
-    gateway = _spawn(
-        "gateway", "--model-dir", str(default_model_dir), "--address", f"127.0.0.1:{port}",
-        "--http-address", f"127.0.0.1:{http_port}",
-        "--scheduler-address", ",".join(r.scheduler_address for r in replicas),
-    )
-    try:
-        asyncio.run(rpc.wait_healthy(f"127.0.0.1:{port}", timeout_s=120))
+    with ServiceGroup() as services:
+        replicas = [_start_replica(services, run_dir, name, default_model_dir) for name in ("a", "b")]
+        port, http_port = rpc.free_tcp_port(), rpc.free_tcp_port()
+        gateway = services.start("gateway", f"127.0.0.1:{port}", [
+            "--model-dir", str(default_model_dir), "--address", f"127.0.0.1:{port}",
+            "--http-address", f"127.0.0.1:{http_port}",
+            "--scheduler-address", ",".join(r.scheduler_address for r in replicas),
+        ], timeout_s=120)
         yield TwoReplicaGateway(replicas, gateway, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
-    finally:
-        _stop(gateway)
-        _stop(*processes)
 
 
 def _sampling(i: int) -> SamplingParams:
@@ -282,8 +266,8 @@ async def test_requests_are_split_across_two_replicas_and_survive_losing_one(
     for address in (a, b):
         assert routing[address]["stats"]["num_steps"] > 0, f"{address} ran no iteration"
 
-    two_replicas.replicas[1].scheduler.kill()  # replica b's scheduler dies without draining
-    two_replicas.replicas[1].scheduler.wait()
+    two_replicas.replicas[1].scheduler.process.kill()  # replica b's scheduler dies without draining
+    two_replicas.replicas[1].scheduler.process.wait()
     after = await asyncio.gather(*(_generate(two_replicas.address, p, _sampling(i)) for i, p in enumerate(PROMPTS[:4])))
     assert after == expected[:4], "requests sent right after losing a replica did not complete on the other"
     for _ in range(50):
@@ -304,16 +288,14 @@ async def test_requests_are_split_across_two_replicas_and_survive_losing_one(
 def test_the_gateway_refuses_replicas_of_different_models_naming_the_replica(
     two_replicas: TwoReplicaGateway, mha_model_dir: Path, default_model_dir: Path, run_dir: Path
 ) -> None:
-    other = _start_replica(run_dir, "c", mha_model_dir)
-    try:
-        asyncio.run(rpc.wait_healthy(other.scheduler_address, timeout_s=120))
+    with ServiceGroup() as services:
+        other = _start_replica(services, run_dir, "c", mha_model_dir)
+        services.wait_serving(other.scheduler, timeout_s=120)
         a = two_replicas.replicas[0].scheduler_address
         done = subprocess.run(
             [sys.executable, "-m", "gateway", "--model-dir", str(default_model_dir), "--address", "127.0.0.1:0",
              "--scheduler-address", f"{a},{other.scheduler_address}"],
             capture_output=True, text=True, timeout=120,
         )
-    finally:
-        _stop(other.worker, other.scheduler)
     assert done.returncode == 1, done.stderr
     assert f"replica {other.scheduler_address} serves a different model than {a}" in done.stderr, done.stderr

@@ -13,6 +13,7 @@ import grpc
 import httpx
 import pytest
 
+from conftest import wait_until, wait_until_async
 from apex_serve import rpc
 from apex_tools.launcher import Stack, StackConfig
 from apex_serve.types import WorkerInfo
@@ -187,12 +188,12 @@ def _idle_stats(stack: Stack) -> scheduler_pb2.SchedulerStats:
     address = f"unix://{Path(stack.config.run_dir).resolve() / 'scheduler.sock'}"
     with grpc.insecure_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        for _ in range(100):
+
+        def idle() -> scheduler_pb2.SchedulerStats | None:
             stats = stub.GetStats(scheduler_pb2.GetStatsRequest())
-            if stats.num_running == 0 and stats.num_waiting == 0:
-                break
-            time.sleep(0.05)
-    return stats
+            return stats if stats.num_running == 0 and stats.num_waiting == 0 else None
+
+        return wait_until(idle, 5.0, "the scheduler to run and queue nothing", interval_s=0.05)
 
 
 def test_bad_requests_do_not_disturb_one_in_flight(base_url: str, model: str) -> None:
@@ -322,10 +323,8 @@ async def test_requests_past_max_concurrent_requests_get_429_until_a_slot_frees(
             error = error_of(await c.post("/v1/completions", json=_scripted_body()), 429, "rate_limit_error")
             assert "max_concurrent_requests" in error["message"]
             error_of(await c.post("/v1/chat/completions", json=_chat("scripted")), 429, "rate_limit_error")
-        for _ in range(100):  # the first client hung up: its request is aborted and its slot freed
-            if generator.num_active == 0:
-                break
-            await asyncio.sleep(0.01)
+        # the first client hung up: its request is aborted and its slot freed
+        await wait_until_async(lambda: generator.num_active == 0, 5.0, "the hung-up request's slot to be freed")
         assert scheduler.cancelled == scheduler.submitted == 1 and generator.num_active == 0
         async with c.stream("POST", "/v1/completions", json=_scripted_body(stream=True)) as again:
             assert again.status_code == 200
@@ -360,8 +359,7 @@ async def test_stop_lets_a_request_in_flight_finish_within_the_drain(scripted) -
     server, _, scheduler, url = await scripted(script, drain_timeout_s=5.0)
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
         request = asyncio.create_task(c.post("/v1/completions", json=_scripted_body()))
-        while scheduler.submitted == 0:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: scheduler.submitted, 10.0, "the request to reach the scheduler")
         await server.stop()
         done = await request
         with pytest.raises(httpx.ConnectError):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apex_tools.bench.hybrid_driver import GREEDY, HybridDriver
+from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
+from apex_tools.processes import ServiceGroup
 from apex_serve.errors import FailedPrecondition, InvalidArgument, Unavailable
 from apex_serve.types import ExecutionMode, NewRequestData, Placement, StepPlan
-from conftest import cpu_worker_process, stop
+from conftest import start_cpu_worker
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 
@@ -36,23 +37,23 @@ def prompts() -> list[list[int]]:
     return [[256] + [rng.randrange(256) for _ in range(n - 1)] for n in PROMPT_LENS]
 
 
-Scenario = Callable[[HybridDriver, int], None]
+Scenario = Callable[[ScriptedScheduler, int], None]
 
 
 def run(runner: ModelRunner, mode: ExecutionMode, placement: Callable[[int], Placement],
         scenario: Scenario | None = None, sub_batch: Callable[[int], int] = lambda i: 0) -> dict[str, list[int]]:
     """DECODE_STEPS steps; prompt i arrives at step LATE.get(i, 0) with placement(i) and sub_batch(i)."""
-    driver = HybridDriver(runner)
+    scheduler = ScriptedScheduler(runner)
     try:
         for step in range(DECODE_STEPS):
             for i, prompt in enumerate(prompts()):
                 if LATE.get(i, 0) == step:
-                    driver.add(f"r{i}", prompt, placement(i), sub_batch(i))
+                    scheduler.add(f"r{i}", prompt, placement(i), sub_batch(i))
             if scenario is None:
-                driver.step(mode)
+                scheduler.step(mode)
             else:
-                scenario(driver, step)
-        return driver.tokens()
+                scenario(scheduler, step)
+        return scheduler.tokens()
     finally:
         runner.close()
 
@@ -69,15 +70,15 @@ def hf_tokens(model_dir: Path, steps: dict[str, int]) -> dict[str, list[int]]:
     return out
 
 
-def swapping(driver: HybridDriver, step: int) -> None:
+def swapping(scheduler: ScriptedScheduler, step: int) -> None:
     """ASYNC_OVERLAP; every 20 steps the CPU-resident requests swap in and the GPU ones (running) swap out."""
-    running = [rid for rid, r in driver.requests.items() if r.outputs]
+    running = [rid for rid, r in scheduler.requests.items() if r.outputs]
     if step % 20 == 10 and running:
-        out = tuple(rid for rid in running if driver.requests[rid].placement is Placement.GPU)
-        back = tuple(rid for rid in running if driver.requests[rid].placement is Placement.CPU)
-        driver.step(ExecutionMode.ASYNC_OVERLAP, swap_out=out, swap_in=back)
+        out = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.GPU)
+        back = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.CPU)
+        scheduler.step(ExecutionMode.ASYNC_OVERLAP, swap_out=out, swap_in=back)
     else:
-        driver.step(ExecutionMode.ASYNC_OVERLAP)
+        scheduler.step(ExecutionMode.ASYNC_OVERLAP)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -120,12 +121,12 @@ def test_hybrid_mode_decodes_the_tokens_of_gpu_only_and_transformers(
 
 def test_step_reports_cpu_attention_staging_and_wait_times(mha_model_dir: Path, cpu_worker: str) -> None:
     runner = make_runner(mha_model_dir, cpu_worker)
-    driver = HybridDriver(runner)
+    scheduler = ScriptedScheduler(runner)
     try:
         for i, prompt in enumerate(prompts()[:4]):
-            driver.add(f"r{i}", prompt, [Placement.CPU, Placement.GPU][i % 2])
-        driver.step(ExecutionMode.ASYNC_OVERLAP)
-        timings = driver.step(ExecutionMode.ASYNC_OVERLAP).timings
+            scheduler.add(f"r{i}", prompt, [Placement.CPU, Placement.GPU][i % 2])
+        scheduler.step(ExecutionMode.ASYNC_OVERLAP)
+        timings = scheduler.step(ExecutionMode.ASYNC_OVERLAP).timings
     finally:
         runner.close()
     assert timings.cpu_attention_ns > 0 and timings.staging_ns > 0
@@ -135,12 +136,12 @@ def test_step_reports_cpu_attention_staging_and_wait_times(mha_model_dir: Path, 
 
 def test_cpu_decode_rows_are_rejected_in_a_gpu_only_step(mha_model_dir: Path, cpu_worker: str) -> None:
     runner = make_runner(mha_model_dir, cpu_worker)
-    driver = HybridDriver(runner)
+    scheduler = ScriptedScheduler(runner)
     try:
-        driver.add("r0", prompts()[0], Placement.CPU)
-        driver.step(ExecutionMode.ASYNC_OVERLAP)
+        scheduler.add("r0", prompts()[0], Placement.CPU)
+        scheduler.step(ExecutionMode.ASYNC_OVERLAP)
         with pytest.raises(InvalidArgument, match="GPU_ONLY"):
-            driver.step(ExecutionMode.GPU_ONLY)
+            scheduler.step(ExecutionMode.GPU_ONLY)
     finally:
         runner.close()
 
@@ -161,25 +162,26 @@ def test_a_killed_cpu_worker_fails_the_step_within_the_timeout_and_leaves_no_seg
     mha_model_dir: Path, tmp_path: Path
 ) -> None:
     address = f"unix://{tmp_path}/cpu.sock"
-    process = cpu_worker_process(address)
-    runner = make_runner(mha_model_dir, address, cpu_wait_timeout_s=5.0)
-    driver = HybridDriver(runner)
-    try:
-        driver.add("r0", prompts()[0], Placement.CPU)
-        driver.step(ExecutionMode.ASYNC_OVERLAP)
-        assert shm_segments(process.pid), "the cpu_attention_worker made no shared-memory segment"
-        process.kill()
-        process.wait()
-        with pytest.raises(Unavailable, match="cpu_attention_worker"):
-            driver.step(ExecutionMode.ASYNC_OVERLAP)
-    finally:
-        runner.close()
-    restarted = cpu_worker_process(address)
-    try:
-        assert shm_segments(process.pid) == [], "stale segments of the killed worker were not removed at start"
-    finally:
-        stop(restarted)
-    assert shm_segments(restarted.pid) == [], "segments left behind after a clean stop"
+    with ServiceGroup(stop_timeout_s=30.0) as services:
+        worker = start_cpu_worker(services, address)
+        runner = make_runner(mha_model_dir, address, cpu_wait_timeout_s=5.0)
+        scheduler = ScriptedScheduler(runner)
+        try:
+            scheduler.add("r0", prompts()[0], Placement.CPU)
+            scheduler.step(ExecutionMode.ASYNC_OVERLAP)
+            assert shm_segments(worker.pid), "the cpu_attention_worker made no shared-memory segment"
+            worker.process.kill()
+            worker.process.wait()
+            with pytest.raises(Unavailable, match="cpu_attention_worker"):
+                scheduler.step(ExecutionMode.ASYNC_OVERLAP)
+        finally:
+            runner.close()
+        restarted = start_cpu_worker(services, address)
+        try:
+            assert shm_segments(worker.pid) == [], "stale segments of the killed worker were not removed at start"
+        finally:
+            services.stop(restarted)
+        assert shm_segments(restarted.pid) == [], "segments left behind after a clean stop"
 
 
 @pytest.mark.gpu

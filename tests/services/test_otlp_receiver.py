@@ -14,6 +14,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from conftest import wait_until
 from apex_tools.otlp_receiver import OtlpReceiver, main
 from apex_tools.trace_report.otlp import read_otlp_json
 from apex_tools.trace_report.spans import Span
@@ -92,9 +93,7 @@ def test_spans_beyond_the_limit_are_dropped_with_a_warning(caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING), OtlpReceiver(max_spans=3) as receiver:
         export_spans(receiver.address, count_children=3)  # 5 spans, one export call each
         assert receiver.wait_until(lambda spans: len(spans) == 3, timeout_s=10)
-        deadline = time.monotonic() + 10
-        while receiver.dropped_spans < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: receiver.dropped_spans >= 2, 10.0, "two spans to be dropped")
         assert len(receiver.spans) == 3 and receiver.dropped_spans == 2
     assert "span limit 3 reached" in caplog.text
 
@@ -110,8 +109,7 @@ def test_trace_collect_cli_writes_what_it_received(tmp_path: Path) -> None:
     socket_path, out = tmp_path / "collect.sock", tmp_path / "trace.jsonl"
 
     def send_when_listening() -> None:
-        while not socket_path.exists():
-            time.sleep(0.01)
+        wait_until(socket_path.exists, 30.0, f"trace-collect to listen on {socket_path}")
         export_spans(f"unix://{socket_path}", count_children=0)
 
     sender = threading.Thread(target=send_when_listening, daemon=True)

@@ -4,9 +4,6 @@ and a worker dying mid-profile fail with clear statuses and leave no table behin
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ import pytest
 
 from apex_serve import rpc
 from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
+from apex_tools.processes import ServiceGroup
 from profiler_service.config import ProfilerConfig
 from profiler_service.servicer import ProfilerServicer
 
@@ -31,22 +29,20 @@ class Workers:
     def __init__(self, run_dir: Path, model_dir: Path) -> None:
         self.cpu_address = rpc.unix_address(run_dir, "cpu")
         self.gpu_address = rpc.unix_address(run_dir, "gpu")
-        self.cpu = subprocess.Popen([sys.executable, "-m", "cpu_attention_worker", "--address", self.cpu_address,
-                                     "--kv-budget-bytes", str(16 * 2**20)])
-        self.gpu = subprocess.Popen([
-            sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--address", self.gpu_address,
-            "--device", "cpu", "--cpu-worker-address", self.cpu_address, "--cpu-max-rows", "4",
+        self.services = ServiceGroup(stop_timeout_s=30.0)
+        self.cpu = self.services.spawn("cpu_attention_worker", self.cpu_address, [
+            "--address", self.cpu_address, "--kv-budget-bytes", str(16 * 2**20)])
+        self.gpu = self.services.spawn("gpu_worker", self.gpu_address, [
+            "--model-dir", str(model_dir), "--address", self.gpu_address, "--device", "cpu",
+            "--cpu-worker-address", self.cpu_address, "--cpu-max-rows", "4",
         ])
 
     async def ready(self) -> None:
-        await rpc.wait_healthy(self.cpu_address, 60.0)
-        await rpc.wait_healthy(self.gpu_address, 120.0)
+        await self.services.serving(self.cpu, 60.0)
+        await self.services.serving(self.gpu, 120.0)
 
     def stop(self) -> None:
-        for process in (self.gpu, self.cpu):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=30)
+        self.services.stop_all()
 
 
 @pytest.fixture
@@ -165,8 +161,8 @@ async def test_a_worker_dying_mid_profile_fails_the_job_and_leaves_no_table(
             async for progress in stub.Profile(profiler_pb2.ProfileRequest(grid=TINY_GRID)):
                 stages.append(progress.stage)
                 if progress.stage == "t_catt":  # the CPU table is next: its worker dies
-                    workers.cpu.kill()
-                    workers.cpu.wait()
+                    workers.cpu.process.kill()
+                    workers.cpu.process.wait()
     assert "t_lin" in stages and "done" not in stages
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "t_catt" in failed.value.details()
     assert not profiles.exists() or list(profiles.iterdir()) == [], "a half-written table was left behind"

@@ -49,10 +49,11 @@ def serve(model_dir: Path, cpu_address: str, policy: str, gpu_blocks: int) -> tu
             output = runner.execute(plan)
             if not plan.is_empty:
                 modes[plan.mode] += 1
-            for out in scheduler.update_from_output(plan, output):
+            for out in scheduler.update_from_output(plan, output).outputs:
                 tokens[out.request_id] += list(out.new_token_ids)
-        assert scheduler.num_free(Placement.GPU) == scheduler.num_total(Placement.GPU)
-        assert scheduler.num_free(Placement.CPU) == scheduler.num_total(Placement.CPU)
+        stats = scheduler.stats()
+        assert stats.free_blocks[Placement.GPU] == stats.total_blocks[Placement.GPU]
+        assert stats.free_blocks[Placement.CPU] == stats.total_blocks[Placement.CPU]
         assert runner._requests == {}, "the worker still holds requests after the last plan"
         return tokens, modes
     finally:

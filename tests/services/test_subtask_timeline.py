@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apex_tools.bench.hybrid_driver import HybridDriver
+from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 from apex_serve.types import ExecutionMode, Placement, StepOutput, SubtaskKind
 from test_hybrid_execution import make_runner, prompts
 
@@ -16,7 +16,7 @@ def sampled_steps(model_dir: Path, cpu_address: str, mode: ExecutionMode, record
                   device: str = "cpu") -> list[StepOutput]:
     """Prefill 4 requests (CPU and accelerator alternating, two sub-batches), then 3 decode steps."""
     runner = make_runner(model_dir, cpu_address, device=device)
-    driver = HybridDriver(runner)
+    driver = ScriptedScheduler(runner)
     try:
         for i, prompt in enumerate(prompts()[:4]):
             pipelined = mode is ExecutionMode.ASYM_PIPELINE

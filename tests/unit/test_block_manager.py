@@ -21,12 +21,6 @@ def test_allocate_zero_tokens_takes_no_block() -> None:
     assert bm.num_free_blocks == 2
 
 
-def test_can_allocate_matches_free_blocks() -> None:
-    bm = BlockManager(num_blocks=2, block_size=4)
-    assert bm.can_allocate(8)
-    assert not bm.can_allocate(9)
-
-
 def test_allocate_beyond_free_raises_and_changes_nothing() -> None:
     bm = BlockManager(num_blocks=2, block_size=4)
     with pytest.raises(ValueError):
@@ -83,27 +77,6 @@ def test_free_with_one_bad_id_frees_none_of_the_others() -> None:
     with pytest.raises(ValueError):
         bm.free(ids + [spare])
     assert bm.num_free_blocks == 1
-
-
-@pytest.mark.parametrize(("current_len", "needed"), [(0, 1), (1, 0), (3, 0), (4, 1), (5, 0), (8, 1)])
-def test_blocks_needed_to_append_only_at_block_boundaries(current_len: int, needed: int) -> None:
-    assert BlockManager(num_blocks=4, block_size=4).blocks_needed_to_append(current_len) == needed
-
-
-def test_append_slot_takes_a_block_only_at_a_boundary() -> None:
-    bm = BlockManager(num_blocks=2, block_size=4)
-    held = bm.allocate(3)
-    assert bm.append_slot(3) == []
-    new = bm.append_slot(4)
-    assert len(new) == 1 and new[0] not in held
-    assert bm.num_free_blocks == 0
-
-
-def test_append_slot_on_empty_pool_raises() -> None:
-    bm = BlockManager(num_blocks=1, block_size=4)
-    bm.allocate(4)
-    with pytest.raises(ValueError):
-        bm.append_slot(4)
 
 
 @pytest.mark.parametrize(("num_blocks", "block_size", "field"), [(0, 4, "num_blocks"), (4, 0, "block_size")])

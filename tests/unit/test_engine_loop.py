@@ -2,7 +2,7 @@
 
 import asyncio
 
-from apex_serve.types import FinishReason, SamplingParams, StepOutput, StepPlan, WorkerInfo
+from apex_serve.types import FinishReason, Placement, SamplingParams, StepOutput, StepPlan, WorkerInfo
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
@@ -25,6 +25,11 @@ class Worker:
         return StepOutput(plan.step_id, {rid: 7 for rid in ids})
 
 
+def all_blocks_free(loop: EngineLoop) -> bool:
+    stats = loop.scheduler.stats()
+    return stats.free_blocks[Placement.GPU] == stats.total_blocks[Placement.GPU]
+
+
 async def _drain(queue: asyncio.Queue) -> list:
     items = []
     while True:
@@ -43,7 +48,7 @@ async def test_streams_every_token_then_the_finish_reason_and_frees_blocks() -> 
     for items in streams:
         assert [t for o in items for t in o.new_token_ids] == [7] * 5
         assert items[-1].finish_reason is FinishReason.LENGTH
-    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+    assert all_blocks_free(loop)
 
 
 async def test_abort_ends_the_stream_with_abort_and_frees_blocks_at_once() -> None:
@@ -52,7 +57,7 @@ async def test_abort_ends_the_stream_with_abort_and_frees_blocks_at_once() -> No
     queue = loop.submit("long", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
     await queue.get()
     assert loop.abort("long") is True
-    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+    assert all_blocks_free(loop)
     items = await _drain(queue)
     assert items[-1].finish_reason is FinishReason.ABORT
     assert loop.abort("long") is False, "abort must be idempotent"
@@ -67,7 +72,7 @@ async def test_a_failed_step_fails_its_requests_and_the_loop_keeps_serving() -> 
     served = await _drain(loop.submit("second", [1, 2], SamplingParams(max_tokens=3)))
     assert served[-1].finish_reason is FinishReason.LENGTH
     await loop.stop()
-    assert loop.scheduler.num_free_blocks == loop.scheduler.num_total_blocks
+    assert all_blocks_free(loop)
 
 
 async def test_stop_aborts_running_and_waiting_requests_and_drops_them_from_the_worker() -> None:
@@ -87,4 +92,5 @@ async def test_stop_aborts_running_and_waiting_requests_and_drops_them_from_the_
     assert (await _drain(running))[-1].finish_reason is FinishReason.ABORT
     assert (await _drain(waiting))[-1].finish_reason is FinishReason.ABORT
     assert plans[-1].is_empty and plans[-1].freed_request_ids == ("running",)
-    assert loop.scheduler.num_running == loop.scheduler.num_waiting == 0
+    stats = loop.scheduler.stats()
+    assert stats.num_running == stats.num_waiting == 0

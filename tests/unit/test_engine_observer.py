@@ -62,8 +62,8 @@ async def _run(observer: EngineObserver, worker: TimedWorker, scheduler: Schedul
 
 
 async def test_latency_histograms_count_every_request_and_token_and_overlap_is_recorded_per_iteration() -> None:
-    scheduler = Scheduler(SchedulerConfig(), INFO)
-    observer = EngineObserver(scheduler, sample_layers_every=4, metrics=EngineMetrics(scheduler))
+    scheduler = Scheduler(SchedulerConfig(sample_layers_every=4), INFO)
+    observer = EngineObserver(metrics=EngineMetrics(scheduler))
     worker = TimedWorker()
     await _run(observer, worker, scheduler, [None] * 3)
     text = generate_latest(observer.metrics.registry).decode()
@@ -75,24 +75,26 @@ async def test_latency_histograms_count_every_request_and_token_and_overlap_is_r
     assert prometheus_value(text, "apex_generation_tokens_total") == 3 * MAX_TOKENS
     assert prometheus_value(text, 'apex_request_success_total{finished_reason="length"}') == 3
     iterations = prometheus_value(text, 'apex_iterations_total{mode="gpu_only"}')
-    assert iterations == scheduler.num_steps
+    stats = scheduler.stats()
+    assert iterations == stats.num_steps
     assert prometheus_value(text, "apex_iteration_overlap_ratio_count") == iterations
     assert abs(prometheus_value(text, "apex_cpu_attention_hidden_seconds_total") - iterations * 0.003) < 1e-9
     assert abs(prometheus_value(text, "apex_device_idle_seconds_total") - iterations * 0.001) < 1e-9
     assert prometheus_value(text, "apex_num_requests_running") == 0
     assert prometheus_value(text, 'apex_kv_cache_usage_perc{pool="accelerator"}') == 0.0
-    overlaps = [r.overlap for r in scheduler.recent_iterations]
+    overlaps = [r.overlap for r in stats.recent_iterations]
     assert all(o is not None and abs(o.hidden_ratio - 0.75) < 1e-12 for o in overlaps)
     assert worker.sampled_steps and all(step % 4 == 0 for step in worker.sampled_steps)
-    timeline = observer.latest_timeline
+    serving = observer.stats()
+    timeline = serving.latest_timeline
     assert timeline is not None and timeline.step_id == worker.sampled_steps[-1]
     assert timeline.overlap.cpu_attention_ns == 4 * MS and timeline.overlap.hidden_ns == 2 * MS
-    assert observer.num_finished == 3 and observer.generation_tokens == 3 * MAX_TOKENS
+    assert serving.num_finished == 3 and serving.generation_tokens == 3 * MAX_TOKENS
 
 
 async def test_an_aborted_request_counts_as_finished_with_reason_abort() -> None:
-    scheduler = Scheduler(SchedulerConfig(), INFO)
-    observer = EngineObserver(scheduler, metrics=EngineMetrics(scheduler))
+    scheduler = Scheduler(SchedulerConfig(sample_layers_every=0), INFO)
+    observer = EngineObserver(metrics=EngineMetrics(scheduler))
     loop = EngineLoop(scheduler, TimedWorker().step, observer)
     loop.start()
     queue = loop.submit("long", [1, 2], SamplingParams(max_tokens=100, ignore_eos=True))
@@ -101,7 +103,7 @@ async def test_an_aborted_request_counts_as_finished_with_reason_abort() -> None
     await loop.stop()
     text = generate_latest(observer.metrics.registry).decode()
     assert prometheus_value(text, 'apex_request_success_total{finished_reason="abort"}') == 1
-    assert observer.num_finished == 1
+    assert observer.stats().num_finished == 1
 
 
 async def test_iteration_spans_link_the_request_spans_and_sampled_ones_have_per_layer_children() -> None:
@@ -110,15 +112,15 @@ async def test_iteration_spans_link_the_request_spans_and_sampled_ones_have_per_
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
     requests = [tracer.start_span(f"request {i}") for i in range(2)]
-    scheduler = Scheduler(SchedulerConfig(), INFO)
-    observer = EngineObserver(scheduler, sample_layers_every=2, spans=IterationSpans(tracer))
+    scheduler = Scheduler(SchedulerConfig(sample_layers_every=2), INFO)
+    observer = EngineObserver(spans=IterationSpans(tracer))
     worker = TimedWorker()
     await _run(observer, worker, scheduler, [r.get_span_context() for r in requests])
     for r in requests:
         r.end()
     spans = exporter.get_finished_spans()
     iterations = [s for s in spans if s.name == "apex.iteration"]
-    assert len(iterations) == scheduler.num_steps
+    assert len(iterations) == scheduler.stats().num_steps
     request_ids = {r.get_span_context().span_id for r in requests}
     for it in iterations:
         assert {link.context.span_id for link in it.links} == request_ids  # both requests ran in every iteration
@@ -132,3 +134,26 @@ async def test_iteration_spans_link_the_request_spans_and_sampled_ones_have_per_
         assert child.parent.span_id in sampled
         assert child.attributes["apex.subtask.lane"] == ("cpu" if child.name == "cpu_attention" else "accelerator")
         assert child.end_time - child.start_time == (4 * MS if child.name == "cpu_attention" else 3 * MS)
+
+
+async def test_a_failed_step_ends_its_span_with_the_error_and_later_spans_are_not_its_children() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    worker = TimedWorker()
+
+    async def step(plan: StepPlan) -> StepOutput:
+        if plan.step_id == 0:
+            raise ConnectionError("worker went away")
+        return await worker.step(plan)
+
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), step, EngineObserver(spans=IterationSpans(
+        provider.get_tracer("test"))))
+    loop.start()
+    assert isinstance((await _drain(loop.submit("first", [1, 2], SamplingParams(max_tokens=3))))[-1], ConnectionError)
+    await _drain(loop.submit("second", [1, 2], SamplingParams(max_tokens=3)))
+    await loop.stop()
+    failed, *served = [s for s in exporter.get_finished_spans() if s.name == "apex.iteration"]
+    assert failed.attributes["apex.iteration.step_id"] == 0 and not failed.status.is_ok
+    assert [e.name for e in failed.events] == ["exception"]
+    assert len(served) == 3 and all(s.parent is None and s.status.is_ok for s in served)

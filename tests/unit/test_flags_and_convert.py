@@ -13,12 +13,14 @@ from apex_serve.types import (
     Placement,
     SamplingParams,
     StepOutput,
+    Subtask,
+    SubtaskKind,
     StepPlan,
     StepTimings,
     SwapData,
     TokenLogprob,
 )
-from apex_serve.v1 import common_pb2
+from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
 
 
 def test_flags_mirror_config_fields_and_defaults() -> None:
@@ -80,3 +82,57 @@ def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
 def test_step_output_logprobs_survive_the_protobuf_round_trip() -> None:
     out = StepOutput(1, {"a": 3, "b": 4}, logprobs={"a": TokenLogprob(3, -0.25, ((3, -0.25), (9, -2.0)))})
     assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out
+
+
+def test_unset_enums_read_as_their_defaults() -> None:
+    plan = convert.plan_from_pb(gpu_worker_pb2.StepRequest(step_id=1, new_requests=[gpu_worker_pb2.NewRequest()]))
+    assert plan.mode is ExecutionMode.GPU_ONLY
+    assert plan.new_requests[0].placement is Placement.GPU
+    assert convert.finish_reason_from_pb(common_pb2.FINISH_REASON_UNSPECIFIED) is None
+
+
+def test_an_unknown_execution_mode_raises_invalid_argument_naming_the_field_and_value() -> None:
+    with pytest.raises(InvalidArgument, match="ExecutionMode 7 is not one of") as err:
+        convert.plan_from_pb(gpu_worker_pb2.StepRequest(step_id=1, mode=7))
+    assert err.value.field == "mode"
+
+
+def test_an_unknown_placement_raises_invalid_argument_naming_the_request() -> None:
+    msg = gpu_worker_pb2.StepRequest(
+        step_id=1, new_requests=[gpu_worker_pb2.NewRequest(placement=common_pb2.PLACEMENT_CPU),
+                                 gpu_worker_pb2.NewRequest(placement=9)],
+    )
+    with pytest.raises(InvalidArgument, match="Placement 9 is not one of") as err:
+        convert.plan_from_pb(msg)
+    assert err.value.field == "new_requests[1].placement"
+
+
+def test_an_unknown_finish_reason_raises_invalid_argument_naming_the_field() -> None:
+    with pytest.raises(InvalidArgument, match="FinishReason 8 is not one of") as err:
+        convert.request_output_from_pb("a", scheduler_pb2.SubmitResponse(finished=True, finish_reason=8))
+    assert err.value.field == "finish_reason"
+
+
+@pytest.mark.parametrize("kind,label", [(gpu_worker_pb2.SUBTASK_KIND_UNSPECIFIED, "SUBTASK_KIND_UNSPECIFIED"),
+                                        (11, "11")])
+def test_an_unset_or_unknown_subtask_kind_raises_invalid_argument_naming_the_subtask(kind: int, label: str) -> None:
+    msg = convert.step_output_to_pb(
+        StepOutput(1, {}, subtasks=(Subtask(SubtaskKind.STAGING, 0, 0, 1, 2), Subtask(SubtaskKind.STAGING, 1, 0, 3, 4)))
+    )
+    msg.subtasks[1].kind = kind
+    with pytest.raises(InvalidArgument, match=f"SubtaskKind {label} is not one of") as err:
+        convert.step_output_from_pb(msg)
+    assert err.value.field == "subtasks[1].kind"
+
+
+def test_submit_request_carries_the_prompt_and_sampling() -> None:
+    sampling = SamplingParams(temperature=0.5, max_tokens=7, seed=2)
+    msg = convert.submit_request_to_pb("r", [1, 2, 3], sampling)
+    assert (msg.request_id, list(msg.prompt_token_ids)) == ("r", [1, 2, 3])
+    assert convert.sampling_from_pb(msg.sampling) == sampling
+
+
+def test_measure_request_survives_the_protobuf_round_trip() -> None:
+    msg = convert.measure_request_to_pb("t_gatt", [(1, 16), (4, 64)], warmup=1, repeats=3)
+    assert (msg.table, msg.warmup, msg.repeats) == ("t_gatt", 1, 3)
+    assert convert.measure_points_from_pb(msg) == [(1, 16), (4, 64)]

@@ -68,7 +68,7 @@ def test_neo_pipelines_cpu_rows_hidden_under_the_other_sub_batch() -> None:
     policy = NeoPolicy(model(catt_ns_per_kv_token=10.0))
     choice = policy.choose(candidates(cpu=16, max_cpu_rows=8))  # sub-batch 1 fills up: the rest go to sub-batch 0
     assert choice.mode is ExecutionMode.ASYM_PIPELINE
-    assert (choice.cpu_rows, choice.cpu_rows_b) == (16, 8)
+    assert (choice.cpu_rows, choice.cpu_rows_in_sub_batch_1) == (16, 8)
     assert policy.pipeline_rows(candidates(cpu=16, max_cpu_rows=8)) == (8, 8)
 
 

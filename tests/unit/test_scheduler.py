@@ -6,7 +6,9 @@ from collections.abc import Callable
 import pytest
 
 from apex_serve.errors import InvalidArgument, ResourceExhausted
-from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan, WorkerInfo
+from apex_serve.types import (
+    FinishReason, Placement, RequestOutput, SamplingParams, StepOutput, StepPlan, WorkerInfo,
+)
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.scheduler import Scheduler
 
@@ -67,12 +69,18 @@ class FakeWorker:
 def assert_blocks_conserved(sched: Scheduler) -> None:
     held = [b for r in sched._requests.values() for b in r.block_ids]
     assert len(held) == len(set(held)), "a block is held by two requests"
-    assert sched.num_free_blocks + len(held) == sched.num_total_blocks, "KV blocks leaked"
+    stats = sched.stats()
+    assert stats.free_blocks[Placement.GPU] + len(held) == stats.total_blocks[Placement.GPU], "KV blocks leaked"
 
 
-def step(sched: Scheduler, worker: FakeWorker) -> tuple[StepPlan, list[RequestOutput]]:
+def all_blocks_free(sched: Scheduler) -> bool:
+    stats = sched.stats()
+    return stats.free_blocks[Placement.GPU] == stats.total_blocks[Placement.GPU]
+
+
+def step(sched: Scheduler, worker: FakeWorker) -> tuple[StepPlan, tuple[RequestOutput, ...]]:
     plan = sched.schedule()
-    outputs = sched.update_from_output(plan, worker.execute(plan))
+    outputs = sched.update_from_output(plan, worker.execute(plan)).outputs
     assert_blocks_conserved(sched)
     return plan, outputs
 
@@ -142,14 +150,14 @@ def test_add_request_rejects_what_can_never_run(
     with pytest.raises(InvalidArgument) as info:
         sched.add_request("r", prompt, sp(max_tokens))
     assert info.value.field == field
-    assert sched.num_waiting == 0
+    assert sched.stats().num_waiting == 0
 
 
 def test_add_request_accepts_requests_at_the_limits() -> None:
     sched = make(num_blocks=4, max_model_len=17, max_num_seqs=4, max_num_batched_tokens=16)
     sched.add_request("fills-pool", [1] * 10, sp(7))  # KV for 16 tokens = the pool
     sched.add_request("capped-by-context", [1] * 16, sp(1000))  # stops at max_model_len, within the pool
-    assert sched.num_waiting == 2
+    assert sched.stats().num_waiting == 2
 
 
 def test_add_request_rejects_duplicate_id_until_it_finishes() -> None:
@@ -203,7 +211,7 @@ def test_fcfs_admission_stops_at_first_request_that_does_not_fit() -> None:
     sched.add_request("c", [1] * 2, sp(4))  # would fit, but must not overtake b
     plan = sched.schedule()
     assert [r.request_id for r in plan.new_requests] == ["a"]
-    assert sched.num_waiting == 2
+    assert sched.stats().num_waiting == 2
 
 
 def test_admission_respects_max_num_seqs() -> None:
@@ -228,7 +236,7 @@ def test_new_requests_join_while_others_decode_within_the_token_budget() -> None
     assert [r.request_id for r in plan.cached_requests] == ["a", "b"]
     assert [r.request_id for r in plan.new_requests] == ["c"]
     assert {o.request_id for o in outputs} == {"a", "b", "c"}
-    assert sched.num_running == 3 and sched.num_steps == 3
+    assert sched.stats().num_running == 3 and sched.stats().num_steps == 3
 
 
 # --- finishing ---------------------------------------------------------------------------------
@@ -243,7 +251,7 @@ def run_one(
     worker = FakeWorker(sched, lambda rid, pos: next(script))
     sched.add_request("a", [1] * prompt_len, sampling)
     stream = drain(sched, worker)["a"]
-    assert sched.num_free_blocks == sched.num_total_blocks and not worker.held
+    assert all_blocks_free(sched) and not worker.held
     return stream
 
 
@@ -304,7 +312,7 @@ def test_preemption_evicts_youngest_first_and_requeues_at_the_front() -> None:
     # a takes c's block; b, the youngest left, preempts itself
     assert [r.request_id for r in plan.cached_requests] == ["a"]
     assert plan.freed_request_ids == ("c", "b") and plan.new_requests == ()
-    assert sched.num_preemptions == 2 and sched.num_waiting == 3
+    assert sched.stats().num_preemptions == 2 and sched.stats().num_waiting == 3
     sched.update_from_output(plan, worker.execute(plan))
     plans: list[StepPlan] = []
     drain(sched, worker, plans)
@@ -337,7 +345,7 @@ def test_resumed_request_longer_than_token_budget_runs_in_a_step_of_its_own() ->
     sched.add_request("b", [1] * 5, sp(7))
     plans: list[StepPlan] = []
     streams = drain(sched, worker, plans)
-    assert sched.num_preemptions == 1  # a's position 4 needs b's blocks; b resumes with 9 tokens
+    assert sched.stats().num_preemptions == 1  # a's position 4 needs b's blocks; b resumes with 9 tokens
     (resume,) = [p for p in plans if any(r.num_output_tokens for r in p.new_requests)]
     assert resume.num_tokens == 9 and resume.cached_requests == ()
     assert [len(tokens_of(streams[r])) for r in "ab"] == [11, 7]
@@ -354,10 +362,10 @@ def test_tiny_pool_completes_every_request_with_exactly_max_tokens() -> None:
         sched.add_request(f"r{i}", prompt, sp(max_tokens))
         expected[f"r{i}"] = [(i * 3 + len(prompt) + k) % (VOCAB - 1) + 1 for k in range(max_tokens)]
     streams = drain(sched, worker)
-    assert sched.num_preemptions > 0
+    assert sched.stats().num_preemptions > 0
     assert {rid: tokens_of(s) for rid, s in streams.items()} == expected
     assert all(s[-1].finish_reason is FinishReason.LENGTH for s in streams.values())
-    assert not worker.held and sched.num_free_blocks == sched.num_total_blocks
+    assert not worker.held and all_blocks_free(sched)
 
 
 # --- abort -------------------------------------------------------------------------------------
@@ -369,10 +377,10 @@ def test_abort_mid_flight_frees_blocks_at_once_and_drops_its_token() -> None:
     sched.add_request("a", [1] * 9, sp())
     sched.add_request("b", [1] * 4, sp())
     plan = sched.schedule()
-    free = sched.num_free_blocks
+    free = sched.stats().free_blocks[Placement.GPU]
     assert sched.abort("a")
-    assert sched.num_free_blocks == free + 3 and sched.num_running == 1
-    outputs = sched.update_from_output(plan, worker.execute(plan))
+    assert sched.stats().free_blocks[Placement.GPU] == free + 3 and sched.stats().num_running == 1
+    outputs = sched.update_from_output(plan, worker.execute(plan)).outputs
     assert [o.request_id for o in outputs] == ["b"]
     assert sched.schedule().freed_request_ids == ("a",)
 
@@ -394,7 +402,7 @@ def test_abort_of_a_request_never_sent_frees_nothing_on_the_worker() -> None:
     assert sched.abort("a")
     assert not sched.has_work()
     assert sched.schedule() == StepPlan(step_id=0)
-    assert sched.num_steps == 0
+    assert sched.stats().num_steps == 0
 
 
 def test_id_reused_after_abort_mid_flight_does_not_get_the_old_token() -> None:
@@ -404,7 +412,7 @@ def test_id_reused_after_abort_mid_flight_does_not_get_the_old_token() -> None:
     plan = sched.schedule()
     sched.abort("a")
     sched.add_request("a", [3, 4, 5], sp())
-    assert sched.update_from_output(plan, worker.execute(plan)) == []
+    assert sched.update_from_output(plan, worker.execute(plan)).outputs == ()
     plan, _ = step(sched, worker)
     assert plan.freed_request_ids == ("a",)
     assert plan.new_requests[0].token_ids == (3, 4, 5)
@@ -459,7 +467,7 @@ def test_update_missing_a_token_raises_without_changing_state() -> None:
     plan = sched.schedule()
     with pytest.raises(ValueError, match="sampled"):
         sched.update_from_output(plan, StepOutput(plan.step_id, {"a": 1}))
-    assert len(sched.update_from_output(plan, StepOutput(plan.step_id, {"a": 1, "b": 2}))) == 2
+    assert len(sched.update_from_output(plan, StepOutput(plan.step_id, {"a": 1, "b": 2})).outputs) == 2
 
 
 # --- property ----------------------------------------------------------------------------------
@@ -487,14 +495,14 @@ def test_random_add_schedule_update_abort_never_leaks_blocks() -> None:
         if added and rng.random() < 0.05 and sched.abort(victim := rng.choice(list(added))):
             aborted.add(victim)  # mid-flight
         assert_blocks_conserved(sched)
-        for out in sched.update_from_output(plan, worker.execute(plan)):
+        for out in sched.update_from_output(plan, worker.execute(plan)).outputs:
             assert out.request_id not in aborted
             streams.setdefault(out.request_id, []).append(out)
         assert_blocks_conserved(sched)
     for rid, out in [(rid, o) for rid, s in drain(sched, worker).items() for o in s]:
         streams.setdefault(rid, []).append(out)
-    assert not worker.held and sched.num_free_blocks == sched.num_total_blocks
-    assert sched.num_preemptions > 0 and len(aborted) > 0
+    assert not worker.held and all_blocks_free(sched)
+    assert sched.stats().num_preemptions > 0 and len(aborted) > 0
     for rid, sampling in added.items():
         stream = streams.get(rid, [])
         if rid in aborted:
@@ -506,3 +514,23 @@ def test_random_add_schedule_update_abort_never_leaks_blocks() -> None:
             assert len(tokens) == sampling.max_tokens or stream[-1].num_prompt_tokens + len(tokens) == 40
         else:
             assert tokens[-1] in sampling.stop_token_ids or (tokens[-1] == EOS and not sampling.ignore_eos)
+
+
+@pytest.mark.parametrize(("every", "sampled"), [(3, [0, 3, 6]), (0, [])])
+def test_every_nth_plan_that_runs_requests_asks_for_subtask_intervals(every: int, sampled: list[int]) -> None:
+    sched = make(sample_layers_every=every)
+    sched.add_request("a", [1, 2], sp(8))
+    plans: list[StepPlan] = []
+    drain(sched, FakeWorker(sched), plans)
+    assert [p.step_id for p in plans if p.record_subtasks] == sampled
+    assert not plans[-1].record_subtasks and plans[-1].is_empty  # the plan that only frees "a"
+
+
+def test_update_returns_the_plans_iteration_record() -> None:
+    sched = make()
+    worker = FakeWorker(sched)
+    sched.add_request("a", [1, 2], sp())
+    plan = sched.schedule()
+    result = sched.update_from_output(plan, worker.execute(plan))
+    assert result.record is not None and result.record.step_id == plan.step_id and result.record.num_prefills == 1
+    assert sched.stats().last_iteration is result.record and sched.in_flight is None

@@ -13,6 +13,7 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.cost.loader import load_cost_model
+from scheduler_service.in_flight import StepResult
 from scheduler_service.request import RequestStatus
 from scheduler_service.scheduler import Scheduler
 
@@ -44,16 +45,18 @@ def check_blocks(s: Scheduler) -> None:
         held[request.placement] += request.block_ids
     for request in s._waiting:
         assert request.block_ids == []
+    stats = s.stats()
     for placement in Placement:
         ids = held[placement]
         assert len(ids) == len(set(ids)), f"a {placement.value} block is held twice"
-        assert len(ids) + s.num_free(placement) == s.num_total(placement), f"{placement.value} blocks leaked"
+        free, total = stats.free_blocks[placement], stats.total_blocks[placement]
+        assert len(ids) + free == total, f"{placement.value} blocks leaked"
 
 
-def step(s: Scheduler, plan: StepPlan, rng: random.Random) -> list:
+def step(s: Scheduler, plan: StepPlan, rng: random.Random) -> StepResult:
     ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
     sampled = {rid: (2 if rng.random() < 0.03 else 7) for rid in ids}  # token 2 is EOS
-    prediction = s.prediction_of(plan)
+    prediction = s.in_flight.prediction()
     measured = 1_000_000 if prediction is None else int(prediction.total_ns * 1.1)  # the tables 10% optimistic
     return s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=measured)))
 
@@ -76,17 +79,18 @@ def test_random_admit_grow_swap_preempt_abort_finish_leaks_no_block(policy: str,
         check_blocks(s)
         saw["swaps"] += len(plan.swap_out) + len(plan.swap_in)
         saw[plan.mode] += 1
-        if rng.random() < 0.03 and s._in_flight:  # an abort while the step runs: its token is dropped
-            s.abort(rng.choice(s._in_flight).request_id)
+        if rng.random() < 0.03 and s.in_flight.requests:  # an abort while the step runs: its token is dropped
+            s.abort(rng.choice(s.in_flight.requests).request_id)
         step(s, plan, rng)
         check_blocks(s)
     for request_id in list(s._requests):
         s.abort(request_id)
     plan = s.schedule()
-    assert plan.is_empty and s.num_running == s.num_waiting == 0
+    stats = s.stats()
+    assert plan.is_empty and stats.num_running == stats.num_waiting == 0
     for placement in Placement:
-        assert s.num_free(placement) == s.num_total(placement)
-    assert s.num_preemptions > 0 or saw["swaps"] > 0, "the pools were never under pressure"
+        assert stats.free_blocks[placement] == stats.total_blocks[placement]
+    assert stats.num_preemptions > 0 or saw["swaps"] > 0, "the pools were never under pressure"
     if policy == "apex":  # CPU rows pay here for apex (neo's second weight pass costs more than they yield)
         assert saw["swaps"] > 0
 
@@ -126,11 +130,12 @@ def test_cpu_requests_decode_while_the_accelerator_pool_is_full_under_hybrid_pol
     plan = s.schedule()
     assert plan.mode is ExecutionMode.ASYNC_OVERLAP
     assert len(plan.cached_requests) == 6
-    record = s.last_iteration
+    record = s.stats().last_iteration
     assert record is not None and record.cpu_rows == sum(p is Placement.CPU for p in placements.values())
-    predicted = s.prediction_of(plan).total_ns
-    step(s, plan, random.Random(0))
-    assert record.predicted_ns == predicted
+    assert s.in_flight.record is record
+    predicted = s.in_flight.prediction().total_ns
+    record = step(s, plan, random.Random(0)).record
+    assert record is not None and record.predicted_ns == predicted
     assert record.measured_ns == int(record.predicted_ns * 1.1)
     assert record.relative_error == pytest.approx(1 / 1.1 - 1, abs=1e-6)
 
@@ -145,7 +150,7 @@ def test_gpu_only_policy_keeps_every_request_on_the_accelerator_and_preempts_whe
         assert plan.mode is ExecutionMode.GPU_ONLY and not plan.swap_out and not plan.swap_in
         assert all(r.placement is Placement.GPU for r in plan.new_requests)
         step(s, plan, rng)
-    assert s.num_preemptions > 0
+    assert s.stats().num_preemptions > 0
 
 
 def test_an_unchanged_decode_entry_is_the_same_object_from_step_to_step() -> None:

@@ -69,10 +69,10 @@ def test_engine_finishes_every_request_at_its_length_and_frees_every_block(polic
     assert sim.rejected == 0 and result.finished == len(requests)
     assert result.preemptions + result.swaps > 0, "the pool was meant to overflow"
     assert sim.produced == [r.output_len for r in requests]
-    scheduler = sim.scheduler
-    assert scheduler.num_running == 0 and scheduler.num_waiting == 0
+    stats = sim.scheduler.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
     for placement in Placement:
-        assert scheduler.num_free(placement) == scheduler.num_total(placement), f"{placement.value} blocks leaked"
+        assert stats.free_blocks[placement] == stats.total_blocks[placement], f"{placement.value} blocks leaked"
     assert result.output_tokens == sum(r.output_len for r in requests)
     assert sum(result.mode_mix.values()) == pytest.approx(1.0)
     assert result.duration_s > 0 and result.ttft_p50_s <= result.ttft_p99_s and result.tpot_p50_ms > 0

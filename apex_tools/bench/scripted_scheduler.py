@@ -43,7 +43,7 @@ class StepRunner(Protocol):
     def execute(self, plan: StepPlan) -> StepOutput: ...
 
 
-class HybridDriver:
+class ScriptedScheduler:
     """Plays the scheduler over both pools with shuffled block ids."""
 
     def __init__(self, runner: StepRunner, seed: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""Skeleton benchmark: decode tokens/s of the full service stack against the same engine called
+"""Stack overhead benchmark: decode tokens/s of the full service stack against the same engine called
 in-process (the service overhead ratio) and against `transformers` generate at batch 1.
 
 Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
@@ -46,7 +46,7 @@ def bench_in_process(engine: LocalEngine, prompt_ids: list[int], batch: int, new
     last: dict[str, int] = {}
     while len(last) < batch:
         plan = engine.scheduler.schedule()
-        outputs = engine.scheduler.update_from_output(plan, engine.runner.execute(plan))
+        outputs = engine.scheduler.update_from_output(plan, engine.runner.execute(plan)).outputs
         now = time.perf_counter_ns()
         for out in outputs:
             first.setdefault(out.request_id, now)
@@ -115,8 +115,8 @@ def run(
             hf = statistics.median(bench_transformers(hf_model, prompt_ids, new_tokens) for _ in range(repeats))
             del hf_model
             config = StackConfig(
-                model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run", worker_threads=threads,
-                pin_cpus=pin_cpus, metrics_port=0,
+                model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run",
+                worker_threads=threads, pin_cpus=pin_cpus, metrics_port=0,
             )
             with Stack(config) as stack:
                 for batch in batches:
@@ -147,7 +147,8 @@ def _fmt(value: float | None) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    head = f"{'model':<18}{'batch':>6}{'stack tok/s':>13}{'in-proc tok/s':>15}{'HF tok/s':>10}{'stack/in-proc':>15}{'in-proc/HF':>12}"
+    head = (f"{'model':<18}{'batch':>6}{'stack tok/s':>13}{'in-proc tok/s':>15}{'HF tok/s':>10}{'stack/in-proc':>15}"
+            f"{'in-proc/HF':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -166,11 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", default="bench_results/skeleton.json")
+    parser.add_argument("--out", default="bench_results/stack_overhead.json")
     args = parser.parse_args(argv)
-    rows = run(args.presets.split(","), [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats, args.threads,
-        args.pin_cpus,
-    )
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = run(args.presets.split(","), batches, args.new_tokens, args.repeats, args.threads, args.pin_cpus)
     logger.info("decode throughput (median of %d; torch threads %d)\n%s", args.repeats, args.threads, report(rows))
     write_result(args.out, rows)
     return 0

@@ -1,4 +1,4 @@
-"""The skeleton benchmark runs end to end and writes the figures it prints."""
+"""The stack overhead benchmark (`apex-serve bench`) runs end to end and writes the figures it prints."""
 
 import json
 import subprocess

@@ -1,0 +1,89 @@
+"""The plan awaiting its step's output: the requests it scheduled, the policy's choice, the iteration's record, and
+what update_from_output checks and measures against them."""
+
+import logging
+from dataclasses import dataclass, replace
+
+from apex_serve import overlap
+from apex_serve.engine_stats import IterationRecord
+from apex_serve.types import RequestOutput, StepOutput
+from scheduler_service.cost.model import ComposedCostModel, Prediction
+from scheduler_service.cost.shape import IterationShape
+from scheduler_service.policies import Choice
+from scheduler_service.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What update_from_output made of one step: a token (or a finish) per live request, and the iteration's
+    record with the step's measured time and overlap (None for a plan that ran no request)."""
+
+    outputs: tuple[RequestOutput, ...]
+    record: IterationRecord | None
+
+
+class InFlightStep:
+    """One plan between schedule() and update_from_output()."""
+
+    def __init__(self, step_id: int, requests: list[Request], choice: Choice, record: IterationRecord | None,
+                 cost_model: ComposedCostModel | None) -> None:
+        self.step_id = step_id
+        self.requests = requests  # every request the plan scheduled, in plan order
+        self.record = record  # None for a plan that runs no request
+        self._choice = choice
+        self._cost_model = cost_model
+        self._prediction: Prediction | None = None
+
+    @property
+    def shape(self) -> IterationShape | None:
+        """The iteration in the cost model's terms (None for an empty plan)."""
+        return self._choice.shape
+
+    def prediction(self) -> Prediction | None:
+        """The cost model's corrected prediction of the iteration (None without a cost model or for an empty plan),
+        made on first asking: off schedule()'s decision path."""
+        if self._cost_model is None:
+            return None
+        if self._prediction is None:
+            shape = self.shape
+            self._prediction = None if shape is None else self._cost_model.predict(shape)
+        return self._prediction
+
+    def is_running(self) -> bool:
+        """Whether a request of the plan still runs: its step's output is owed before the next plan."""
+        return any(r.status is RequestStatus.RUNNING for r in self.requests)
+
+    def live_requests(self, output: StepOutput) -> list[Request]:
+        """The plan's requests that still run, checked against the step's output: ValueError if a token or a
+        requested logprob is missing, or a token belongs to a request the plan did not schedule."""
+        live = [r for r in self.requests if r.status is RequestStatus.RUNNING]
+        missing = [r.request_id for r in live if r.request_id not in output.sampled]
+        unplanned = sorted(output.sampled.keys() - {r.request_id for r in self.requests})
+        if missing or unplanned:
+            raise ValueError(f"sampled: step {self.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
+        no_logprobs = [
+            r.request_id for r in live if r.sampling.logprobs is not None and r.request_id not in output.logprobs
+        ]
+        if no_logprobs:
+            raise ValueError(f"logprobs: step {self.step_id} lacks the logprobs of {no_logprobs}")
+        return live
+
+    def measured(self, output: StepOutput) -> IterationRecord | None:
+        """The record with the step's measured time, its overlap and the prediction; the measured time goes into the
+        cost model's online correction. A step without timings leaves the record as it was."""
+        record = self.record
+        measured = output.timings.total_ns
+        if record is None or measured <= 0:
+            return record
+        prediction = self.prediction()
+        record = replace(record, predicted_ns=None if prediction is None else prediction.total_ns,
+                         measured_ns=float(measured), overlap=overlap.from_timings(output.timings))
+        shape = self.shape
+        if self._cost_model is not None and shape is not None and prediction is not None:
+            self._cost_model.observe(shape, prediction, output.timings)
+        logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", self.step_id,
+                     record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
+                     measured)
+        return record
