@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from apex_serve.flags import add_config_flags, config_from_args
-from apex_tools.launcher import StackConfig
 from apex_serve.logs import configure_logging
 from apex_serve.sdk import ApexServeError, ChatMessage, Chunk, Client, Completion
+from apex_tools.launcher import StackConfig
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,14 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
     """Verbs with their own argument parser (benchmarks, profile)."""
     from apex_tools import otlp_receiver, profile_cli
     from apex_tools.bench import (
-        cost_model_accuracy, gateway, hybrid, kernel, policies, scheduler_overhead, stack_overhead, tracing,
+        cost_model_accuracy,
+        gateway,
+        hybrid,
+        kernel,
+        policies,
+        scheduler_overhead,
+        stack_overhead,
+        tracing,
     )
     from apex_tools.sim import cli as simulate
     from apex_tools.trace_report import cli as trace_report

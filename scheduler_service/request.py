@@ -5,7 +5,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from apex_serve.types import (
-    CachedRequestData, FinishReason, NewRequestData, Placement, RequestOutput, SamplingParams, TokenLogprob,
+    CachedRequestData,
+    FinishReason,
+    NewRequestData,
+    Placement,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
 )
 
 

@@ -22,16 +22,24 @@ in flight (scheduler_service.in_flight): its requests, the policy's choice and t
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
-from itertools import accumulate, islice
+from collections.abc import Sequence
+from itertools import islice
 
 from apex_serve.engine_stats import IterationRecord, SchedulerStats
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
-    CachedRequestData, ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, SwapData, WorkerInfo,
+    CachedRequestData,
+    ExecutionMode,
+    Placement,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+    SwapData,
+    WorkerInfo,
 )
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
+from scheduler_service.cpu_queue import must_run, prefix_contexts
 from scheduler_service.in_flight import InFlightStep, StepResult
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import Candidates, make_policy
@@ -41,11 +49,6 @@ from scheduler_service.request_limits import RequestLimits
 logger = logging.getLogger(__name__)
 RECENT_ITERATIONS = 256
 SWAP_IN_LOOKAHEAD = 8
-
-
-def _prefix_contexts(requests: Iterable[Request]) -> list[int]:
-    """Prefix sums of the requests' decode contexts (a row's context: its KV and its token)."""
-    return [0, *accumulate(r.num_tokens for r in requests)]
 
 
 class Scheduler:
@@ -153,8 +156,8 @@ class Scheduler:
         gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
         admitted = self._admit(len(gpu_rows), gpu_longest)
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._max_cpu_rows))  # at most what one step stages
-        context = _prefix_contexts(cpu_candidates)
-        forced = self._must_run()
+        context = prefix_contexts(cpu_candidates)
+        forced = must_run(self._cpu_queue, self._max_cpu_rows, self.config.max_sit_out, self._next_step_id)
         prefill_lens = [r.num_tokens for r in admitted]
         choice = self.policy.choose(
             Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._max_cpu_rows)
@@ -190,20 +193,6 @@ class Scheduler:
             self._recent_iterations.append(record)
         self._in_flight = InFlightStep(step_id, scheduled, choice, record, self.cost_model)
         return plan
-
-    def _must_run(self) -> int:
-        """How many CPU requests from the front of the queue must decode now so that none sits out more than
-        max_sit_out iterations: earliest deadline first, the queue being in deadline order, with at most cpu_max_rows
-        of them per iteration; the i-th (from 0) is due within max_sit_out - sat_out iterations."""
-        capacity, due = self._max_cpu_rows, self.config.max_sit_out + 1 - self._next_step_id
-        n = len(self._cpu_queue)
-        must = 0
-        for i, request in enumerate(self._cpu_queue, 1):
-            slack = capacity * max(0, due + request.last_step)  # due + last_step: max_sit_out - its sat_out
-            if slack >= n - must:  # deadlines only grow along the queue: no later request needs more
-                break
-            must = max(must, i - slack)
-        return min(must, capacity)
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> StepResult:
         """Append each sampled token, finish requests on a stop token or a length limit, report per request, and
@@ -418,7 +407,7 @@ class Scheduler:
 
     def _cpu_context(self) -> list[int]:
         """Prefix sums of the CPU requests' contexts, as many as one step may stage."""
-        return _prefix_contexts(islice(self._cpu_queue, 2 * self._max_cpu_rows))
+        return prefix_contexts(islice(self._cpu_queue, 2 * self._max_cpu_rows))
 
     def _finish(self, request: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""

@@ -9,13 +9,13 @@ from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.engine_loop import EngineLoop
-from scheduler_service.telemetry.spans import IterationSpans
-from scheduler_service.telemetry.metrics import EngineMetrics
-from scheduler_service.telemetry.observer import EngineObserver
 from scheduler_service.cost.loader import load_cost_model
+from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.servicer import SchedulerServicer
+from scheduler_service.telemetry.metrics import EngineMetrics
+from scheduler_service.telemetry.observer import EngineObserver
+from scheduler_service.telemetry.spans import IterationSpans
 from scheduler_service.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from pathlib import Path
 import grpc
 
 from apex_serve import convert, rpc
+from apex_serve.logs import configure_logging
+from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, WorkerInfo
+from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc, profiler_pb2, profiler_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 from apex_tools.default_model import DEFAULT_SPEC, write_random_llama
 from apex_tools.processes import ServiceGroup, split_cores
-from apex_serve.logs import configure_logging
-from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, WorkerInfo
-from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc, profiler_pb2, profiler_pb2_grpc
 from scheduler_service.cost.model import TableCostModel
 from scheduler_service.cost.shape import IterationShape, SubBatchShape, model_shape_from_config
 from scheduler_service.cost.tables import PerformanceTables

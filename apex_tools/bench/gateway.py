@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 
 from apex_serve import convert, rpc
-from apex_tools.bench.common import write_result
-from apex_tools.default_model import DEFAULT_SPEC, write_random_llama
-from apex_tools.launcher import Stack, StackConfig
 from apex_serve.logs import configure_logging
 from apex_serve.types import SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from apex_tools.bench.common import write_result
+from apex_tools.default_model import DEFAULT_SPEC, write_random_llama
+from apex_tools.launcher import Stack, StackConfig
 from gateway.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from apex_serve import rpc
+from apex_serve.logs import configure_logging
+from apex_serve.types import ExecutionMode, Placement
 from apex_tools.bench.common import one_core, write_result
 from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 from apex_tools.bench.transport import measure
 from apex_tools.default_model import BENCH_SPEC, write_random_llama
 from apex_tools.processes import ServiceGroup, pinned, split_cores
-from apex_serve.logs import configure_logging
-from apex_serve.types import ExecutionMode, Placement
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from apex_tools.bench.common import write_result
 from apex_serve.logs import configure_logging
+from apex_tools.bench.common import write_result
 from cpu_attention_worker import kernel, reference
 from cpu_attention_worker.kernel import KvDtype
 

@@ -35,12 +35,23 @@ from pathlib import Path
 
 import grpc
 
+from apex_serve.logs import configure_logging
 from apex_tools.bench.common import one_core, write_result
 from apex_tools.bench.serving_stack import (
-    PRESETS, BenchStack, Preset, Workload, arrival_offsets, device_blocks, metrics, profile, running_stack,
-    scheduler_stats, start_gpu_worker, submit_all, worker_info,
+    PRESETS,
+    BenchStack,
+    Preset,
+    Workload,
+    arrival_offsets,
+    device_blocks,
+    metrics,
+    profile,
+    running_stack,
+    scheduler_stats,
+    start_gpu_worker,
+    submit_all,
+    worker_info,
 )
-from apex_serve.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 POLICIES = ("gpu-only", "neo", "apex")

@@ -16,11 +16,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from apex_tools.bench.common import write_result
 from apex_serve.logs import configure_logging
 from apex_serve.types import SamplingParams, StepOutput, StepTimings, WorkerInfo
-from scheduler_service.cost.analytic import T4, AnalyticCostModel
+from apex_tools.bench.common import write_result
 from scheduler_service.config import POLICIES, SchedulerConfig
+from scheduler_service.cost.analytic import T4, AnalyticCostModel
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.scheduler import Scheduler
 

@@ -22,8 +22,6 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
 from apex_serve import convert, rpc
-from apex_tools.default_model import BENCH_SPEC, BOS_TOKEN_ID, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
-from apex_tools.processes import Service, ServiceGroup, pinned, split_cores
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import (
     gpu_worker_pb2,
@@ -33,6 +31,8 @@ from apex_serve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from apex_tools.default_model import BENCH_SPEC, BOS_TOKEN_ID, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_tools.processes import Service, ServiceGroup, pinned, split_cores
 from profiler_service.grid import Grid, default_grid
 
 logger = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ import grpc
 import torch
 
 from apex_serve import convert, rpc
+from apex_serve.types import SamplingParams
+from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.default_model import BENCH_SPEC, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 from apex_tools.launcher import Stack, StackConfig
 from apex_tools.local_engine import LocalEngine
-from apex_serve.types import SamplingParams
-from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from gpu_worker.config import GpuWorkerConfig
 
 logger = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from apex_serve.logs import configure_logging
 from apex_tools.bench import serving_stack as bench
 from apex_tools.bench import span_cost
 from apex_tools.bench.common import write_result
-from apex_serve.logs import configure_logging
 from apex_tools.otlp_receiver import OtlpReceiver
 from apex_tools.trace_report import cli as trace_report
 from apex_tools.trace_report.iterations import build_iterations

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from apex_tools.bench.common import write_result
 from apex_serve.logs import configure_logging
+from apex_tools.bench.common import write_result
 from apex_tools.sim import report
 from apex_tools.sim.engine import RunResult, Simulation
 from apex_tools.sim.setups import HARDWARE, MODELS, Setup, UnsupportedSetup, profiled_setup, published_setup

@@ -21,9 +21,9 @@ import numpy as np
 
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.errors import InvalidArgument, ResourceExhausted
+from apex_serve.types import ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings
 from apex_tools.sim.setups import Setup
 from apex_tools.sim.workloads import SimRequest
-from apex_serve.types import ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.scheduler import Scheduler
 

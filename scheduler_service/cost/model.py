@@ -39,8 +39,8 @@ from typing import Protocol
 
 from apex_serve.engine_stats import ErrorStats
 from apex_serve.types import ExecutionMode, StepTimings
-from scheduler_service.cost.shape import IterationShape, ModelShape
 from scheduler_service.cost.online_fit import AffineFit, ErrorTracker
+from scheduler_service.cost.shape import IterationShape, ModelShape
 from scheduler_service.cost.tables import PerformanceTables
 
 

@@ -16,6 +16,7 @@ from apex_serve import span_attributes as attr
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.types import StepOutput, StepPlan, Subtask
 
+
 def _record_attributes(plan: StepPlan, record: IterationRecord | None) -> dict[str, int | str | bool]:
     attributes: dict[str, int | str | bool] = {
         attr.ITERATION_STEP_ID: plan.step_id, attr.ITERATION_MODE: plan.mode.value,

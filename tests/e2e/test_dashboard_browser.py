@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from apex_serve import convert, rpc
-from apex_tools.launcher import Stack, StackConfig
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, gpu_worker_pb2, scheduler_pb2
+from apex_tools.launcher import Stack, StackConfig
 from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator

@@ -17,10 +17,10 @@ from tokenizers import Tokenizer
 
 from apex_serve import convert, rpc
 from apex_serve.sdk import Client, Completion
-from apex_tools.launcher import Stack, StackConfig
-from apex_tools.local_engine import LocalEngine
 from apex_serve.types import FinishReason, SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from apex_tools.launcher import Stack, StackConfig
+from apex_tools.local_engine import LocalEngine
 from conftest import prometheus_value
 from gpu_worker.config import GpuWorkerConfig
 

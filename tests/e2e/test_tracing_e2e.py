@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from apex_serve import rpc
+from apex_serve.sdk import Client
 from apex_tools.launcher import Stack, StackConfig
 from apex_tools.otlp_receiver import OtlpReceiver
-from apex_serve.sdk import Client
 from apex_tools.trace_report.spans import Span
 
 NUM_REQUESTS = 8

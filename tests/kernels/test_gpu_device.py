@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from apex_tools.local_engine import LocalEngine
 from apex_serve.types import SamplingParams
+from apex_tools.local_engine import LocalEngine
 from gpu_worker.config import GpuWorkerConfig
 
 pytestmark = pytest.mark.gpu

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from apex_tools.default_model import RandomLlamaSpec, write_random_llama
 from apex_serve.errors import InvalidArgument
 from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepPlan
+from apex_tools.default_model import RandomLlamaSpec, write_random_llama
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_config import load_model_config, parse_model_config
 from gpu_worker.model_runner import ModelRunner

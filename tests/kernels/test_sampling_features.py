@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from apex_serve import convert
-from apex_tools.local_engine import LocalEngine
 from apex_serve.types import (
     CachedRequestData,
     FinishReason,
@@ -23,6 +22,7 @@ from apex_serve.types import (
     TokenLogprob,
     WorkerInfo,
 )
+from apex_tools.local_engine import LocalEngine
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.logits_processors import apply_penalties
 from gpu_worker.model_runner import ModelRunner

@@ -12,9 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import wait_until, wait_until_async
 from apex_serve import rpc
-from apex_tools.launcher import Stack, StackConfig
 from apex_serve.sdk import (
     AsyncClient,
     Chunk,
@@ -27,6 +25,8 @@ from apex_serve.sdk import (
     UnauthenticatedError,
 )
 from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from apex_tools.launcher import Stack, StackConfig
+from conftest import wait_until, wait_until_async
 
 
 @pytest.fixture(scope="module")

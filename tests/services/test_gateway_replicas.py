@@ -18,10 +18,11 @@ import pytest
 from tokenizers import Tokenizer
 
 from apex_serve import convert, rpc
-from apex_tools.local_engine import LocalEngine
-from apex_tools.processes import Service, ServiceGroup
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2
+from apex_tools.local_engine import LocalEngine
+from apex_tools.processes import Service, ServiceGroup
+from conftest import wait_until_async
 from gateway.config import GatewayConfig
 from gateway.replicas import Replica, ReplicaMismatch, Replicas, check_same_model
 from gpu_worker.config import GpuWorkerConfig
@@ -270,11 +271,12 @@ async def test_requests_are_split_across_two_replicas_and_survive_losing_one(
     two_replicas.replicas[1].scheduler.process.wait()
     after = await asyncio.gather(*(_generate(two_replicas.address, p, _sampling(i)) for i, p in enumerate(PROMPTS[:4])))
     assert after == expected[:4], "requests sent right after losing a replica did not complete on the other"
-    for _ in range(50):
+    def marked_down() -> dict | None:
         routing = _routing(two_replicas)
-        if not routing[b]["serving"]:
-            break
-        await asyncio.sleep(0.1)
+        return None if routing[b]["serving"] else routing
+
+    routing = await wait_until_async(marked_down, 5.0, "the gateway to mark the dead replica not serving",
+                                     interval_s=0.1)
     assert not routing[b]["serving"] and routing[b]["stats"] is None and routing[b]["error"]
     assert routing[a]["serving"]
     assert httpx.get(f"{two_replicas.http_url}/health", timeout=10).status_code == 200

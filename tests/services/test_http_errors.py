@@ -13,11 +13,11 @@ import grpc
 import httpx
 import pytest
 
-from conftest import wait_until, wait_until_async
 from apex_serve import rpc
-from apex_tools.launcher import Stack, StackConfig
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from apex_tools.launcher import Stack, StackConfig
+from conftest import wait_until, wait_until_async
 from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
-from apex_tools.processes import ServiceGroup
 from apex_serve.errors import FailedPrecondition, InvalidArgument, Unavailable
 from apex_serve.types import ExecutionMode, NewRequestData, Placement, StepPlan
+from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
+from apex_tools.processes import ServiceGroup
 from conftest import start_cpu_worker
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner

@@ -14,10 +14,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from conftest import wait_until
 from apex_tools.otlp_receiver import OtlpReceiver, main
 from apex_tools.trace_report.otlp import read_otlp_json
 from apex_tools.trace_report.spans import Span
+from conftest import wait_until
 
 T0 = 1_700_000_000_000_000_000
 

@@ -6,10 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from apex_tools.bench.scripted_scheduler import ScriptedScheduler
-from apex_serve.types import ExecutionMode, Placement, StepOutput, SubtaskKind
 from test_hybrid_execution import make_runner, prompts
+
+from apex_serve.types import ExecutionMode, Placement, StepOutput, SubtaskKind
+from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 
 
 def sampled_steps(model_dir: Path, cpu_address: str, mode: ExecutionMode, record: bool,

@@ -33,7 +33,7 @@ def all_blocks_free(loop: EngineLoop) -> bool:
 async def _drain(queue: asyncio.Queue) -> list:
     items = []
     while True:
-        item = await queue.get()
+        item = await asyncio.wait_for(queue.get(), 30)
         items.append(item)
         if isinstance(item, Exception) or item.finished:
             return items

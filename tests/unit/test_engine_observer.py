@@ -9,18 +9,24 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
+from test_engine_loop import INFO, _drain
 
 from apex_serve.types import (
-    ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings, Subtask, SubtaskKind,
+    ExecutionMode,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+    StepTimings,
+    Subtask,
+    SubtaskKind,
 )
 from conftest import prometheus_value
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
-from scheduler_service.telemetry.spans import IterationSpans
+from scheduler_service.scheduler import Scheduler
 from scheduler_service.telemetry.metrics import EngineMetrics
 from scheduler_service.telemetry.observer import EngineObserver
-from scheduler_service.scheduler import Scheduler
-from test_engine_loop import INFO, _drain
+from scheduler_service.telemetry.spans import IterationSpans
 
 MS = 1_000_000
 MAX_TOKENS = 5

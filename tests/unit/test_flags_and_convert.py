@@ -5,7 +5,6 @@ import pytest
 from apex_serve import convert
 from apex_serve.errors import InvalidArgument
 from apex_serve.flags import parse_config
-from apex_tools.launcher import StackConfig
 from apex_serve.types import (
     CachedRequestData,
     ExecutionMode,
@@ -13,14 +12,15 @@ from apex_serve.types import (
     Placement,
     SamplingParams,
     StepOutput,
-    Subtask,
-    SubtaskKind,
     StepPlan,
     StepTimings,
+    Subtask,
+    SubtaskKind,
     SwapData,
     TokenLogprob,
 )
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
+from apex_tools.launcher import StackConfig
 
 
 def test_flags_mirror_config_fields_and_defaults() -> None:

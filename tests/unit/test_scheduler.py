@@ -7,7 +7,13 @@ import pytest
 
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
-    FinishReason, Placement, RequestOutput, SamplingParams, StepOutput, StepPlan, WorkerInfo,
+    FinishReason,
+    Placement,
+    RequestOutput,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+    WorkerInfo,
 )
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.scheduler import Scheduler
@@ -328,11 +334,13 @@ def test_preempted_request_is_resent_with_prompt_outputs_and_output_count() -> N
     step(sched, worker)  # a: 4 tokens, b: 5 tokens
     plan, _ = step(sched, worker)  # b must write position 4: it preempts itself
     assert plan.freed_request_ids == ("b",)
-    while True:
+    for _ in range(10):  # a finishes within its 5 tokens, then b is re-admitted
         plan, _ = step(sched, worker)
         resent = [r for r in plan.new_requests if r.request_id == "b"]
         if resent:
             break
+    else:
+        pytest.fail("the preempted request was never re-admitted")
     assert resent[0].token_ids == (4, 5, 6, 7, 14)
     assert resent[0].num_output_tokens == 1
     assert len(resent[0].block_ids) == 2

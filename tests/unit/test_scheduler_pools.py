@@ -10,9 +10,9 @@ import pytest
 
 from apex_serve.types import ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, StepTimings, WorkerInfo
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.cost.loader import load_cost_model
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
-from scheduler_service.cost.loader import load_cost_model
 from scheduler_service.in_flight import StepResult
 from scheduler_service.request import RequestStatus
 from scheduler_service.scheduler import Scheduler

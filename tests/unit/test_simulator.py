@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from apex_serve.types import Placement
 from apex_tools.sim.cli import main
 from apex_tools.sim.engine import Simulation
 from apex_tools.sim.setups import UnsupportedSetup, profiled_setup, published_setup
 from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate
-from apex_serve.types import Placement
 from scheduler_service.config import POLICIES, SchedulerConfig
 
 
