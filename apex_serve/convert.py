@@ -1,15 +1,17 @@
 """The one place where protobuf messages and domain types meet."""
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import TypeVar
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from prometheus_client.metrics_core import Metric
 
 from apex_serve import engine_stats, overlap, types
 from apex_serve.errors import InvalidArgument
 from apex_serve.hardware import HardwareFingerprint
-from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
+from apex_serve.v1 import common_pb2, gateway_pb2, gpu_worker_pb2, scheduler_pb2
 
 _Domain = TypeVar("_Domain")
 
@@ -79,7 +81,7 @@ def finish_reason_from_pb(value: int, field: str = "finish_reason") -> types.Fin
 
 _OPTIONAL_SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "max_tokens", "min_tokens",
-    "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "skip_special_tokens",
 )
 
 
@@ -90,8 +92,12 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
         **present,
         seed=msg.seed if msg.HasField("seed") else None,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        truncate_prompt_tokens=msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        allowed_token_ids=tuple(msg.allowed_token_ids),
+        bad_words=tuple(msg.bad_words),
+        bad_words_token_ids=tuple(tuple(word.ids) for word in msg.bad_words_token_ids),
     )
 
 
@@ -100,11 +106,16 @@ def sampling_to_pb(params: types.SamplingParams) -> common_pb2.SamplingParams:
         **{name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS},
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
+        allowed_token_ids=params.allowed_token_ids,
+        bad_words=params.bad_words,
+        bad_words_token_ids=[common_pb2.SamplingParams.TokenIds(ids=ids) for ids in params.bad_words_token_ids],
     )
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.truncate_prompt_tokens is not None:
+        msg.truncate_prompt_tokens = params.truncate_prompt_tokens
     return msg
 
 
@@ -300,6 +311,31 @@ def usage_to_pb(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
     )
 
 
+def chat_messages_from_pb(messages: Iterable[gateway_pb2.ChatMessage]) -> tuple[dict[str, Any], ...]:
+    """A conversation as the chat template takes it, in OpenAI's shape; empty optional fields are None."""
+    return tuple(
+        {
+            "role": m.role, "content": m.content, "name": m.name or None, "tool_call_id": m.tool_call_id or None,
+            "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ] or None,
+        }
+        for m in messages
+    )
+
+
+def json_object_from_pb(text: str, field: str) -> dict[str, Any]:
+    """A JSON object carried as text (empty: none); InvalidArgument naming the field otherwise."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(field, f"is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def submit_request_to_pb(
     request_id: str, prompt_token_ids: Sequence[int], sampling: types.SamplingParams
 ) -> scheduler_pb2.SubmitRequest:
@@ -388,3 +424,24 @@ def scheduler_stats_to_pb(
         prompt_tokens=serving.prompt_tokens,
         generation_tokens=serving.generation_tokens,
     )
+
+
+def metric_families_to_pb(families: Iterable[Metric]) -> scheduler_pb2.GetMetricsResponse:
+    """A registry's collected families (their samples' timestamps and exemplars are not carried)."""
+    return scheduler_pb2.GetMetricsResponse(families=[
+        scheduler_pb2.MetricFamily(
+            name=f.name, type=f.type, help=f.documentation, unit=f.unit,
+            samples=[scheduler_pb2.MetricSample(name=s.name, labels=s.labels, value=s.value) for s in f.samples],
+        )
+        for f in families
+    ])
+
+
+def metric_families_from_pb(msg: scheduler_pb2.GetMetricsResponse) -> list[Metric]:
+    families = []
+    for f in msg.families:
+        family = Metric(f.name, f.help, f.type, f.unit)
+        for s in f.samples:
+            family.add_sample(s.name, dict(s.labels), s.value)
+        families.append(family)
+    return families

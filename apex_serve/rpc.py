@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from apex_serve import errors, tracing
 
@@ -28,6 +28,8 @@ _STATUS_FOR_ERROR: dict[type[errors.ApexError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.max_receive_message_length", 64 * 2**20),
@@ -40,6 +42,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
             return code
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code()
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -78,6 +82,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     code = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         logger.exception("%s failed", method)
+    elif code == grpc.StatusCode.UNIMPLEMENTED:
+        logger.info("%s: not implemented", method)
     await context.abort(code, _details(exc))
 
 
@@ -140,18 +146,46 @@ def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredenti
     return f"{host}:{port}"
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc_health's servicer with List answered (the library leaves List to the generated base class)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()
+            }
+        )
+
+
+def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Serves grpc.reflection.v1 and v1alpha, listing `service_names` and v1alpha's own name.
+
+    v1's messages are wire-identical to v1alpha's (same fields and numbers) and grpcio-reflection ships only v1alpha,
+    so one servicer answers both, with v1alpha's (de)serializers. v1 is served but not listed: its descriptor is not
+    in the pool, and every listed service must resolve."""
+    servicer = reflection.aio.ReflectionServicer([*service_names, reflection.SERVICE_NAME])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1_info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1_info}),)
+    )
+
+
 class ServiceRunner:
     """Health + reflection for a set of services, and a run-until-SIGTERM lifecycle."""
 
     def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]) -> None:
         self.server = server
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._names = ["", *service_names]
-        reflection.enable_server_reflection(
-            [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        add_reflection(server, [*self._names[1:], health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         self._stop = asyncio.Event()
 
     async def set_serving(self, serving: bool) -> None:

@@ -16,7 +16,9 @@ from opentelemetry import trace
 logger = logging.getLogger(__name__)
 
 # Probes and reflection would put a span in every trace store every 100 ms; they carry no request.
-_UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+_UNTRACED_SERVICES = (
+    "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection",
+)
 _state: dict[str, bool] = {}
 # service.name per module (OTEL_SERVICE_NAME overrides it); compose and the manifests set the same names
 SERVICE_NAMES = {

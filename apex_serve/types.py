@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from apex_serve.errors import InvalidArgument
 from apex_serve.hardware import HardwareFingerprint
 
-
 MAX_LOGPROBS = 20
 
 
@@ -49,7 +48,11 @@ class Placement(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature 0 is greedy; top_k 0 disables top-k."""
+    """Per-request sampling. temperature 0 is greedy; top_k 0 and min_p 0 disable top-k and min-p.
+
+    bad_words are text; the gateway tokenizes them into bad_words_token_ids, which the worker applies.
+    skip_special_tokens and truncate_prompt_tokens are applied by the gateway.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -63,6 +66,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
+    min_p: float = 0.0  # after temperature, drop tokens less likely than min_p times the likeliest
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token; otherwise only these may be sampled
+    bad_words: tuple[str, ...] = ()  # never generated (as tokenized with and without a leading space)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # the last id is banned after the others
+    skip_special_tokens: bool = True  # special tokens are left out of the text
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -84,6 +93,16 @@ class SamplingParams:
             raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
+        if any(t < 0 for t in self.allowed_token_ids):
+            raise InvalidArgument("allowed_token_ids", "token ids must be >= 0")
+        if any(not word.strip() for word in self.bad_words):
+            raise InvalidArgument("bad_words", "words must not be empty or blank")
+        if any(not ids or min(ids) < 0 for ids in self.bad_words_token_ids):
+            raise InvalidArgument("bad_words_token_ids", "each must be a non-empty sequence of token ids >= 0")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise InvalidArgument("truncate_prompt_tokens", f"must be >= 1, got {self.truncate_prompt_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apex_serve import rpc
+from apex_serve.flags import option
 from apex_tools.processes import ServiceGroup, split_cores
 from scheduler_service.config import POLICIES
 
@@ -19,25 +20,46 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StackConfig:
-    model_dir: str = "models/apex-tiny-llama"
-    host: str = "127.0.0.1"
-    port: int = 50051  # public gRPC
-    http_port: int = 8000  # OpenAI-compatible HTTP; 0: off
-    api_keys: str = ""  # comma-separated; empty: no authentication
-    run_dir: str = ".apex-run"  # Unix sockets of the internal services
-    profile_dir: str = ".apex-profiles"  # performance profiles, one JSON file per key
-    dtype: str = "float32"
-    num_kv_blocks: int | None = None
-    device_kv_budget_bytes: int = 64 * 2**20
-    cpu_kv_budget_bytes: int = 256 * 2**20  # the cpu_attention_worker's KV pool (shared memory)
-    max_num_seqs: int = 64
-    policy: str = "apex"  # the scheduler's: gpu-only, neo or apex (the hybrid ones profile the workers once)
-    tpot_target_ms: float = 0.0  # apex: keep each iteration's predicted time under this; 0: no target
-    metrics_port: int = 9400  # the scheduler's Prometheus /metrics; 0: off
-    sample_layers_every: int = 16  # every Nth iteration records per-layer timings (dashboard, traces); 0: never
-    worker_threads: int = 1
-    pin_cpus: bool = True  # gpu_worker on the first worker_threads cores, the others on the rest
-    startup_timeout_s: float = 300.0
+    model_dir: str = option(
+        "models/apex-tiny-llama",
+        help="model directory (Hugging Face layout); the default one is written with random weights when missing",
+    )
+    host: str = option("127.0.0.1", help="interface of the public gRPC, HTTP and metrics ports")
+    port: int = option(50051, help="public gRPC port of the gateway")
+    http_port: int = option(8000, help="OpenAI-compatible HTTP port; 0: off")
+    api_keys: str = option(
+        "", help="accepted API keys, comma-separated (sent as 'authorization: Bearer <key>'); empty: no authentication"
+    )
+    run_dir: str = option(
+        ".apex-run", help="directory of the internal services' Unix sockets (its path at most 80 characters)"
+    )
+    profile_dir: str = option(".apex-profiles", help="directory of performance profiles, one JSON file per key")
+    dtype: str = option("float32", help="model dtype: float32, bfloat16 or float16")
+    num_kv_blocks: int | None = option(
+        None, help="blocks of the gpu_worker's KV pool; overrides --device-kv-budget-bytes; unset: from that budget"
+    )
+    device_kv_budget_bytes: int = option(
+        64 * 2**20, help="bytes of device memory for the gpu_worker's KV pool (K and V of all layers)"
+    )
+    cpu_kv_budget_bytes: int = option(256 * 2**20, help="bytes of shared memory for the cpu_attention_worker's KV pool")
+    max_num_seqs: int = option(64, help="requests the scheduler runs at once")
+    policy: str = option(
+        "apex", help="the scheduler's policy: gpu-only, neo or apex (the hybrid ones profile the workers once)"
+    )
+    tpot_target_ms: float = option(
+        0.0, help="apex: keep each iteration's predicted time under this, in ms; 0: no target"
+    )
+    metrics_port: int = option(9400, help="port of the scheduler's Prometheus /metrics; 0: off")
+    sample_layers_every: int = option(
+        16, help="every Nth iteration records per-layer timings (dashboard, traces); 0: never"
+    )
+    worker_threads: int = option(
+        1, help="torch threads of the gpu_worker when its device is the CPU (and the cores it is pinned to)"
+    )
+    pin_cpus: bool = option(
+        True, help="pin the gpu_worker to the first --worker-threads cores and the other services to the rest"
+    )
+    startup_timeout_s: float = option(300.0, help="seconds each service may take to report SERVING")
 
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):

@@ -3,13 +3,22 @@
 import os
 from dataclasses import dataclass
 
+from apex_serve.flags import option
+
 
 @dataclass(frozen=True)
 class CpuAttentionConfig:
-    address: str = "unix:///tmp/apex-serve/cpu_attention_worker.sock"
-    num_threads: int = 1  # attention threads of the serving loop (its own thread is one of them)
-    kv_budget_bytes: int = 2**30  # CPU KV pool (shared memory) when SetupDataPlane asks for num_blocks 0
-    spin_us: int = 50  # the serving thread spins this long for the next doorbell before it sleeps
+    address: str = option(
+        "unix:///tmp/apex-serve/cpu_attention_worker.sock",
+        help="gRPC address the cpu_attention_worker listens on (unix:///path or host:port)",
+    )
+    num_threads: int = option(
+        1, help="attention threads of the serving loop, its own thread included (at most the cores)"
+    )
+    kv_budget_bytes: int = option(
+        2**30, help="bytes of shared memory for the CPU KV pool when SetupDataPlane asks for num_blocks 0"
+    )
+    spin_us: int = option(50, help="microseconds the serving thread spins for the next doorbell before it sleeps")
 
     def __post_init__(self) -> None:
         cores = os.cpu_count() or 1

@@ -3,21 +3,34 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from apex_serve.flags import option
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model_dir: str
-    model_name: str = ""  # empty: the model directory's name
-    address: str = "127.0.0.1:50051"  # public gRPC
-    http_address: str = ""  # OpenAI-compatible HTTP (host:port); empty: off
-    scheduler_address: str = "unix:///tmp/apex-serve/scheduler.sock"  # comma-separated: replicas, routed by load
-    api_keys: str = ""  # comma-separated; empty: no authentication
-    tls_cert_file: str = ""  # PEM; with tls_key_file, the public gRPC port speaks TLS
-    tls_key_file: str = ""
-    max_concurrent_requests: int = 1024  # more get RESOURCE_EXHAUSTED / HTTP 429
-    max_prompt_bytes: int = 1 << 20  # larger prompts get RESOURCE_EXHAUSTED / HTTP 429 before tokenizing
-    drain_timeout_s: float = 10.0
-    startup_timeout_s: float = 300.0  # how long to wait for every scheduler replica to be SERVING
+    model_dir: str = option(help="model directory whose tokenizer.json and chat template the gateway uses")
+    model_name: str = option("", help="model name clients send and see; empty: the model directory's name")
+    address: str = option("127.0.0.1:50051", help="public gRPC address (host:port)")
+    http_address: str = option("", help="OpenAI-compatible HTTP address (host:port); empty: off")
+    scheduler_address: str = option(
+        "unix:///tmp/apex-serve/scheduler.sock",
+        help="scheduler gRPC address; comma-separated: replicas, routed by load",
+    )
+    api_keys: str = option(
+        "", help="accepted API keys, comma-separated (sent as 'authorization: Bearer <key>'); empty: no authentication"
+    )
+    tls_cert_file: str = option(
+        "", help="PEM certificate chain; with --tls-key-file the public gRPC port speaks TLS; empty: plaintext"
+    )
+    tls_key_file: str = option("", help="PEM private key of --tls-cert-file; empty: plaintext")
+    max_concurrent_requests: int = option(
+        1024, help="requests in flight at once; more get RESOURCE_EXHAUSTED / HTTP 429"
+    )
+    max_prompt_bytes: int = option(
+        1 << 20, help="largest prompt in bytes; larger ones get RESOURCE_EXHAUSTED / HTTP 429 before tokenizing"
+    )
+    drain_timeout_s: float = option(10.0, help="seconds in-flight requests get to finish after SIGTERM")
+    startup_timeout_s: float = option(300.0, help="seconds to wait at start for every scheduler replica to be SERVING")
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "tokenizer.json").is_file():

@@ -3,24 +3,26 @@ token ids into text deltas with stop strings, logprobs, cancellation and an admi
 
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from apex_serve import convert, tracing
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob, WorkerInfo
 from gateway import validation
-from gateway.chat_template import ChatTemplate
+from gateway.chat_template import ChatOptions, ChatTemplate
 from gateway.replicas import Replicas, RoutedCall
 from gateway.request_span import RequestSpan
 from gateway.stop_strings import StopStringMatcher
-from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
+from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str | Sequence[int]  # text, or token ids; ignored when messages are given
     sampling: SamplingParams
-    messages: tuple[Mapping[str, str], ...] = ()  # a conversation, rendered with the chat template
+    messages: tuple[Mapping[str, Any], ...] = ()  # a conversation, rendered with the chat template
+    chat_options: ChatOptions = field(default_factory=ChatOptions)  # how the conversation is rendered
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     model: str = ""
@@ -43,6 +45,8 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()  # aligned with token_ids when asked for
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated so far, these token_ids included
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class Generator:
         if request.messages:
             if self.chat_template is None:
                 raise InvalidArgument("messages", f"model '{self.model_name}' has no chat template; send a prompt")
-            text = self.chat_template.render(request.messages)
+            text = self.chat_template.render(request.messages, request.chat_options)
             self._check_size("messages", text)
             prompt_ids = self.tokenizer.encode(text, add_special_tokens=False).ids  # the template has them
         elif isinstance(request.prompt, str):
@@ -96,14 +100,15 @@ class Generator:
             prompt_ids = list(request.prompt)
             validation.check_prompt_ids(prompt_ids, self.worker.vocab_size)
         sampling = request.sampling
+        if sampling.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-sampling.truncate_prompt_tokens :]
+        if sampling.bad_words:
+            words = bad_words_token_ids(self.tokenizer, sampling.bad_words)
+            sampling = replace(sampling, bad_words_token_ids=sampling.bad_words_token_ids + words)
         if request.fill_context:  # at least 1, so that a prompt past the context is named as such below
             sampling = replace(sampling, max_tokens=max(self.worker.max_model_len - len(prompt_ids), 1))
         validation.check_lengths(len(prompt_ids), sampling, self.worker.max_model_len)
-        bad_stop_id = next((t for t in sampling.stop_token_ids if not 0 <= t < self.worker.vocab_size), None)
-        if bad_stop_id is not None:
-            raise InvalidArgument(
-                "stop_token_ids", f"token id {bad_stop_id} is outside the vocabulary [0, {self.worker.vocab_size})"
-            )
+        validation.check_sampling_token_ids(sampling, self.worker.vocab_size)
         if any(not s for s in request.stop):
             raise InvalidArgument("stop", "stop strings must not be empty")
         if len(self._active) >= self._max_concurrent:
@@ -159,7 +164,7 @@ class Generator:
     ) -> AsyncIterator[TextDelta | GenerationEnd]:
         request = prepared.request
         num_prompt = len(prepared.prompt_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, prepared.sampling.skip_special_tokens)
         stops = StopStringMatcher(request.stop, request.include_stop_str_in_output)
         completion_tokens = 0
         async for msg in call:
@@ -168,7 +173,7 @@ class Generator:
             result = stops.feed(detok.push(out.new_token_ids) + (detok.flush() if out.finished else ""))
             text = result.text + (stops.flush() if out.finished and result.stop is None else "")
             if text or out.new_token_ids:
-                yield TextDelta(text, out.new_token_ids, out.logprobs)
+                yield TextDelta(text, out.new_token_ids, out.logprobs, num_prompt, completion_tokens)
             if result.stop is not None:
                 yield GenerationEnd(prepared.request_id, FinishReason.STOP, num_prompt, completion_tokens, result.stop)
                 return

@@ -1,7 +1,8 @@
 """The scheduler replicas behind one gateway (DESIGN §9): each new request goes to the SERVING replica
 with the fewest requests this gateway has in flight on it (exact counts, no polling), ties broken
 round-robin; a Submit that fails UNAVAILABLE before its first token is retried once on another replica;
-Abort goes to the replica that holds the request."""
+Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard, its GetMetrics
+the gateway's /metrics."""
 
 import asyncio
 import logging
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
+from prometheus_client.metrics_core import Metric
 
 from apex_serve import convert, rpc, tracing
 from apex_serve.errors import Unavailable
@@ -53,6 +55,15 @@ class ReplicaSnapshot:
     submitted: int
     completed: int
     stats: scheduler_pb2.SchedulerStats | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ReplicaMetrics:
+    """A replica's engine metric families, or why it did not answer (families None)."""
+
+    address: str
+    families: list[Metric] | None
     error: str = ""
 
 
@@ -181,6 +192,22 @@ class Replicas:
                 )
             )
         return snapshots
+
+    async def metric_families(self, timeout_s: float) -> list[ReplicaMetrics]:
+        """Every replica's GetMetrics, asked concurrently; a replica that fails or times out has families None."""
+        replies = await asyncio.gather(
+            *(r.scheduler.GetMetrics(scheduler_pb2.GetMetricsRequest(), timeout=timeout_s) for r in self.replicas),
+            return_exceptions=True,
+        )
+        answers = []
+        for replica, reply in zip(self.replicas, replies, strict=True):
+            if isinstance(reply, grpc.aio.AioRpcError):
+                answers.append(ReplicaMetrics(replica.address, None, f"{reply.code().name}: {reply.details()}"))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                answers.append(ReplicaMetrics(replica.address, convert.metric_families_from_pb(reply)))
+        return answers
 
     async def _watch(self, replica: Replica) -> None:
         """Follows the replica's grpc.health.v1 status; a broken watch counts as NOT_SERVING until it

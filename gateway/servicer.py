@@ -8,12 +8,22 @@ from apex_serve import __version__, convert
 from apex_serve.errors import NotFound
 from apex_serve.types import TokenLogprob
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.chat_template import ChatOptions
 from gateway.generation import GenerationEnd, GenerationRequest, Generator
 
 CAPABILITIES = (
     "generate.stream", "abort", "stop_strings", "stop_token_ids", "logprobs", "penalties", "min_tokens", "seed",
-    "openai.completions", "openai.chat_completions", "api_keys", "tls",
+    "min_p", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "skip_special_tokens", "chat_options",
+    "openai.completions", "openai.chat_completions", "openai.tokenize", "api_keys", "tls",
 )
+
+
+def _chat_options(msg: gateway_pb2.ChatOptions) -> ChatOptions:
+    return ChatOptions(
+        add_generation_prompt=msg.add_generation_prompt if msg.HasField("add_generation_prompt") else True,
+        continue_final_message=msg.continue_final_message,
+        template_kwargs=convert.json_object_from_pb(msg.chat_template_kwargs, "chat.chat_template_kwargs"),
+    )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -25,7 +35,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         generation = GenerationRequest(
             prompt=request.prompt,
-            messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
+            messages=convert.chat_messages_from_pb(request.messages),
+            chat_options=_chat_options(request.chat),
             sampling=convert.sampling_from_pb(request.sampling),
             stop=tuple(request.stop),
             include_stop_str_in_output=request.include_stop_str_in_output,

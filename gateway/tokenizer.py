@@ -13,6 +13,19 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
+def bad_words_token_ids(tokenizer: Tokenizer, bad_words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Each word's token ids as vLLM finds them: the word (left-stripped) on its own, plus with a leading
+    space when that gives a different first token and as many tokens (the word in the middle of a text)."""
+    found: list[tuple[int, ...]] = []
+    for word in bad_words:
+        alone = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False).ids)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False).ids)
+        found.append(alone)
+        if spaced[0] != alone[0] and len(spaced) == len(alone):
+            found.append(spaced)
+    return tuple(found)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
@@ -22,14 +35,15 @@ class IncrementalDetokenizer:
     stays small and the concatenated deltas equal decoding all ids at once.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0  # ids before this index are fully emitted
         self._read = 0  # ids[prefix:read] decode to the text already emitted since prefix
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=self._skip_special_tokens)
 
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)

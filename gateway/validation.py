@@ -1,5 +1,7 @@
 """Request checks that need the model's limits; range checks live in SamplingParams."""
 
+from collections.abc import Iterable
+
 from apex_serve.errors import InvalidArgument, NotFound
 from apex_serve.types import SamplingParams
 
@@ -33,6 +35,17 @@ def check_lengths(num_prompt_tokens: int, sampling: SamplingParams, max_model_le
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
     if not prompt_ids:
         raise InvalidArgument("prompt", "must not be empty")
-    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    check_token_ids("prompt", prompt_ids, vocab_size)
+
+
+def check_token_ids(field: str, token_ids: Iterable[int], vocab_size: int) -> None:
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidArgument("prompt", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise InvalidArgument(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_sampling_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
+    """The token ids a request names (after its bad words are tokenized) are in the vocabulary."""
+    check_token_ids("stop_token_ids", sampling.stop_token_ids, vocab_size)
+    check_token_ids("allowed_token_ids", sampling.allowed_token_ids, vocab_size)
+    check_token_ids("bad_words", (t for word in sampling.bad_words_token_ids for t in word), vocab_size)

@@ -3,6 +3,8 @@
 import re
 from dataclasses import dataclass
 
+from apex_serve.flags import option
+
 DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -11,21 +13,38 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class GpuWorkerConfig:
     """What the gpu_worker is told at start-up; measured values (block counts) are results, not config."""
 
-    model_dir: str
-    dtype: str = "float32"
-    device: str = "auto"  # auto: cuda when available, else cpu
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit KV pool size; overrides device_kv_budget_bytes
-    device_kv_budget_bytes: int = 64 * 2**20  # K and V of all layers
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    num_threads: int = 1  # torch threads when the device is the CPU
-    address: str = "unix:///tmp/apex-serve/gpu_worker.sock"
-    seed: int = 0  # generator of unseeded sampling
-    cpu_worker_address: str = ""  # the cpu_attention_worker's gRPC address; empty: no CPU-resident requests
-    cpu_kv_dtype: str = "auto"  # storage of the CPU KV pool; auto: the model's dtype
-    cpu_num_kv_blocks: int = 0  # 0: as many as the cpu_attention_worker's KV budget holds
-    cpu_max_rows: int = 64  # CPU decode rows per sub-batch (staging buffer size)
-    cpu_wait_timeout_s: float = 30.0  # longest wait for one layer of CPU attention before the step fails
+    model_dir: str = option(help="model directory (config.json and safetensors weights)")
+    dtype: str = option("float32", help="dtype of weights and activations: float32, bfloat16 or float16")
+    device: str = option("auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    block_size: int = option(16, help="tokens per KV cache block")
+    num_kv_blocks: int | None = option(
+        None, help="blocks of the device KV pool; overrides --device-kv-budget-bytes; unset: from that budget"
+    )
+    device_kv_budget_bytes: int = option(
+        64 * 2**20, help="bytes of device memory for the KV pool (K and V of all layers)"
+    )
+    max_model_len: int | None = option(
+        None, help="longest sequence in tokens (prompt + output); unset: the model's max_position_embeddings"
+    )
+    num_threads: int = option(1, help="torch threads when the device is the CPU")
+    address: str = option(
+        "unix:///tmp/apex-serve/gpu_worker.sock",
+        help="gRPC address the gpu_worker listens on (unix:///path or host:port)",
+    )
+    seed: int = option(0, help="seed of the sampling generator for requests that bring no seed of their own")
+    cpu_worker_address: str = option(
+        "", help="the cpu_attention_worker's gRPC address; empty: no CPU-resident requests"
+    )
+    cpu_kv_dtype: str = option(
+        "auto", help="storage dtype of the CPU KV pool: auto (the model's dtype), float32, bfloat16 or float16"
+    )
+    cpu_num_kv_blocks: int = option(
+        0, help="blocks of the CPU KV pool; 0: as many as the cpu_attention_worker's KV budget holds"
+    )
+    cpu_max_rows: int = option(64, help="CPU decode rows per sub-batch (sizes the staging buffers)")
+    cpu_wait_timeout_s: float = option(
+        30.0, help="seconds to wait for one layer of CPU attention before the step fails"
+    )
 
     def __post_init__(self) -> None:
         if not self.model_dir:

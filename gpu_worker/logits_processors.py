@@ -1,4 +1,5 @@
-"""Logits processors applied before temperature, top-k and top-p: min_tokens and the penalties.
+"""Logits processors applied before temperature, min-p, top-k and top-p: min_tokens, allowed_token_ids,
+bad words and the penalties.
 
 Each returns a new tensor (the raw logits stay intact for logprobs), or its input unchanged when no
 row asks for the feature, so rows without features cost a Python check per row and nothing more.
@@ -14,6 +15,14 @@ from apex_serve.types import SamplingParams
 
 def uses_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
+def _mask_columns(logits: torch.Tensor, rows: list[int], columns: list[int]) -> torch.Tensor:
+    """-inf at (rows[i], columns[i]) of logits [rows, vocab], as a new tensor; the input when there are none."""
+    if not rows:
+        return logits
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device))
+    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))  # [rows, vocab]
 
 
 def suppress_stop_tokens(
@@ -34,10 +43,63 @@ def suppress_stop_tokens(
             banned = {t for t in chain(eos_token_ids, p.stop_token_ids) if t < vocab}
             rows.extend([row] * len(banned))
             columns.extend(banned)
+    return _mask_columns(logits, rows, columns)
+
+
+def restrict_to_allowed(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """-inf for every token outside allowed_token_ids, in the rows that give them. logits: [rows, vocab]."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if not rows:
         return logits
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device))
-    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))  # [rows, vocab]
+    vocab = logits.shape[-1]
+    keep_rows: list[int] = []
+    keep_columns: list[int] = []
+    for j, i in enumerate(rows):
+        allowed = [t for t in params[i].allowed_token_ids if t < vocab]
+        keep_rows.extend([j] * len(allowed))
+        keep_columns.extend(allowed)
+    banned = torch.ones((len(rows), vocab), dtype=torch.bool, device=logits.device)  # [restricted, vocab]
+    keep = (
+        torch.tensor(keep_rows, dtype=torch.long, device=logits.device),
+        torch.tensor(keep_columns, dtype=torch.long, device=logits.device),
+    )
+    banned[keep] = False
+    index = torch.tensor(rows, device=logits.device)  # [restricted]
+    return logits.index_copy(0, index, logits[index].masked_fill(banned, float("-inf")))  # [rows, vocab]
+
+
+def banned_by_bad_words(
+    bad_words_token_ids: Sequence[Sequence[int]], token_ids: Sequence[int], num_outputs: int
+) -> set[int]:
+    """The last token of each bad word whose other tokens end the output (the last num_outputs of token_ids)."""
+    banned: set[int] = set()
+    for word in bad_words_token_ids:
+        prefix = len(word) - 1
+        if prefix > num_outputs:
+            continue
+        if prefix == 0 or list(token_ids[len(token_ids) - prefix :]) == list(word[:-1]):
+            banned.add(word[-1])
+    return banned
+
+
+def ban_bad_words(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_indices: Sequence[int],
+    token_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """-inf for the token that would complete a bad word, as vLLM: a word's earlier tokens are matched
+    against the output tokens only. logits: [rows, vocab]; token_ids: each row's prompt then output tokens."""
+    vocab = logits.shape[-1]
+    rows: list[int] = []
+    columns: list[int] = []
+    for row, p in enumerate(params):
+        if p.bad_words_token_ids:
+            banned = [t for t in banned_by_bad_words(p.bad_words_token_ids, token_ids[row], output_indices[row])
+                      if t < vocab]
+            rows.extend([row] * len(banned))
+            columns.extend(banned)
+    return _mask_columns(logits, rows, columns)
 
 
 def token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:

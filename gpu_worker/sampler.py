@@ -1,12 +1,18 @@
-"""Token sampling: penalties and min_tokens, then greedy, temperature, top-k, top-p; seeded requests
-reproducible per token index; logprobs of the raw logits."""
+"""Token sampling: min_tokens, allowed_token_ids, bad words and penalties, then greedy, or temperature, min-p,
+top-k and top-p; seeded requests reproducible per token index; logprobs of the raw logits."""
 
 from collections.abc import Sequence
 
 import torch
 
 from apex_serve.types import SamplingParams, TokenLogprob
-from gpu_worker.logits_processors import apply_penalties, suppress_stop_tokens, uses_penalties
+from gpu_worker.logits_processors import (
+    apply_penalties,
+    ban_bad_words,
+    restrict_to_allowed,
+    suppress_stop_tokens,
+    uses_penalties,
+)
 
 _MASK64 = 2**64 - 1
 
@@ -34,6 +40,13 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     drop = (before > top_p[:, None]) & (top_p[:, None] < 1.0)  # [rows, vocab]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # [rows, vocab]
+
+
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the tokens of logits [rows, vocab] less likely than min_p [rows] times the likeliest one."""
+    probs = logits.softmax(dim=-1)  # [rows, vocab]
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [rows, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))  # [rows, vocab]
 
 
 def compute_logprobs(
@@ -77,12 +90,16 @@ class Sampler:
         token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
         """Tokens for logits [rows, vocab] (fp32, left unchanged); output_indices: output tokens each row has
-        so far; token_ids: each row's prompt then output tokens, needed only when a row uses a penalty."""
+        so far; token_ids: each row's prompt then output tokens, needed only when a row uses a penalty or bad
+        words."""
         logits = suppress_stop_tokens(logits, params, output_indices, self.eos_token_ids)  # [rows, vocab]
+        logits = restrict_to_allowed(logits, params)  # [rows, vocab]
         if token_ids is None:
-            if any(uses_penalties(p) for p in params):
-                raise ValueError("token_ids: needed by rows with a repetition, frequency or presence penalty")
+            if any(uses_penalties(p) or p.bad_words_token_ids for p in params):
+                raise ValueError("token_ids: needed by rows with bad words or a repetition, frequency or presence "
+                                 "penalty")
         else:
+            logits = ban_bad_words(logits, params, output_indices, token_ids)  # [rows, vocab]
             logits = apply_penalties(logits, params, output_indices, token_ids)  # [rows, vocab]
         tokens = logits.argmax(dim=-1)  # [rows]
         rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -93,6 +110,9 @@ class Sampler:
         top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)  # [sampled]
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)  # [sampled]
         scaled = logits[index] / temperature[:, None]  # [sampled, vocab]
+        if any(params[i].min_p > 0.0 for i in rows):
+            min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device)  # [sampled]
+            scaled = filter_min_p(scaled, min_p)  # [sampled, vocab]
         if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
             scaled = filter_logits(scaled, top_k, top_p)  # [sampled, vocab]
         probs = scaled.softmax(dim=-1)  # [sampled, vocab]

@@ -2,15 +2,26 @@
 
 from dataclasses import dataclass
 
+from apex_serve.flags import option
+
 
 @dataclass(frozen=True)
 class ProfilerConfig:
-    address: str = "unix:///tmp/apex-serve/profiler.sock"
-    gpu_worker_address: str = "unix:///tmp/apex-serve/gpu_worker.sock"
-    cpu_worker_address: str = "unix:///tmp/apex-serve/cpu_attention_worker.sock"
-    profile_dir: str = ".apex-profiles"  # one JSON file per profile key
-    warmup: int = 2
-    repeats: int = 5
+    address: str = option(
+        "unix:///tmp/apex-serve/profiler.sock",
+        help="gRPC address the profiler_service listens on (unix:///path or host:port)",
+    )
+    gpu_worker_address: str = option(
+        "unix:///tmp/apex-serve/gpu_worker.sock",
+        help="the gpu_worker's gRPC address (it times the accelerator's tables)",
+    )
+    cpu_worker_address: str = option(
+        "unix:///tmp/apex-serve/cpu_attention_worker.sock",
+        help="the cpu_attention_worker's gRPC address (it times the CPU attention table)",
+    )
+    profile_dir: str = option(".apex-profiles", help="directory of performance profiles, one JSON file per profile key")
+    warmup: int = option(2, help="untimed runs before each measured grid point")
+    repeats: int = option(5, help="timed runs per grid point (their median is kept)")
 
     def __post_init__(self) -> None:
         if self.warmup < 0:

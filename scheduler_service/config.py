@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from apex_serve.flags import option
+
 POLICIES = ("gpu-only", "neo", "apex")
 HYBRID_POLICIES = ("neo", "apex")  # those that place requests on the CPU and need a cost model
 
@@ -10,18 +12,34 @@ HYBRID_POLICIES = ("neo", "apex")  # those that place requests on the CPU and ne
 class SchedulerConfig:
     """What the scheduler is told at start-up; the KV pool sizes and context length come from the worker."""
 
-    max_num_seqs: int = 64  # requests running at once
-    max_num_batched_tokens: int = 8192  # tokens of one step (prefill + decode); bounds the prompt length too
-    policy: str = "gpu-only"
-    address: str = "unix:///tmp/apex-serve/scheduler.sock"
-    worker_address: str = "unix:///tmp/apex-serve/gpu_worker.sock"
-    profiler_address: str = ""  # where neo and apex get the performance model; empty: gpu-only only
-    max_queued_requests: int = 1024  # waiting requests beyond which add_request is refused
-    max_sit_out: int = 4  # iterations a running CPU request may go without decoding before it must run
-    tpot_target_ms: float = 0.0  # apex: keep each iteration's predicted time under this; 0: no target
-    max_swaps_per_step: int = 2  # swap-ins of one step (swap-outs that make room for growth are not capped)
-    sample_layers_every: int = 16  # every Nth iteration records per-layer subtask intervals; 0: never
-    metrics_address: str = ""  # Prometheus /metrics (host:port); empty: off
+    max_num_seqs: int = option(64, help="requests running at once")
+    max_num_batched_tokens: int = option(
+        8192, help="tokens of one step (prefill + decode); bounds the prompt length too"
+    )
+    policy: str = option(
+        "gpu-only", help="placement policy: gpu-only, neo or apex (neo and apex need --profiler-address)"
+    )
+    address: str = option(
+        "unix:///tmp/apex-serve/scheduler.sock",
+        help="gRPC address the scheduler listens on (unix:///path or host:port)",
+    )
+    worker_address: str = option("unix:///tmp/apex-serve/gpu_worker.sock", help="the gpu_worker's gRPC address")
+    profiler_address: str = option(
+        "",
+        help="the profiler_service's gRPC address, where neo and apex get the performance model; empty: gpu-only only",
+    )
+    max_queued_requests: int = option(1024, help="waiting requests beyond which new requests are refused")
+    max_sit_out: int = option(
+        4, help="iterations a running CPU-resident request may go without decoding before it must run"
+    )
+    tpot_target_ms: float = option(
+        0.0, help="apex: keep each iteration's predicted time under this, in ms; 0: no target"
+    )
+    max_swaps_per_step: int = option(
+        2, help="swap-ins of one step (swap-outs that make room for growth are not capped)"
+    )
+    sample_layers_every: int = option(16, help="every Nth iteration records per-layer subtask intervals; 0: never")
+    metrics_address: str = option("", help="Prometheus /metrics address (host:port); empty: off")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:

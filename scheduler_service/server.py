@@ -30,15 +30,13 @@ async def serve(config: SchedulerConfig) -> None:
                 info.num_cpu_kv_blocks, info.block_size)
     scheduler = Scheduler(config, info, await load_cost_model(config, info))
     tracer = tracing.tracer(__name__)
-    observer = EngineObserver(
-        EngineMetrics(scheduler) if config.metrics_address else None,
-        IterationSpans(tracer) if tracer is not None else None,
-    )
-    metrics_server = observer.metrics.serve(config.metrics_address) if observer.metrics is not None else None
+    metrics = EngineMetrics(scheduler)  # answered by GetMetrics; on its own port too when metrics_address is set
+    observer = EngineObserver(metrics, IterationSpans(tracer) if tracer is not None else None)
+    metrics_server = metrics.serve(config.metrics_address) if config.metrics_address else None
     loop = EngineLoop(scheduler, worker.step, observer)
     loop.start()
     server = rpc.create_server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info), server)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info, metrics.registry), server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     logger.info("listening on %s (policy %s)", rpc.bind(server, config.address), config.policy)
 

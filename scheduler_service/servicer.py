@@ -1,9 +1,11 @@
-"""gRPC edge of the scheduler: Submit streams a request's tokens; Abort frees it at once."""
+"""gRPC edge of the scheduler: Submit streams a request's tokens; Abort frees it at once; GetMetrics answers the
+engine's Prometheus families."""
 
 from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
+from prometheus_client.registry import Collector
 
 from apex_serve import convert, errors
 from apex_serve.types import WorkerInfo
@@ -12,9 +14,10 @@ from scheduler_service.engine_loop import EngineLoop
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, loop: EngineLoop, worker: WorkerInfo) -> None:
+    def __init__(self, loop: EngineLoop, worker: WorkerInfo, metrics: Collector) -> None:
         self._loop = loop
         self._worker = worker
+        self._metrics = metrics
 
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -51,3 +54,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.WorkerInfo:
         return convert.worker_info_to_pb(self._worker)
+
+    async def GetMetrics(
+        self, request: scheduler_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetMetricsResponse:
+        return convert.metric_families_to_pb(self._metrics.collect())

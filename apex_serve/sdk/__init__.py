@@ -19,12 +19,12 @@ from apex_serve.sdk.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from apex_serve.sdk.messages import ChatMessage, Chunk, Completion, GenerateResult
+from apex_serve.sdk.messages import ChatMessage, ChatOptions, Chunk, Completion, GenerateResult, ToolCall
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob
 
 __all__ = [
-    "ApexServeError", "AsyncClient", "CancelledError", "ChatMessage", "Chunk", "Client", "Completion",
+    "ApexServeError", "AsyncClient", "CancelledError", "ChatMessage", "ChatOptions", "Chunk", "Client", "Completion",
     "DeadlineExceededError", "FinishReason", "GenerateResult", "InternalError", "InvalidArgumentError",
-    "NotFoundError", "ResourceExhaustedError", "SamplingParams", "TokenLogprob", "UnauthenticatedError",
+    "NotFoundError", "ResourceExhaustedError", "SamplingParams", "TokenLogprob", "ToolCall", "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -8,7 +8,7 @@ import grpc
 
 from apex_serve.sdk import messages
 from apex_serve.sdk.errors import from_rpc_error
-from apex_serve.sdk.messages import ChatMessage, Chunk, Completion, GenerateResult, ModelInfo, ServerInfo
+from apex_serve.sdk.messages import ChatMessage, ChatOptions, Chunk, Completion, GenerateResult, ModelInfo, ServerInfo
 from apex_serve.sdk.options import RETRYABLE, ClientOptions, sampling_from
 from apex_serve.types import SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -37,12 +37,15 @@ class Client:
         model: str = "",
         request_id: str = "",
         timeout_s: float | None = None,
+        chat: ChatOptions | None = None,
         **sampling_fields: Any,
     ) -> Iterator[Chunk | Completion]:
         """Chunks as they are generated, then one Completion. Closing the iterator cancels the
-        request on the server. A list of ChatMessage is rendered with the model's chat template."""
+        request on the server. A list of ChatMessage is rendered with the model's chat template, as
+        `chat` says (default: with the generation prompt)."""
         request = messages.generate_request(
-            prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id
+            prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
+            chat,
         )
         for attempt in range(self.options.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,

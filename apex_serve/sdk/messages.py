@@ -1,18 +1,41 @@
 """What the clients send and yield, and the one place they meet protobuf."""
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
 
 from apex_serve import convert
-from apex_serve.sdk.errors import error_for, status_code
+from apex_serve.sdk.errors import InvalidArgumentError, error_for, status_code
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob
 from apex_serve.v1 import gateway_pb2
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str  # the function's name
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: str
+    role: str  # system, developer, user, assistant or tool
     content: str
+    name: str = ""
+    tool_call_id: str = ""  # role tool: the call this answers
+    tool_calls: tuple[ToolCall, ...] = ()  # role assistant: the calls it made
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How the server renders a conversation, as transformers' apply_chat_template takes it."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the final (assistant) message open; needs no generation prompt
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra template variables (JSON values)
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,7 @@ def generate_request(
     include_stop_str_in_output: bool,
     model: str,
     request_id: str,
+    chat: ChatOptions | None = None,
 ) -> gateway_pb2.GenerateRequest:
     msg = gateway_pb2.GenerateRequest(
         model=model,
@@ -55,10 +79,32 @@ def generate_request(
         include_stop_str_in_output=include_stop_str_in_output,
     )
     if isinstance(prompt, str):
+        if chat is not None:
+            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "chat: needs a list of ChatMessage")
         msg.prompt = prompt
-    else:
-        msg.messages.extend(gateway_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt)
+        return msg
+    msg.messages.extend(_chat_message_to_pb(m) for m in prompt)
+    if chat is not None:
+        msg.chat.CopyFrom(_chat_options_to_pb(chat))
     return msg
+
+
+def _chat_message_to_pb(m: ChatMessage) -> gateway_pb2.ChatMessage:
+    return gateway_pb2.ChatMessage(
+        role=m.role, content=m.content, name=m.name, tool_call_id=m.tool_call_id,
+        tool_calls=[gateway_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
+    )
+
+
+def _chat_options_to_pb(chat: ChatOptions) -> gateway_pb2.ChatOptions:
+    try:
+        kwargs = json.dumps(dict(chat.chat_template_kwargs)) if chat.chat_template_kwargs else ""
+    except TypeError as exc:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"chat.chat_template_kwargs: {exc}") from exc
+    return gateway_pb2.ChatOptions(
+        add_generation_prompt=chat.add_generation_prompt, continue_final_message=chat.continue_final_message,
+        chat_template_kwargs=kwargs,
+    )
 
 
 def parse_response(msg: gateway_pb2.GenerateResponse) -> Chunk | Completion:

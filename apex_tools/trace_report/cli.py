@@ -12,6 +12,7 @@ from apex_tools.trace_report.iterations import build_iterations
 from apex_tools.trace_report.jaeger import JaegerQuery, fetch
 from apex_tools.trace_report.otlp import read_otlp_json
 from apex_tools.trace_report.page import render_html
+from apex_tools.trace_report.panels import choose_panels
 from apex_tools.trace_report.spans import Span, TraceInputError
 from apex_tools.trace_report.summary import format_table, summarize, write_summary
 from apex_tools.trace_report.timeline import render
@@ -28,7 +29,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lookback", default="1h", help="Jaeger: how far back to search (90s, 30m, 1h, 2d)")
     parser.add_argument("--limit", type=int, default=200, help="Jaeger: traces fetched at most")
     parser.add_argument("--out", default="bench_results/trace_report", help="folder for the report's files")
-    parser.add_argument("--iterations", type=int, default=4, help="the last N sampled iterations on the timeline")
     return parser
 
 
@@ -44,9 +44,6 @@ def _read(args: argparse.Namespace) -> tuple[list[Span], str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.iterations < 1:
-        logger.error("--iterations must be at least 1, got %d", args.iterations)
-        return 2
     try:
         spans, source = _read(args)
         iterations = build_iterations(spans)
@@ -59,14 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("%d iterations from %s\n%s", len(iterations), source, format_table(rows))
     written = write_summary(rows, iterations, out)
     sampled = [it for it in iterations if it.subtasks]
-    shown = sampled[-args.iterations:]
+    selection = choose_panels(sampled)
     png = None
     if sampled:
-        png = render(shown, out / "timeline.png")
+        png = render(selection, out / "timeline.png")
         written += [png, write_chrome_trace(sampled, out / "chrome_trace.json")]
     else:
         logger.warning("no sampled iterations (no subtask spans): no timeline or Chrome trace, only the summary")
-    written.append(render_html(rows, shown, png, source, out / "report.html"))
+    written.append(render_html(rows, selection, png, source, out / "report.html"))
     for path in written:
         logger.info("wrote %s", path)
     return 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from apex_serve import span_attributes as attr
-from apex_serve.overlap import Interval, Overlap, from_intervals
+from apex_serve.overlap import Gap, Interval, Overlap, accelerator_gaps, from_intervals
 from apex_serve.types import SubtaskKind
 from apex_tools.trace_report.spans import Span, TraceInputError
 
@@ -50,6 +50,24 @@ class Iteration:
         for bar in self.subtasks:
             (cpu if bar.lane == CPU_LANE else device).append((bar.start_unix_ns, bar.end_unix_ns))
         return from_intervals(device, cpu)
+
+    @cached_property
+    def gaps(self) -> list[Gap]:
+        """The accelerator's idle stretches within the iteration span, with their causes; [] when not sampled."""
+        if not self.subtasks:
+            return []
+        lanes: dict[str, list[Interval]] = defaultdict(list)
+        for bar in self.subtasks:
+            lanes[bar.kind].append((bar.start_unix_ns, bar.end_unix_ns))
+        kind = attr.SUBTASK_SPANS
+        compute = lanes[kind[SubtaskKind.DEVICE_LINEAR]] + lanes[kind[SubtaskKind.DEVICE_ATTENTION]]
+        return accelerator_gaps((self.start_unix_ns, self.end_unix_ns), compute, lanes[kind[SubtaskKind.STAGING]],
+                                lanes[kind[SubtaskKind.CPU_ATTENTION]])
+
+    @property
+    def hybrid(self) -> bool:
+        """CPU attention ran in it (it has CPU-lane subtasks)."""
+        return any(bar.lane == CPU_LANE for bar in self.subtasks)
 
 
 def _int(span: Span, key: str) -> int:

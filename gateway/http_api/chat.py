@@ -10,6 +10,7 @@ from starlette.responses import StreamingResponse
 from apex_serve.errors import InvalidArgument
 from gateway.generation import Generator, TextDelta
 from gateway.http_api.dependencies import GeneratorDep, MetricsDep, require_api_key
+from gateway.http_api.errors import generation_responses
 from gateway.http_api.logprobs import chat_logprobs
 from gateway.http_api.metrics import HttpMetrics
 from gateway.http_api.responses import (
@@ -29,7 +30,9 @@ from gateway.http_api.streaming import Generation, collect, sse, sse_response
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions", response_model=None, responses=generation_responses(ChatCompletion, ChatCompletionChunk)
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, gen: GeneratorDep, metrics: MetricsDep
 ) -> ChatCompletion | StreamingResponse:
@@ -59,6 +62,8 @@ async def _chunks(
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        if usage is None and body.continuous_usage:
+            usage = generation.usage()
         return sse(
             ChatCompletionChunk(id=completion_id, created=created, model=gen.model_name, choices=choices, usage=usage)
         )

@@ -8,6 +8,7 @@ from starlette.responses import StreamingResponse
 
 from gateway.generation import Generator, TextDelta
 from gateway.http_api.dependencies import GeneratorDep, MetricsDep, require_api_key
+from gateway.http_api.errors import generation_responses
 from gateway.http_api.logprobs import completion_logprobs
 from gateway.http_api.metrics import HttpMetrics
 from gateway.http_api.responses import FINISH_REASONS, Completion, CompletionChoice, Usage, response_id
@@ -17,7 +18,7 @@ from gateway.http_api.streaming import Generation, collect, sse, sse_response
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=generation_responses(Completion, Completion))
 async def create_completion(
     body: CompletionRequest, request: Request, gen: GeneratorDep, metrics: MetricsDep
 ) -> Completion | StreamingResponse:
@@ -44,6 +45,8 @@ async def _chunks(
     created = int(time.time())
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        if usage is None and body.continuous_usage:
+            usage = generation.usage()
         return sse(Completion(id=completion_id, created=created, model=gen.model_name, choices=choices, usage=usage))
 
     offset = 0  # text_offset counts the token texts, as the non-streamed logprobs do

@@ -1,11 +1,12 @@
 """The dashboard's JSON: each replica's routing counters and its scheduler's GetStats, reduced to what the
-page draws (mode mix, overlap, tokens/s, KV use per pool, queue lengths, the latest sampled timeline)."""
+page draws (mode mix, overlap, tokens/s, KV use per pool, queue lengths, the latest sampled timeline with the
+causes of the accelerator's idle stretches)."""
 
 from collections import Counter
 from statistics import fmean
 from typing import Any
 
-from apex_serve import convert
+from apex_serve import convert, overlap
 from apex_serve.types import ExecutionMode
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2
 from gateway.replicas import ReplicaSnapshot
@@ -67,21 +68,24 @@ def stats_json(s: scheduler_pb2.SchedulerStats) -> dict[str, Any]:
 
 
 def timeline_json(t: scheduler_pb2.IterationTimeline) -> dict[str, Any]:
-    """Subtask intervals in ms from the iteration's start, each on its lane (accelerator or cpu)."""
-    known = [st for st in t.subtasks if st.kind != gpu_worker_pb2.SUBTASK_KIND_UNSPECIFIED]
+    """Subtask intervals in ms from the iteration's start, each on its lane (accelerator or cpu), and the
+    accelerator's idle stretches over the step with their causes (apex_serve.overlap.accelerator_gaps)."""
+    known = [convert.subtask_from_pb(st) for st in t.subtasks if st.kind != gpu_worker_pb2.SUBTASK_KIND_UNSPECIFIED]
     start = t.start_unix_ns or min((st.start_unix_ns for st in known), default=0)
     end = max(t.end_unix_ns, max((st.end_unix_ns for st in known), default=start))
-    subtasks = []
-    for st in known:
-        kind = convert.subtask_from_pb(st).kind
-        subtasks.append({
-            "lane": "cpu" if kind.on_cpu else "accelerator",
-            "kind": kind.value,
-            "layer": st.layer,
-            "sub_batch": st.sub_batch,
-            "start_ms": (st.start_unix_ns - start) / _NS_PER_MS,
-            "end_ms": (st.end_unix_ns - start) / _NS_PER_MS,
-        })
+
+    def ms(ns: int) -> float:
+        return (ns - start) / _NS_PER_MS
+
+    subtasks = [{
+        "lane": "cpu" if st.kind.on_cpu else "accelerator",
+        "kind": st.kind.value,
+        "layer": st.layer,
+        "sub_batch": st.sub_batch,
+        "start_ms": ms(st.start_unix_ns),
+        "end_ms": ms(st.end_unix_ns),
+    } for st in known]
+    gaps = overlap.subtask_gaps((start, end), known)
     o = t.overlap
     return {
         "step_id": t.step_id,
@@ -93,4 +97,12 @@ def timeline_json(t: scheduler_pb2.IterationTimeline) -> dict[str, Any]:
         "device_idle_ms": o.device_idle_ns / _NS_PER_MS,
         "cpu_idle_ms": o.cpu_idle_ns / _NS_PER_MS,
         "subtasks": subtasks,
+        "gaps": [
+            {"cause": g.cause.name.lower(), "label": g.cause.value, "start_ms": ms(g.start_ns), "end_ms": ms(g.end_ns)}
+            for g in gaps
+        ],
+        "idle_by_cause": [
+            {"cause": cause.name.lower(), "label": cause.value, "ms": ns / _NS_PER_MS}
+            for cause, ns in sorted(overlap.gap_totals(gaps).items(), key=lambda item: -item[1]) if ns
+        ],
     }

@@ -10,12 +10,14 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from apex_serve import errors
 from gateway.http_api.responses import ErrorBody, ErrorDetail
 from gateway.http_api.schemas import FIELD_NAMES
+from gateway.http_api.tokenization_schemas import FIELD_NAMES as TOKENIZATION_FIELD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,30 @@ _TYPES = {
     401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable_error",
 }
 _CODES = {401: "invalid_api_key"}
+_FIELD_NAMES = FIELD_NAMES | TOKENIZATION_FIELD_NAMES
+_MEANINGS = {
+    400: "Bad input; `param` names the field.", 401: "Missing or wrong API key.", 404: "The model is not served here.",
+    413: "The request body is too large.", 429: "Past an admission limit (requests in flight, prompt bytes).",
+    500: "Internal error.", 503: "No scheduler replica is serving, or the scheduler failed.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route for the error statuses it answers with."""
+    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
+
+
+def generation_responses(body: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a generation route: the body whole, or with `stream: true` server-sent events
+    whose data is a chunk, an error (after the first event) or the closing `[DONE]`; and every error status it
+    answers with. The chunk's schema must be in the document's components (openapi.py)."""
+    chunk_data = {"anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"} for model in (chunk, ErrorBody)]}
+    data = {"anyOf": [
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk_data}, {"const": "[DONE]"},
+    ]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    streamed = {"text/event-stream": {"schema": event}}
+    return {200: {"model": body, "content": streamed}, **error_responses(400, 401, 404, 413, 429, 500, 503)}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> ErrorBody:
@@ -68,7 +94,7 @@ def _param(loc: Sequence[Any]) -> str | None:
     for part in loc[1:]:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in FIELD_NAMES:
+        elif part in _FIELD_NAMES:
             path += f".{part}" if path else part
         else:
             break

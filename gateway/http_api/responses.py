@@ -28,10 +28,13 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, end: GenerationEnd) -> "Usage":
+        return cls.counts(end.prompt_tokens, end.completion_tokens)
+
+    @classmethod
+    def counts(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
         return cls(
-            prompt_tokens=end.prompt_tokens,
-            completion_tokens=end.completion_tokens,
-            total_tokens=end.prompt_tokens + end.completion_tokens,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
         )
 
 

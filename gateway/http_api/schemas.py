@@ -1,17 +1,19 @@
 """OpenAI request bodies (plus vLLM's extra sampling fields) and their mapping to the domain.
 
 Types are strict (a string where a number belongs is a 400, not a coercion); unknown fields are
-ignored, as vLLM ignores them. Ranges are checked once, by SamplingParams and the Generator.
+ignored, as vLLM ignores them, except vLLM's fields that would change the output and are not served
+here: those are a 400 naming them. Ranges are checked once, by SamplingParams and the Generator.
 """
 
-from typing import Annotated, Literal
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from apex_serve.errors import InvalidArgument
 from apex_serve.types import MAX_LOGPROBS, SamplingParams
+from gateway.chat_template import ChatOptions
 from gateway.generation import GenerationRequest
-
 
 # Bounds of the protobuf fields these travel in to the scheduler; the ranges that matter are checked later.
 Int32 = Annotated[int, Field(le=2**31 - 1)]
@@ -23,11 +25,31 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage
+    continuous_usage_stats: bool = False  # every chunk carries the usage so far
+
+
+# vLLM's fields that change the output but are not served here: a 400 names them unless absent, null or neutral.
+_UNSERVED: dict[str, tuple[object, ...]] = {
+    "echo": (False,),  # chat's; completions declare theirs
+    "best_of": (1,),  # chat's; completions declare theirs
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "logits_processors": ([],),
+    "prompt_logprobs": (),
+    "use_beam_search": (False,),
+    "return_tokens_as_token_ids": (False,),
+}
 
 
 class _GenerationBody(_Strict):
-    """Fields both endpoints share."""
+    """Fields both endpoints share. Unknown fields are kept aside so that the unserved ones can be refused."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
     stream: bool = False
@@ -48,6 +70,12 @@ class _GenerationBody(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
+    min_p: float = 0.0
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # only true is served
+    truncate_prompt_tokens: Int32 | None = None
 
     def _check_supported(self) -> None:
         if self.n != 1:
@@ -56,10 +84,17 @@ class _GenerationBody(_Strict):
             raise InvalidArgument("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "is only allowed with stream: true")
+        if self.allowed_token_ids == []:
+            raise InvalidArgument("allowed_token_ids", "must not be empty (leave it out to allow every token)")
+        if not self.spaces_between_special_tokens:
+            raise InvalidArgument("spaces_between_special_tokens", "only true is supported")
+        for name, value in (self.model_extra or {}).items():
+            if name in _UNSERVED and value is not None and value not in _UNSERVED[name]:
+                raise InvalidArgument(name, "is not supported")
 
     def _generation_request(
         self, max_tokens: int | None, logprobs: int | None, max_model_len: int, request_id: str,
-        prompt: str | list[int] = "", messages: tuple[dict[str, str], ...] = (),
+        prompt: str | list[int] = "", messages: tuple[dict[str, Any], ...] = (),
     ) -> GenerationRequest:
         """max_tokens None: all the context the prompt leaves (the Generator knows the prompt's length)."""
         self._check_supported()
@@ -76,6 +111,11 @@ class _GenerationBody(_Strict):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logprobs=logprobs,
+            min_p=self.min_p,
+            allowed_token_ids=tuple(self.allowed_token_ids or ()),
+            bad_words=tuple(self.bad_words or ()),
+            skip_special_tokens=self.skip_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
         return GenerationRequest(
             prompt=prompt,
@@ -91,6 +131,10 @@ class _GenerationBody(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_GenerationBody):
@@ -121,20 +165,49 @@ class CompletionRequest(_GenerationBody):
         return prompt[0]  # type: ignore[return-value]
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    """A part of a message's content; only text parts are served, the others are named in a 400."""
+
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None  # accepted and ignored
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: list[ToolCall] | None = None  # an assistant message: the calls it made
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)  # as vLLM joins text parts
-        return self.content or ""
+    def template_message(self, index: int) -> dict[str, Any]:
+        """The message as the chat template takes it (unset fields None; the template drops them)."""
+        return {
+            "role": self.role, "content": self._text(index), "name": self.name, "tool_call_id": self.tool_call_id,
+            "tool_calls": None if self.tool_calls is None else [call.model_dump() for call in self.tool_calls],
+        }
+
+    def _text(self, index: int) -> str:
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text":
+                raise InvalidArgument(
+                    f"messages[{index}].content[{j}]", f"only text parts are supported, got type {part.type!r}"
+                )
+            if part.text is None:
+                raise InvalidArgument(f"messages[{index}].content[{j}].text", "a text part needs its text")
+        return "\n".join(part.text or "" for part in self.content)  # as vLLM joins text parts
 
 
 class ChatCompletionRequest(_GenerationBody):
@@ -143,6 +216,10 @@ class ChatCompletionRequest(_GenerationBody):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    # vLLM's chat extras, as transformers' apply_chat_template takes them
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. enable_thinking
 
     def generation_request(self, request_id: str, max_model_len: int) -> GenerationRequest:
         if not self.messages:
@@ -153,11 +230,15 @@ class ChatCompletionRequest(_GenerationBody):
             raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
-        return self._generation_request(max_tokens, logprobs, max_model_len, request_id, messages=messages)
+        messages = tuple(m.template_message(i) for i, m in enumerate(self.messages))
+        options = ChatOptions(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {})
+        request = self._generation_request(max_tokens, logprobs, max_model_len, request_id, messages=messages)
+        return replace(request, chat_options=options)
 
 
 FIELD_NAMES = frozenset(
-    name for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
+    name for model in (
+        CompletionRequest, ChatCompletionRequest, ChatMessage, ContentPart, ToolCall, FunctionCall, StreamOptions
+    )
     for name in model.model_fields
 )

@@ -14,6 +14,7 @@ from starlette.responses import StreamingResponse
 
 from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta
 from gateway.http_api import errors
+from gateway.http_api.responses import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Generation:
     def __init__(self, first: Event, events: AsyncIterator[Event]) -> None:
         self._first: Event | None = first
         self._events = events
+        self._prompt_tokens = first.prompt_tokens
+        self._completion_tokens = 0  # as of the last event iterated
 
     @classmethod
     async def start(cls, request: Request, generator: Generator, generation: GenerationRequest) -> "Generation":
@@ -65,9 +68,15 @@ class Generation:
     async def __aiter__(self) -> AsyncIterator[Event]:
         if self._first is not None:
             first, self._first = self._first, None
+            self._completion_tokens = first.completion_tokens
             yield first
         async for event in self._events:
+            self._completion_tokens = event.completion_tokens
             yield event
+
+    def usage(self) -> Usage:
+        """The prompt's tokens and those generated as of the last event iterated."""
+        return Usage.counts(self._prompt_tokens, self._completion_tokens)
 
     async def aclose(self) -> None:
         """Aborts the request in the scheduler unless it already ended (no-op then)."""

@@ -1,6 +1,7 @@
 """The engine's Prometheus metrics (prometheus-client), with vLLM's meanings and buckets under an `apex_` prefix,
 plus ours: iterations per mode, overlap of CPU attention with accelerator work, idle time, cost-model error.
-docs/observability.md maps each to its vLLM counterpart."""
+docs/observability.md maps each to its vLLM counterpart. The registry always exists: the Scheduler's GetMetrics
+answers it (the gateway's /metrics carries it), and serve() puts it on a port of its own."""
 
 import logging
 from collections.abc import Iterator

@@ -79,6 +79,12 @@ def _lanes(section: str) -> dict[str, list[str]]:
     return {lane: re.findall(r'<rect class="st (\w+)', body) for lane, body in lanes}
 
 
+def _gaps(section: str) -> tuple[list[str], list[str]]:
+    """The causes of the shaded idle stretches on the accelerator lane, in drawing order, and of the named ones."""
+    return (re.findall(r'<rect class="gap \w+" data-cause="(\w+)"', section),
+            re.findall(r'<text class="gap-label" data-cause="(\w+)"', section))
+
+
 def _number(text: str) -> float:
     return float(text.replace(",", ""))
 
@@ -203,6 +209,11 @@ async def test_the_page_renders_fabricated_stats_of_two_replicas(fabricated: str
     assert sorted(set(lanes["accelerator"])) == ["device_attention", "device_linear", "staging"]
     assert lanes["cpu"] == ["cpu_attention"] * 4 and len(lanes["accelerator"]) == 12
     assert "4 ms" in up, "the time axis has no ms ticks"
+    # per layer: staging 400-450 µs, the wait 800-1000 for the CPU's attention ending at 900; the last layer's
+    # CPU attention is the step's last subtask (3900), then 0.1 ms of step overhead to the step's end at 4 ms
+    assert _gaps(up) == (["staging", "waiting_for_cpu"] * 4 + ["step_overhead"],
+                         ["staging", "waiting_for_cpu", "step_overhead"])
+    assert m["timeline_gaps"] == "waiting for the CPU 0.70 ms · staging 0.20 ms · scheduling / step overhead 0.10 ms"
     assert _metrics(down)["serving"] == "NOT SERVING" and "no stats: UNAVAILABLE: gone" in down
     m = _metrics(idle)
     assert (m["overlap_recent"], m["overlap_latest"], m["kv_accelerator"], m["kv_cpu"]) == ("–", "–", "0.0%", "–")
@@ -280,6 +291,7 @@ async def test_the_page_shows_a_live_apex_stack_with_requests_on_the_cpu(apex_st
     assert "device_linear" in lanes["accelerator"], lanes
     mode = re.search(r"Latest sampled iteration: step \d+ · (\w+)", section)
     assert mode, "no timeline header"
+    assert "step_overhead" in _gaps(section)[0] and "scheduling / step overhead" in m["timeline_gaps"], m
     if mode.group(1) != "gpu_only":  # the page polled again: its latest timeline may be a newer one
         _ratio(m["overlap_latest"])
         assert "cpu_attention" in lanes["cpu"], lanes

@@ -1,5 +1,5 @@
-"""Penalties, min_tokens and logprobs: sampler against transformers / plain formulas, then through the
-ModelRunner, the scheduler core (LocalEngine) and the protobuf edge."""
+"""Penalties, min_tokens, logprobs, min_p, allowed_token_ids and bad words: sampler against transformers / plain
+formulas, then through the ModelRunner, the scheduler core (LocalEngine) and the protobuf edge."""
 
 import json
 from collections import Counter
@@ -23,10 +23,11 @@ from apex_serve.types import (
     WorkerInfo,
 )
 from apex_tools.local_engine import LocalEngine
+from gateway.tokenizer import bad_words_token_ids, load_tokenizer
 from gpu_worker.config import GpuWorkerConfig
-from gpu_worker.logits_processors import apply_penalties
+from gpu_worker.logits_processors import apply_penalties, banned_by_bad_words
 from gpu_worker.model_runner import ModelRunner
-from gpu_worker.sampler import Sampler, compute_logprobs
+from gpu_worker.sampler import Sampler, compute_logprobs, filter_min_p
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.scheduler import Scheduler
 
@@ -318,3 +319,85 @@ def test_step_and_request_outputs_with_logprobs_survive_the_protobuf_round_trip(
         min_tokens=2, presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.1, logprobs=0
     )
     assert convert.sampling_from_pb(convert.sampling_to_pb(sampling)) == sampling
+
+
+# -- min_p, allowed_token_ids, bad words ---------------------------------------------------------
+
+
+def test_min_p_matches_a_plain_reference_on_fixed_logits() -> None:
+    logits = random_logits(4, seed=6)
+    min_p = torch.tensor([0.0, 0.05, 0.3, 1.0])
+    filtered = filter_min_p(logits, min_p)
+    for row in range(4):
+        probs = torch.softmax(logits[row].double(), dim=-1).tolist()
+        kept = [t for t in range(VOCAB) if probs[t] >= min_p[row].item() * max(probs)]
+        assert torch.isfinite(filtered[row]).nonzero()[:, 0].tolist() == kept, f"row {row}, min_p {min_p[row]}"
+        assert torch.equal(filtered[row, kept], logits[row, kept]), "min_p changed a kept logit"
+    assert len(kept) == 1 and kept[0] == logits[3].argmax().item(), "min_p 1 keeps only the likeliest token"
+
+
+def test_min_p_applies_after_temperature_and_one_keeps_only_the_top_token() -> None:
+    logits = random_logits(1, seed=7)
+    top = logits[0].argmax().item()
+    sampler = Sampler(0, CPU)
+    for seed in range(20):
+        assert sampler.sample(logits, [SamplingParams(temperature=1.5, min_p=1.0, seed=seed)], [0]) == [top]
+    probs = (logits[0] / 2.0).softmax(-1)  # [vocab] after temperature 2
+    support = {t for t in range(VOCAB) if probs[t] >= 0.2 * probs.max()}
+    drawn = {sampler.sample(logits, [SamplingParams(temperature=2.0, min_p=0.2)], [0])[0] for _ in range(300)}
+    assert drawn <= support and len(drawn) > 1, (drawn, support)
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows() -> None:
+    logits = random_logits(3, seed=8)
+    allowed = (11, 29)
+    expected = [allowed[int(logits[r, allowed[1]] > logits[r, allowed[0]])] for r in range(3)]
+    greedy = [SamplingParams(temperature=0.0, allowed_token_ids=allowed)] * 3
+    assert Sampler(0, CPU).sample(logits, greedy, [0] * 3) == expected, "greedy: the likelier allowed token"
+    sampler = Sampler(1, CPU)
+    drawn = [t for _ in range(100) for t in sampler.sample(logits, [SamplingParams(allowed_token_ids=allowed)] * 3,
+                                                            [0] * 3)]
+    assert set(drawn) == set(allowed), "sampling left the allowed tokens or never drew one of them"
+
+
+def test_bad_words_ban_a_word_last_token_only_after_its_other_tokens_end_the_output() -> None:
+    words = ((7,), (3, 4), (1, 2, 5))
+    prompt = [3, 1, 2]  # a bad word's beginning in the prompt does not count
+    assert banned_by_bad_words(words, prompt, 0) == {7}
+    assert banned_by_bad_words(words, [*prompt, 3], 1) == {7, 4}
+    assert banned_by_bad_words(words, [*prompt, 1, 2], 2) == {7, 5}
+    assert banned_by_bad_words(words, [*prompt, 1, 2, 9], 3) == {7}
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 4] = 10.0  # [rows, vocab] token 4 dominates
+    params = [SamplingParams(temperature=0.0, bad_words_token_ids=words), GREEDY]
+    tokens = Sampler(0, CPU).sample(logits, params, [1, 1], [[*prompt, 3], [*prompt, 3]])
+    assert tokens[0] != 4 and tokens[1] == 4, "bad word (3, 4) completed, or a row without bad words was masked"
+    with pytest.raises(ValueError, match="token_ids"):
+        Sampler(0, CPU).sample(logits[:1], params[:1], [0])
+
+
+def test_bad_words_are_tokenized_alone_and_after_a_space_as_vllm(default_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(default_model_dir)
+    # byte-level: " ab" is one token longer than "ab", so only the word alone is kept (vLLM's rule)
+    assert bad_words_token_ids(tokenizer, ["ab", " c"]) == ((97, 98), (99,))
+
+
+def test_allowed_token_ids_and_bad_words_through_local_engine(default_model_dir: Path) -> None:
+    n = 24
+    greedy = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    engine = LocalEngine(worker_config(default_model_dir))
+    plain = [g.token_ids for g in engine.generate(PROMPTS, greedy)]
+    pair = (plain[0][3], plain[0][4])  # a bigram the model generates
+    allowed = (plain[1][0], (plain[1][0] + 100) % 256)  # its greedy first token and another byte
+    params = [
+        replace(greedy, bad_words_token_ids=(pair,)),
+        replace(greedy, allowed_token_ids=allowed),
+        replace(greedy, bad_words_token_ids=((plain[2][0],), (plain[2][1],))),
+        greedy,
+    ]
+    ours = [g.token_ids for g in engine.generate(PROMPTS, params)]
+    assert ours[3] == plain[3], "a row without features changed its tokens beside rows with them"
+    assert ours[0] != plain[0] and pair not in set(zip(ours[0], ours[0][1:])), "the bad word was generated"
+    assert ours[0][:4] == plain[0][:4], "the bad word changed tokens before its last one could be generated"
+    assert set(ours[1]) <= set(allowed) and ours[1] != plain[1], f"allowed_token_ids {allowed}: {ours[1]}"
+    assert not {plain[2][0], plain[2][1]} & set(ours[2]), "a one-token bad word was generated"

@@ -98,8 +98,13 @@ CHAT_FIELDS = [
     ("max_completion_tokens", 0, {}), ("max_tokens", 10**6, {}), ("n", 3, {}), ("temperature", -0.1, {}),
     ("messages", [], {}), ("messages", "hi", {}), ("messages[0].role", [{"role": "robot", "content": "x"}], {}),
     ("messages[0].role", [{"content": "x"}], {}), ("messages[0].content", [{"role": "user", "content": 5}], {}),
-    ("messages[0].content", [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], {}),
+    ("messages[0].content[0]", [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], {}),
+    ("messages[0].content[0].text", [{"role": "user", "content": [{"type": "text"}]}], {}),
+    ("messages[0].tool_calls", [{"role": "user", "content": "x", "tool_calls": []}], {}),
     ("stream_options.include_usage", {"include_usage": "yes"}, {"stream": True}),
+    ("continue_final_message", True, {}), ("continue_final_message", True, {"add_generation_prompt": False}),
+    ("add_generation_prompt", "no", {}), ("chat_template_kwargs", ["x"], {}),
+    ("chat_template_kwargs", {"add_generation_prompt": False}, {}),
 ]
 
 
@@ -111,6 +116,14 @@ def test_chat_field_out_of_range_or_mistyped_is_400_naming_it(
     body = {**_chat(model), field: value, **extra}
     error = error_of(http.post("/v1/chat/completions", json=body), 400, "invalid_request_error")
     assert error["param"] == param and param in error["message"], error
+
+
+def test_a_non_text_content_part_is_400_saying_only_text_parts_are_supported(http: httpx.Client, model: str) -> None:
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]
+    body = _chat(model, messages=[{"role": "system", "content": "x"}, {"role": "user", "content": parts}])
+    error = error_of(http.post("/v1/chat/completions", json=body), 400, "invalid_request_error")
+    assert error["param"] == "messages[1].content[1]"
+    assert error["message"] == "messages[1].content[1]: only text parts are supported, got type 'image_url'"
 
 
 def test_unsupported_fields_at_their_defaults_are_accepted(http: httpx.Client, model: str) -> None:

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apex_serve import rpc
 from apex_tools.launcher import Stack, StackConfig
-from gateway.chat_template import ChatTemplate
+from gateway.chat_template import ChatOptions, ChatTemplate
 from gateway.tokenizer import load_tokenizer
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
@@ -41,9 +41,13 @@ def model(stack: Stack) -> str:
     return Path(stack.config.model_dir).name
 
 
+def _chat_prompt_ids(model_dir: Path, messages: list[dict], options: ChatOptions | None = None) -> list[int]:
+    text = ChatTemplate.from_model_dir(model_dir).render(messages, options or ChatOptions())
+    return load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids
+
+
 def _chat_prompt_tokens(model_dir: Path, messages: list[dict]) -> int:
-    text = ChatTemplate.from_model_dir(model_dir).render(messages)
-    return len(load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids)
+    return len(_chat_prompt_ids(model_dir, messages))
 
 
 def test_text_completion_and_its_stream_give_the_same_greedy_text(client: openai.OpenAI, model: str) -> None:
@@ -84,6 +88,53 @@ def test_chat_without_max_tokens_may_use_all_the_context_left(
     messages = [{"role": "user", "content": "x" * (2048 - 5 - overhead)}]  # leaves 5 tokens of the 2048
     done = client.chat.completions.create(model=model, messages=messages, **GREEDY)
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
+
+
+def test_chat_roles_and_text_parts_reach_the_template(
+    client: openai.OpenAI, model: str, default_model_dir: Path
+) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "weather"}, {"type": "text", "text": "today?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    done = client.chat.completions.create(model=model, messages=messages, max_tokens=2, **GREEDY)
+    # the default template knows no developer role and shows no tool fields
+    rendered = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "weather\ntoday?"},
+                {"role": "assistant", "content": ""}, {"role": "tool", "content": "sunny"}]
+    assert done.usage.prompt_tokens == _chat_prompt_tokens(default_model_dir, rendered)
+
+
+def test_continue_final_message_goes_on_from_the_assistant_text(
+    client: openai.OpenAI, model: str, default_model_dir: Path
+) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
+    extra = {"ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True}
+    done = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.0,
+                                          extra_body=extra)
+    ids = _chat_prompt_ids(default_model_dir, messages, ChatOptions(False, True))
+    assert bytes(ids[-8:]).endswith(b"\nSure, ") and done.usage.prompt_tokens == len(ids)
+    same = client.completions.create(model=model, prompt=ids, max_tokens=8, **GREEDY)
+    assert done.choices[0].message.content == same.choices[0].text, "the continuation of another prompt"
+    closed = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0.0,
+                                            extra_body={"add_generation_prompt": False, "ignore_eos": True})
+    assert closed.usage.prompt_tokens == _chat_prompt_tokens(default_model_dir, messages) - len("<|assistant|>\n")
+    kwargs = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0.0,
+                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert kwargs.usage.prompt_tokens == _chat_prompt_tokens(default_model_dir, messages)
+
+
+def test_chat_field_errors_reach_the_openai_client_as_400(client: openai.OpenAI, model: str) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": [image]}], max_tokens=1)
+    assert err.value.param == "messages[0].content[0]" and "only text parts are supported" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert err.value.param == "continue_final_message" and "assistant" in err.value.message
 
 
 def test_token_id_prompt_gives_what_the_same_text_gives(client: openai.OpenAI, model: str) -> None:
@@ -176,3 +227,22 @@ def test_models_health_and_metrics(client: openai.OpenAI, stack: Stack, model: s
     assert samples[("apex_http_prompt_tokens_total", ())] >= done.usage.prompt_tokens
     assert samples[("apex_http_generation_tokens_total", ())] >= done.usage.completion_tokens
     assert samples[("apex_requests_in_flight", ())] == 0
+
+
+def test_vllm_token_fields_and_continuous_usage_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
+    letters = {"allowed_token_ids": [120, 121], "ignore_eos": True}  # "x" and "y"
+    text = client.completions.create(model=model, prompt="Hi", max_tokens=10, temperature=1.0, seed=1,
+                                     extra_body={**letters, "min_p": 0.0}).choices[0].text
+    assert len(text) == 10 and set(text) <= {"x", "y"}
+    banned = client.completions.create(model=model, prompt="Hi", max_tokens=10, temperature=0.0,
+                                       extra_body={**letters, "bad_words": ["xy", "yx"]}).choices[0].text
+    assert "xy" not in banned and "yx" not in banned and banned in ("x" * 10, "y" * 10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"min_p": 5.0})
+    assert err.value.body["param"] == "min_p"
+    chunks = list(client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=6, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **GREEDY,
+    ))
+    assert all(c.usage is not None for c in chunks), "continuous_usage_stats: every chunk carries the usage"
+    assert [c.usage.completion_tokens for c in chunks][-2:] == [6, 6] and chunks[-1].choices == []

@@ -1,10 +1,12 @@
 """Config flags derived from dataclasses, and the protobuf edge round trip."""
 
+import dataclasses
+
 import pytest
 
 from apex_serve import convert
 from apex_serve.errors import InvalidArgument
-from apex_serve.flags import parse_config
+from apex_serve.flags import field_help, option, parse_config
 from apex_serve.types import (
     CachedRequestData,
     ExecutionMode,
@@ -20,7 +22,13 @@ from apex_serve.types import (
     TokenLogprob,
 )
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, scheduler_pb2
+from apex_tools.cli import build_parser
 from apex_tools.launcher import StackConfig
+from cpu_attention_worker.config import CpuAttentionConfig
+from gateway.config import GatewayConfig
+from gpu_worker.config import GpuWorkerConfig
+from profiler_service.config import ProfilerConfig
+from scheduler_service.config import SchedulerConfig
 
 
 def test_flags_mirror_config_fields_and_defaults() -> None:
@@ -45,7 +53,8 @@ def test_absent_sampling_fields_take_defaults_and_present_ones_are_kept() -> Non
 @pytest.mark.parametrize(
     "field,kwargs",
     [("temperature", dict(temperature=-1.0)), ("top_p", dict(top_p=0.0)), ("top_p", dict(top_p=1.01)),
-     ("top_k", dict(top_k=-2)), ("max_tokens", dict(max_tokens=0))],
+     ("top_k", dict(top_k=-2)), ("max_tokens", dict(max_tokens=0)), ("min_p", dict(min_p=5.0)),
+     ("truncate_prompt_tokens", dict(truncate_prompt_tokens=0)), ("bad_words", dict(bad_words=[" "]))],
 )
 def test_out_of_range_sampling_raises_invalid_argument_naming_the_field(field: str, kwargs: dict) -> None:
     with pytest.raises(InvalidArgument) as err:
@@ -74,8 +83,11 @@ def test_plan_and_step_output_survive_the_protobuf_round_trip() -> None:
 def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
     params = SamplingParams(
         temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=20, stop_token_ids=(1, 2), ignore_eos=True,
-        min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0,
+        min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0, min_p=0.1,
+        allowed_token_ids=(4, 9), bad_words=("no",), bad_words_token_ids=((110, 111), (7,)), skip_special_tokens=False,
+        truncate_prompt_tokens=3,
     )
+    assert [f.name for f in dataclasses.fields(params) if getattr(params, f.name) == f.default] == []
     assert convert.sampling_from_pb(convert.sampling_to_pb(params)) == params
 
 
@@ -136,3 +148,51 @@ def test_measure_request_survives_the_protobuf_round_trip() -> None:
     msg = convert.measure_request_to_pb("t_gatt", [(1, 16), (4, 64)], warmup=1, repeats=3)
     assert (msg.table, msg.warmup, msg.repeats) == ("t_gatt", 1, 3)
     assert convert.measure_points_from_pb(msg) == [(1, 16), (4, 64)]
+
+
+SERVICE_CONFIGS = [GatewayConfig, SchedulerConfig, GpuWorkerConfig, CpuAttentionConfig, ProfilerConfig]
+
+
+@pytest.mark.parametrize("cls", [*SERVICE_CONFIGS, StackConfig], ids=lambda cls: cls.__name__)
+def test_every_config_field_carries_a_help_text(cls: type) -> None:
+    assert [f.name for f in dataclasses.fields(cls) if not field_help(f).strip()] == []
+
+
+def _help_lines(help_text: str) -> str:
+    return " ".join(help_text.split())
+
+
+def test_up_help_gives_each_option_its_help_and_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["up", "--help"])
+    assert done.value.code == 0
+    out = _help_lines(capsys.readouterr().out)
+    for f in dataclasses.fields(StackConfig):
+        assert f"--{f.name.replace('_', '-')}" in out
+        assert _help_lines(field_help(f)) in out, f.name
+        assert f"(default: {'empty' if f.default == '' else f.default})" in out, f.name
+
+
+@pytest.mark.parametrize("cls", SERVICE_CONFIGS, ids=lambda cls: cls.__name__)
+def test_service_help_gives_each_flag_its_help(
+    cls: type, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as done:
+        parse_config(cls, ["--help"], "test")
+    assert done.value.code == 0
+    out = _help_lines(capsys.readouterr().out)
+    assert all(_help_lines(field_help(f)) in out for f in dataclasses.fields(cls))
+
+
+def test_a_help_text_with_a_percent_sign_is_printed_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        share: float = option(0.5, help="fraction of the pool, not a % of it")
+
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--help"], "test")
+    assert "not a % of it (default: 0.5)" in capsys.readouterr().out

@@ -20,8 +20,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from apex_serve.overlap import Overlap
 from apex_tools.trace_report.cli import main
+from apex_tools.trace_report.iterations import Iteration, SubtaskBar
 from apex_tools.trace_report.otlp import read_otlp_json, write_otlp_json
+from apex_tools.trace_report.panels import Selection, choose_panels, measures_note
 
 T0 = 1_700_000_000_000_000_000  # ns
 MS = 1_000_000
@@ -169,11 +172,77 @@ def test_chrome_trace_has_a_process_per_sampled_iteration_and_lane_threads_in_mi
     assert (cpu[1]["ts"], cpu[1]["args"]["layer"]) == (15000.0, 1)
 
 
-def test_iterations_flag_keeps_the_last_sampled_iterations_on_the_timeline(tmp_path: Path) -> None:
-    trace_file = write_scenario(tmp_path / "trace.jsonl")
-    assert main([str(trace_file), "--out", str(tmp_path / "out"), "--iterations", "1"]) == 0
-    page = (tmp_path / "out" / "report.html").read_text()
-    assert "step 3 · asym_pipeline" in page and "step 2 · async_overlap" not in page
+def test_html_draws_the_typical_and_the_worst_hybrid_iteration_and_says_why_their_measures_differ(
+        report: Path) -> None:
+    """Steps 2 (0.6 by both measures) and 3 (1.0 by the intervals, 0.875 by the step timings) are the sampled hybrid
+    iterations: 3 is the median, 2 the worst. Step 3's accelerator waited 1 ms by its step timings while no CPU
+    attention was exposed in its intervals."""
+    page = (report / "report.html").read_text()
+    typical, worst = page.index("typical (median hidden ratio of 2"), page.index("worst (lowest hidden ratio of 2")
+    assert typical < page.index("step 3 · asym_pipeline") < worst < page.index("step 2 · async_overlap")
+    assert "The two measures agree within 0.05 (0.60 and 0.60)." in page
+    assert ("Step timings 0.88 &lt; intervals 1.00: the accelerator waited 1.00 ms, but by the intervals CPU "
+            "attention ran unhidden for only 0.00 ms; for the other 1.00 ms of the wait") in page
+    assert "should agree" not in page
+    idle = "Accelerator idle: waiting for the CPU 8.00 ms · scheduling / step overhead 4.00 ms · staging 2.00 ms"
+    assert idle in page
+
+
+def _iteration(step: int, ratio: float, idle_ms: float = 0.0, cpu: bool = True, duration_ms: int = 10,
+               waited_ms: float = 0.0, step_cpu_ms: float = 4.0) -> Iteration:
+    """A sampled iteration whose intervals hide `ratio` of 4 ms of CPU attention under device work and then leave
+    the accelerator idle for the exposed rest plus `idle_ms`; its step timings say `waited_ms` of waiting."""
+    start = T0 + step * 100 * MS
+    resume = start + 4 * MS + int(idle_ms * MS)
+    bars = [SubtaskBar("device_linear", "accelerator", 0, 0, start, start + round(4 * MS * ratio)),
+            SubtaskBar("device_linear", "accelerator", 0, 0, resume, resume + MS)]
+    if cpu:
+        bars.append(SubtaskBar("cpu_attention", "cpu", 0, 0, start, start + 4 * MS))
+    step_cpu, waited = int(step_cpu_ms * MS), int(waited_ms * MS)
+    return Iteration(step, "async_overlap" if cpu else "gpu_only", 0, 2, 2 if cpu else 0, 0, True, start,
+                     start + duration_ms * MS, Overlap(step_cpu, max(step_cpu - waited, 0), waited, 0), tuple(bars))
+
+
+def test_panels_are_the_median_and_the_lowest_hidden_ratio_among_hybrid_iterations() -> None:
+    its = [_iteration(1, 0.9), _iteration(2, 0.2), _iteration(3, 0.5), _iteration(4, 0.0, cpu=False),
+           _iteration(5, 0.7)]
+    selection = choose_panels(its)
+    assert [(p.role, p.iteration.step_id) for p in selection.panels] == [("typical", 5), ("worst", 2)]
+    assert selection.note is None
+    assert selection.panels[0].why == "median hidden ratio of 4 sampled hybrid iterations"
+
+
+def test_the_worst_of_equal_ratios_is_the_most_idle() -> None:
+    its = [_iteration(1, 0.0, idle_ms=1), _iteration(2, 0.0, idle_ms=3), _iteration(3, 0.8)]
+    assert [p.iteration.step_id for p in choose_panels(its).panels] == [1, 2]
+
+
+def test_one_hybrid_iteration_is_drawn_once_with_a_note() -> None:
+    selection = choose_panels([_iteration(1, 0.0, cpu=False), _iteration(2, 0.4)])
+    assert [(p.role, p.iteration.step_id) for p in selection.panels] == [("typical", 2)]
+    assert selection.note and "both the typical and the worst" in selection.note
+
+
+def test_without_hybrid_iterations_the_median_duration_one_is_drawn_with_a_note() -> None:
+    its = [_iteration(i, 0.0, cpu=False, duration_ms=d) for i, d in ((1, 30), (2, 10), (3, 20))]
+    selection = choose_panels(its)
+    assert [(p.role, p.iteration.step_id) for p in selection.panels] == [("sampled", 3)]
+    assert selection.note and "None of the 3 sampled iterations had CPU attention" in selection.note
+    assert choose_panels([]) == Selection([], None)
+
+
+@pytest.mark.parametrize("it, expected", [
+    (_iteration(1, 0.5, waited_ms=2.0), "The two measures agree within 0.05 (0.50 and 0.50)."),
+    (_iteration(1, 0.5, waited_ms=3.5), ("Step timings 0.12 < intervals 0.50: the accelerator waited 3.50 ms, but "
+                                         "by the intervals CPU attention ran unhidden for only 2.00 ms; for the "
+                                         "other 1.50 ms of the wait")),
+    (_iteration(1, 0.5, waited_ms=0.5), ("Step timings 0.88 > intervals 0.50: 1.50 ms of CPU attention ran while "
+                                         "the accelerator was idle without waiting for it")),
+    (_iteration(1, 0.5, step_cpu_ms=0), "The step timings recorded no CPU attention"),
+    (_iteration(1, 0.0, cpu=False), "No CPU attention ran"),
+])
+def test_the_caption_says_whether_the_two_measures_agree_and_why_not(it: Iteration, expected: str) -> None:
+    assert measures_note(it).startswith(expected), measures_note(it)
 
 
 def test_collector_file_exporter_line_is_read(tmp_path: Path) -> None:
