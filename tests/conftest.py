@@ -3,13 +3,17 @@ markers; waiting for a condition with a time limit."""
 
 import asyncio
 import inspect
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from apex_serve import rpc
 from apex_tools.default_model import DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
+from apex_tools.launcher import Stack, StackConfig
 from apex_tools.processes import Service, ServiceGroup
 
 MHA_SPEC = RandomLlamaSpec(
@@ -120,3 +124,18 @@ def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prometheus_value(text: str, series: str) -> float:
     """The value of one series (`name` or `name{labels}`, as exposed) in a Prometheus text exposition; 0 if absent."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+@contextmanager
+def running_stack(model_dir: Path, **overrides: object) -> Iterator[Stack]:
+    """The five services of `apex-serve up` as processes on free TCP ports, the scheduler's metrics port off, in a
+    short run directory (socket paths have a length limit); overrides: other StackConfig fields. The run directory
+    must be gone after the stack stops."""
+    fields: dict[str, object] = {
+        "model_dir": str(model_dir), "port": rpc.free_tcp_port(), "http_port": rpc.free_tcp_port(),
+        "metrics_port": 0, "run_dir": tempfile.mkdtemp(prefix="apex-", dir="/tmp"),
+    }
+    config = StackConfig(**(fields | overrides))  # type: ignore[arg-type]
+    with Stack(config) as stack:
+        yield stack
+    assert not Path(config.run_dir).exists(), "the stack left its socket directory behind"

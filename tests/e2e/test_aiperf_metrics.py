@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from apex_serve import rpc
-from apex_tools.launcher import Stack, StackConfig
+from apex_tools.launcher import Stack
+from conftest import running_stack
 
 pytest.importorskip("aiperf")
 
@@ -28,12 +27,7 @@ def _without_offline_mode() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        metrics_port=0, policy="gpu-only",
-    )
-    with Stack(config) as s:
+    with running_stack(default_model_dir, policy="gpu-only") as s:
         yield s
 
 

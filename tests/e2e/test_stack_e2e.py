@@ -19,23 +19,17 @@ from apex_serve import convert, rpc
 from apex_serve.sdk import Client, Completion
 from apex_serve.types import FinishReason, SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from apex_tools.launcher import Stack, StackConfig
+from apex_tools.launcher import Stack
 from apex_tools.local_engine import LocalEngine
-from conftest import prometheus_value
+from conftest import prometheus_value, running_stack
 from gpu_worker.config import GpuWorkerConfig
 
 PROMPTS = [f"Request {i}: " + "the quick brown fox é€ " * (i % 5) for i in range(16)]
 
 
 def _start(model_dir: Path, **overrides: object) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        metrics_port=rpc.free_tcp_port(), **overrides
-    )
-    with Stack(config) as stack:
+    with running_stack(model_dir, metrics_port=rpc.free_tcp_port(), **overrides) as stack:
         yield stack
-    assert not Path(run_dir).exists(), "the stack left its socket directory behind"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import asyncio
 import random
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,18 +24,13 @@ from apex_serve.sdk import (
     UnauthenticatedError,
 )
 from apex_serve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from apex_tools.launcher import Stack, StackConfig
-from conftest import wait_until, wait_until_async
+from apex_tools.launcher import Stack
+from conftest import running_stack, wait_until, wait_until_async
 
 
 @pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=run_dir, num_kv_blocks=64,
-        metrics_port=0,
-    )
-    with Stack(config) as s:
+    with running_stack(default_model_dir, http_port=0, num_kv_blocks=64) as s:
         yield s
 
 

@@ -4,7 +4,6 @@ plus an in-process server over a scripted scheduler for admission, failures and 
 
 import asyncio
 import json
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,11 +12,10 @@ import grpc
 import httpx
 import pytest
 
-from apex_serve import rpc
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from apex_tools.launcher import Stack, StackConfig
-from conftest import wait_until, wait_until_async
+from apex_tools.launcher import Stack
+from conftest import running_stack, wait_until, wait_until_async
 from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
@@ -30,12 +28,7 @@ KEY = "sk-test-1"
 
 @pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        api_keys=f"other-key,{KEY}", metrics_port=0,
-    )
-    with Stack(config) as s:
+    with running_stack(default_model_dir, api_keys=f"other-key,{KEY}") as s:
         yield s
 
 

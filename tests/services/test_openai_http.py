@@ -1,6 +1,5 @@
 """The official `openai` client, unmodified, against the gateway's OpenAI-compatible HTTP API of a real stack."""
 
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +9,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apex_serve import rpc
-from apex_tools.launcher import Stack, StackConfig
+from apex_tools.launcher import Stack
+from conftest import running_stack
 from gateway.chat_template import ChatOptions, ChatTemplate
 from gateway.tokenizer import load_tokenizer
 
@@ -21,12 +20,7 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        metrics_port=0,
-    )
-    with Stack(config) as s:
+    with running_stack(default_model_dir) as s:
         yield s
 
 

@@ -8,7 +8,6 @@ letters a-z (allowed_token_ids) so that text and token ids map one to one on the
 """
 
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from apex_serve import rpc
-from apex_tools.launcher import Stack, StackConfig
+from apex_tools.launcher import Stack
+from conftest import running_stack
 
 HONOURED, REFUSED, NA = "honoured", "refused", "n/a"
 
@@ -100,12 +99,7 @@ def model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def stack(model_dir: Path) -> Iterator[Stack]:
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")
-    config = StackConfig(
-        model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(), run_dir=run_dir,
-        metrics_port=0,
-    )
-    with Stack(config) as s:
+    with running_stack(model_dir) as s:
         yield s
 
 
