@@ -49,6 +49,7 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
-    parser = argparse.ArgumentParser(description=description)
+    # no prefix matching: an old --api-keys VALUE must not be taken for --api-keys-file
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     add_config_flags(parser, cls)
     return config_from_args(cls, parser.parse_args(argv))

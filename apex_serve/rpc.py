@@ -66,16 +66,48 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _Undecodable:
+    """A request message the method's deserializer could not parse (grpc.aio would answer UNKNOWN and log an
+    ERROR with a traceback per call); the wrapped behaviour answers INVALID_ARGUMENT instead."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _refuse_undecodable(context: grpc.aio.ServicerContext, method: str, request: _Undecodable) -> None:
+    logger.debug("%s: malformed request message: %s", method, request.error)
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request: not a valid {method.rsplit('/', 1)[-1]} request message ({type(request.error).__name__}: "
+        f"{request.error})",
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -89,6 +121,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _refuse_undecodable(context, method, request)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -101,6 +135,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, _Undecodable):
+            await _refuse_undecodable(context, method, request)
         try:
             result = behavior(request, context)
             if inspect.isawaitable(result):  # a handler that writes with context.write()

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apex-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the whole stack as local processes")
+    up = sub.add_parser("up", help="start the whole stack as local processes", allow_abbrev=False)
     add_config_flags(up, StackConfig)
     up.set_defaults(func=_cmd_up)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from apex_serve import rpc
 from apex_serve.flags import option
 from apex_tools.processes import ServiceGroup, split_cores
+from gateway.config import API_KEYS_ENV
 from scheduler_service.config import POLICIES
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ class StackConfig:
     host: str = option("127.0.0.1", help="interface of the public gRPC, HTTP and metrics ports")
     port: int = option(50051, help="public gRPC port of the gateway")
     http_port: int = option(8000, help="OpenAI-compatible HTTP port; 0: off")
-    api_keys: str = option(
-        "", help="accepted API keys, comma-separated (sent as 'authorization: Bearer <key>'); empty: no authentication"
+    api_keys_file: str = option(
+        "",
+        help=f"file of accepted API keys, one a line or comma-separated, readable by its owner only (the gateway's "
+        f"--api-keys-file); keys in the environment variable {API_KEYS_ENV} are accepted as well; neither: no "
+        f"authentication",
     )
     run_dir: str = option(
         ".apex-run", help="directory of the internal services' Unix sockets (its path at most 80 characters)"
@@ -60,6 +64,10 @@ class StackConfig:
         True, help="pin the gpu_worker to the first --worker-threads cores and the other services to the rest"
     )
     startup_timeout_s: float = option(300.0, help="seconds each service may take to report SERVING")
+    drain_timeout_s: float = option(
+        10.0, help="seconds the gateway's requests in flight get to finish on stop; those still running are then cut "
+        "(an error event then [DONE] on HTTP, UNAVAILABLE on gRPC)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):
@@ -71,6 +79,10 @@ class StackConfig:
             raise ValueError(f"policy: must be one of {POLICIES}, got {self.policy!r}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ValueError(f"api_keys_file: {self.api_keys_file} does not exist")
 
     @property
     def gateway_address(self) -> str:
@@ -99,7 +111,8 @@ class Stack:
         return rpc.unix_address(self._run_dir, name)
 
     def commands(self) -> list[tuple[str, str, list[str]]]:
-        """(module, address, flags) of each service, in start order."""
+        """(module, address, flags) of each service, in start order. No secret is a flag: API keys reach the gateway
+        as the path of their file, or in the APEX_API_KEYS variable it inherits from this process."""
         c = self.config
         worker = self._address("gpu_worker")
         scheduler = self._address("scheduler")
@@ -111,6 +124,12 @@ class Stack:
         ]
         if c.num_kv_blocks is not None:
             worker_args += ["--num-kv-blocks", str(c.num_kv_blocks)]
+        gateway_args = [
+            "--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
+            "--scheduler-address", scheduler, "--drain-timeout-s", str(c.drain_timeout_s),
+        ]
+        if c.api_keys_file:
+            gateway_args += ["--api-keys-file", c.api_keys_file]
         return [
             ("cpu_attention_worker", cpu_worker,
              ["--address", cpu_worker, "--kv-budget-bytes", str(c.cpu_kv_budget_bytes)]),
@@ -123,9 +142,7 @@ class Stack:
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
               "--tpot-target-ms", str(c.tpot_target_ms), "--sample-layers-every", str(c.sample_layers_every),
               "--metrics-address", c.metrics_address]),
-            ("gateway", c.gateway_address,
-             ["--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
-              "--scheduler-address", scheduler, "--api-keys", c.api_keys]),
+            ("gateway", c.gateway_address, gateway_args),
         ]
 
     def _cpus(self, module: str) -> set[int] | None:

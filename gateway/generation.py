@@ -27,7 +27,7 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False
     model: str = ""
     request_id: str = ""
-    fill_context: bool = False  # max_tokens: all the context the prompt leaves (OpenAI without max_tokens)
+    fill_context: bool = False  # max_tokens: all the room the prompt leaves (OpenAI without max_tokens)
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,16 @@ class Generator:
         replicas: Replicas,
         max_concurrent_requests: int,
         max_prompt_bytes: int,
+        limits: validation.RequestLimits | None = None,
     ) -> None:
+        """limits: the request bounds besides max_prompt_bytes (which wins over limits.max_prompt_bytes)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.model_name = model_name
         self.worker = worker
         self.replicas = replicas
         self._max_concurrent = max_concurrent_requests
-        self._max_prompt_bytes = max_prompt_bytes
+        self._limits = replace(limits or validation.RequestLimits(), max_prompt_bytes=max_prompt_bytes)
         self._active: set[str] = set()
         self._tracer = tracing.tracer(__name__)  # None: tracing off, no span
 
@@ -84,17 +86,23 @@ class Generator:
         return len(self._active)
 
     def _prepare(self, request: GenerationRequest) -> PreparedRequest:
-        """Validate and tokenize; raises NotFound, InvalidArgument or ResourceExhausted."""
+        """Validate and tokenize; raises NotFound, InvalidArgument or ResourceExhausted. The bounds on what a
+        request carries are checked first, before any tokenizing or template rendering."""
+        limits = self._limits
         validation.check_model(request.model, self.model_name)
+        validation.check_stop_strings(request.stop, limits)
+        for i, word in enumerate(request.sampling.bad_words):
+            validation.utf8_size(f"bad_words[{i}]", word)
         if request.messages:
             if self.chat_template is None:
                 raise InvalidArgument("messages", f"model '{self.model_name}' has no chat template; send a prompt")
+            validation.check_messages(request.messages, limits)
             text = self.chat_template.render(request.messages, request.chat_options)
-            self._check_size("messages", text)
+            validation.check_text_size("messages", text, limits.max_prompt_bytes)  # with the template's text
             prompt_ids = self.tokenizer.encode(text, add_special_tokens=False).ids  # the template has them
         elif isinstance(request.prompt, str):
             validation.check_prompt_text(request.prompt)
-            self._check_size("prompt", request.prompt)
+            validation.check_text_size("prompt", request.prompt, limits.max_prompt_bytes)
             prompt_ids = self.tokenizer.encode(request.prompt).ids
         else:
             prompt_ids = list(request.prompt)
@@ -106,11 +114,9 @@ class Generator:
             words = bad_words_token_ids(self.tokenizer, sampling.bad_words)
             sampling = replace(sampling, bad_words_token_ids=sampling.bad_words_token_ids + words)
         if request.fill_context:  # at least 1, so that a prompt past the context is named as such below
-            sampling = replace(sampling, max_tokens=max(self.worker.max_model_len - len(prompt_ids), 1))
+            sampling = replace(sampling, max_tokens=max(self._room(len(prompt_ids)), 1))
         validation.check_lengths(len(prompt_ids), sampling, self.worker.max_model_len)
         validation.check_sampling_token_ids(sampling, self.worker.vocab_size)
-        if any(not s for s in request.stop):
-            raise InvalidArgument("stop", "stop strings must not be empty")
         if len(self._active) >= self._max_concurrent:
             raise ResourceExhausted(
                 f"{len(self._active)} requests in flight (max_concurrent_requests {self._max_concurrent})"
@@ -120,10 +126,12 @@ class Generator:
             raise InvalidArgument("request_id", f"{request_id!r} is already in flight")
         return PreparedRequest(request_id, prompt_ids, request, sampling)
 
-    def _check_size(self, field: str, text: str) -> None:
-        size = len(text.encode())
-        if size > self._max_prompt_bytes:
-            raise ResourceExhausted(f"{field}: {size} bytes exceeds max_prompt_bytes {self._max_prompt_bytes}")
+    def _room(self, num_prompt_tokens: int) -> int:
+        """Output tokens a prompt leaves: within the context, and within the larger of the scheduler's KV pools, which
+        holds every token but the last generated one."""
+        w = self.worker
+        pool_tokens = max(w.num_kv_blocks, w.num_cpu_kv_blocks) * w.block_size
+        return min(w.max_model_len, pool_tokens + 1) - num_prompt_tokens
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationEnd]:
         """Text deltas, then one GenerationEnd. Bad input raises at the first step, before any
@@ -186,8 +194,8 @@ class Generator:
         return await self.replicas.abort(request_id)
 
     async def ready(self) -> bool:
-        """True while at least one scheduler replica is SERVING."""
-        return self.replicas.serving
+        """True while at least one scheduler replica is SERVING and its engine is not stalled."""
+        return self.replicas.ready
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

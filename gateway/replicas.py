@@ -1,11 +1,12 @@
 """The scheduler replicas behind one gateway (DESIGN §9): each new request goes to the SERVING replica
 with the fewest requests this gateway has in flight on it (exact counts, no polling), ties broken
 round-robin; a Submit that fails UNAVAILABLE before its first token is retried once on another replica;
-Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard, its GetMetrics
-the gateway's /metrics."""
+Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard and the readiness (a
+replica whose engine stopped stepping with requests running is not ready), its GetMetrics the gateway's /metrics."""
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_WAIT_S = 1.0  # how long the end of a Submit stream is awaited after its last message
 HEALTH_RETRY_S = 0.5  # between attempts to re-open the health watch of a replica that went away
+PROGRESS_POLL_S = 1.0  # between the GetStats calls that watch a replica's engine for progress
 # A replica that comes back is reconnected within seconds, not gRPC's default of up to two minutes.
 _CHANNEL_OPTIONS = [*rpc.CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 2000)]
 _SAME_MODEL_FIELDS = ("model_config_hash", "vocab_size", "max_model_len")
@@ -41,6 +43,7 @@ class Replica:
     health: health_pb2_grpc.HealthStub | None = None  # None: never watched, `serving` is set by its owner
     serving: bool = True
     in_flight: int = 0  # requests of this gateway running there now
+    stalled: bool = False  # its engine ran no step for stall_timeout_s while it had requests running
     submitted: int = 0  # requests sent there since start (retries included)
     completed: int = 0  # of them, those that ended (finished, failed or cancelled)
 
@@ -120,6 +123,19 @@ class Replicas:
     @property
     def serving(self) -> bool:
         return any(r.serving for r in self.replicas)
+
+    @property
+    def ready(self) -> bool:
+        """A replica is SERVING and its engine is not stalled."""
+        return any(r.serving and not r.stalled for r in self.replicas)
+
+    def watch_progress(self, stall_timeout_s: float, poll_s: float = PROGRESS_POLL_S) -> None:
+        """Marks a replica stalled while its scheduler reports requests running but no new step (or does not answer
+        GetStats) for stall_timeout_s; close() ends the watch."""
+        self._watchers += [
+            asyncio.create_task(self._watch_progress(r, stall_timeout_s, poll_s), name=f"progress {r.address}")
+            for r in self.replicas
+        ]
 
     def pick(self, exclude: Replica | None = None) -> Replica | None:
         """The SERVING replica with the fewest requests in flight (round-robin among equals), or None."""
@@ -222,6 +238,30 @@ class Replicas:
                     logger.warning("replica %s: health watch failed (%s)", replica.address, exc.code().name)
             self._set_serving(replica, False)
             await asyncio.sleep(HEALTH_RETRY_S)
+
+    @staticmethod
+    async def _watch_progress(replica: Replica, stall_timeout_s: float, poll_s: float) -> None:
+        steps, running = -1, False
+        progressed = time.monotonic()
+        while True:
+            try:
+                stats = await replica.scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=poll_s)
+            except grpc.aio.AioRpcError:
+                stats = None
+            now = time.monotonic()
+            if stats is not None:
+                running = stats.num_running > 0
+                if stats.num_steps != steps or not running:
+                    steps, progressed = stats.num_steps, now
+            stalled = running and now - progressed >= stall_timeout_s
+            if stalled != replica.stalled:
+                if stalled:
+                    logger.warning("replica %s: no engine step for %.0f s with requests running: not ready",
+                                   replica.address, now - progressed)
+                else:
+                    logger.info("replica %s: its engine steps again", replica.address)
+                replica.stalled = stalled
+            await asyncio.sleep(poll_s)
 
     @staticmethod
     def _set_serving(replica: Replica, serving: bool) -> None:

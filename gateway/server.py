@@ -15,6 +15,7 @@ from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import ApiKeyInterceptor
 from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
+from gateway.drain import CUT_GRACE_S
 from gateway.generation import Generator
 from gateway.replicas import ReplicaMismatch, Replicas
 from gateway.servicer import GatewayServicer
@@ -33,13 +34,16 @@ def _tls(config: GatewayConfig) -> grpc.ServerCredentials | None:
 
 async def serve(config: GatewayConfig) -> None:
     replicas, worker = await Replicas.connect(config.scheduler_addresses, config.startup_timeout_s)
+    if config.stall_timeout_s:
+        replicas.watch_progress(config.stall_timeout_s)
     generator = Generator(
         load_tokenizer(config.model_dir), ChatTemplate.from_model_dir(config.model_dir), config.served_model_name,
         worker, replicas,
-        config.max_concurrent_requests, config.max_prompt_bytes,
+        config.max_concurrent_requests, config.max_prompt_bytes, config.request_limits,
     )
     server = rpc.create_server([ApiKeyInterceptor(config.api_key_set)])
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(generator), server)
+    servicer = GatewayServicer(generator)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     address = rpc.bind(server, config.address, _tls(config))
     logger.info(
@@ -55,16 +59,27 @@ async def serve(config: GatewayConfig) -> None:
         await http.start()
         logger.info("OpenAI-compatible HTTP on http://%s/v1, dashboard on /dashboard", config.http_address)
 
-    await service.run(
-        grace_s=config.drain_timeout_s, on_stop=replicas.close, drain_alongside=http.stop if http is not None else None
-    )
+    async def drain() -> None:
+        """Beside the gRPC server's own drain: HTTP's, and the cut of the Generate streams past drain_timeout_s."""
+        cut = asyncio.create_task(servicer.drain.cut_after(config.drain_timeout_s), name="grpc drain")
+        if http is not None:
+            await http.stop()
+        await servicer.drain.idle()
+        cut.cancel()
+
+    await service.run(grace_s=config.drain_timeout_s + CUT_GRACE_S, on_stop=replicas.close, drain_alongside=drain)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("gateway")
     tracing.setup("gateway")
     try:
-        asyncio.run(serve(parse_config(GatewayConfig, argv, "apex-serve gateway")))
+        config = parse_config(GatewayConfig, argv, "apex-serve gateway")
+    except ValueError as exc:
+        logger.error("not starting: %s", exc)
+        raise SystemExit(2) from exc
+    try:
+        asyncio.run(serve(config))
     except (ReplicaMismatch, TimeoutError) as exc:
         logger.error("not starting: %s", exc)
         raise SystemExit(1) from exc

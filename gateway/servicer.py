@@ -9,6 +9,7 @@ from apex_serve.errors import NotFound
 from apex_serve.types import TokenLogprob
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.chat_template import ChatOptions
+from gateway.drain import Drain
 from gateway.generation import GenerationEnd, GenerationRequest, Generator
 
 CAPABILITIES = (
@@ -29,6 +30,7 @@ def _chat_options(msg: gateway_pb2.ChatOptions) -> ChatOptions:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, generator: Generator) -> None:
         self._gen = generator
+        self.drain = Drain()  # the gateway's stop cuts the Generate streams past its drain: UNAVAILABLE
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -43,7 +45,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             model=request.model,
             request_id=request.request_id,
         )
-        async for event in self._gen.stream(generation):
+        async for event in self.drain.until_cut(self._gen.stream(generation)):
             if isinstance(event, GenerationEnd):
                 yield gateway_pb2.GenerateResponse(
                     complete=gateway_pb2.GenerateComplete(

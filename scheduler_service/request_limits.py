@@ -48,7 +48,7 @@ class RequestLimits:
             raise InvalidArgument(
                 "prompt" if len(prompt) > pool else "max_tokens",
                 f"{len(prompt)} prompt tokens and max_tokens {sampling.max_tokens} need KV for {peak} tokens; "
-                f"the largest KV pool holds {pool}",
+                f"the largest KV pool holds {pool}, room for max_tokens {max(pool + 1 - len(prompt), 0)} at most",
             )
 
     def finish_reason(self, request: Request, token: int) -> FinishReason | None:

@@ -9,7 +9,8 @@ Each schedule():
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later);
-3. waiting requests are admitted FCFS, each prefilling all its known tokens, until the first that does not fit:
+3. waiting requests are admitted FCFS, each prefilling all its known tokens, while fewer than max_num_seqs run on the
+   two pools together, until the first that does not fit:
    on the accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV
    (prompt + max_tokens) fits beside what the CPU's requests have reserved and the policy predicts more tokens/s
    with CPU rows for it and the requests queued behind it, at their mean context over their lives, beside the
@@ -23,6 +24,7 @@ in flight (scheduler_service.in_flight): its requests, the policy's choice and t
 import logging
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import islice
 
 from apex_serve.engine_stats import IterationRecord, SchedulerStats
@@ -62,6 +64,8 @@ class Scheduler:
             raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
         self.cost_model = cost_model
+        # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
+        self.worker_info = worker if self.policy.uses_cpu else replace(worker, num_cpu_kv_blocks=0)
         self._kv = KVManager(worker.num_kv_blocks, worker.num_cpu_kv_blocks if self.policy.uses_cpu else 0,
                              worker.block_size)
         self.limits = RequestLimits(
@@ -341,13 +345,15 @@ class Scheduler:
         prefill_lens: list[int] = []
         steady_gpu, steady_longest = num_gpu_rows, gpu_longest  # the decode iterations after this one
         steady_cpu = self._cpu_context() if self.policy.uses_cpu else [0]
-        while self._waiting and self._num_running < self.config.max_num_seqs:
+        # the CPU's admissions join its queue only after the policy's choice: count them here
+        running = self._num_running
+        while self._waiting and running < self.config.max_num_seqs:
             request = self._waiting[0]
             n = request.num_tokens
             # a resumed request may exceed the token budget: it then runs in a step of its own
             if num_tokens > 0 and num_tokens + n > self.config.max_num_batched_tokens:
                 break
-            placement = self._placement(request, steady_cpu)
+            placement = self._placement(request, steady_cpu, running - len(self._gpu_running))
             if placement is None:
                 break
             gpu, longest, cpu = steady_gpu, steady_longest, steady_cpu
@@ -355,7 +361,7 @@ class Scheduler:
                 gpu, longest = gpu + 1, max(longest, n + 1)
             else:
                 cpu = cpu + [cpu[-1] + n + 1]
-            if (admitted or self._num_running) and not self.policy.admits(
+            if running and not self.policy.admits(
                 Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._max_cpu_rows),
                 Candidates([], gpu, longest, cpu, 0, self._max_cpu_rows),
             ):
@@ -370,28 +376,34 @@ class Scheduler:
             admitted.append(request)
             prefill_lens.append(n)
             num_tokens += n
+            running += 1
         return admitted
 
-    def _placement(self, request: Request, cpu_context: list[int]) -> Placement | None:
-        """Where an admitted request's KV goes; None while it fits nowhere (step 3 of the docstring)."""
+    def _placement(self, request: Request, cpu_context: list[int], num_cpu: int) -> Placement | None:
+        """Where an admitted request's KV goes, num_cpu requests living on the CPU (this step's admissions
+        included); None while it fits nowhere (step 3 of the docstring)."""
         if self._kv.can_allocate(Placement.GPU, request.num_tokens):
             return Placement.GPU
-        return Placement.CPU if self._cpu_takes(request, cpu_context) else None
+        return Placement.CPU if self._cpu_takes(request, cpu_context, num_cpu=num_cpu) else None
 
-    def _cpu_takes(self, request: Request, cpu_context: list[int], leaving: Request | None = None) -> bool:
+    def _cpu_takes(self, request: Request, cpu_context: list[int], leaving: Request | None = None,
+                   num_cpu: int | None = None) -> bool:
         """Whether the request may live on the CPU: a hybrid policy, room for it at its peak beside what the CPU's
         requests have reserved, and CPU rows for it and the requests waiting behind it (an admission's; as many as one
         step stages), at their mean context over their lives, raise the predicted tokens/s of the steady decode
         iteration: the accelerator rows its pool sustains (at its requests' mean lifetime context; `leaving`
-        excluded) with the CPU rows of cpu_context (prefix sums)."""
-        if not self.policy.uses_cpu or len(self._cpu_queue) >= self._max_cpu_requests:
+        excluded) with the CPU rows of cpu_context (prefix sums). num_cpu: the requests living on the CPU, by default
+        its queue's."""
+        num_cpu = len(self._cpu_queue) if num_cpu is None else num_cpu
+        if not self.policy.uses_cpu or num_cpu >= self._max_cpu_requests:
             return False
         if self._kv.blocks_for(request.peak_tokens) > self._kv.num_free(Placement.CPU) - self._kv.reserved(
                 Placement.CPU):
             return False
-        if not self._num_running:  # the pools are idle: a request that fits must run somewhere
+        running = len(self._gpu_running) + num_cpu
+        if not running:  # the pools are idle: a request that fits must run somewhere
             return True
-        key = (self._num_running, len(cpu_context))
+        key = (running, len(cpu_context))
         if key == self._cpu_refused:  # nothing changed since the policy last refused a CPU row
             return False
         lifetime = [r.lifetime_context for r in self._gpu_running if r is not leaving]

@@ -14,6 +14,7 @@ from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.servicer import SchedulerServicer
 from scheduler_service.telemetry.metrics import EngineMetrics
+from scheduler_service.telemetry.metrics_server import MetricsServer
 from scheduler_service.telemetry.observer import EngineObserver
 from scheduler_service.telemetry.spans import IterationSpans
 from scheduler_service.worker_client import WorkerClient
@@ -32,11 +33,14 @@ async def serve(config: SchedulerConfig) -> None:
     tracer = tracing.tracer(__name__)
     metrics = EngineMetrics(scheduler)  # answered by GetMetrics; on its own port too when metrics_address is set
     observer = EngineObserver(metrics, IterationSpans(tracer) if tracer is not None else None)
-    metrics_server = metrics.serve(config.metrics_address) if config.metrics_address else None
+    metrics_server = MetricsServer(metrics.registry, config.metrics_address) if config.metrics_address else None
+    if metrics_server is not None:
+        await metrics_server.start()
     loop = EngineLoop(scheduler, worker.step, observer)
     loop.start()
     server = rpc.create_server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, info, metrics.registry), server)
+    servicer = SchedulerServicer(loop, scheduler.worker_info, metrics.registry)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     logger.info("listening on %s (policy %s)", rpc.bind(server, config.address), config.policy)
 
@@ -44,8 +48,7 @@ async def serve(config: SchedulerConfig) -> None:
         await loop.stop()
         await worker.close()
         if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+            await metrics_server.stop()
 
     await service.run(on_stop=on_stop)
 

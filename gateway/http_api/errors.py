@@ -1,5 +1,6 @@
 """Errors in OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, with the status an
-OpenAI client expects: 400 bad input (naming the field), 401 API key, 404 model or route, 429 limits."""
+OpenAI client expects: 400 bad input or past a bound on it (naming the field), 401 API key, 404 model or route,
+413 body too large, 429 requests in flight."""
 
 import logging
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ _TYPES = {
 _CODES = {401: "invalid_api_key"}
 _FIELD_NAMES = FIELD_NAMES | TOKENIZATION_FIELD_NAMES
 _MEANINGS = {
-    400: "Bad input; `param` names the field.", 401: "Missing or wrong API key.", 404: "The model is not served here.",
-    413: "The request body is too large.", 429: "Past an admission limit (requests in flight, prompt bytes).",
+    400: "Bad input, or past a bound on it (prompt bytes, stop strings, messages); `param` names the field.",
+    401: "Missing or wrong API key.", 404: "The model is not served here.",
+    413: "The request body is too large.", 429: "Past the admission limit of requests in flight.",
     500: "Internal error.", 503: "No scheduler replica is serving, or the scheduler failed.",
 }
 

@@ -1,4 +1,4 @@
-"""GET /health (200 while a scheduler replica is SERVING, else 503) and GET /metrics (Prometheus text: the gateway's
+"""GET /health (200 while a scheduler replica is SERVING and its engine not stalled, else 503) and GET /metrics (Prometheus text: the gateway's
 families and every replica's engine families); both stay open when API keys are configured, as load balancers and
 scrapers expect, and both answer HEAD (the status and headers, no body). vLLM's GET and POST /ping (what /health
 answers) and GET /version stay open too."""
@@ -26,7 +26,7 @@ class Version(BaseModel):
 @router.head("/health", response_model=Status, responses=error_responses(503))
 async def health(gen: GeneratorDep) -> JSONResponse:
     if not await gen.ready():
-        return error_response(503, "no scheduler replica is SERVING")
+        return error_response(503, "no scheduler replica is ready (SERVING, its engine not stalled)")
     return JSONResponse({"status": "ok"})
 
 

@@ -8,7 +8,7 @@ here: those are a 400 naming them. Ranges are checked once, by SamplingParams an
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apex_serve.errors import InvalidArgument
 from apex_serve.types import MAX_LOGPROBS, SamplingParams
@@ -20,11 +20,36 @@ Int32 = Annotated[int, Field(le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
-class _Strict(BaseModel):
+class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        """JSON's "\\ud800" escape decodes to a lone surrogate, which no UTF-8 encoder takes: a 400 naming the
+        field here, not a 500 wherever the text is encoded later."""
+        _check_utf8(value)
+        return value
 
-class StreamOptions(_Strict):
+
+def _check_utf8(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"is not valid UTF-8: lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_utf8(key)
+            _check_utf8(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_utf8(item)
+
+
+class StreamOptions(StrictBody):
     include_usage: bool = False  # a last chunk with the usage
     continuous_usage_stats: bool = False  # every chunk carries the usage so far
 
@@ -46,7 +71,7 @@ _UNSERVED: dict[str, tuple[object, ...]] = {
 }
 
 
-class _GenerationBody(_Strict):
+class _GenerationBody(StrictBody):
     """Fields both endpoints share. Unknown fields are kept aside so that the unserved ones can be refused."""
 
     model_config = ConfigDict(strict=True, extra="allow")
@@ -165,25 +190,25 @@ class CompletionRequest(_GenerationBody):
         return prompt[0]  # type: ignore[return-value]
 
 
-class ContentPart(_Strict):
+class ContentPart(StrictBody):
     """A part of a message's content; only text parts are served, the others are named in a 400."""
 
     type: str
     text: str | None = None
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictBody):
     name: str
     arguments: str  # JSON text
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictBody):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None

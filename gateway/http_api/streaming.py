@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
+from gateway.drain import Drain
 from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta
 from gateway.http_api import errors
 from gateway.http_api.responses import Usage
@@ -46,7 +47,8 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
 
 
 class Generation:
-    """One request's events, the first one already received. Iterate it once, or close it."""
+    """One request's events, the first one already received, until the server's drain cuts them (Unavailable).
+    Iterate it once, or close it."""
 
     def __init__(self, first: Event, events: AsyncIterator[Event]) -> None:
         self._first: Event | None = first
@@ -56,8 +58,10 @@ class Generation:
 
     @classmethod
     async def start(cls, request: Request, generator: Generator, generation: GenerationRequest) -> "Generation":
-        """Raises the Generator's errors (bad input, admission) and ClientDisconnect."""
-        events = generator.stream(generation)
+        """Raises the Generator's errors (bad input, admission), ClientDisconnect, and Unavailable when the drain
+        ends first."""
+        drain: Drain = request.app.state.drain
+        events = drain.until_cut(generator.stream(generation))
         try:
             first = await until_disconnect(request, anext(events))
         except BaseException:
@@ -112,8 +116,8 @@ def sse(payload: BaseModel) -> str:
 
 
 def sse_response(chunks: AsyncIterator[str], generation: Generation) -> StreamingResponse:
-    """Streams chunks then [DONE]. An error after the headers went out becomes an error event; a client
-    that disconnects cancels the stream, and closing the generation aborts the request."""
+    """Streams chunks then [DONE]. An error after the headers went out (the drain's cut too) becomes an error event;
+    a client that disconnects cancels the stream, and closing the generation aborts the request."""
 
     async def body() -> AsyncIterator[str]:
         try:

@@ -4,10 +4,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http_api.schemas import ChatMessage
+from gateway.http_api.schemas import ChatMessage, StrictBody
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(StrictBody):
     """vLLM's two forms in one body: the completions form (`prompt`) or the chat form (`messages`,
     rendered with the model's chat template); exactly one of the two."""
 
@@ -40,7 +40,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = Field(default=None, description="Only when return_token_strs is true.")
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(StrictBody):
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"tokens": [256, 72, 105]}]})
 
     model: str | None = None

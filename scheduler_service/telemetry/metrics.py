@@ -1,21 +1,17 @@
 """The engine's Prometheus metrics (prometheus-client), with vLLM's meanings and buckets under an `apex_` prefix,
 plus ours: iterations per mode, overlap of CPU attention with accelerator work, idle time, cost-model error.
 docs/observability.md maps each to its vLLM counterpart. The registry always exists: the Scheduler's GetMetrics
-answers it (the gateway's /metrics carries it), and serve() puts it on a port of its own."""
+answers it (the gateway's /metrics carries it), and metrics_server.MetricsServer puts it on a port of its own."""
 
-import logging
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from apex_serve.overlap import Overlap
 from apex_serve.types import ExecutionMode, FinishReason, Placement
 from scheduler_service.scheduler import Scheduler
-
-logger = logging.getLogger(__name__)
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and SLO queries carry over
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -102,10 +98,3 @@ class EngineMetrics:
             self.hidden.inc(overlap.hidden_ns / 1e9)
             self.device_idle.inc(overlap.device_idle_ns / 1e9)
             self.cpu_idle.inc(overlap.cpu_idle_ns / 1e9)
-
-    def serve(self, address: str) -> WSGIServer:
-        """/metrics on host:port (port 0: a free one, logged)."""
-        host, _, port = address.rpartition(":")
-        server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
-        logger.info("Prometheus metrics on http://%s:%d/metrics", host, server.server_port)
-        return server

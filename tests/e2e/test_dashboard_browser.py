@@ -41,17 +41,30 @@ COLORS = {"device_linear": (0x4E, 0x79, 0xA7), "cpu_attention": (0xE1, 0x57, 0x5
 PERCENT = re.compile(r"^(\d+(?:\.\d)?)%$")
 
 
-async def _chromium(url: str, *flags: str) -> str:
-    """Loads the page, lets its script poll for ~3 s of virtual time, and returns stdout."""
+async def _chromium_run(url: str, *flags: str) -> tuple[str, str]:
+    """Loads the page, lets its script poll for ~3 s of virtual time, and returns stdout and stderr (where
+    the page's console messages go, Content Security Policy violations among them)."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         process = await asyncio.create_subprocess_exec(
             CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--virtual-time-budget=3000", *flags, url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+            *flags, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, err.decode()[-2000:]
-    return out.decode()
+    return out.decode(), err.decode()
+
+
+def _csp_violations(console: str) -> list[str]:
+    return [line for line in console.splitlines() if "CONSOLE" in line and "Content Security Policy" in line]
+
+
+async def _chromium(url: str, *flags: str) -> str:
+    """Loads the page as _chromium_run does, checks that nothing on it broke its Content Security Policy,
+    and returns stdout."""
+    out, err = await _chromium_run(url, *flags)
+    assert not _csp_violations(err), _csp_violations(err)
+    return out
 
 
 def _status(dom: str) -> str:
@@ -165,8 +178,11 @@ class StatsStub:
 
 
 @pytest.fixture
-async def fabricated(default_model_dir: Path) -> AsyncIterator[str]:
-    config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys=KEY)
+async def fabricated(default_model_dir: Path, tmp_path: Path) -> AsyncIterator[str]:
+    keys = tmp_path / "api-keys"
+    keys.write_text(KEY)
+    keys.chmod(0o600)
+    config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys_file=str(keys))
     replicas = Replicas([
         Replica("unix:///run/a.sock", StatsStub(_fabricated_stats())),  # type: ignore[arg-type]
         Replica("unix:///run/b.sock", StatsStub(None), serving=False),  # type: ignore[arg-type]
@@ -186,7 +202,14 @@ async def fabricated(default_model_dir: Path) -> AsyncIterator[str]:
 async def test_the_page_renders_fabricated_stats_of_two_replicas(fabricated: str, tmp_path: Path) -> None:
     async with httpx.AsyncClient(base_url=fabricated, timeout=10) as c:
         page = await c.get("/dashboard")
-        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+        assert page.status_code == 200
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "<script>" not in page.text and "<style>" not in page.text
+        assert (page.headers["x-frame-options"], page.headers["x-content-type-options"]) == ("DENY", "nosniff")
+        script, style = await c.get("/dashboard/app.js"), await c.get("/dashboard/app.css")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
         assert (await c.get("/dashboard/data")).status_code == 401, "the data must need the API key"
         data = (await c.get("/dashboard/data", headers={"authorization": f"Bearer {KEY}"})).json()
     assert data["replicas"][0]["stats"]["overlap"]["recent_hidden_ratio"] == pytest.approx(0.6)
@@ -225,17 +248,27 @@ async def test_the_page_renders_fabricated_stats_of_two_replicas(fabricated: str
     assert set(COLORS.values()) <= colors, "the timeline's lanes are not on the screenshot"
 
 
+async def test_the_console_check_sees_a_csp_violation() -> None:
+    """The check every page load above passes would fail on a page whose policy blocks its inline script."""
+    page = "data:text/html,<meta http-equiv='Content-Security-Policy' content=\"script-src 'self'\"><script>1</script>"
+    _, err = await _chromium_run(page, "--dump-dom")
+    assert _csp_violations(err), err[-2000:]
+
+
 # A live apex stack.
 
 
 @pytest.fixture(scope="module")
-def apex_stack(default_model_dir: Path) -> Iterator[Stack]:
+def apex_stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """12 accelerator blocks: most of 16 concurrent requests live in the CPU pool. The profile is stored
     under the default profile dir, as in test_stack_e2e, so only the first run ever profiles (~45 s)."""
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(KEY)
+    keys.chmod(0o600)
     config = StackConfig(
         model_dir=str(default_model_dir), port=rpc.free_tcp_port(), http_port=rpc.free_tcp_port(),
         run_dir=tempfile.mkdtemp(prefix="apx-", dir="/tmp"), num_kv_blocks=12, policy="apex", metrics_port=0,
-        sample_layers_every=4, api_keys=KEY,
+        sample_layers_every=4, api_keys_file=str(keys),
     )
     with Stack(config) as stack:
         yield stack

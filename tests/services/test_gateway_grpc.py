@@ -154,10 +154,13 @@ def _openssl_cert(tmp: Path) -> tuple[Path, Path]:
 def secure_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, bytes]]:
     """A second gateway on the same scheduler, with TLS and API keys."""
     key, cert = _openssl_cert(tmp_path_factory.mktemp("tls"))
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text("key-1,key-2\n")
+    keys.chmod(0o600)
     address = f"127.0.0.1:{rpc.free_tcp_port()}"
     proc = subprocess.Popen([
         sys.executable, "-m", "gateway", "--model-dir", stack.config.model_dir, "--address", address,
-        "--http-address", "", "--scheduler-address", _scheduler(stack), "--api-keys", "key-1,key-2",
+        "--http-address", "", "--scheduler-address", _scheduler(stack), "--api-keys-file", str(keys),
         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
     ])
     try:
@@ -252,3 +255,15 @@ def test_chat_messages_over_grpc_use_the_chat_template(stack: Stack) -> None:
             client.generate([ChatMessage("robot", "hi")], max_tokens=4)
     # "<s><|user|>\nhi</s>\n<|assistant|>\n": template bytes plus the BOS and EOS specials, no second BOS
     assert chat.completion.prompt_tokens == 1 + len("<|user|>\nhi") + 1 + len("\n<|assistant|>\n")
+
+
+def test_edge_bounds_of_the_running_gateway_are_invalid_argument_naming_field_and_limit(stack: Stack) -> None:
+    """The gateway process passes its configured bounds to the Generator (defaults: 16 stop strings of 1 KiB,
+    1 MiB of prompt); past one is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED, and nothing reaches the scheduler."""
+    with Client(stack.config.gateway_address, max_retries=0) as client:
+        with pytest.raises(InvalidArgumentError, match=r"stop: 17 stop strings .*max_stop_strings"):
+            client.generate("x", max_tokens=1, stop=tuple(f"s{i}" for i in range(17)))
+        with pytest.raises(InvalidArgumentError, match=r"stop\[0\]: .*1024 bytes \(max_stop_string_bytes\)"):
+            client.generate("x", max_tokens=1, stop=("s" * 1025,))
+        with pytest.raises(InvalidArgumentError, match=r"prompt: .*max_prompt_bytes"):
+            client.generate("x" * ((1 << 20) + 1), max_tokens=1)

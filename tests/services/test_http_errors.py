@@ -12,8 +12,9 @@ import grpc
 import httpx
 import pytest
 
+from apex_serve import rpc
 from apex_serve.types import WorkerInfo
-from apex_serve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from apex_tools.launcher import Stack
 from conftest import running_stack, wait_until, wait_until_async
 from gateway.chat_template import ChatTemplate
@@ -21,14 +22,18 @@ from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
+from gateway.servicer import GatewayServicer
 from gateway.tokenizer import load_tokenizer
 
 KEY = "sk-test-1"
 
 
 @pytest.fixture(scope="module")
-def stack(default_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(default_model_dir, api_keys=f"other-key,{KEY}") as s:
+def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"other-key\n{KEY}\n")
+    keys.chmod(0o600)
+    with running_stack(default_model_dir, api_keys_file=str(keys)) as s:
         yield s
 
 
@@ -144,17 +149,17 @@ def test_malformed_json_and_missing_fields_are_400(http: httpx.Client, model: st
         assert error["param"] == missing and missing in error["message"], error
 
 
-def test_prompt_past_the_context_is_400_and_past_the_byte_bound_429(http: httpx.Client, model: str) -> None:
+def test_prompt_past_the_context_or_the_byte_bound_is_400(http: httpx.Client, model: str) -> None:
     for prompt, named in (("x" * 5000, "2047"), ([65] * 2048, "2047"), ([65, 9999], "9999")):
         response = http.post("/v1/completions", json=_completion(model, prompt=prompt))
         error = error_of(response, 400, "invalid_request_error")
         assert error["param"] == "prompt" and named in error["message"], error
     too_big = _completion(model, prompt="x" * ((1 << 20) + 1))
-    error = error_of(http.post("/v1/completions", json=too_big), 429, "rate_limit_error")
-    assert "max_prompt_bytes" in error["message"]
+    error = error_of(http.post("/v1/completions", json=too_big), 400, "invalid_request_error")
+    assert error["param"] == "prompt" and "max_prompt_bytes" in error["message"], error
     too_big = _chat(model, messages=[{"role": "user", "content": "x" * (1 << 20)}])
-    error = error_of(http.post("/v1/chat/completions", json=too_big), 429, "rate_limit_error")
-    assert "max_prompt_bytes" in error["message"]
+    error = error_of(http.post("/v1/chat/completions", json=too_big), 400, "invalid_request_error")
+    assert error["param"] == "messages" and "max_prompt_bytes" in error["message"], error
 
 
 def test_unknown_model_route_and_method_are_404_and_405(http: httpx.Client) -> None:
@@ -381,16 +386,57 @@ async def test_stop_cancels_a_request_past_the_drain_and_aborts_it(scripted) -> 
             while '"content":"A"' not in await anext(lines):
                 pass
             started = time.monotonic()
-            await server.stop()
-            with pytest.raises(httpx.RemoteProtocolError):  # cut off: no more events, no [DONE]
-                async for line in lines:
-                    assert not line, f"the cancelled stream went on: {line}"
+            stopping = asyncio.create_task(server.stop())
+            rest = [line async for line in lines if line]
+            await stopping
     assert time.monotonic() - started < 2.0, "stop waited past the drain timeout"
+    assert len(rest) == 2, f"the cut stream should end with an error event and [DONE], got {rest}"
+    error = json.loads(rest[0].removeprefix("data: "))["error"]
+    assert error["type"] == "service_unavailable_error" and "drain" in error["message"]
+    assert rest[1] == "data: [DONE]"
     assert scheduler.cancelled == 1 and generator.num_active == 0, "the cancelled request was not aborted"
+
+
+async def test_stop_answers_a_non_streaming_request_past_the_drain_with_503(scripted) -> None:
+    server, generator, scheduler, url = await scripted([token(65, 1)], drain_timeout_s=0.2)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+        request = asyncio.create_task(c.post("/v1/completions", json=_scripted_body()))
+        await wait_until_async(lambda: generator.num_active, 10.0, "the request to be in flight")
+        await server.stop()
+        error = error_of(await request, 503, "service_unavailable_error")
+    assert "drain" in error["message"]
+    assert scheduler.cancelled == 1 and generator.num_active == 0
+
+
+async def test_grpc_generate_past_the_drain_ends_unavailable_and_aborts_it(scripted) -> None:
+    _, generator, scheduler, _ = await scripted([token(65, 1)])
+    servicer = GatewayServicer(generator)
+    server = rpc.create_server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    port = rpc.bind(server, "127.0.0.1:0").rpartition(":")[2]
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=8))
+            )
+            first = await anext(aiter(call))
+            assert first.chunk.text == "A"
+            started = time.monotonic()
+            await servicer.drain.cut_after(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async for message in call:
+                    pytest.fail(f"the cut stream went on: {message}")
+    finally:
+        await server.stop(None)
+    assert cut.value.code() is grpc.StatusCode.UNAVAILABLE and "drain" in (cut.value.details() or "")
+    assert time.monotonic() - started < 2.0
+    assert scheduler.cancelled == 1 and generator.num_active == 0, "the cut request was not aborted"
 
 
 async def test_a_body_far_past_max_prompt_bytes_is_413_before_it_is_read(scripted) -> None:
     _, _, scheduler, url = await scripted([token(65, 1)], max_prompt_bytes=1000)
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
         response = await c.post("/v1/completions", json=_scripted_body(prompt="x" * (2 << 20)))
-    assert response.status_code == 413 and scheduler.submitted == 0
+    error = error_of(response, 413, "invalid_request_error")
+    assert "max_prompt_bytes" in error["message"] and scheduler.submitted == 0

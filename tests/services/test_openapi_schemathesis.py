@@ -59,15 +59,18 @@ class _OneTokenCall:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(default_model_dir: Path) -> Iterator[str]:
+def gateway_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A gateway's HTTP server (API keys on) on an event loop of its own thread, as the synchronous
     schemathesis calls need."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="gateway", daemon=True)
     thread.start()
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(KEY)
+    keys.chmod(0o600)
 
     async def start() -> HttpServer:
-        config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys=KEY)
+        config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys_file=str(keys))
         generator = Generator(
             load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "scripted", WORKER,
             Replicas([Replica("scripted", _OneTokenScheduler())]),  # type: ignore[arg-type]

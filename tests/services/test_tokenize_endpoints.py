@@ -25,8 +25,11 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def client(default_model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    config = GatewayConfig(model_dir=str(default_model_dir), api_keys=KEY)
+async def client(default_model_dir: Path, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    keys = tmp_path / "api-keys"
+    keys.write_text(KEY)
+    keys.chmod(0o600)
+    config = GatewayConfig(model_dir=str(default_model_dir), api_keys_file=str(keys))
     generator = Generator(
         load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "tiny", WORKER,
         Replicas([Replica("unused", None)]),  # type: ignore[arg-type]
@@ -98,3 +101,9 @@ async def test_version_and_ping_are_open(client: httpx.AsyncClient) -> None:
         response = await client.request(method, "/ping")
         assert response.status_code == 200 and response.json() == {"status": "ok"}
     assert (await client.get("/openapi.json")).status_code == 200
+
+
+async def test_a_lone_surrogate_in_the_prompt_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tokenize", content=b'{"prompt": "a\\ud800b"}',
+                                 headers={"content-type": "application/json"})
+    assert _error(response, 400)["param"] == "prompt"

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from apex_serve import tracing
 from apex_tools.launcher import Stack, StackConfig
+from gateway.config import API_KEYS_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -45,7 +46,7 @@ DEPLOYMENT_SPECIFIC_FLAGS = {
     "--http-address": "gateway HTTP port, same reason",
     "--model-dir": "models/ in a checkout, baked into the image at /models",
     "--profile-dir": ".apex-profiles in a checkout, a volume in containers",
-    "--api-keys": "a secret given at deploy time (APEX_API_KEYS in compose, the apex-api-keys Secret in Kubernetes)",
+    "--api-keys-file": "a secret's file, given at deploy time",
 }
 
 # Who dials whom: (client module, flag) -> server module. Compose and the pods must wire these
@@ -315,6 +316,23 @@ def test_every_client_dials_the_address_its_server_listens_on(deployment: str) -
                 pods = k8s_services(deployment.removeprefix("k8s-"))
                 assert pods[client][0] is pods[server][0], (
                     f"{deployment}: {client} dials {server} on loopback from another pod")
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_api_keys_reach_the_gateway_in_its_environment_never_its_command_line(deployment: str) -> None:
+    if deployment == "compose":
+        name, _ = compose_services()["gateway"]
+        service = compose()["services"][name]
+        command, env_keys = str(service["command"]), service["environment"][API_KEYS_ENV]
+        assert env_keys == f"${{{API_KEYS_ENV}:-}}", f"compose {name}: {API_KEYS_ENV} must come from the host"
+    else:
+        overlay = deployment.removeprefix("k8s-")
+        _, container, _ = k8s_services(overlay)["gateway"]
+        command = " ".join([*container.get("command", []), *container.get("args", [])])
+        (item,) = [e for e in container["env"] if e["name"] == API_KEYS_ENV]
+        assert "secretKeyRef" in item["valueFrom"] and _env_value(overlay, item) == "", (
+            f"{deployment}: {API_KEYS_ENV} must come from the (empty by default) apex-api-keys Secret")
+    assert API_KEYS_ENV not in command, f"{deployment}: the API keys are expanded into the gateway's command line"
 
 
 # --- docker-compose ------------------------------------------------------------------------------

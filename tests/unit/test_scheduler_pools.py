@@ -30,10 +30,10 @@ def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4) -
                       num_cpu_kv_blocks=cpu_blocks, cpu_max_rows=cpu_max_rows)
 
 
-def scheduler(policy: str, max_sit_out: int = 3, **pools: int) -> Scheduler:
+def scheduler(policy: str, max_sit_out: int = 3, max_num_seqs: int = 32, **pools: int) -> Scheduler:
     cost_model = ConstantCostModel(COSTS, MODEL) if policy != "gpu-only" else None
-    return Scheduler(SchedulerConfig(policy=policy, max_num_seqs=32, max_sit_out=max_sit_out), worker(**pools),
-                     cost_model)
+    return Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_sit_out=max_sit_out),
+                     worker(**pools), cost_model)
 
 
 def check_blocks(s: Scheduler) -> None:
@@ -93,6 +93,26 @@ def test_random_admit_grow_swap_preempt_abort_finish_leaks_no_block(policy: str,
     assert stats.num_preemptions > 0 or saw["swaps"] > 0, "the pools were never under pressure"
     if policy == "apex":  # CPU rows pay here for apex (neo's second weight pass costs more than they yield)
         assert saw["swaps"] > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(3))
+def test_running_requests_on_both_pools_never_exceed_max_num_seqs(policy: str, seed: int) -> None:
+    rng = random.Random(seed)
+    s = scheduler(policy, max_num_seqs=6, gpu_blocks=20, cpu_blocks=2000, cpu_max_rows=8)
+    cpu_placed = 0
+    for i in range(300):
+        for _ in range(rng.choice((0, 1, 3, 8))):
+            s.add_request(f"r{i}-{rng.random()}", [5] * rng.randint(1, 30),
+                          SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 50)))
+        plan = s.schedule()
+        cpu_placed += sum(r.placement is Placement.CPU for r in plan.new_requests)
+        assert len(s.running) <= 6 and s.stats().num_running <= 6
+        assert len(plan.new_requests) + len(plan.cached_requests) <= 6
+        step(s, plan, rng)
+        assert len(s.running) <= 6
+    if policy != "gpu-only":
+        assert cpu_placed > 0, "nothing was placed on the CPU"
 
 
 @pytest.mark.parametrize("policy", ("neo", "apex"))
