@@ -11,10 +11,11 @@ from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob, WorkerInfo
 from gateway import validation
 from gateway.chat_template import ChatOptions, ChatTemplate
+from gateway.config import GatewayConfig
 from gateway.replicas import Replicas, RoutedCall
 from gateway.request_span import RequestSpan
 from gateway.stop_strings import StopStringMatcher
-from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids
+from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,18 @@ class Generator:
         self._limits = replace(limits or validation.RequestLimits(), max_prompt_bytes=max_prompt_bytes)
         self._active: set[str] = set()
         self._tracer = tracing.tracer(__name__)  # None: tracing off, no span
+
+    @classmethod
+    def for_config(
+        cls, config: GatewayConfig, worker: WorkerInfo, replicas: Replicas, model_name: str | None = None
+    ) -> "Generator":
+        """The Generator a gateway with this config serves: its model directory's tokenizer and chat template, its
+        bounds, and the served model name (or model_name)."""
+        return cls(
+            load_tokenizer(config.model_dir), ChatTemplate.from_model_dir(config.model_dir),
+            model_name or config.served_model_name, worker, replicas, config.max_concurrent_requests,
+            config.max_prompt_bytes, config.request_limits,
+        )
 
     @property
     def num_active(self) -> int:

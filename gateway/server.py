@@ -13,13 +13,11 @@ from apex_serve.flags import parse_config
 from apex_serve.logs import configure_logging
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.auth import ApiKeyInterceptor
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.drain import CUT_GRACE_S
 from gateway.generation import Generator
 from gateway.replicas import ReplicaMismatch, Replicas
 from gateway.servicer import GatewayServicer
-from gateway.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -36,11 +34,7 @@ async def serve(config: GatewayConfig) -> None:
     replicas, worker = await Replicas.connect(config.scheduler_addresses, config.startup_timeout_s)
     if config.stall_timeout_s:
         replicas.watch_progress(config.stall_timeout_s)
-    generator = Generator(
-        load_tokenizer(config.model_dir), ChatTemplate.from_model_dir(config.model_dir), config.served_model_name,
-        worker, replicas,
-        config.max_concurrent_requests, config.max_prompt_bytes, config.request_limits,
-    )
+    generator = Generator.for_config(config, worker, replicas)
     server = rpc.create_server([ApiKeyInterceptor(config.api_key_set)])
     servicer = GatewayServicer(generator)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

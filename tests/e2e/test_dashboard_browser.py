@@ -20,12 +20,10 @@ from apex_serve import convert, rpc
 from apex_serve.types import SamplingParams, WorkerInfo
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, gpu_worker_pb2, scheduler_pb2
 from apex_tools.launcher import Stack, StackConfig
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
-from gateway.tokenizer import load_tokenizer
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 pytestmark = [
@@ -189,10 +187,7 @@ async def fabricated(default_model_dir: Path, tmp_path: Path) -> AsyncIterator[s
         Replica("unix:///run/c.sock", StatsStub(IDLE)),  # type: ignore[arg-type]
     ])
     worker = WorkerInfo("m", 4, 259, 256, (1,), 16, 12, "cpu", "float32")
-    generator = Generator(
-        load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "fabricated", worker,
-        replicas, config.max_concurrent_requests, config.max_prompt_bytes,
-    )
+    generator = Generator.for_config(config, worker, replicas, "fabricated")
     server = HttpServer(generator, config)
     await server.start()
     yield f"http://127.0.0.1:{server.port}"

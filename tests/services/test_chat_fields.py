@@ -14,7 +14,6 @@ from apex_serve import rpc
 from apex_serve.sdk import AsyncClient, ChatMessage, ChatOptions, InvalidArgumentError, ToolCall
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, gateway_pb2_grpc, scheduler_pb2
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
@@ -86,10 +85,8 @@ async def gateway(request: pytest.FixtureRequest, tmp_path: Path, default_model_
     model_dir = default_model_dir if request.param == "default" else _model_dir(tmp_path, default_model_dir)
     config = GatewayConfig(model_dir=str(model_dir), http_address="127.0.0.1:0")
     scheduler = RecordingScheduler()
-    generator = Generator(
-        load_tokenizer(model_dir), ChatTemplate.from_model_dir(model_dir), "recorded", WORKER,
-        Replicas([Replica("recorded", scheduler)]),  # type: ignore[arg-type]
-        config.max_concurrent_requests, config.max_prompt_bytes,
+    generator = Generator.for_config(
+        config, WORKER, Replicas([Replica("recorded", scheduler)]), "recorded"  # type: ignore[arg-type]
     )
     http = HttpServer(generator, config)
     await http.start()

@@ -20,13 +20,11 @@ import pytest
 from apex_serve import rpc
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer, RepeatFilter
 from gateway.replicas import Replica, Replicas
 from gateway.servicer import GatewayServicer
-from gateway.tokenizer import load_tokenizer
 
 WORKER = WorkerInfo(
     model_name="edge", num_layers=1, vocab_size=258, max_model_len=4096, eos_token_ids=(257,), block_size=16,
@@ -74,10 +72,8 @@ async def edge(default_model_dir: Path) -> AsyncIterator:
             model_dir=str(default_model_dir), http_address="127.0.0.1:0", **{**LIMITS, **config}  # type: ignore[arg-type]
         )
         scheduler = OneTokenScheduler()
-        generator = Generator(
-            load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "edge", WORKER,
-            Replicas([Replica("edge", scheduler)]),  # type: ignore[arg-type]
-            gateway.max_concurrent_requests, gateway.max_prompt_bytes, gateway.request_limits,
+        generator = Generator.for_config(
+            gateway, WORKER, Replicas([Replica("edge", scheduler)]), "edge"  # type: ignore[arg-type]
         )
         server = rpc.create_server()
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(generator), server)
@@ -285,6 +281,7 @@ def test_repeated_warnings_are_logged_once_per_interval(caplog) -> None:
             log.warning("Invalid HTTP request received.")
         messages = [r.getMessage() for r in caplog.records if r.name == log.name]
         assert messages[:2] == ["Invalid HTTP request received.", "another kind 1"], messages
-        assert len(messages) == 3 and messages[2].startswith("Invalid HTTP request received. (99 more like it"), messages
+        assert len(messages) == 3, messages
+        assert messages[2].startswith("Invalid HTTP request received. (99 more like it"), messages
     finally:
         log.removeFilter(repeat)

@@ -17,13 +17,11 @@ from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from apex_tools.launcher import Stack
 from conftest import running_stack, wait_until, wait_until_async
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
 from gateway.servicer import GatewayServicer
-from gateway.tokenizer import load_tokenizer
 
 KEY = "sk-test-1"
 
@@ -306,10 +304,8 @@ async def scripted(default_model_dir: Path) -> AsyncIterator:
     async def start(script: Script, **config: object) -> tuple[HttpServer, Generator, ScriptedScheduler, str]:
         gateway = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", **config)
         scheduler = ScriptedScheduler(script)
-        generator = Generator(
-            load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "scripted", WORKER,
-            Replicas([Replica("scripted", scheduler)]),  # type: ignore[arg-type]
-            gateway.max_concurrent_requests, gateway.max_prompt_bytes,
+        generator = Generator.for_config(
+            gateway, WORKER, Replicas([Replica("scripted", scheduler)]), "scripted"  # type: ignore[arg-type]
         )
         server = HttpServer(generator, gateway)
         await server.start()

@@ -16,13 +16,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from apex_serve.types import WorkerInfo
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.hosts import LOOPBACK_NAMES, allowed_hosts, host_name
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
-from gateway.tokenizer import load_tokenizer
 from scheduler_service.telemetry.metrics_server import MetricsServer
 
 WORKER = WorkerInfo(
@@ -39,10 +37,8 @@ def gateway(default_model_dir: Path) -> Gateway:
         config = GatewayConfig(
             model_dir=str(default_model_dir), http_address=http_address, allowed_hosts=allowed_hosts
         )
-        generator = Generator(
-            load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "m", WORKER,
-            Replicas([Replica("unused", object())]),  # type: ignore[arg-type]
-            config.max_concurrent_requests, config.max_prompt_bytes,
+        generator = Generator.for_config(
+            config, WORKER, Replicas([Replica("unused", object())]), "m"  # type: ignore[arg-type]
         )
         server = HttpServer(generator, config)
         await server.start()

@@ -21,12 +21,10 @@ from schemathesis.checks import (
 
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import common_pb2, scheduler_pb2
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
-from gateway.tokenizer import load_tokenizer
 
 KEY = "sk-schema"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -71,10 +69,8 @@ def gateway_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     async def start() -> HttpServer:
         config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys_file=str(keys))
-        generator = Generator(
-            load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "scripted", WORKER,
-            Replicas([Replica("scripted", _OneTokenScheduler())]),  # type: ignore[arg-type]
-            config.max_concurrent_requests, config.max_prompt_bytes,
+        generator = Generator.for_config(
+            config, WORKER, Replicas([Replica("scripted", _OneTokenScheduler())]), "scripted"  # type: ignore[arg-type]
         )
         server = HttpServer(generator, config)
         await server.start()

@@ -11,12 +11,10 @@ import pytest
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import scheduler_pb2
 from conftest import wait_until_async
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
-from gateway.tokenizer import load_tokenizer
 
 WORKER = WorkerInfo(
     model_name="stats", num_layers=1, vocab_size=258, max_model_len=64, eos_token_ids=(257,), block_size=16,
@@ -40,10 +38,7 @@ async def served(default_model_dir: Path) -> AsyncIterator[tuple[Replicas, Stats
     replicas = Replicas([Replica("stats", scheduler)])  # type: ignore[arg-type]
     replicas.watch_progress(stall_timeout_s=0.3, poll_s=0.02)
     config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0")
-    generator = Generator(
-        load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "stats", WORKER, replicas,
-        config.max_concurrent_requests, config.max_prompt_bytes,
-    )
+    generator = Generator.for_config(config, WORKER, replicas, "stats")
     server = HttpServer(generator, config)
     await server.start()
     yield replicas, scheduler, f"http://127.0.0.1:{server.port}"

@@ -9,12 +9,10 @@ import pytest
 
 from apex_serve import __version__
 from apex_serve.types import WorkerInfo
-from gateway.chat_template import ChatTemplate
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.app import create_app
 from gateway.replicas import Replica, Replicas
-from gateway.tokenizer import load_tokenizer
 
 KEY = "sk-tok"
 WORKER = WorkerInfo(
@@ -30,10 +28,8 @@ async def client(default_model_dir: Path, tmp_path: Path) -> AsyncIterator[httpx
     keys.write_text(KEY)
     keys.chmod(0o600)
     config = GatewayConfig(model_dir=str(default_model_dir), api_keys_file=str(keys))
-    generator = Generator(
-        load_tokenizer(default_model_dir), ChatTemplate.from_model_dir(default_model_dir), "tiny", WORKER,
-        Replicas([Replica("unused", None)]),  # type: ignore[arg-type]
-        config.max_concurrent_requests, config.max_prompt_bytes,
+    generator = Generator.for_config(
+        config, WORKER, Replicas([Replica("unused", None)]), "tiny"  # type: ignore[arg-type]
     )
     transport = httpx.ASGITransport(app=create_app(generator, config))
     headers = {"authorization": f"Bearer {KEY}"}
