@@ -13,13 +13,14 @@ import pytest
 from apex_serve import rpc
 from apex_serve.sdk import AsyncClient, ChatMessage, ChatOptions, InvalidArgumentError, ToolCall
 from apex_serve.types import WorkerInfo
-from apex_serve.v1 import common_pb2, gateway_pb2_grpc, scheduler_pb2
+from apex_serve.v1 import gateway_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
 from gateway.servicer import GatewayServicer
 from gateway.tokenizer import Tokenizer, load_tokenizer
+from one_token_scheduler import OneTokenScheduler
 
 WORKER = WorkerInfo(
     model_name="recorded", num_layers=1, vocab_size=258, max_model_len=256, eos_token_ids=(257,), block_size=16,
@@ -45,30 +46,6 @@ CONVERSATION = [
 ]
 
 
-class RecordingScheduler:
-    """Stands in for the scheduler stub: records each SubmitRequest and finishes it after one token."""
-
-    def __init__(self) -> None:
-        self.requests: list[scheduler_pb2.SubmitRequest] = []
-
-    def Submit(self, request: scheduler_pb2.SubmitRequest) -> "OneTokenCall":
-        self.requests.append(request)
-        return OneTokenCall(len(request.prompt_token_ids))
-
-
-class OneTokenCall:
-    def __init__(self, num_prompt: int) -> None:
-        self._num_prompt = num_prompt
-
-    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        usage = common_pb2.Usage(prompt_tokens=self._num_prompt, completion_tokens=1, total_tokens=self._num_prompt + 1)
-        yield scheduler_pb2.SubmitResponse(token_ids=[65], finished=True, finish_reason=common_pb2.FINISH_REASON_LENGTH,
-                                           usage=usage)
-
-    def cancel(self) -> bool:
-        return True
-
-
 def _model_dir(tmp_path: Path, default_model_dir: Path) -> Path:
     config = json.loads((default_model_dir / "tokenizer_config.json").read_text())
     config["chat_template"] = TOOLS_TEMPLATE
@@ -84,7 +61,7 @@ async def gateway(request: pytest.FixtureRequest, tmp_path: Path, default_model_
     template or one with tool support."""
     model_dir = default_model_dir if request.param == "default" else _model_dir(tmp_path, default_model_dir)
     config = GatewayConfig(model_dir=str(model_dir), http_address="127.0.0.1:0")
-    scheduler = RecordingScheduler()
+    scheduler = OneTokenScheduler()
     generator = Generator.for_config(
         config, WORKER, Replicas([Replica("recorded", scheduler)]), "recorded"  # type: ignore[arg-type]
     )

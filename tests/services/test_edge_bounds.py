@@ -19,40 +19,19 @@ import pytest
 
 from apex_serve import rpc
 from apex_serve.types import WorkerInfo
-from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
+from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer, RepeatFilter
 from gateway.replicas import Replica, Replicas
 from gateway.servicer import GatewayServicer
+from one_token_scheduler import OneTokenScheduler
 
 WORKER = WorkerInfo(
     model_name="edge", num_layers=1, vocab_size=258, max_model_len=4096, eos_token_ids=(257,), block_size=16,
     num_kv_blocks=8, device="cpu", dtype="float32",
 )
 LIMITS = {"max_prompt_bytes": 1000, "max_stop_strings": 3, "max_stop_string_bytes": 8, "max_chat_messages": 4}
-
-
-class OneTokenScheduler:
-    """Stands in for the scheduler stub: every Submit answers one token and finishes."""
-
-    def __init__(self) -> None:
-        self.submitted = 0
-
-    def Submit(self, request: scheduler_pb2.SubmitRequest) -> "OneTokenCall":
-        self.submitted += 1
-        return OneTokenCall()
-
-
-class OneTokenCall:
-    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        usage = common_pb2.Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)
-        yield scheduler_pb2.SubmitResponse(
-            token_ids=[65], finished=True, finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage
-        )
-
-    def cancel(self) -> bool:
-        return True
 
 
 class Edge:

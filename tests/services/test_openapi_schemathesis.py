@@ -6,10 +6,9 @@ import asyncio
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 import schemathesis
@@ -20,11 +19,11 @@ from schemathesis.checks import (
 )
 
 from apex_serve.types import WorkerInfo
-from apex_serve.v1 import common_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer
 from gateway.replicas import Replica, Replicas
+from one_token_scheduler import OneTokenScheduler
 
 KEY = "sk-schema"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -33,27 +32,6 @@ WORKER = WorkerInfo(
     num_kv_blocks=8, device="cpu", dtype="float32",
 )
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance"
-
-
-class _OneTokenScheduler:
-    """Stands in for the scheduler stub: every Submit answers one token and finishes (length)."""
-
-    def Submit(self, request: scheduler_pb2.SubmitRequest) -> "_OneTokenCall":
-        return _OneTokenCall()
-
-    async def GetMetrics(self, request: object, timeout: float | None = None) -> None:
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
-
-
-class _OneTokenCall:
-    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        usage = common_pb2.Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4)
-        yield scheduler_pb2.SubmitResponse(
-            token_ids=[65], finished=True, finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage
-        )
-
-    def cancel(self) -> bool:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +48,7 @@ def gateway_url(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     async def start() -> HttpServer:
         config = GatewayConfig(model_dir=str(default_model_dir), http_address="127.0.0.1:0", api_keys_file=str(keys))
         generator = Generator.for_config(
-            config, WORKER, Replicas([Replica("scripted", _OneTokenScheduler())]), "scripted"  # type: ignore[arg-type]
+            config, WORKER, Replicas([Replica("scripted", OneTokenScheduler())]), "scripted"  # type: ignore[arg-type]
         )
         server = HttpServer(generator, config)
         await server.start()
