@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
+from apex_serve.errors import Unavailable
 from gateway.drain import Drain
 from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta
 from gateway.http_api import errors
@@ -125,7 +126,9 @@ def sse_response(chunks: AsyncIterator[str], generation: Generation) -> Streamin
                 yield chunk
         except Exception as exc:  # the status line is sent: the error goes in the stream, as vLLM does
             status, error = errors.describe(exc)
-            if status >= 500:
+            if isinstance(exc, Unavailable):  # the drain's cut: expected, and the drain logs it once
+                logger.info("stream cut: %s", exc)
+            elif status >= 500:
                 logger.exception("stream failed after its first event")
             yield sse(error)
         yield DONE

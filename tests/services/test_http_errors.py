@@ -4,6 +4,7 @@ plus an in-process server over a scripted scheduler for admission, failures and 
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -374,7 +375,7 @@ async def test_stop_lets_a_request_in_flight_finish_within_the_drain(scripted) -
     assert done.status_code == 200 and done.json()["choices"][0]["text"] == "AB"
 
 
-async def test_stop_cancels_a_request_past_the_drain_and_aborts_it(scripted) -> None:
+async def test_stop_cancels_a_request_past_the_drain_and_aborts_it(scripted, caplog: pytest.LogCaptureFixture) -> None:
     server, generator, scheduler, url = await scripted([token(65, 1)], drain_timeout_s=0.2)
     async with httpx.AsyncClient(base_url=url, timeout=10) as c:
         async with c.stream("POST", "/v1/chat/completions", json=_chat("scripted", stream=True)) as response:
@@ -391,6 +392,7 @@ async def test_stop_cancels_a_request_past_the_drain_and_aborts_it(scripted) -> 
     assert error["type"] == "service_unavailable_error" and "drain" in error["message"]
     assert rest[1] == "data: [DONE]"
     assert scheduler.cancelled == 1 and generator.num_active == 0, "the cancelled request was not aborted"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an expected cut was logged as an error"
 
 
 async def test_stop_answers_a_non_streaming_request_past_the_drain_with_503(scripted) -> None:
