@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
-from prometheus_client.metrics_core import Metric
 
 from apex_serve import engine_stats, overlap, types
 from apex_serve.errors import InvalidArgument
@@ -424,24 +423,3 @@ def scheduler_stats_to_pb(
         prompt_tokens=serving.prompt_tokens,
         generation_tokens=serving.generation_tokens,
     )
-
-
-def metric_families_to_pb(families: Iterable[Metric]) -> scheduler_pb2.GetMetricsResponse:
-    """A registry's collected families (their samples' timestamps and exemplars are not carried)."""
-    return scheduler_pb2.GetMetricsResponse(families=[
-        scheduler_pb2.MetricFamily(
-            name=f.name, type=f.type, help=f.documentation, unit=f.unit,
-            samples=[scheduler_pb2.MetricSample(name=s.name, labels=s.labels, value=s.value) for s in f.samples],
-        )
-        for f in families
-    ])
-
-
-def metric_families_from_pb(msg: scheduler_pb2.GetMetricsResponse) -> list[Metric]:
-    families = []
-    for f in msg.families:
-        family = Metric(f.name, f.help, f.type, f.unit)
-        for s in f.samples:
-            family.add_sample(s.name, dict(s.labels), s.value)
-        families.append(family)
-    return families

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from prometheus_client.metrics_core import Metric
 
-from apex_serve import convert, rpc, tracing
+from apex_serve import convert, metric_families, rpc, tracing
 from apex_serve.errors import Unavailable
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -222,7 +222,7 @@ class Replicas:
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                answers.append(ReplicaMetrics(replica.address, convert.metric_families_from_pb(reply)))
+                answers.append(ReplicaMetrics(replica.address, metric_families.from_pb(reply)))
         return answers
 
     async def _watch(self, replica: Replica) -> None:

@@ -7,7 +7,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client.registry import Collector
 
-from apex_serve import convert, errors
+from apex_serve import convert, errors, metric_families
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.engine_loop import EngineLoop
@@ -58,4 +58,4 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetMetrics(
         self, request: scheduler_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetMetricsResponse:
-        return convert.metric_families_to_pb(self._metrics.collect())
+        return metric_families.to_pb(self._metrics.collect())

@@ -1,6 +1,6 @@
-"""GET /health (200 while a scheduler replica is SERVING and its engine not stalled, else 503) and GET /metrics (Prometheus text: the gateway's
-families and every replica's engine families); both stay open when API keys are configured, as load balancers and
-scrapers expect, and both answer HEAD (the status and headers, no body). vLLM's GET and POST /ping (what /health
+"""GET /health (200 while a scheduler replica is SERVING and its engine not stalled, else 503) and GET /metrics
+(Prometheus text: the gateway's families and every replica's engine families); both stay open when API keys are
+configured, as load balancers and scrapers expect, and both answer HEAD (the status and headers, no body). vLLM's GET and POST /ping (what /health
 answers) and GET /version stay open too."""
 
 from fastapi import APIRouter

@@ -7,37 +7,20 @@ http_max_header_bytes (h11's bound; httptools has none, so the h11 protocol is u
 warnings are logged once per interval."""
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterator
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from apex_serve import embedded_http
 from gateway.config import GatewayConfig
 from gateway.drain import CUT_GRACE_S
 from gateway.generation import Generator
 from gateway.http_api.app import create_app
 
 logger = logging.getLogger(__name__)
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its signal handlers: the gateway process drains on SIGTERM itself."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _listen(address: str) -> socket.socket:
-    """A listening socket for host:port ([v6]:port too); raises OSError when the port is taken."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, int(port)), family=family, backlog=2048)
 
 
 LOG_REPEAT_INTERVAL_S = 10.0
@@ -117,7 +100,7 @@ class HttpServer:
     def __init__(self, generator: Generator, config: GatewayConfig) -> None:
         self.app = create_app(generator, config)
         self._address = config.http_address
-        self._server = _EmbeddedServer(
+        self._server = embedded_http.EmbeddedServer(
             uvicorn.Config(
                 self.app, log_config=None, access_log=False, lifespan="off",
                 timeout_graceful_shutdown=config.drain_timeout_s + CUT_GRACE_S,
@@ -143,13 +126,8 @@ class HttpServer:
 
     async def start(self) -> None:
         """Returns once the socket listens; raises OSError when it cannot bind."""
-        self._socket = _listen(self._address)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="http")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("the HTTP server exited during start-up")
-            await asyncio.sleep(0.01)
+        self._socket = embedded_http.listen(self._address)
+        self._task = await embedded_http.start(self._server, self._socket, "http")
 
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish for up to drain_timeout_s, then cuts their generations

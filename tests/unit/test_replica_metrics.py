@@ -4,7 +4,7 @@ label: what prometheus_client writes and parses is the same as the engine's own 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apex_serve import convert
+from apex_serve import metric_families
 from apex_serve.types import WorkerInfo
 from gateway.http_api.metrics import _Families, with_replica_label
 from gateway.replicas import ReplicaMetrics
@@ -28,8 +28,7 @@ def test_families_survive_the_message_and_are_merged_under_a_replica_label() -> 
     engines[1].ttft.observe(0.3)
     engines[1].generation_tokens.inc(5)
     answers = [
-        ReplicaMetrics(f"unix:///r{i}.sock", convert.metric_families_from_pb(convert.metric_families_to_pb(
-            e.registry.collect())))
+        ReplicaMetrics(f"unix:///r{i}.sock", metric_families.from_pb(metric_families.to_pb(e.registry.collect())))
         for i, e in enumerate(engines)
     ]
     answers.insert(1, ReplicaMetrics("unix:///down.sock", None, "UNAVAILABLE: gone"))
