@@ -170,6 +170,8 @@ def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
         cpu_max_rows=info.cpu_max_rows,
         bytes_per_cpu_row=info.bytes_per_cpu_row,
         model_config_json=info.model_config_json,
+        cpu_pool_attached=info.cpu_pool_attached,
+        cpu_pool_generation=info.cpu_pool_generation,
     )
 
 
@@ -191,6 +193,8 @@ def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
         cpu_max_rows=msg.cpu_max_rows,
         bytes_per_cpu_row=msg.bytes_per_cpu_row,
         model_config_json=msg.model_config_json,
+        cpu_pool_attached=msg.cpu_pool_attached,
+        cpu_pool_generation=msg.cpu_pool_generation,
     )
 
 
@@ -218,6 +222,7 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
         swap_out=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_out],
         swap_in=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_in],
         record_subtasks=plan.record_subtasks,
+        cpu_wait_timeout_s=plan.cpu_wait_timeout_s,
     )
 
 
@@ -247,6 +252,7 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
         swap_out=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_out),
         swap_in=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_in),
         record_subtasks=msg.record_subtasks,
+        cpu_wait_timeout_s=msg.cpu_wait_timeout_s,
     )
 
 
@@ -422,4 +428,6 @@ def scheduler_stats_to_pb(
         num_finished=serving.num_finished,
         prompt_tokens=serving.prompt_tokens,
         generation_tokens=serving.generation_tokens,
+        cpu_pool_degraded=scheduler.cpu_pool_degraded,
+        cpu_pool_losses=scheduler.cpu_pool_losses,
     )

@@ -72,6 +72,8 @@ class SchedulerStats:
     iterations_by_mode: dict[ExecutionMode, int]  # plans that ran at least one request
     recent_iterations: tuple[IterationRecord, ...]  # oldest first
     cost_model_error: dict[ExecutionMode, ErrorStats]  # empty without a cost model
+    cpu_pool_degraded: bool = False  # the CPU pool is lost: every request runs on the accelerator until it is back
+    cpu_pool_losses: int = 0  # times the CPU pool was lost since start
 
     @property
     def num_steps(self) -> int:

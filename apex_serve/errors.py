@@ -2,7 +2,10 @@
 
 
 class ApexError(Exception):
-    """Base class of errors a caller can act on."""
+    """Base class of errors a caller can act on. `kind`, when set, names the error across a gRPC edge where its
+    status code alone would be ambiguous (apex_serve.rpc sends it as trailing metadata)."""
+
+    kind: str = ""
 
 
 class InvalidArgument(ApexError):
@@ -27,3 +30,13 @@ class FailedPrecondition(ApexError):
 
 class Unavailable(ApexError):
     """A service this call depends on stopped answering (e.g. the cpu_attention_worker mid-step)."""
+
+
+class CpuPoolLost(Unavailable):
+    """The gpu_worker lost its cpu_attention_worker during a step: the worker died, or a layer of the CPU rows passed
+    its deadline. The gpu_worker dropped the state of every request the step admitted or swapped and of every
+    CPU-resident request, undid the step's block growth of the others, and re-attaches a data plane in the
+    background; the scheduler requeues the CPU pool's requests for recompute and retries the step's accelerator
+    rows."""
+
+    kind = "cpu-pool-lost"

@@ -28,6 +28,8 @@ _STATUS_FOR_ERROR: dict[type[errors.ApexError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+ERROR_KIND_KEY = "apex-error-kind"  # trailing metadata naming an ApexError's kind
+
 REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 CHANNEL_OPTIONS = [
@@ -45,6 +47,14 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED
     return grpc.StatusCode.INTERNAL
+
+
+def error_kind(exc: grpc.aio.AioRpcError) -> str:
+    """The ApexError kind the server named in the call's trailing metadata ("" when none)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_KIND_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 def _details(exc: BaseException) -> str:
@@ -116,7 +126,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
         logger.exception("%s failed", method)
     elif code == grpc.StatusCode.UNIMPLEMENTED:
         logger.info("%s: not implemented", method)
-    await context.abort(code, _details(exc))
+    kind = getattr(exc, "kind", "")
+    await context.abort(code, _details(exc), ((ERROR_KIND_KEY, kind),) if kind else ())
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:

@@ -129,6 +129,10 @@ class WorkerInfo:
     cpu_max_rows: int = 0  # CPU decode rows one sub-batch can stage
     bytes_per_cpu_row: int = 0  # staged per CPU row per layer: q and o (fp32), k and v (CPU KV dtype)
     model_config_json: str = ""  # the model's config.json (the scheduler's cost model reads its shapes)
+    # the CPU pool attached now (False while lost and being re-attached); the cpu_* fields and num_cpu_kv_blocks
+    # describe the latest data plane attached
+    cpu_pool_attached: bool = False
+    cpu_pool_generation: int = 0  # data planes attached since start: 1 after the first, +1 per re-attach
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,9 @@ class StepPlan:
     swap_out: tuple[SwapData, ...] = ()  # accelerator pool -> CPU pool, before the step
     swap_in: tuple[SwapData, ...] = ()  # CPU pool -> accelerator pool, before the step
     record_subtasks: bool = False  # a sampled iteration: the worker returns each layer's subtask intervals
+    # seconds each layer of the CPU rows may take before the cpu_attention_worker counts as lost; 0: the worker's
+    # configured timeout
+    cpu_wait_timeout_s: float = 0.0
 
     @property
     def is_empty(self) -> bool:
