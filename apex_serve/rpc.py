@@ -163,11 +163,18 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
     return wrapper
 
 
-def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+def create_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (), max_receive_bytes: int | None = None
+) -> grpc.aio.Server:
     """A grpc.aio server; `interceptors` run before the exception interceptor, after the tracing one (when on), so
-    a call's SERVER span covers them and records the status they answer with."""
+    a call's SERVER span covers them and records the status they answer with. max_receive_bytes: the largest request
+    message read (a larger one is answered RESOURCE_EXHAUSTED); None: the internal services' 64 MiB."""
+    options = CHANNEL_OPTIONS
+    if max_receive_bytes is not None:
+        options = [(k, v) for k, v in CHANNEL_OPTIONS if k != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
     return grpc.aio.server(
-        interceptors=[*tracing.server_interceptors(), *interceptors, ExceptionInterceptor()], options=CHANNEL_OPTIONS
+        interceptors=[*tracing.server_interceptors(), *interceptors, ExceptionInterceptor()], options=options
     )
 
 

@@ -101,12 +101,14 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
     """Verbs with their own argument parser (benchmarks, profile)."""
     from apex_tools import otlp_receiver, profile_cli
     from apex_tools.bench import (
+        chaos,
         cost_model_accuracy,
         gateway,
         hybrid,
         kernel,
         policies,
         scheduler_overhead,
+        soak,
         stack_overhead,
         tracing,
     )
@@ -116,7 +118,8 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
     mains = {"bench": stack_overhead.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
              "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
-             "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main}
+             "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main,
+             "bench-chaos": chaos.main, "bench-soak": soak.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench-policies", "gpu-only, neo and apex side by side on this machine: tokens/s and TPOT"),
         ("simulate", "the policies on T4/A10 (or this machine's profile) with the analytic cost model, at scale"),
         ("bench-tracing", "decode tokens/s with tracing on against off, and the overlap report of the traced run"),
+        ("bench-chaos", "SIGKILL of the gpu_worker, the scheduler or the cpu_attention_worker mid-stream: recovery times"),
+        ("bench-soak", "open-loop load with cancels and cpu_attention_worker kills: lost requests, latency, RSS growth"),
         ("trace-collect", "an OTLP/gRPC receiver that writes the spans it gets to an OTLP JSON file"),
         ("trace-report", "a trace (OTLP JSON or Jaeger) to an overlap timeline (PNG, HTML), a Chrome trace, a summary"),
     ):

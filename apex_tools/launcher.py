@@ -1,18 +1,20 @@
-"""Starts the five services as local processes, waits until each is SERVING, and stops them
-in order (gateway first) on Ctrl-C / SIGTERM or when one of them dies."""
+"""Starts the five services as local processes, waits until each is SERVING, restarts any that exits (or, without
+supervision, stops the stack when one exits), and stops them in order (gateway first) on Ctrl-C / SIGTERM."""
 
 import logging
 import os
 import shutil
 import signal
-import time
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from apex_serve import rpc
 from apex_serve.flags import option
-from apex_tools.processes import ServiceGroup, split_cores
+from apex_tools.processes import ServiceGroup, StopRequested, split_cores
+from apex_tools.supervisor import describe_exit, supervise
 from gateway.config import API_KEYS_ENV
 from scheduler_service.config import POLICIES
 
@@ -68,6 +70,14 @@ class StackConfig:
         10.0, help="seconds the gateway's requests in flight get to finish on stop; those still running are then cut "
         "(an error event then [DONE] on HTTP, UNAVAILABLE on gRPC)"
     )
+    stall_timeout_s: float = option(
+        30.0, help="seconds the scheduler's engine may run no step while it has requests running before the gateway "
+        "reports it not ready (/health 503) until it steps again (the gateway's --stall-timeout-s); 0: not watched"
+    )
+    supervise: bool = option(
+        True, help="restart a service that exits, with backoff (0.5 s doubling up to 30 s, 0.5 s again once it "
+        "stayed up 60 s); off: a service's exit stops the stack"
+    )
 
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):
@@ -81,6 +91,8 @@ class StackConfig:
             raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s: must be >= 0 (0: not watched), got {self.stall_timeout_s}")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"api_keys_file: {self.api_keys_file} does not exist")
 
@@ -98,7 +110,8 @@ class StackConfig:
 
 
 class Stack:
-    """The five services of `apex-serve up` under one config: their flags, and the ServiceGroup that runs them."""
+    """The five services of `apex-serve up` under one config: their flags, and the ServiceGroup that runs them (and
+    restarts them, under supervise)."""
 
     def __init__(self, config: StackConfig, env: Mapping[str, str] | None = None) -> None:
         """env: variables the services get on top of this process's (OTEL_* for tracing, for example)."""
@@ -127,6 +140,7 @@ class Stack:
         gateway_args = [
             "--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
             "--scheduler-address", scheduler, "--drain-timeout-s", str(c.drain_timeout_s),
+            "--stall-timeout-s", str(c.stall_timeout_s),
         ]
         if c.api_keys_file:
             gateway_args += ["--api-keys-file", c.api_keys_file]
@@ -152,19 +166,30 @@ class Stack:
         device, rest = split_cores(device=self.config.worker_threads)
         return device if module == "gpu_worker" else rest
 
-    def start(self) -> None:
-        """Every service started at once, then waited for in start order."""
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Every service started at once, then waited for in start order. Should one fail to start, or stop be set
+        meanwhile (StopRequested), every service is stopped before the error is raised."""
         shutil.rmtree(self._run_dir, ignore_errors=True)  # stale sockets of a killed run
         self._run_dir.mkdir(mode=0o700, parents=True)
         try:
             started = [self._services.spawn(module, address, args, self._cpus(module), self._env)
                        for module, address, args in self.commands()]
             for service in started:
-                self._services.wait_serving(service)
+                self._services.wait_serving(service, stop=stop)
                 logger.info("%-21s SERVING on %s (pid %d)", service.module, service.address, service.pid)
         except BaseException:
             self.stop()
             raise
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Blocks until stop is set, restarting any service that exits (same module, flags, address, cores and
+        environment) after a backoff of its own; the others are left alone, and a restarted one is not waited for.
+        Call stop() after."""
+        supervise(self._services, stop)
+
+    def pid(self, module: str) -> int:
+        """The pid of the service's current process (KeyError naming a module the stack does not run)."""
+        return self._services.find(module).pid
 
     def dead(self) -> list[tuple[str, int]]:
         return self._services.dead()
@@ -174,7 +199,7 @@ class Stack:
         self._services.stop_all()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -183,17 +208,21 @@ class Stack:
 
 
 def run_until_signal(config: StackConfig) -> int:
-    """The `apex-serve up` main loop. Returns the exit code."""
-    stopping = False
+    """The `apex-serve up` main loop: start, then supervise (or, with supervise off, wait until a service exits) until
+    Ctrl-C / SIGTERM, then stop. Returns the exit code."""
+    stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     stack = Stack(config)
-    stack.start()
+    try:
+        stack.start(stop)
+    except StopRequested:
+        logger.info("stopped during start-up")
+        return 0
     http = (f", OpenAI HTTP on http://{config.http_address}/v1, dashboard http://{config.http_address}/dashboard"
             if config.http_address else "")
     if config.metrics_address:
@@ -201,12 +230,15 @@ def run_until_signal(config: StackConfig) -> int:
     logger.info("apex-serve ready: gateway gRPC on %s%s, model %s (pid %d; Ctrl-C stops)",
                 config.gateway_address, http, Path(config.model_dir).name, os.getpid())
     code = 0
-    while not stopping:
-        if dead := stack.dead():
-            logger.error("service exited: %s; stopping the stack", ", ".join(f"{m} ({c})" for m, c in dead))
-            code = 1
-            break
-        time.sleep(0.2)
+    if config.supervise:
+        stack.supervise(stop)
+    else:
+        while not stop.wait(0.2):
+            if dead := stack.dead():
+                logger.error("service exited: %s; stopping the stack",
+                             ", ".join(f"{m} ({describe_exit(c)})" for m, c in dead))
+                code = 1
+                break
     logger.info("stopping the stack")
     stack.stop()
     logger.info("stopped")

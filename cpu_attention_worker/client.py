@@ -41,23 +41,32 @@ class _MetaViews:
     slot_mapping: np.ndarray  # [max_rows] int64
 
 
+def remove_stale_segments() -> list[str]:
+    """Unlinks the data-plane segments whose creating worker is gone (a client that lost its worker calls this, so
+    a dead worker's memory goes at once rather than when the next worker starts); their names."""
+    return shm.remove_stale()
+
+
 def _spec_proto(spec: DataPlaneSpec) -> cpu_attention_pb2.DataPlaneSpec:
     return cpu_attention_pb2.DataPlaneSpec(**dataclasses.asdict(spec))
 
 
-def _setup(address: str, spec: DataPlaneSpec, timeout_s: float) -> cpu_attention_pb2.DataPlaneLayout:
+def _setup(address: str, spec: DataPlaneSpec, timeout_s: float, fresh: bool) -> cpu_attention_pb2.DataPlaneLayout:
     with grpc.insecure_channel(address) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            return cpu_attention_pb2_grpc.CpuAttentionWorkerStub(channel).SetupDataPlane(
-                _spec_proto(spec), timeout=timeout_s
-            )
+            stub = cpu_attention_pb2_grpc.CpuAttentionWorkerStub(channel)
+            if fresh:
+                stub.TeardownDataPlane(cpu_attention_pb2.TeardownDataPlaneRequest(), timeout=timeout_s)
+            return stub.SetupDataPlane(_spec_proto(spec), timeout=timeout_s)
         except grpc.FutureTimeoutError as exc:
             raise CpuAttentionError(f"cpu_attention_worker at {address} not reachable within {timeout_s} s") from exc
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(exc.details()) from exc
-            raise CpuAttentionError(f"SetupDataPlane at {address} failed: {exc.code().name}: {exc.details()}") from exc
+            raise CpuAttentionError(
+                f"data plane setup at {address} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
 
 
 def _check_layout(reply: cpu_attention_pb2.DataPlaneLayout, expected: dict[str, RegionLayout]) -> None:
@@ -94,9 +103,13 @@ class DataPlaneClient:
         )
 
     @classmethod
-    def connect(cls, address: str, spec: DataPlaneSpec, timeout_s: float = 10.0) -> "DataPlaneClient":
-        """SetupDataPlane at address (spec.num_blocks 0: the worker sizes the pool), then maps the regions."""
-        reply = _setup(address, spec, timeout_s)
+    def connect(
+        cls, address: str, spec: DataPlaneSpec, timeout_s: float = 10.0, fresh: bool = False
+    ) -> "DataPlaneClient":
+        """SetupDataPlane at address (spec.num_blocks 0: the worker sizes the pool), then maps the regions.
+        fresh: TeardownDataPlane first, so the regions and doorbell state are new even when the worker still has
+        a plane of the same spec (one it served before a stop, or to a gpu_worker that is gone)."""
+        reply = _setup(address, spec, timeout_s, fresh)
         resolved = spec.with_num_blocks(reply.spec.num_blocks)
         expected = layout(resolved)
         _check_layout(reply, expected)

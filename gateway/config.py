@@ -62,6 +62,11 @@ class GatewayConfig:
         help="longest stop string in UTF-8 bytes (the stream holds back that many characters); with max_stop_strings "
         "a request carries at most 16 KiB of them by default; longer: INVALID_ARGUMENT / HTTP 400 naming `stop[i]`",
     )
+    max_bad_words: int = option(
+        128,
+        help="most bad_words a request may give (each is tokenized and banned at every step); more: "
+        "INVALID_ARGUMENT / HTTP 400 naming `bad_words`; each word is at most max_stop_string_bytes long",
+    )
     max_chat_messages: int = option(
         2048, help="most messages in one chat request; more: INVALID_ARGUMENT / HTTP 400 naming `messages`"
     )
@@ -82,6 +87,11 @@ class GatewayConfig:
         30.0, help="a replica whose engine runs no step for this many seconds while it has requests running is not "
         "ready (/health 503, ServerReady false) until it steps again; 0: not watched"
     )
+    unavailable_retry_s: float = option(
+        30.0, help="seconds a request that finds no scheduler replica SERVING, or fails UNAVAILABLE before its first "
+        "token with no other replica SERVING, waits for one (a restarted scheduler) to submit it there again; a request "
+        "that already produced tokens is never retried; 0: it fails UNAVAILABLE / HTTP 503 at once"
+    )
     startup_timeout_s: float = option(300.0, help="seconds to wait at start for every scheduler replica to be SERVING")
 
     def __post_init__(self) -> None:
@@ -98,12 +108,14 @@ class GatewayConfig:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
         if self.stall_timeout_s < 0:
             raise ValueError(f"stall_timeout_s: must be >= 0 (0: not watched), got {self.stall_timeout_s}")
+        if self.unavailable_retry_s < 0:
+            raise ValueError(f"unavailable_retry_s: must be >= 0 (0: no wait), got {self.unavailable_retry_s}")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests: must be >= 1, got {self.max_concurrent_requests}")
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: must be >= 1, got {self.max_prompt_bytes}")
         for name in (
-            "max_stop_strings", "max_stop_string_bytes", "max_chat_messages", "max_http_connections",
+            "max_stop_strings", "max_stop_string_bytes", "max_bad_words", "max_chat_messages", "max_http_connections",
             "http_keep_alive_s", "http_max_header_bytes",
         ):
             if getattr(self, name) < 1:
@@ -151,8 +163,17 @@ class GatewayConfig:
         return frozenset(keys)
 
     @property
+    def max_message_bytes(self) -> int:
+        """The largest HTTP body or gRPC request message read: room for JSON escaping (up to 6 bytes a character) of a
+        prompt at max_prompt_bytes, which the Generator answers with 400 / INVALID_ARGUMENT naming the field, and 1
+        MiB for the other fields. A larger one is refused before it is read into memory (HTTP 413, gRPC
+        RESOURCE_EXHAUSTED)."""
+        return 8 * self.max_prompt_bytes + (1 << 20)
+
+    @property
     def request_limits(self) -> RequestLimits:
         return RequestLimits(
             max_prompt_bytes=self.max_prompt_bytes, max_stop_strings=self.max_stop_strings,
-            max_stop_string_bytes=self.max_stop_string_bytes, max_chat_messages=self.max_chat_messages,
+            max_stop_string_bytes=self.max_stop_string_bytes, max_bad_words=self.max_bad_words,
+            max_chat_messages=self.max_chat_messages,
         )

@@ -104,8 +104,7 @@ class Generator:
         limits = self._limits
         validation.check_model(request.model, self.model_name)
         validation.check_stop_strings(request.stop, limits)
-        for i, word in enumerate(request.sampling.bad_words):
-            validation.utf8_size(f"bad_words[{i}]", word)
+        validation.check_bad_words(request.sampling.bad_words, limits)
         if request.messages:
             if self.chat_template is None:
                 raise InvalidArgument("messages", f"model '{self.model_name}' has no chat template; send a prompt")

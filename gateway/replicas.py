@@ -1,8 +1,11 @@
 """The scheduler replicas behind one gateway (DESIGN §9): each new request goes to the SERVING replica
 with the fewest requests this gateway has in flight on it (exact counts, no polling), ties broken
-round-robin; a Submit that fails UNAVAILABLE before its first token is retried once on another replica;
-Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard and the readiness (a
-replica whose engine stopped stepping with requests running is not ready), its GetMetrics the gateway's /metrics."""
+round-robin; a Submit that fails UNAVAILABLE before its first token is retried at once on another SERVING replica, and
+otherwise (or should that fail too) waits for a SERVING replica within unavailable_retry_s of the first failure (a
+restarted scheduler, say) and is submitted there again; a request sent when none is SERVING waits the same way.
+Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard, the readiness (a
+replica whose engine stopped stepping with requests running is not ready) and the degraded state (its CPU pool is
+lost), its GetMetrics the gateway's /metrics."""
 
 import asyncio
 import logging
@@ -24,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 CLOSE_WAIT_S = 1.0  # how long the end of a Submit stream is awaited after its last message
 HEALTH_RETRY_S = 0.5  # between attempts to re-open the health watch of a replica that went away
+# before a request is submitted again after a failure with no other replica to go to: the failed replica's health
+# watch notices its loss meanwhile, and a replica that stays SERVING but fails every Submit is not hammered
+RETRY_PAUSE_S = 0.5
 PROGRESS_POLL_S = 1.0  # between the GetStats calls that watch a replica's engine for progress
 # A replica that comes back is reconnected within seconds, not gRPC's default of up to two minutes.
 _CHANNEL_OPTIONS = [*rpc.CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -44,6 +50,7 @@ class Replica:
     serving: bool = True
     in_flight: int = 0  # requests of this gateway running there now
     stalled: bool = False  # its engine ran no step for stall_timeout_s while it had requests running
+    degraded: bool = False  # its CPU pool is lost: it serves on the accelerator only (as of its last GetStats)
     submitted: int = 0  # requests sent there since start (retries included)
     completed: int = 0  # of them, those that ended (finished, failed or cancelled)
 
@@ -84,17 +91,25 @@ def check_same_model(infos: Sequence[tuple[str, WorkerInfo]]) -> None:
 
 
 class Replicas:
-    def __init__(self, replicas: Sequence[Replica]) -> None:
+    def __init__(self, replicas: Sequence[Replica], unavailable_retry_s: float = 0.0) -> None:
+        """unavailable_retry_s: how long a request that found no SERVING replica (or failed UNAVAILABLE before its
+        first token with none other to go to) waits for one; 0: it fails at once."""
         if not replicas:
             raise ValueError("replicas: need at least one scheduler replica")
+        if unavailable_retry_s < 0:
+            raise ValueError(f"unavailable_retry_s: must be >= 0, got {unavailable_retry_s}")
         self.replicas = tuple(replicas)
+        self.unavailable_retry_s = unavailable_retry_s
         self._cursor = 0  # round-robin start among equally loaded replicas
         self._holders: dict[str, Replica] = {}  # request id -> the replica running it
         self._channels: list[grpc.aio.Channel] = []
         self._watchers: list[asyncio.Task[None]] = []
+        self._serving_again = asyncio.Event()  # set, then replaced, each time a replica turns SERVING
 
     @classmethod
-    async def connect(cls, addresses: Sequence[str], timeout_s: float) -> tuple["Replicas", WorkerInfo]:
+    async def connect(
+        cls, addresses: Sequence[str], timeout_s: float, unavailable_retry_s: float = 0.0
+    ) -> tuple["Replicas", WorkerInfo]:
         """Waits until every replica is SERVING, checks they serve the same model, and watches their
         health. Returns the replicas and the (common) worker info; raises ReplicaMismatch or TimeoutError."""
         await asyncio.gather(*(rpc.wait_healthy(a, timeout_s=timeout_s) for a in addresses))
@@ -106,7 +121,7 @@ class Replicas:
             Replica(a, scheduler_pb2_grpc.SchedulerStub(c), health_pb2_grpc.HealthStub(c))
             for a, c in zip(addresses, channels, strict=True)
         ]
-        routed = cls(replicas)
+        routed = cls(replicas, unavailable_retry_s)
         routed._channels = channels
         try:
             replies = await asyncio.gather(
@@ -129,9 +144,15 @@ class Replicas:
         """A replica is SERVING and its engine is not stalled."""
         return any(r.serving and not r.stalled for r in self.replicas)
 
+    @property
+    def degraded(self) -> list[Replica]:
+        """The ready replicas whose CPU pool is lost (they serve on the accelerator only)."""
+        return [r for r in self.replicas if r.serving and not r.stalled and r.degraded]
+
     def watch_progress(self, stall_timeout_s: float, poll_s: float = PROGRESS_POLL_S) -> None:
-        """Marks a replica stalled while its scheduler reports requests running but no new step (or does not answer
-        GetStats) for stall_timeout_s; close() ends the watch."""
+        """Polls each replica's GetStats: keeps its degraded state, and marks it stalled while its scheduler reports
+        requests running but no new step (or does not answer GetStats) for stall_timeout_s (0: never marked);
+        close() ends the watch."""
         self._watchers += [
             asyncio.create_task(self._watch_progress(r, stall_timeout_s, poll_s), name=f"progress {r.address}")
             for r in self.replicas
@@ -153,12 +174,27 @@ class Replicas:
     def submit(
         self, request: scheduler_pb2.SubmitRequest, trace_context: otel_context.Context | None = None
     ) -> "RoutedCall":
-        """Sends the request to the least-loaded replica (its Submit calls made in trace_context, when given);
-        raises Unavailable when none is SERVING."""
+        """Sends the request to the least-loaded replica (its Submit calls made in trace_context, when given). When
+        none is SERVING: raises Unavailable if unavailable_retry_s is 0, else the call waits for one as it is
+        iterated."""
         replica = self.pick()
-        if replica is None:
-            raise Unavailable(f"no scheduler replica is SERVING ({', '.join(r.address for r in self.replicas)})")
+        if replica is None and not self.unavailable_retry_s:
+            raise _none_serving(self.replicas)
         return RoutedCall(self, request, replica, trace_context)
+
+    async def wait_serving(self, deadline: float) -> Replica | None:
+        """The SERVING replica pick() chooses, waiting until time.monotonic() reaches deadline for one to turn
+        SERVING; None when none did."""
+        while (replica := self.pick()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._serving_again.wait()
+            except TimeoutError:
+                return None
+        return replica
 
     def hold(self, request_id: str, replica: Replica) -> None:
         replica.in_flight += 1
@@ -253,7 +289,13 @@ class Replicas:
                 running = stats.num_running > 0
                 if stats.num_steps != steps or not running:
                     steps, progressed = stats.num_steps, now
-            stalled = running and now - progressed >= stall_timeout_s
+                if stats.cpu_pool_degraded != replica.degraded:
+                    if stats.cpu_pool_degraded:
+                        logger.warning("replica %s: CPU pool lost, serving on the accelerator only", replica.address)
+                    else:
+                        logger.info("replica %s: CPU pool attached again", replica.address)
+                    replica.degraded = stats.cpu_pool_degraded
+            stalled = running and stall_timeout_s > 0 and now - progressed >= stall_timeout_s
             if stalled != replica.stalled:
                 if stalled:
                     logger.warning("replica %s: no engine step for %.0f s with requests running: not ready",
@@ -263,11 +305,13 @@ class Replicas:
                 replica.stalled = stalled
             await asyncio.sleep(poll_s)
 
-    @staticmethod
-    def _set_serving(replica: Replica, serving: bool) -> None:
+    def _set_serving(self, replica: Replica, serving: bool) -> None:
         if serving != replica.serving:
             logger.info("replica %s is %s", replica.address, "SERVING" if serving else "NOT_SERVING")
         replica.serving = serving
+        if serving:
+            self._serving_again.set()
+            self._serving_again = asyncio.Event()
 
     async def close(self) -> None:
         for task in self._watchers:
@@ -275,6 +319,10 @@ class Replicas:
         await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._channels))
         self._watchers, self._channels = [], []
+
+
+def _none_serving(replicas: Sequence[Replica]) -> Unavailable:
+    return Unavailable(f"no scheduler replica is SERVING ({', '.join(r.address for r in replicas)})")
 
 
 async def _read_to_end_after_last(
@@ -294,18 +342,22 @@ async def _read_to_end_after_last(
 
 
 class RoutedCall:
-    """One Submit stream on the replica it was routed to. Iterate it for the scheduler's messages;
-    cancel() ends it (a no-op when it is done) and frees its place in the replica's count."""
+    """One Submit stream on the replica it was routed to (None: none was SERVING; iterating waits for one). Iterate
+    it for the scheduler's messages; cancel() ends it (a no-op when it is done) and frees its place in the replica's
+    count. A waiting iteration ends early when its task is cancelled (the client went away)."""
 
     def __init__(
-        self, replicas: Replicas, request: scheduler_pb2.SubmitRequest, replica: Replica,
+        self, replicas: Replicas, request: scheduler_pb2.SubmitRequest, replica: Replica | None,
         trace_context: otel_context.Context | None = None,
     ) -> None:
         self._replicas = replicas
         self._request = request
         self._trace_context = trace_context
         self._released = True
-        self._start(replica)
+        self.replica = replica
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        if replica is not None:
+            self._start(replica)
 
     def _start(self, replica: Replica) -> None:
         self.replica = replica
@@ -320,35 +372,54 @@ class RoutedCall:
                 otel_context.detach(token)
 
     def _release(self) -> None:
-        if not self._released:
+        if not self._released and self.replica is not None:
             self._released = True
             self._replicas.release(self._request.request_id, self.replica)
 
-    def _reroute(self, exc: grpc.aio.AioRpcError) -> bool:
-        """After UNAVAILABLE before any token: Submit again on another SERVING replica, if there is one."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
-            return False
-        other = self._replicas.pick(exclude=self.replica)
-        if other is None:
-            return False
-        logger.warning(
-            "request %s: replica %s UNAVAILABLE before the first token (%s); retrying on %s",
-            self._request.request_id, self.replica.address, exc.details(), other.address,
-        )
-        self._release()
-        self._start(other)
-        return True
+    async def _first(self) -> tuple[scheduler_pb2.SubmitResponse | None, AsyncIterator[scheduler_pb2.SubmitResponse]]:
+        """The first message and the stream it came on, after the retries an UNAVAILABLE before it allows: at once on
+        another SERVING replica (once), else on the first replica SERVING within unavailable_retry_s of the first
+        failure (or of the submission, when none was SERVING then)."""
+        replicas, request_id = self._replicas, self._request.request_id
+        window_end: float | None = None
+        if self._call is None:
+            window_end = time.monotonic() + replicas.unavailable_retry_s
+            logger.warning("request %s: no scheduler replica is SERVING; waiting up to %.0f s for one", request_id,
+                           replicas.unavailable_retry_s)
+            if (replica := await replicas.wait_serving(window_end)) is None:
+                raise _none_serving(replicas.replicas)
+            self._start(replica)
+        rerouted = False
+        while True:
+            messages = aiter(self._call)
+            try:
+                return await anext(messages, None), messages
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failed = self.replica
+                assert failed is not None  # the call that failed was made on it
+                self._release()
+                if window_end is None:
+                    window_end = time.monotonic() + replicas.unavailable_retry_s
+                other = None if rerouted else replicas.pick(exclude=failed)
+                if other is not None:
+                    logger.warning("request %s: replica %s UNAVAILABLE before the first token (%s); retrying on %s",
+                                   request_id, failed.address, exc.details(), other.address)
+                else:
+                    if time.monotonic() >= window_end:
+                        raise
+                    logger.warning("request %s: replica %s UNAVAILABLE before the first token (%s); waiting for a "
+                                   "SERVING replica", request_id, failed.address, exc.details())
+                    await asyncio.sleep(min(RETRY_PAUSE_S, window_end - time.monotonic()))
+                    if (other := await replicas.wait_serving(window_end)) is None:
+                        raise
+                rerouted = True
+                self._start(other)
 
     async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
         try:
-            messages = aiter(self._call)
-            try:
-                first = await anext(messages, None)
-            except grpc.aio.AioRpcError as exc:
-                if not self._reroute(exc):
-                    raise
-                messages = aiter(self._call)
-                first = await anext(messages, None)
+            first, messages = await self._first()
             if first is None:
                 return
             yield await _read_to_end_after_last(first, messages)
@@ -358,5 +429,6 @@ class RoutedCall:
             self._release()
 
     def cancel(self) -> None:
-        self._call.cancel()
+        if self._call is not None:
+            self._call.cancel()
         self._release()

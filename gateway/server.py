@@ -30,12 +30,18 @@ def _tls(config: GatewayConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+def create_server(config: GatewayConfig) -> grpc.aio.Server:
+    """The public gRPC server: API keys checked when configured, request messages bounded by max_message_bytes."""
+    return rpc.create_server([ApiKeyInterceptor(config.api_key_set)], config.max_message_bytes)
+
+
 async def serve(config: GatewayConfig) -> None:
-    replicas, worker = await Replicas.connect(config.scheduler_addresses, config.startup_timeout_s)
-    if config.stall_timeout_s:
-        replicas.watch_progress(config.stall_timeout_s)
+    replicas, worker = await Replicas.connect(
+        config.scheduler_addresses, config.startup_timeout_s, config.unavailable_retry_s
+    )
+    replicas.watch_progress(config.stall_timeout_s)
     generator = Generator.for_config(config, worker, replicas)
-    server = rpc.create_server([ApiKeyInterceptor(config.api_key_set)])
+    server = create_server(config)
     servicer = GatewayServicer(generator)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     service = rpc.ServiceRunner(server, [SERVICE_NAME])

@@ -16,6 +16,7 @@ class RequestLimits:
     max_prompt_bytes: int = 1 << 20
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 1024
+    max_bad_words: int = 128
     max_chat_messages: int = 2048
 
 
@@ -52,6 +53,16 @@ def check_stop_strings(stop: Sequence[str], limits: RequestLimits) -> None:
         if not s:
             raise InvalidArgument("stop", "stop strings must not be empty")
         check_text_size(f"stop[{i}]", s, limits.max_stop_string_bytes, "max_stop_string_bytes")
+
+
+def check_bad_words(words: Sequence[str], limits: RequestLimits) -> None:
+    """At most max_bad_words, each valid UTF-8 of at most max_stop_string_bytes: before any is tokenized."""
+    if len(words) > limits.max_bad_words:
+        raise InvalidArgument(
+            "bad_words", f"{len(words)} words exceeds the limit of {limits.max_bad_words} (max_bad_words)"
+        )
+    for i, word in enumerate(words):
+        check_text_size(f"bad_words[{i}]", word, limits.max_stop_string_bytes, "max_stop_string_bytes")
 
 
 def check_messages(messages: Sequence[Mapping[str, Any]], limits: RequestLimits) -> None:

@@ -43,7 +43,11 @@ class GpuWorkerConfig:
     )
     cpu_max_rows: int = option(64, help="CPU decode rows per sub-batch (sizes the staging buffers)")
     cpu_wait_timeout_s: float = option(
-        30.0, help="seconds to wait for one layer of CPU attention before the step fails"
+        30.0, help="seconds one layer of CPU attention may take before the cpu_attention_worker counts as lost "
+        "(a step's plan may set its own)"
+    )
+    cpu_reattach_interval_s: float = option(
+        0.5, help="seconds between attempts to attach a fresh data plane after the cpu_attention_worker was lost"
     )
 
     def __post_init__(self) -> None:
@@ -73,5 +77,7 @@ class GpuWorkerConfig:
             raise ValueError(f"cpu_max_rows: must be >= 1, got {self.cpu_max_rows}")
         if self.cpu_wait_timeout_s <= 0:
             raise ValueError(f"cpu_wait_timeout_s: must be > 0, got {self.cpu_wait_timeout_s}")
+        if self.cpu_reattach_interval_s <= 0:
+            raise ValueError(f"cpu_reattach_interval_s: must be > 0, got {self.cpu_reattach_interval_s}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be in [0, 2^63), got {self.seed}")

@@ -19,10 +19,9 @@ logger = logging.getLogger(__name__)
 class CpuAttentionBridge:
     """Launches one layer of a sub-batch's CPU rows on the cpu_attention_worker and collects the result."""
 
-    def __init__(self, client: DataPlaneClient, transfer: HostTransfer, wait_timeout_s: float) -> None:
+    def __init__(self, client: DataPlaneClient, transfer: HostTransfer) -> None:
         self.client = client
         self.transfer = transfer
-        self.wait_timeout_s = wait_timeout_s
         spec: DataPlaneSpec = client.spec
         storage = TORCH_DTYPES[spec.kv_dtype]
         self.pool = PagedKVCache.wrap(torch_view(client.k_cache, storage), torch_view(client.v_cache, storage))
@@ -68,10 +67,13 @@ class CpuAttentionBridge:
         self.stage(slot, q, k, v)
         return self.client.ring(slot, layer_idx)
 
-    def collect(self, slot: int, layer: int, ticket: int, rows: int, clock: StepClock) -> torch.Tensor:
-        """Wait for a launched layer; o [rows, num_q_heads, head_dim] float32 on the device."""
+    def collect(
+        self, slot: int, layer: int, ticket: int, rows: int, timeout_s: float, clock: StepClock
+    ) -> torch.Tensor:
+        """Wait up to timeout_s for a launched layer (CpuAttentionError past it, or when the worker died);
+        o [rows, num_q_heads, head_dim] float32 on the device."""
         with clock.measure("wait"):
-            self.client.wait(ticket, self.wait_timeout_s)
+            self.client.wait(ticket, timeout_s)
         if clock.record:
             clock.add_interval(SubtaskKind.CPU_ATTENTION, layer, slot, *self.client.served_interval(ticket))
         with clock.measure("staging", layer, slot):

@@ -51,8 +51,11 @@ class Forward:
         self.bridge = bridge
         self.rms_norm_eps = rms_norm_eps
 
-    def logits(self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock) -> torch.Tensor:
-        """fp32 logits [num_requests, vocab] in the order of the sub-batches' request_ids, concatenated."""
+    def logits(
+        self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock, cpu_wait_s: float
+    ) -> torch.Tensor:
+        """fp32 logits [num_requests, vocab] in the order of the sub-batches' request_ids, concatenated. Each layer
+        of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
             flights = []
             for batch in sub_batches:
@@ -62,19 +65,19 @@ class Forward:
                 hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
                 flights.append(_Flight(batch, hidden))
             if mode is ExecutionMode.ASYM_PIPELINE and len(flights) == 2:
-                self._pipelined(flights[0], flights[1], clock)
+                self._pipelined(flights[0], flights[1], clock, cpu_wait_s)
             else:
                 for flight in flights:
                     for i in range(len(self.weights.layers)):
                         self._launch(flight, i, clock)
                         self._device(flight, i, clock)
-                        self._complete(flight, i, clock)
+                        self._complete(flight, i, clock, cpu_wait_s)
             with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
                 hidden = torch.cat([f.hidden for f in flights])  # [num_requests, hidden]
                 normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)
                 return F.linear(normed, self.weights.lm_head).float()  # [num_requests, vocab]
 
-    def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock) -> None:
+    def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock, cpu_wait_s: float) -> None:
         """Two sub-batches one layer apart: the CPU attends A's layer i while the accelerator finishes B's layer
         i - 1 and runs B's layer i up to its attention, and the other way round."""
         last = len(self.weights.layers) - 1
@@ -82,11 +85,11 @@ class Forward:
             self._launch(a, i, clock)
             self._device(a, i, clock)
             if i > 0:
-                self._complete(b, i - 1, clock)
+                self._complete(b, i - 1, clock, cpu_wait_s)
             self._launch(b, i, clock)
             self._device(b, i, clock)
-            self._complete(a, i, clock)
-        self._complete(b, last, clock)
+            self._complete(a, i, clock, cpu_wait_s)
+        self._complete(b, last, clock, cpu_wait_s)
 
     def _bridge(self) -> CpuAttentionBridge:
         if self.bridge is None:
@@ -135,11 +138,13 @@ class Forward:
             attn = attn[prefill:]
         flight.device_attn = attn
 
-    def _complete(self, flight: _Flight, i: int, clock: StepClock) -> None:
+    def _complete(self, flight: _Flight, i: int, clock: StepClock, cpu_wait_s: float) -> None:
         batch = flight.batch
         parts = [] if flight.device_attn is None else [flight.device_attn]
         if batch.num_cpu_decodes:
-            parts.append(self._bridge().collect(batch.slot, i, flight.ticket, batch.num_cpu_decodes, clock))
+            parts.append(
+                self._bridge().collect(batch.slot, i, flight.ticket, batch.num_cpu_decodes, cpu_wait_s, clock)
+            )
         attn = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows not yet projected, num_heads, head_dim]
         hidden = flight.hidden
         if flight.done_prefill is not None:

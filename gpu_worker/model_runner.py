@@ -3,24 +3,25 @@
 import hashlib
 import json
 import logging
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from apex_serve.errors import CpuPoolLost
 from apex_serve.hardware import HardwareFingerprint, fingerprint
-from apex_serve.types import (
-    Placement, StepOutput, StepPlan, StepTimings, SwapData, TokenLogprob, WorkerInfo,
-)
-from cpu_attention_worker.client import DataPlaneClient
+from apex_serve.types import Placement, StepOutput, StepPlan, StepTimings, SwapData, TokenLogprob, WorkerInfo
+from cpu_attention_worker.client import CpuAttentionError
 from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.forward import Forward
-from gpu_worker.host_transfer import host_transfer_for
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.model_config import ModelConfig, load_model_config
-from gpu_worker.plan_checks import PlanChecker
+from gpu_worker.plan_checks import PlanChecker, cpu_pool_use
 from gpu_worker.rope import RotaryEmbedding
 from gpu_worker.sampler import Sampler, compute_logprobs
 from gpu_worker.step_batch import RequestState, SubBatch, layout_sub_batch
@@ -54,7 +55,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    """The gpu_worker's model: weights, KV pool, request state. Block ids come from the scheduler."""
+    """The gpu_worker's model: weights, KV pool, request state. Block ids come from the scheduler.
+
+    A lost cpu_attention_worker fails the step with CpuPoolLost (see apex_serve.errors for what is dropped); the
+    CPU pool is then detached until a fresh data plane is re-attached in the background, and plans that touch it
+    fail with CpuPoolLost meanwhile."""
 
     def __init__(self, config: GpuWorkerConfig) -> None:
         self.config = config
@@ -78,15 +83,14 @@ class ModelRunner:
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.max_blocks_per_row = -(-self.max_model_len // config.block_size)
-        self.bridge = self._attach_cpu_worker() if config.cpu_worker_address else None
-        num_cpu_blocks = self.bridge.pool.num_blocks if self.bridge else 0
-        self.forward = Forward(self.weights, self.kv_cache, self.bridge, self.model_config.rms_norm_eps)
+        self.forward = Forward(self.weights, self.kv_cache, None, self.model_config.rms_norm_eps)
         self.checker = PlanChecker(
             self.model_config.vocab_size, self.max_model_len, config.block_size,
-            {Placement.GPU: num_blocks, Placement.CPU: num_cpu_blocks}, config.cpu_max_rows,
+            {Placement.GPU: num_blocks, Placement.CPU: 0}, config.cpu_max_rows,
         )
         self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
+        self._lock = threading.Lock()  # held by a step while it runs; the CPU pool's bridge changes only under it
         self._info = WorkerInfo(
             model_name=Path(config.model_dir).resolve().name,
             num_layers=self.model_config.num_hidden_layers,
@@ -97,16 +101,19 @@ class ModelRunner:
             num_kv_blocks=num_blocks,
             device=str(self.device),
             dtype=config.dtype,
-            num_cpu_kv_blocks=num_cpu_blocks,
             hardware=self._fingerprint(),
             model_config_hash=config_hash(config.model_dir),
-            cpu_kv_dtype=self.bridge.spec.kv_dtype if self.bridge else "",
-            cpu_max_rows=self.bridge.spec.max_rows if self.bridge else 0,
-            bytes_per_cpu_row=self.bridge.bytes_per_row() if self.bridge else 0,
             model_config_json=config_json(config.model_dir),
         )
+        self.cpu_pool: CpuPool | None = None
+        if config.cpu_worker_address:
+            self.cpu_pool = CpuPool(
+                config.cpu_worker_address, self._data_plane_spec(), self.device, self._lock,
+                config.cpu_reattach_interval_s, self._cpu_pool_changed,
+            )
+            self.cpu_pool.attach(timeout_s=60.0)
         logger.info("model runner ready: %s, %d accelerator KV blocks, %d CPU KV blocks", self._info.model_name,
-                    num_blocks, num_cpu_blocks)
+                    num_blocks, self._info.num_cpu_kv_blocks)
 
     def _fingerprint(self) -> HardwareFingerprint:
         if self.device.type == "cuda":
@@ -114,10 +121,10 @@ class ModelRunner:
             return fingerprint(props.name, props.total_memory)
         return fingerprint()
 
-    def _attach_cpu_worker(self) -> CpuAttentionBridge:
-        """Open the cpu_attention_worker's data plane (it creates the shared-memory regions for this model)."""
+    def _data_plane_spec(self) -> DataPlaneSpec:
+        """The data plane asked of the cpu_attention_worker (it creates the shared-memory regions for this model)."""
         config, model = self.config, self.model_config
-        spec = DataPlaneSpec(
+        return DataPlaneSpec(
             num_layers=model.num_hidden_layers,
             num_q_heads=model.num_attention_heads,
             num_kv_heads=model.num_key_value_heads,
@@ -128,17 +135,41 @@ class ModelRunner:
             max_rows=config.cpu_max_rows,
             max_blocks_per_row=self.max_blocks_per_row,
         )
-        client = DataPlaneClient.connect(config.cpu_worker_address, spec, timeout_s=60.0)
-        logger.info("attached to the cpu_attention_worker at %s: %d CPU KV blocks", config.cpu_worker_address,
-                    client.num_blocks)
-        return CpuAttentionBridge(client, host_transfer_for(self.device), config.cpu_wait_timeout_s)
+
+    def _cpu_pool_changed(self, bridge: CpuAttentionBridge | None) -> None:
+        """Point the forward, the plan checker and WorkerInfo at the data plane attached now (None: detached; the
+        info keeps the geometry of the last plane)."""
+        self.forward.bridge = bridge
+        if bridge is None:
+            self.checker.pool_blocks[Placement.CPU] = 0
+            self._info = replace(self._info, cpu_pool_attached=False)
+            return
+        self.checker.pool_blocks[Placement.CPU] = bridge.pool.num_blocks
+        self._info = replace(
+            self._info,
+            num_cpu_kv_blocks=bridge.pool.num_blocks,
+            cpu_kv_dtype=bridge.spec.kv_dtype,
+            cpu_max_rows=bridge.spec.max_rows,
+            bytes_per_cpu_row=bridge.bytes_per_row(),
+            cpu_pool_attached=True,
+            cpu_pool_generation=self._info.cpu_pool_generation + 1,
+        )
 
     @property
     def info(self) -> WorkerInfo:
         return self._info
 
+    @property
+    def bridge(self) -> CpuAttentionBridge | None:
+        """The data plane attached now; None without a cpu_attention_worker or while it is lost."""
+        return self.cpu_pool.bridge if self.cpu_pool else None
+
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step and sample one token per scheduled request (with logprobs where asked for)."""
+        with self._lock:
+            return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> StepOutput:
         start_unix_ns = time.time_ns()
         start = time.perf_counter_ns()
         clock = StepClock(plan.record_subtasks, self._synchronize if self.device.type == "cuda" else None)
@@ -151,7 +182,7 @@ class ModelRunner:
                 start_unix_ns=start_unix_ns,
             )
             return StepOutput(step_id=plan.step_id, timings=timings)
-        logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
+        logits = self._forward(plan, sub_batches, clock)  # [num_requests, vocab]
         self._synchronize()
         forwarded = time.perf_counter_ns()
         sampled, logprobs = self._sample(_request_ids(sub_batches), logits)
@@ -175,23 +206,51 @@ class ModelRunner:
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         """Run one step without sampling: fp32 logits [vocab] of each scheduled request's last position."""
-        clock = StepClock()
-        sub_batches = self._prepare(plan, clock)
-        if not sub_batches:
-            return {}
-        logits = self.forward.logits(sub_batches, plan.mode, clock)  # [num_requests, vocab]
-        return dict(zip(_request_ids(sub_batches), logits.unbind(0)))
+        with self._lock:
+            clock = StepClock()
+            sub_batches = self._prepare(plan, clock)
+            if not sub_batches:
+                return {}
+            logits = self._forward(plan, sub_batches, clock)  # [num_requests, vocab]
+            return dict(zip(_request_ids(sub_batches), logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """Sample from compute_logits' output and append each token to its request, as execute does;
         logprobs reach only execute's StepOutput."""
-        return self._sample(list(logits), torch.stack(list(logits.values())))[0]
+        with self._lock:
+            return self._sample(list(logits), torch.stack(list(logits.values())))[0]
+
+    def reset(self) -> int:
+        """Drop the state of every request (a scheduler starting anew); how many were dropped."""
+        with self._lock:
+            dropped = len(self._requests)
+            self._requests.clear()
+        logger.info("reset: dropped the state of %d requests", dropped)
+        return dropped
 
     def close(self) -> None:
-        """Detach from the cpu_attention_worker's shared memory."""
-        if self.bridge is not None:
-            self.bridge.close()
-            self.bridge = None
+        """Stop re-attaching and detach from the cpu_attention_worker's shared memory."""
+        if self.cpu_pool is not None:
+            self.cpu_pool.close()
+
+    def _forward(self, plan: StepPlan, sub_batches: list[SubBatch], clock: StepClock) -> torch.Tensor:
+        """The forward's logits [num_requests, vocab]; CpuPoolLost when the cpu_attention_worker is lost in it."""
+        wait_s = plan.cpu_wait_timeout_s if plan.cpu_wait_timeout_s > 0 else self.config.cpu_wait_timeout_s
+        try:
+            return self.forward.logits(sub_batches, plan.mode, clock, wait_s)
+        except CpuAttentionError as exc:
+            raise self._lose(plan, str(exc)) from exc
+
+    def _lose(self, plan: StepPlan, cause: str) -> CpuPoolLost:
+        """After a loss in the forward of plan (fully prepared): drop and undo per CpuPoolLost, detach the CPU pool
+        and start re-attaching it."""
+        dropped = drop_lost_requests(plan, self._requests)
+        address = self.config.cpu_worker_address
+        if self.cpu_pool is not None:
+            self.cpu_pool.detach()
+        logger.warning("lost the cpu_attention_worker at %s in step %d: %s; dropped %d requests, re-attaching every "
+                       "%s s", address, plan.step_id, cause, dropped, self.config.cpu_reattach_interval_s)
+        return CpuPoolLost(f"step {plan.step_id} lost the cpu_attention_worker at {address}: {cause}")
 
     def _sample(
         self, request_ids: list[str], logits: torch.Tensor
@@ -219,9 +278,15 @@ class ModelRunner:
         return self.bridge.pool
 
     def _prepare(self, plan: StepPlan, clock: StepClock) -> list[SubBatch]:
-        """Apply the plan's state changes (after validating all of them) and lay out its non-empty sub-batches."""
+        """Apply the plan's state changes (after validating all of them) and lay out its non-empty sub-batches.
+        A plan that uses the CPU pool while it is detached fails with CpuPoolLost with only its frees applied."""
         for request_id in plan.freed_request_ids:
             self._requests.pop(request_id, None)
+        if self.cpu_pool is not None and self.cpu_pool.bridge is None:
+            use = cpu_pool_use(plan, self._requests)
+            if use:
+                raise CpuPoolLost(f"step {plan.step_id}: {use}, but the CPU pool is detached (the cpu_attention_worker "
+                                  f"at {self.config.cpu_worker_address} was lost; re-attaching)")
         self.checker.check(plan, self._requests)
         with clock.measure("swap"):
             for swap in (*plan.swap_out, *plan.swap_in):

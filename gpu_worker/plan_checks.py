@@ -115,3 +115,16 @@ class PlanChecker:
             raise InvalidArgument(
                 "block_ids", f"request {rid!r} has a block id outside [0, {limit}) of the {placement.value} pool"
             )
+
+
+def cpu_pool_use(plan: StepPlan, requests: dict[str, RequestState]) -> str:
+    """How plan uses the CPU pool (a CPU placement, a CPU decode row, a swap), or "" when it does not."""
+    for new in plan.new_requests:
+        if new.placement is Placement.CPU:
+            return f"request {new.request_id!r} is placed on the CPU"
+    for cached in plan.cached_requests:
+        request = requests.get(cached.request_id)
+        if request is not None and request.placement is Placement.CPU:
+            return f"request {cached.request_id!r} decodes on the CPU"
+    swaps = (*plan.swap_out, *plan.swap_in)
+    return f"request {swaps[0].request_id!r} is swapped" if swaps else ""

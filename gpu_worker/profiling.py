@@ -141,7 +141,7 @@ class LayerProfiler:
     def _t_sync(self, _: int, __: int) -> Callable[[], object]:
         bridge = self._bridge()
         bridge.client.write_no_rows(0)
-        return lambda: bridge.client.wait(bridge.client.ring(0, 0), bridge.wait_timeout_s)
+        return lambda: bridge.client.wait(bridge.client.ring(0, 0), self.runner.config.cpu_wait_timeout_s)
 
     def _t_step(self, requests: int, _: int) -> Callable[[], object]:
         self._positive("x", requests, 4096)

@@ -30,6 +30,12 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             output = await asyncio.to_thread(self._runner.execute, plan)
         return convert.step_output_to_pb(output)
 
+    async def Reset(
+        self, request: gpu_worker_pb2.ResetRequest, context: grpc.aio.ServicerContext
+    ) -> gpu_worker_pb2.ResetResponse:
+        async with self._lock:
+            return gpu_worker_pb2.ResetResponse(num_dropped=self._runner.reset())
+
     async def Measure(
         self, request: common_pb2.MeasureRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.MeasureResponse:

@@ -40,6 +40,14 @@ class SchedulerConfig:
     )
     sample_layers_every: int = option(16, help="every Nth iteration records per-layer subtask intervals; 0: never")
     metrics_address: str = option("", help="Prometheus /metrics address (host:port); empty: off")
+    cpu_deadline_factor: float = option(
+        20.0, help="a step with CPU work gives each layer of its CPU rows this many times the step's predicted time "
+        "before the cpu_attention_worker counts as lost (within cpu_deadline_min_s and cpu_deadline_max_s)"
+    )
+    cpu_deadline_min_s: float = option(1.0, help="the least time a layer of the CPU rows is given, in seconds")
+    cpu_deadline_max_s: float = option(
+        30.0, help="the most time a layer of the CPU rows is given, in seconds; also the time without a prediction"
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -63,6 +71,11 @@ class SchedulerConfig:
             raise ValueError(f"tpot_target_ms: must be >= 0 (0: no target), got {self.tpot_target_ms}")
         if self.sample_layers_every < 0:
             raise ValueError(f"sample_layers_every: must be >= 0 (0: never), got {self.sample_layers_every}")
+        if not self.cpu_deadline_factor > 0.0:
+            raise ValueError(f"cpu_deadline_factor: must be > 0, got {self.cpu_deadline_factor}")
+        if not 0.0 < self.cpu_deadline_min_s <= self.cpu_deadline_max_s:
+            raise ValueError(f"cpu_deadline_min_s, cpu_deadline_max_s: must satisfy 0 < min <= max, got "
+                             f"{self.cpu_deadline_min_s} and {self.cpu_deadline_max_s}")
         if self.max_swaps_per_step < 0:
             raise ValueError(f"max_swaps_per_step: must be >= 0, got {self.max_swaps_per_step}")
 

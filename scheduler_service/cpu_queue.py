@@ -1,7 +1,8 @@
 """Arithmetic over the CPU-resident requests' queue (least recently decoded first): the prefix sums of their decode
-contexts the policies price, and how many of them must decode now to keep the sit-out bound."""
+contexts the policies price, how many of them must decode now to keep the sit-out bound, and which of them fit a room
+(the accelerator's free blocks, for swap-ins)."""
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from itertools import accumulate
 
 from scheduler_service.request import Request
@@ -25,3 +26,16 @@ def must_run(queue: Collection[Request], capacity: int, max_sit_out: int, next_s
             break
         must = max(must, i - slack)
     return min(must, capacity)
+
+
+def fitting(requests: Iterable[Request], need: Callable[[Request], int], room: int, limit: int) -> list[Request]:
+    """Of the requests in order, at most `limit`: each one whose need fits the room the ones before it left."""
+    chosen = []
+    for request in requests:
+        if len(chosen) >= limit:
+            break
+        n = need(request)
+        if n <= room:
+            chosen.append(request)
+            room -= n
+    return chosen

@@ -1,29 +1,53 @@
-"""The engine loop: schedule, one Step on the gpu_worker, update, stream. One iteration at a time."""
+"""The engine loop: schedule, one Step on the gpu_worker, update, stream. One iteration at a time.
+
+The worker may fail it in three ways. A step fails: its requests fail, the loop serves on. The worker loses its CPU pool
+in a step (errors.CpuPoolLost): the scheduler requeues what lived there, the step's accelerator part runs again at once
+(nobody fails), and the accelerator alone serves until a CpuPoolWatch poll finds a pool attached again. The worker goes
+away (GpuWorkerLost): every request fails with UNAVAILABLE, the service reports NOT_SERVING and refuses requests, and
+the loop waits for the worker, Resets it and serves again; if the worker comes back with another model or other
+pools, the loop stops the service (WorkerReplaced in `failure`): the scheduler must start anew against it."""
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from opentelemetry.trace import SpanContext
 
-from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan
+from apex_serve import errors
+from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepPlan, WorkerInfo
+from scheduler_service.cpu_pool_watch import CpuPoolWatch
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.telemetry.observer import EngineObserver
+from scheduler_service.worker_port import GpuWorkerLost, WorkerPort, WorkerReplaced, replacement
 
 logger = logging.getLogger(__name__)
-
-StepFn = Callable[[StepPlan], Awaitable[StepOutput]]  # the gpu_worker's Step
 Outcome = RequestOutput | Exception
+RECONNECT_FIRST_S = 0.2  # the first wait for a lost worker, doubled after each failed try
+RECONNECT_MAX_S = 2.0
+
+
+class Service(Protocol):
+    """The scheduler's gRPC service as the loop drives it (apex_serve.rpc.ServiceRunner)."""
+
+    async def set_serving(self, serving: bool) -> None: ...
+
+    def request_stop(self) -> None: ...
 
 
 class EngineLoop:
     """Owns the Scheduler; callers submit requests and read their outputs from a queue. Each iteration: schedule,
     begin (the observer), Step, update (the scheduler), end (the observer), deliver."""
 
-    def __init__(self, scheduler: Scheduler, step: StepFn, observer: EngineObserver | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, worker: WorkerPort, observer: EngineObserver | None = None,
+                 service: Service | None = None, watch: CpuPoolWatch | None = None) -> None:
         self._scheduler = scheduler
-        self._step = step
+        self._worker = worker
         self.observer = observer or EngineObserver()
+        self._service = service
+        self._watch = watch or CpuPoolWatch(scheduler, worker)
+        self._lost: GpuWorkerLost | None = None  # while the worker is away
+        self.failure: WorkerReplaced | None = None  # why the loop stopped serving for good
         self._streams: dict[str, asyncio.Queue[Outcome]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -41,12 +65,13 @@ class EngineLoop:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._watch.close()
         for request_id in dict.fromkeys([*self._streams, *self._scheduler.request_ids()]):
             self._drop(request_id, _aborted(request_id))
         plan = self._scheduler.schedule()
         if plan.freed_request_ids:
             try:
-                await asyncio.wait_for(self._step(plan), flush_timeout_s)
+                await asyncio.wait_for(self._worker.step(plan), flush_timeout_s)
             except Exception:  # the worker is gone or failing: nothing more to free
                 logger.warning("could not drop %d requests from the worker on stop", len(plan.freed_request_ids))
 
@@ -54,8 +79,10 @@ class EngineLoop:
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
         trace_context: SpanContext | None = None,
     ) -> asyncio.Queue[Outcome]:
-        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler. The iterations that serve
-        it link to trace_context (the caller's span) when tracing is on."""
+        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler, Unavailable while the
+        worker is away. The iterations that serve it link to trace_context (the caller's span) when tracing is on."""
+        if self._lost is not None or self.failure is not None:
+            raise errors.Unavailable(f"the gpu_worker is away ({self.failure or self._lost}): retry later")
         self._scheduler.add_request(request_id, prompt_token_ids, sampling)
         self.observer.submitted(request_id, len(prompt_token_ids), trace_context)
         queue: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -71,31 +98,93 @@ class EngineLoop:
 
     async def _run(self) -> None:
         while True:
-            plan = self._scheduler.schedule()
-            if plan.is_empty and not plan.freed_request_ids:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._iterate(plan)
+            try:
+                await self._watch.poll()
+                plan = self._scheduler.schedule()
+                if plan.is_empty and not plan.freed_request_ids:
+                    self._wake.clear()
+                    try:  # while degraded, wake for the next poll too
+                        await asyncio.wait_for(self._wake.wait(), self._watch.wait_s())
+                    except TimeoutError:
+                        pass
+                    continue
+                await self._iterate(plan)
+            except GpuWorkerLost as lost:
+                if not await self._reconnect(lost):
+                    return
 
-    async def _iterate(self, plan: StepPlan) -> None:
+    async def _iterate(self, plan: StepPlan, retry: bool = False) -> None:
+        """One step of the plan; when the worker lost its CPU pool in it, the retry's step at once."""
         flight = self._scheduler.in_flight
         span = self.observer.begin(plan, None if flight is None else flight.record)
         try:
-            output = await self._step(plan)
+            output = await self._worker.step(plan)
             result = self._scheduler.update_from_output(plan, output)
         except asyncio.CancelledError:  # stop() during the step
             self.observer.fail(span, None)
             raise
-        except Exception as exc:  # the worker failed: fail what was in the step, keep serving
-            logger.exception("step %d failed", plan.step_id)
+        except Exception as exc:
             self.observer.fail(span, exc)
+            if isinstance(exc, GpuWorkerLost):
+                raise
+            if isinstance(exc, errors.CpuPoolLost) and not retry:
+                logger.warning("the gpu_worker lost its CPU pool in step %d (%s): its requests are recomputed on the "
+                               "accelerator, which alone serves until the pool is back", plan.step_id, exc)
+                self._watch.lost()
+                await self._iterate(self._scheduler.cpu_pool_lost(plan), retry=True)
+                return
+            logger.exception("step %d failed", plan.step_id)  # fail what was in the step, keep serving
             for request_id in [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]:
                 self._drop(request_id, exc)
             return
         self.observer.end(span, plan, output, result)
         for out in result.outputs:
             self._deliver(out)
+
+    async def _reconnect(self, lost: GpuWorkerLost) -> bool:
+        """The worker went away: fail every request with UNAVAILABLE, report NOT_SERVING, and wait for the worker.
+        True once it is back, Reset and SERVING; False if it came back as another worker (the service stops)."""
+        self._lost = lost
+        request_ids = list(dict.fromkeys([*self._streams, *self._scheduler.request_ids()]))
+        logger.error("lost the gpu_worker (%s): %d requests fail, waiting for it to come back", lost, len(request_ids))
+        error = errors.Unavailable(f"lost the gpu_worker: {lost}")
+        for request_id in request_ids:
+            self._drop(request_id, error)
+        self._scheduler.worker_lost()
+        await self._set_serving(False)
+        info = await self._worker_back()
+        changed = replacement(self._scheduler.worker_info, info)
+        if changed:
+            logger.error("the gpu_worker came back as another worker (%s): stopping, to start anew against it", changed)
+            self.failure = WorkerReplaced(f"the gpu_worker came back as another worker: {changed}")
+            if self._service is not None:
+                self._service.request_stop()
+            return False
+        self._watch.worker_back()
+        self._lost = None
+        await self._set_serving(True)
+        logger.info("the gpu_worker is back: serving")
+        return True
+
+    async def _worker_back(self) -> WorkerInfo:
+        """The worker's info once it answers again (waits of RECONNECT_FIRST_S doubling to RECONNECT_MAX_S between
+        tries), Reset first if it is the same worker."""
+        wait_s = RECONNECT_FIRST_S
+        while True:
+            try:
+                info = await self._worker.info()
+                if not replacement(self._scheduler.worker_info, info):
+                    dropped = await self._worker.reset()
+                    logger.info("reset the gpu_worker: it dropped %d requests", dropped)
+                return info
+            except Exception as exc:  # not back yet, or failing on its way back
+                logger.debug("the gpu_worker is not back: %s", exc)
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, RECONNECT_MAX_S)
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self._service is not None:
+            await self._service.set_serving(serving)
 
     def _deliver(self, out: RequestOutput) -> None:
         queue = self._streams.get(out.request_id)

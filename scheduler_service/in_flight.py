@@ -1,12 +1,13 @@
 """The plan awaiting its step's output: the requests it scheduled, the policy's choice, the iteration's record, and
-what update_from_output checks and measures against them."""
+what update_from_output checks and measures against them; and the log of the records of the plans that ran."""
 
 import logging
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 
 from apex_serve import overlap
 from apex_serve.engine_stats import IterationRecord
-from apex_serve.types import RequestOutput, StepOutput
+from apex_serve.types import ExecutionMode, RequestOutput, StepOutput
 from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.cost.shape import IterationShape
 from scheduler_service.policies import Choice
@@ -22,6 +23,27 @@ class StepResult:
 
     outputs: tuple[RequestOutput, ...]
     record: IterationRecord | None
+
+
+class IterationLog:
+    """The records of the plans that ran a request: how many per mode, and the latest ones, oldest first."""
+
+    def __init__(self, keep: int) -> None:
+        self.by_mode: Counter[ExecutionMode] = Counter()
+        self.recent: deque[IterationRecord] = deque(maxlen=keep)
+
+    def add(self, record: IterationRecord | None) -> None:
+        if record is not None:
+            self.by_mode[record.mode] += 1
+            self.recent.append(record)
+
+    def withdraw(self, record: IterationRecord | None) -> int:
+        """Take back the latest record (a plan that did not run: its retry is recorded instead); its preemptions."""
+        if record is None:
+            return 0
+        self.by_mode -= Counter({record.mode: 1})
+        self.recent.pop()
+        return record.preemptions
 
 
 class InFlightStep:

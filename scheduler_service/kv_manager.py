@@ -17,6 +17,14 @@ class KVManager:
         self._gpu_peak_blocks = 0  # the pool's requests' blocks at their peak, summed
         self._cpu_peak_blocks = 0
 
+    def set_cpu_pool(self, num_blocks: int) -> None:
+        """A new CPU pool of num_blocks blocks, all free (0: no CPU pool, nothing can be placed there); only while no
+        request holds a CPU block."""
+        if self._cpu is not None and self._cpu.num_free_blocks < self._cpu.num_total_blocks:
+            raise ValueError(f"the CPU pool: {self._cpu.num_total_blocks - self._cpu.num_free_blocks} blocks are held")
+        self._cpu = BlockManager(num_blocks, self.block_size) if num_blocks else None
+        self._cpu_peak_blocks = 0
+
     def _pool(self, placement: Placement) -> BlockManager | None:
         return self._gpu if placement is Placement.GPU else self._cpu
 

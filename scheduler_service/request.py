@@ -33,6 +33,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # in the pool of `placement`
     status: RequestStatus = RequestStatus.WAITING
+    arrival: int = 0  # its place in the order of arrival (the scheduler's FCFS order)
     on_worker: bool = False  # a plan has sent it in full and no plan has freed it since
     placement: Placement = Placement.GPU
     last_step: int = 0  # on the CPU: the step it last decoded in, or joined the CPU queue in

@@ -18,20 +18,22 @@ Each schedule():
 4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode.
 The plan carries a request in full once (NewRequestData), then only what changed (new block ids, sub-batch); every
 sample_layers_every-th plan asks the workers for per-layer subtask intervals. Until update_from_output() the plan is
-in flight (scheduler_service.in_flight): its requests, the policy's choice and the iteration's record.
+in flight (scheduler_service.in_flight): its requests, the policy's choice and the iteration's record. A plan with CPU
+work gives its CPU rows a deadline; if the worker loses the CPU pool, cpu_pool_lost() requeues what lived there and
+retries the rest on the accelerator, which alone serves until cpu_pool_restored() (scheduler_service.cpu_pool).
 """
 
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
-from itertools import islice
+from itertools import count, islice
+from operator import attrgetter
 
 from apex_serve.engine_stats import IterationRecord, SchedulerStats
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
     CachedRequestData,
-    ExecutionMode,
     Placement,
     SamplingParams,
     StepOutput,
@@ -41,10 +43,12 @@ from apex_serve.types import (
 )
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
-from scheduler_service.cpu_queue import must_run, prefix_contexts
-from scheduler_service.in_flight import InFlightStep, StepResult
+from scheduler_service.cpu_placement import CpuPlacement
+from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
+from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts
+from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import Candidates, make_policy
+from scheduler_service.policies import Candidates, Choice, make_policy
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
 
@@ -54,7 +58,8 @@ SWAP_IN_LOOKAHEAD = 8
 
 
 class Scheduler:
-    """One plan may be in flight: update it, or abort its requests if the step failed, before the next schedule()."""
+    """One plan may be in flight: update it, or abort its requests if the step failed (or answer cpu_pool_lost() if
+    the worker lost its CPU pool in it), before the next schedule()."""
 
     def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
                  ) -> None:
@@ -64,28 +69,24 @@ class Scheduler:
             raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
         self.cost_model = cost_model
-        # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
-        self.worker_info = worker if self.policy.uses_cpu else replace(worker, num_cpu_kv_blocks=0)
-        self._kv = KVManager(worker.num_kv_blocks, worker.num_cpu_kv_blocks if self.policy.uses_cpu else 0,
-                             worker.block_size)
+        self._kv = KVManager(worker.num_kv_blocks, 0, worker.block_size)
+        self._attach(worker)
         self.limits = RequestLimits(
             worker.vocab_size, worker.max_model_len, config.max_num_batched_tokens,
             max(self._kv.num_total(p) for p in Placement) * worker.block_size, frozenset(worker.eos_token_ids),
         )
-        self._max_cpu_rows = worker.cpu_max_rows
-        self._max_cpu_requests = worker.cpu_max_rows * (config.max_sit_out + 1)  # each runs within max_sit_out
         self._requests: dict[str, Request] = {}  # waiting and running, by id
         self._waiting: deque[Request] = deque()
         self._gpu_running: list[Request] = []  # accelerator-resident running requests, the most recently placed last
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
         self._in_flight: InFlightStep | None = None
-        self._cpu_refused: tuple[int, int] | None = None  # (running, CPU requests) when a CPU row was last refused
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
-        self._iterations_by_mode: Counter[ExecutionMode] = Counter()
-        self._recent_iterations: deque[IterationRecord] = deque(maxlen=RECENT_ITERATIONS)
+        self._iterations = IterationLog(RECENT_ITERATIONS)
+        self._arrivals = count()
+        self._cpu_pool_losses = 0
 
     @property
     def running(self) -> list[Request]:
@@ -109,9 +110,11 @@ class Scheduler:
             total_blocks={p: kv.num_total(p) for p in Placement},
             num_preemptions=self._num_preemptions,
             num_swaps=self._num_swaps,
-            iterations_by_mode=dict(self._iterations_by_mode),
-            recent_iterations=tuple(self._recent_iterations),
+            iterations_by_mode=dict(self._iterations.by_mode),
+            recent_iterations=tuple(self._iterations.recent),
             cost_model_error={} if self.cost_model is None else self.cost_model.error_stats(),
+            cpu_pool_degraded=self.cpu_pool_degraded,
+            cpu_pool_losses=self._cpu_pool_losses,
         )
 
     @property
@@ -133,6 +136,7 @@ class Scheduler:
             raise ResourceExhausted(
                 f"{len(self._waiting)} requests are waiting (max_queued_requests {self.config.max_queued_requests})"
             )
+        request.arrival = next(self._arrivals)
         self._requests[request_id] = request
         self._waiting.append(request)
 
@@ -159,44 +163,80 @@ class Scheduler:
         swap_out: list[SwapData] = []
         gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
         admitted = self._admit(len(gpu_rows), gpu_longest)
-        cpu_candidates = list(islice(self._cpu_queue, 2 * self._max_cpu_rows))  # at most what one step stages
+        cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
         context = prefix_contexts(cpu_candidates)
-        forced = must_run(self._cpu_queue, self._max_cpu_rows, self.config.max_sit_out, self._next_step_id)
+        forced = must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id)
         prefill_lens = [r.num_tokens for r in admitted]
         choice = self.policy.choose(
-            Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._max_cpu_rows)
+            Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows)
         )
         cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_in_sub_batch_1, cached)
+        cpu_prefills = 0
         for request in admitted:
             if request.placement is Placement.CPU:
                 self._join_cpu_queue(request)
+                cpu_prefills += 1
         step_id = self._next_step_id
         scheduled = admitted + gpu_rows + cpu_rows
-        every = self.config.sample_layers_every
-        plan = StepPlan(
+        record = IterationRecord(
+            step_id=step_id, mode=choice.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
+            cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - cpu_prefills,
+            swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
+        ) if scheduled else None
+        flight = self._start(scheduled, choice, record)
+        return StepPlan(
             step_id=step_id,
             new_requests=tuple(r.new_data() for r in admitted),
             cached_requests=tuple(cached),
-            freed_request_ids=tuple(self._freed_ids),
+            freed_request_ids=self._take_freed(),
             mode=choice.mode,
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
-            record_subtasks=bool(scheduled) and every > 0 and step_id % every == 0,
+            record_subtasks=self._sampled(step_id, scheduled),
+            # predicted only for a step with CPU work: the prediction is off the decision path otherwise
+            cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_prefills else 0.0,
         )
-        self._next_step_id += 1
+
+    def cpu_pool_lost(self, plan: StepPlan) -> StepPlan:
+        """The gpu_worker lost its CPU pool in `plan`'s step (errors.CpuPoolLost, whose contract this keeps): the
+        requests of the CPU pool and those the plan swapped are requeued for recompute (FCFS by arrival), the CPU pool
+        is unusable until cpu_pool_restored(), and the returned GPU_ONLY plan, now in flight, runs the step's
+        accelerator part again. Degraded, a request whose KV fits only the CPU pool waits, and those behind it."""
+        flight = self._in_flight
+        if flight is None or plan.step_id != flight.step_id:
+            raise ValueError(f"step_id: plan {plan.step_id} is not the one in flight")
+        requeued = lost_with_cpu_pool(plan, self._gpu_running, self._cpu_queue)
+        for request in requeued:
+            self._requeue(request)
+        self._waiting = deque(sorted([*requeued, *self._waiting], key=attrgetter("arrival")))
+        self._detach_cpu_pool()
+        self._cpu_pool_losses += 1
+        preemptions = len(requeued) + self._iterations.withdraw(flight.record)  # the retry's record replaces it
+        retry = Retry.of(plan, flight.requests)
+        step_id = self._next_step_id
+        self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
+                    retry.record(step_id, preemptions))
+        logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
+                    len(requeued), len(retry.requests), step_id)
+        return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
+
+    def cpu_pool_restored(self, info: WorkerInfo, cost_model: ComposedCostModel | None = None) -> None:
+        """The gpu_worker attached a CPU pool again (info): its blocks, all free, take requests again. cost_model: one
+        for its profile where that differs from the current model's (None: keep the model)."""
+        if cost_model is not None:
+            self.cost_model = cost_model
+            self.policy = make_policy(self.config.policy, cost_model, self.config.tpot_target_ms)
+        self._attach(info)
+
+    def worker_lost(self) -> None:
+        """The gpu_worker went away with the state of every request (all aborted first): nothing to free, no plan in
+        flight, and a hybrid policy's CPU pool unusable until cpu_pool_restored() (it may come back changed)."""
+        if self._requests:
+            raise ValueError(f"{len(self._requests)} requests are waiting or running: abort them first")
         self._freed_ids = []
-        record = None
-        if scheduled:
-            self._iterations_by_mode[plan.mode] += 1
-            record = IterationRecord(
-                step_id=step_id, mode=plan.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
-                cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - sum(
-                    r.placement is Placement.CPU for r in admitted),
-                swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
-            )
-            self._recent_iterations.append(record)
-        self._in_flight = InFlightStep(step_id, scheduled, choice, record, self.cost_model)
-        return plan
+        self._in_flight = None
+        if self.policy.uses_cpu:
+            self._detach_cpu_pool()
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> StepResult:
         """Append each sampled token, finish requests on a stop token or a length limit, report per request, and
@@ -212,7 +252,7 @@ class Scheduler:
         live = flight.live_requests(output)
         record = flight.measured(output)
         if record is not flight.record:  # the in-flight plan's record is the latest
-            self._recent_iterations[-1] = record
+            self._iterations.recent[-1] = record
         self._in_flight = None
         outputs = []
         for request in live:
@@ -230,21 +270,15 @@ class Scheduler:
         if not self._cpu_queue or self._waiting or not self._sat_out(self._cpu_queue[0]) or not self._kv.num_free(
                 Placement.GPU):
             return []
-        swaps: list[SwapData] = []
         # room for its KV and one more block, with a block of headroom for every accelerator request
         room = self._kv.num_free(Placement.GPU) - len(self._gpu_running)
-        for request in list(islice(self._cpu_queue, SWAP_IN_LOOKAHEAD)):  # those that sat out longest
-            if len(swaps) >= self.config.max_swaps_per_step:
-                break
-            need = self._kv.blocks_for(request.num_tokens) + 1
-            if need > room:
-                continue
+        chosen = fitting(islice(self._cpu_queue, SWAP_IN_LOOKAHEAD), lambda r: self._kv.blocks_for(r.num_tokens) + 1,
+                         room, self.config.max_swaps_per_step)
+        for request in chosen:
             self._cpu_queue.remove(request)
-            swaps.append(self._kv.swap(request))
             self._gpu_running.append(request)
-            room -= need
-            self._num_swaps += 1
-        return swaps
+        self._num_swaps += len(chosen)
+        return [self._kv.swap(r) for r in chosen]
 
     def _grow_gpu_rows(self, swap_out: list[SwapData]) -> tuple[list[Request], list[CachedRequestData], int]:
         """A decode slot for every accelerator request that keeps its place, oldest first (step 2): the requests,
@@ -282,7 +316,8 @@ class Scheduler:
     def _evict(self, request: Request, swap_out: list[SwapData]) -> None:
         """Make room on the accelerator: swap the request out where the CPU has room for it and the policy gains from
         one more CPU row, else preempt it."""
-        if self._cpu_takes(request, self._cpu_context(), leaving=request):
+        if self._cpu.takes(request, self._gpu_running, self._waiting, self._cpu_context(), len(self._cpu_queue),
+                          leaving=request):
             self._gpu_running.remove(request)
             swap_out.append(self._kv.swap(request))
             self._join_cpu_queue(request)
@@ -328,13 +363,17 @@ class Scheduler:
         self._cpu_queue.append(request)
 
     def _preempt(self, request: Request) -> None:
+        self._requeue(request)
+        self._waiting.appendleft(request)
+        logger.debug("preempted %s at %d tokens", request.request_id, request.num_tokens)
+
+    def _requeue(self, request: Request) -> None:
+        """Free its blocks and its state on the worker: admitted again, it recomputes its prompt and tokens so far."""
         self._leave_running(request)
         self._kv.free(request)
         request.status = RequestStatus.WAITING
         self._drop_from_worker(request)
-        self._waiting.appendleft(request)
         self._num_preemptions += 1
-        logger.debug("preempted %s at %d tokens", request.request_id, request.num_tokens)
 
     def _admit(self, num_gpu_rows: int, gpu_longest: int) -> list[Request]:
         """Admit waiting requests in FCFS order, each prefilling all its tokens, until one does not fit (step 3)."""
@@ -362,8 +401,8 @@ class Scheduler:
             else:
                 cpu = cpu + [cpu[-1] + n + 1]
             if running and not self.policy.admits(
-                Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._max_cpu_rows),
-                Candidates([], gpu, longest, cpu, 0, self._max_cpu_rows),
+                Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._cpu.max_rows),
+                Candidates([], gpu, longest, cpu, 0, self._cpu.max_rows),
             ):
                 break
             steady_gpu, steady_longest, steady_cpu = gpu, longest, cpu
@@ -384,42 +423,12 @@ class Scheduler:
         included); None while it fits nowhere (step 3 of the docstring)."""
         if self._kv.can_allocate(Placement.GPU, request.num_tokens):
             return Placement.GPU
-        return Placement.CPU if self._cpu_takes(request, cpu_context, num_cpu=num_cpu) else None
-
-    def _cpu_takes(self, request: Request, cpu_context: list[int], leaving: Request | None = None,
-                   num_cpu: int | None = None) -> bool:
-        """Whether the request may live on the CPU: a hybrid policy, room for it at its peak beside what the CPU's
-        requests have reserved, and CPU rows for it and the requests waiting behind it (an admission's; as many as one
-        step stages), at their mean context over their lives, raise the predicted tokens/s of the steady decode
-        iteration: the accelerator rows its pool sustains (at its requests' mean lifetime context; `leaving`
-        excluded) with the CPU rows of cpu_context (prefix sums). num_cpu: the requests living on the CPU, by default
-        its queue's."""
-        num_cpu = len(self._cpu_queue) if num_cpu is None else num_cpu
-        if not self.policy.uses_cpu or num_cpu >= self._max_cpu_requests:
-            return False
-        if self._kv.blocks_for(request.peak_tokens) > self._kv.num_free(Placement.CPU) - self._kv.reserved(
-                Placement.CPU):
-            return False
-        running = len(self._gpu_running) + num_cpu
-        if not running:  # the pools are idle: a request that fits must run somewhere
-            return True
-        key = (running, len(cpu_context))
-        if key == self._cpu_refused:  # nothing changed since the policy last refused a CPU row
-            return False
-        lifetime = [r.lifetime_context for r in self._gpu_running if r is not leaving]
-        mean = sum(lifetime) // len(lifetime) if lifetime else 0
-        rows = min(len(lifetime), self._kv.num_total(Placement.GPU) * self._kv.block_size // mean) if mean else 0
-        steady = Candidates([], rows, mean if rows else 0, cpu_context, 0, self._max_cpu_rows)
-        queued = islice(self._waiting, 0 if leaving else 1, 2 * self._max_cpu_rows - steady.num_cpu)
-        contexts = [r.lifetime_context for r in (request, *queued)]
-        if not self.policy.gains_from_cpu_rows(steady, contexts):
-            self._cpu_refused = key
-            return False
-        return True
+        takes = self._cpu.takes(request, self._gpu_running, self._waiting, cpu_context, num_cpu)
+        return Placement.CPU if takes else None
 
     def _cpu_context(self) -> list[int]:
         """Prefix sums of the CPU requests' contexts, as many as one step may stage."""
-        return prefix_contexts(islice(self._cpu_queue, 2 * self._max_cpu_rows))
+        return prefix_contexts(islice(self._cpu_queue, 2 * self._cpu.max_rows))
 
     def _finish(self, request: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""
@@ -442,3 +451,30 @@ class Scheduler:
         if request.on_worker:
             self._freed_ids.append(request.request_id)
             request.on_worker = False
+
+    def _attach(self, info: WorkerInfo) -> None:
+        """The worker's CPU pool, all free, where the policy places requests on the CPU."""
+        # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
+        self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
+        self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
+        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
+        self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
+
+    def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None) -> InFlightStep:
+        """Step _next_step_id goes in flight; its record, if it runs a request, is counted."""
+        self._iterations.add(record)
+        self._in_flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model)
+        self._next_step_id += 1
+        return self._in_flight
+
+    def _take_freed(self) -> tuple[str, ...]:
+        freed, self._freed_ids = tuple(self._freed_ids), []
+        return freed
+
+    def _sampled(self, step_id: int, scheduled: list[Request]) -> bool:
+        every = self.config.sample_layers_every
+        return bool(scheduled) and every > 0 and step_id % every == 0
+
+    def _detach_cpu_pool(self) -> None:
+        self._kv.set_cpu_pool(0)
+        self.cpu_pool_degraded = True

@@ -1,5 +1,6 @@
-"""gRPC edge of the scheduler: Submit streams a request's tokens; Abort frees it at once; GetMetrics answers the
-engine's Prometheus families."""
+"""gRPC edge of the scheduler: Submit streams a request's tokens (UNAVAILABLE while the gpu_worker is away); Abort
+frees it at once; GetWorkerInfo answers the worker as the scheduler uses it now; GetMetrics answers the engine's
+Prometheus families."""
 
 from collections.abc import AsyncIterator
 
@@ -8,15 +9,13 @@ from opentelemetry import trace
 from prometheus_client.registry import Collector
 
 from apex_serve import convert, errors, metric_families
-from apex_serve.types import WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.engine_loop import EngineLoop
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, loop: EngineLoop, worker: WorkerInfo, metrics: Collector) -> None:
+    def __init__(self, loop: EngineLoop, metrics: Collector) -> None:
         self._loop = loop
-        self._worker = worker
         self._metrics = metrics
 
     async def Submit(
@@ -53,7 +52,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetWorkerInfo(
         self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.WorkerInfo:
-        return convert.worker_info_to_pb(self._worker)
+        return convert.worker_info_to_pb(self._loop.scheduler.worker_info)
 
     async def GetMetrics(
         self, request: scheduler_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext

@@ -24,11 +24,6 @@ from gateway.http_api.hosts import HostCheck, allowed_hosts
 from gateway.http_api.metrics import HttpMetrics, RequestCounter
 from gateway.http_api.openapi import install_openapi
 
-# Room for JSON escaping (up to 6 bytes a character) of a prompt at the byte bound, which the
-# Generator answers with 400 naming the field; a larger body is refused (413) before it is read into memory.
-_BODY_BYTES_PER_PROMPT_BYTE = 8
-_BODY_SLACK_BYTES = 1 << 20
-
 
 def create_app(generator: Generator, config: GatewayConfig) -> FastAPI:
     app = FastAPI(
@@ -47,7 +42,7 @@ def create_app(generator: Generator, config: GatewayConfig) -> FastAPI:
     routers = (completions.router, chat.router, model_list.router, tokenization.router, probes.router, dashboard.router)
     for router in routers:
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=_BODY_BYTES_PER_PROMPT_BYTE * config.max_prompt_bytes + _BODY_SLACK_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=config.max_message_bytes)
     install_openapi(app)
     return app
 

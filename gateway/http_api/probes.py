@@ -1,7 +1,8 @@
-"""GET /health (200 while a scheduler replica is SERVING and its engine not stalled, else 503) and GET /metrics
-(Prometheus text: the gateway's families and every replica's engine families); both stay open when API keys are
-configured, as load balancers and scrapers expect, and both answer HEAD (the status and headers, no body). vLLM's GET and POST /ping (what /health
-answers) and GET /version stay open too."""
+"""GET /health: 200 while a scheduler replica is SERVING and its engine not stalled, else 503; its status is
+"degraded", with a detail naming them, while such a replica has lost its CPU pool and serves on the accelerator only.
+GET /metrics: Prometheus text, the gateway's families and every replica's engine families. Both stay open when API
+keys are configured, as load balancers and scrapers expect, and both answer HEAD (the status and headers, no body).
+vLLM's GET and POST /ping (what /health answers) and GET /version stay open too."""
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -15,7 +16,8 @@ router = APIRouter()
 
 
 class Status(BaseModel):
-    status: str
+    status: str  # "ok", or "degraded" while a ready replica serves on the accelerator only
+    detail: str | None = None  # what is degraded, one "<replica address>: <what>" per replica, "; "-separated
 
 
 class Version(BaseModel):
@@ -27,6 +29,9 @@ class Version(BaseModel):
 async def health(gen: GeneratorDep) -> JSONResponse:
     if not await gen.ready():
         return error_response(503, "no scheduler replica is ready (SERVING, its engine not stalled)")
+    if degraded := gen.replicas.degraded:
+        detail = "; ".join(f"{r.address}: CPU pool lost, serving on the accelerator only" for r in degraded)
+        return JSONResponse({"status": "degraded", "detail": detail})
     return JSONResponse({"status": "ok"})
 
 

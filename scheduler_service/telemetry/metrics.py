@@ -1,12 +1,13 @@
 """The engine's Prometheus metrics (prometheus-client), with vLLM's meanings and buckets under an `apex_` prefix,
-plus ours: iterations per mode, overlap of CPU attention with accelerator work, idle time, cost-model error.
-docs/observability.md maps each to its vLLM counterpart. The registry always exists: the Scheduler's GetMetrics
-answers it (the gateway's /metrics carries it), and metrics_server.MetricsServer puts it on a port of its own."""
+plus ours: iterations per mode, overlap of CPU attention with accelerator work, idle time, cost-model error, losses of
+the CPU pool. docs/observability.md maps each to its vLLM counterpart. The registry always exists: the Scheduler's
+GetMetrics answers it (the gateway's /metrics carries it), and metrics_server.MetricsServer puts it on a port of its
+own."""
 
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from apex_serve.overlap import Overlap
@@ -31,7 +32,7 @@ class _SchedulerState(Collector):
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._scheduler.stats()
         yield GaugeMetricFamily("apex_num_requests_running", "Requests running (decoding or prefilling)",
                                 value=stats.num_running)
@@ -49,6 +50,11 @@ class _SchedulerState(Collector):
         for mode, error in stats.cost_model_error.items():
             mape.add_metric([mode.value], error.recent_corrected_mape)
         yield mape
+        yield GaugeMetricFamily("apex_cpu_pool_degraded",
+                                "1 while the CPU pool is lost and every request runs on the accelerator",
+                                value=float(stats.cpu_pool_degraded))
+        yield CounterMetricFamily("apex_cpu_pool_losses", "Times the gpu_worker lost its CPU pool (its "
+                                  "cpu_attention_worker died or missed a deadline)", value=stats.cpu_pool_losses)
 
 
 class EngineMetrics:

@@ -24,6 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.generation import Generator
 from gateway.http_api.server import HttpServer, RepeatFilter
 from gateway.replicas import Replica, Replicas
+from gateway.server import create_server
 from gateway.servicer import GatewayServicer
 from one_token_scheduler import OneTokenScheduler
 
@@ -31,7 +32,10 @@ WORKER = WorkerInfo(
     model_name="edge", num_layers=1, vocab_size=258, max_model_len=4096, eos_token_ids=(257,), block_size=16,
     num_kv_blocks=8, device="cpu", dtype="float32",
 )
-LIMITS = {"max_prompt_bytes": 1000, "max_stop_strings": 3, "max_stop_string_bytes": 8, "max_chat_messages": 4}
+LIMITS = {
+    "max_prompt_bytes": 1000, "max_stop_strings": 3, "max_stop_string_bytes": 8, "max_bad_words": 2,
+    "max_chat_messages": 4,
+}
 
 
 class Edge:
@@ -54,7 +58,7 @@ async def edge(default_model_dir: Path) -> AsyncIterator:
         generator = Generator.for_config(
             gateway, WORKER, Replicas([Replica("edge", scheduler)]), "edge"  # type: ignore[arg-type]
         )
-        server = rpc.create_server()
+        server = create_server(gateway)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(generator), server)
         address = rpc.bind(server, "127.0.0.1:0")
         await server.start()
@@ -95,6 +99,8 @@ HTTP_BOUNDS = [
     ("/v1/chat/completions", _chat("a", "b", "c", "d", "e"), "messages", "max_chat_messages"),
     ("/v1/chat/completions", _chat("x" * 600, "y" * 600), "messages", "max_prompt_bytes"),
     ("/v1/chat/completions", _chat("hi", stop=["a"] * 4), "stop", "max_stop_strings"),
+    ("/v1/completions", _completion(bad_words=["a", "b", "c"]), "bad_words", "max_bad_words"),
+    ("/v1/completions", _completion(bad_words=["ok", "123456789"]), "bad_words[1]", "max_stop_string_bytes"),
 ]
 
 
@@ -114,6 +120,8 @@ GRPC_BOUNDS = [
     ({"prompt": "x" * 1001}, "prompt", "max_prompt_bytes"),
     ({"messages": [gateway_pb2.ChatMessage(role="user", content="m")] * 5}, "messages", "max_chat_messages"),
     ({"messages": [gateway_pb2.ChatMessage(role="user", content="x" * 600)] * 2}, "messages", "max_prompt_bytes"),
+    ({"prompt": "hi", "sampling": common_pb2.SamplingParams(max_tokens=1, bad_words=["a", "b", "c"])}, "bad_words",
+     "max_bad_words"),
 ]
 
 
@@ -124,13 +132,25 @@ async def test_each_bound_is_invalid_argument_naming_the_field_and_the_limit_ove
     e = await edge()
     async with grpc.aio.insecure_channel(e.grpc_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        request = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=1), **fields)
+        request = gateway_pb2.GenerateRequest(**{"sampling": common_pb2.SamplingParams(max_tokens=1), **fields})
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in stub.Generate(request):
                 pass
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     details = info.value.details() or ""
     assert details.startswith(f"{field}: ") and limit in details and str(LIMITS[limit]) in details, details
+    assert e.scheduler.submitted == 0
+
+
+async def test_a_grpc_request_message_past_the_body_bound_is_resource_exhausted_before_it_is_read(edge) -> None:
+    e = await edge()
+    async with grpc.aio.insecure_channel(e.grpc_address, options=rpc.CHANNEL_OPTIONS) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        request = gateway_pb2.GenerateRequest(prompt="x" * (2 << 20), sampling=common_pb2.SamplingParams(max_tokens=1))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Generate(request):
+                pass
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
     assert e.scheduler.submitted == 0
 
 

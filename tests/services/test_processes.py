@@ -2,6 +2,8 @@
 a service that died or never served, pins where asked, and leaves no process behind."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,23 @@ def test_stop_kills_a_service_that_ignores_sigterm(tmp_path: Path) -> None:
     wait_until(ready.exists, 30.0, "the stubborn process to ignore SIGTERM")
     group.stop(service)
     assert service.process.returncode == -9 and group.dead() == []
+
+
+def test_a_service_gets_sigterm_when_the_process_that_started_it_dies(tmp_path: Path) -> None:
+    address = f"unix://{tmp_path}/orphan.sock"
+    pid_file = tmp_path / "pid"
+    starter = (
+        "import os, sys; from apex_tools.processes import ServiceGroup; "
+        f"s = ServiceGroup(startup_timeout_s=60).start('cpu_attention_worker', {address!r}, "
+        f"['--address', {address!r}, *{CPU_WORKER_ARGS!r}]); open({str(pid_file)!r}, 'w').write(str(s.pid)); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", starter], stdout=subprocess.DEVNULL, timeout=120, check=True)
+    pid = int(pid_file.read_text())
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # reaped by init, or a zombie of it
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, 30.0, f"the orphaned service (pid {pid}) to stop")

@@ -1,6 +1,7 @@
 """The engine loop: streams, aborts that free blocks at once, and a failing worker step."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from apex_serve.types import FinishReason, Placement, SamplingParams, StepOutput, StepPlan, WorkerInfo
 from scheduler_service.config import SchedulerConfig
@@ -10,14 +11,28 @@ from scheduler_service.scheduler import Scheduler
 INFO = WorkerInfo("fake", 1, 50, 256, (0,), 4, 32, "cpu", "float32")
 
 
-class Worker:
+class Port:
+    """A worker port around a step function: its info is INFO, and Reset finds nothing to drop."""
+
+    def __init__(self, step: Callable[[StepPlan], Awaitable[StepOutput]]) -> None:
+        self.step = step
+
+    async def info(self) -> WorkerInfo:
+        return INFO
+
+    async def reset(self) -> int:
+        return 0
+
+
+class Worker(Port):
     """Samples token 7 for every scheduled row; fails the steps listed in `fail_steps`."""
 
     def __init__(self, fail_steps: set[int] = frozenset(), delay_s: float = 0.0) -> None:
+        super().__init__(self._step)
         self.fail_steps = fail_steps
         self.delay_s = delay_s
 
-    async def step(self, plan: StepPlan) -> StepOutput:
+    async def _step(self, plan: StepPlan) -> StepOutput:
         await asyncio.sleep(self.delay_s)
         if plan.step_id in self.fail_steps:
             raise ConnectionError("worker went away")
@@ -40,7 +55,7 @@ async def _drain(queue: asyncio.Queue) -> list:
 
 
 async def test_streams_every_token_then_the_finish_reason_and_frees_blocks() -> None:
-    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker().step)
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker())
     loop.start()
     queues = [loop.submit(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=5)) for i in range(3)]
     streams = await asyncio.gather(*(_drain(q) for q in queues))
@@ -52,7 +67,7 @@ async def test_streams_every_token_then_the_finish_reason_and_frees_blocks() -> 
 
 
 async def test_abort_ends_the_stream_with_abort_and_frees_blocks_at_once() -> None:
-    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(delay_s=0.01).step)
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(delay_s=0.01))
     loop.start()
     queue = loop.submit("long", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
     await queue.get()
@@ -65,7 +80,7 @@ async def test_abort_ends_the_stream_with_abort_and_frees_blocks_at_once() -> No
 
 
 async def test_a_failed_step_fails_its_requests_and_the_loop_keeps_serving() -> None:
-    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(fail_steps={0}).step)
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Worker(fail_steps={0}))
     loop.start()
     failed = await _drain(loop.submit("first", [1, 2], SamplingParams(max_tokens=3)))
     assert isinstance(failed[-1], ConnectionError)
@@ -83,7 +98,7 @@ async def test_stop_aborts_running_and_waiting_requests_and_drops_them_from_the_
         plans.append(plan)
         return await worker.step(plan)
 
-    loop = EngineLoop(Scheduler(SchedulerConfig(max_num_seqs=1), INFO), step)
+    loop = EngineLoop(Scheduler(SchedulerConfig(max_num_seqs=1), INFO), Port(step))
     loop.start()
     running = loop.submit("running", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
     waiting = loop.submit("waiting", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
-from test_engine_loop import INFO, _drain
+from test_engine_loop import INFO, Port, _drain
 
 from apex_serve.types import (
     ExecutionMode,
@@ -56,7 +56,7 @@ class TimedWorker:
 
 
 async def _run(observer: EngineObserver, worker: TimedWorker, scheduler: Scheduler, contexts: list) -> list:
-    loop = EngineLoop(scheduler, worker.step, observer)
+    loop = EngineLoop(scheduler, Port(worker.step), observer)
     loop.start()
     queues = [
         loop.submit(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), context)
@@ -101,7 +101,7 @@ async def test_latency_histograms_count_every_request_and_token_and_overlap_is_r
 async def test_an_aborted_request_counts_as_finished_with_reason_abort() -> None:
     scheduler = Scheduler(SchedulerConfig(sample_layers_every=0), INFO)
     observer = EngineObserver(metrics=EngineMetrics(scheduler))
-    loop = EngineLoop(scheduler, TimedWorker().step, observer)
+    loop = EngineLoop(scheduler, Port(TimedWorker().step), observer)
     loop.start()
     queue = loop.submit("long", [1, 2], SamplingParams(max_tokens=100, ignore_eos=True))
     await queue.get()
@@ -153,7 +153,7 @@ async def test_a_failed_step_ends_its_span_with_the_error_and_later_spans_are_no
             raise ConnectionError("worker went away")
         return await worker.step(plan)
 
-    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), step, EngineObserver(spans=IterationSpans(
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Port(step), EngineObserver(spans=IterationSpans(
         provider.get_tracer("test"))))
     loop.start()
     assert isinstance((await _drain(loop.submit("first", [1, 2], SamplingParams(max_tokens=3))))[-1], ConnectionError)
