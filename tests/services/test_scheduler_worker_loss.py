@@ -70,36 +70,42 @@ def run_dir() -> Iterator[str]:
 
 
 @pytest.fixture
-async def client(run_dir: str) -> AsyncIterator[WorkerClient]:
-    client = WorkerClient(rpc.unix_address(run_dir, "gpu_worker"))
+def worker_address() -> str:
+    """TCP, not a Unix socket: a stopped gRPC server may unlink its socket path after a new one bound there."""
+    return f"127.0.0.1:{rpc.free_tcp_port()}"
+
+
+@pytest.fixture
+async def client(worker_address: str) -> AsyncIterator[WorkerClient]:
+    client = WorkerClient(worker_address)
     yield client
     await client.close()
 
 
 async def test_the_worker_client_raises_cpu_pool_lost_for_its_error_kind_and_gpu_worker_lost_when_it_is_gone(
-        run_dir: str, client: WorkerClient) -> None:
-    address = rpc.unix_address(run_dir, "gpu_worker")
+        worker_address: str, client: WorkerClient) -> None:
     worker = FakeGpuWorker(lose_in=frozenset({1}))
-    first = await serve_worker(worker, address)
-    admit = StepPlan(0, (NewRequestData("a", (1, 2), GREEDY, (0,)),))
-    assert (await client.step(admit)).sampled == {"a": 7}
-    with pytest.raises(CpuPoolLost, match="missed its deadline"):
-        await client.step(StepPlan(1))
-    await first.stop(None)
-    with pytest.raises(GpuWorkerLost, match=f"^gpu_worker at {address}"):
-        await client.step(StepPlan(2))
-    with pytest.raises(GpuWorkerLost):
-        await client.info()
-    # another server at the address (the first one stays referenced: dropping a gRPC server unlinks its socket path)
-    second = await serve_worker(worker, address)
-    assert await client.info() == INFO  # at once: the client dialled anew
-    assert await client.reset() == 0 and worker.resets == 1
-    await second.stop(None)
+    servers = [await serve_worker(worker, worker_address)]
+    try:
+        admit = StepPlan(0, (NewRequestData("a", (1, 2), GREEDY, (0,)),))
+        assert (await client.step(admit)).sampled == {"a": 7}
+        with pytest.raises(CpuPoolLost, match="missed its deadline"):
+            await client.step(StepPlan(1))
+        await servers[0].stop(None)
+        with pytest.raises(GpuWorkerLost, match=f"^gpu_worker at {worker_address}"):
+            await client.step(StepPlan(2))
+        with pytest.raises(GpuWorkerLost):
+            await client.info()
+        servers.append(await serve_worker(worker, worker_address))  # another worker at the address
+        assert await client.info() == INFO  # at once: the client dialled anew
+        assert await client.reset() == 0 and worker.resets == 1
+    finally:
+        for server in servers:
+            await server.stop(None)  # a no-op for one stopped already
 
 
 async def test_while_the_worker_is_gone_the_scheduler_is_not_serving_and_refuses_submits_then_serves_again(
-        run_dir: str, client: WorkerClient) -> None:
-    worker_address = rpc.unix_address(run_dir, "gpu_worker")
+        run_dir: str, worker_address: str, client: WorkerClient) -> None:
     worker = FakeGpuWorker()
     original = await serve_worker(worker, worker_address)
     back = None
