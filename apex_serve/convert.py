@@ -211,11 +211,13 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
                 num_output_tokens=r.num_output_tokens,
                 placement=_PLACEMENT_TO_PB[r.placement],
                 sub_batch=r.sub_batch,
+                num_scheduled_tokens=r.num_scheduled_tokens,
             )
             for r in plan.new_requests
         ],
         cached_requests=[
-            gpu_worker_pb2.CachedRequest(request_id=r.request_id, new_block_ids=r.new_block_ids, sub_batch=r.sub_batch)
+            gpu_worker_pb2.CachedRequest(request_id=r.request_id, new_block_ids=r.new_block_ids, sub_batch=r.sub_batch,
+                                         num_scheduled_tokens=r.num_scheduled_tokens)
             for r in plan.cached_requests
         ],
         freed_request_ids=plan.freed_request_ids,
@@ -239,12 +241,14 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
                 num_output_tokens=r.num_output_tokens,
                 placement=placement_from_pb(r.placement, f"new_requests[{i}].placement"),
                 sub_batch=r.sub_batch,
+                num_scheduled_tokens=r.num_scheduled_tokens,
             )
             for i, r in enumerate(msg.new_requests)
         ),
         cached_requests=tuple(
             types.CachedRequestData(
-                request_id=r.request_id, new_block_ids=tuple(r.new_block_ids), sub_batch=r.sub_batch
+                request_id=r.request_id, new_block_ids=tuple(r.new_block_ids), sub_batch=r.sub_batch,
+                num_scheduled_tokens=r.num_scheduled_tokens,
             )
             for r in msg.cached_requests
         ),

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from apex_serve.errors import InvalidArgument
 
+TABLE_VERSION = 2  # the profiler's tables JSON contract (scheduler_service.cost.tables); part of a profile's key
+
 
 def check_measure(table: str, known: Sequence[str], points: list[tuple[int, int]], warmup: int, repeats: int) -> None:
     if table not in known:

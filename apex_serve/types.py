@@ -139,10 +139,12 @@ class WorkerInfo:
 class NewRequestData:
     """A request the worker has not seen, or must recompute after preemption.
 
-    All of token_ids are prefilled in this step (always on the accelerator); the last
-    num_output_tokens of them were produced by the model (non-zero only on resume), which keeps
-    seeded sampling reproducible. block_ids are in the pool of `placement`: a CPU request's
-    prefill writes its KV layer by layer straight into the CPU pool.
+    Its first num_scheduled_tokens of token_ids (all when 0) are prefilled in this step (always on the
+    accelerator); the rest follow in later steps as chunks (CachedRequestData.num_scheduled_tokens), and
+    the request samples its first token in the step whose chunk reaches the end of token_ids. The last
+    num_output_tokens of token_ids were produced by the model (non-zero only on resume), which keeps
+    seeded sampling reproducible. block_ids are in the pool of `placement` and cover all of token_ids:
+    a CPU request's prefill writes its KV layer by layer straight into the CPU pool.
     """
 
     request_id: str
@@ -152,15 +154,24 @@ class NewRequestData:
     num_output_tokens: int = 0
     placement: Placement = Placement.GPU
     sub_batch: int = 0  # ASYM_PIPELINE: 0 or 1; other modes: 0
+    num_scheduled_tokens: int = 0  # tokens of token_ids prefilled in this step, from position 0; 0: all
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens this step prefills for it."""
+        return self.num_scheduled_tokens or len(self.token_ids)
 
 
 @dataclass(frozen=True)
 class CachedRequestData:
-    """A request already on the worker: it decodes one token; new_block_ids are appended."""
+    """A request already on the worker; new_block_ids are appended. It decodes one token, or, while its prefill is
+    chunked (num_scheduled_tokens > 0), prefills the next num_scheduled_tokens of its tokens after those already
+    computed, and samples only if that chunk reaches the end of its tokens."""
 
     request_id: str
     new_block_ids: tuple[int, ...] = ()  # in the pool the request lives in (after this step's swaps)
     sub_batch: int = 0  # ASYM_PIPELINE: 0 or 1; other modes: 0
+    num_scheduled_tokens: int = 0  # a chunk of its prefill; 0: a decode row (one token)
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,8 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.new_requests) + len(self.cached_requests)
+        return sum(r.num_prefill_tokens for r in self.new_requests) + sum(
+            r.num_scheduled_tokens or 1 for r in self.cached_requests)
 
 
 @dataclass(frozen=True)

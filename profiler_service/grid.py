@@ -8,7 +8,7 @@ from apex_serve.types import WorkerInfo
 
 TABLE_FIELDS = {  # table: the grid fields it is measured over
     "t_lin": ("lin_tokens",),
-    "t_pref": ("pref_tokens",),
+    "t_pref": ("pref_tokens", "pref_context"),
     "t_gatt": ("gatt_rows", "gatt_kv_tokens"),
     "t_catt": ("catt_rows", "catt_kv_tokens"),
     "t_xfer": ("xfer_rows",),
@@ -27,13 +27,15 @@ class Grid:
     catt_kv_tokens: tuple[int, ...]
     xfer_rows: tuple[int, ...]
     step_requests: tuple[int, ...]
+    pref_context: tuple[int, ...] = (0,)  # tokens before a prefill chunk; 0: a whole prompt
 
     def __post_init__(self) -> None:
         for name, values in self.__dict__.items():
             if not values:
                 raise InvalidArgument(f"grid.{name}", "must not be empty")
-            if any(v <= 0 for v in values) or list(values) != sorted(set(values)):
-                raise InvalidArgument(f"grid.{name}", f"must be positive and strictly increasing, got {values}")
+            low = 0 if name == "pref_context" else 1
+            if any(v < low for v in values) or list(values) != sorted(set(values)):
+                raise InvalidArgument(f"grid.{name}", f"must be >= {low} and strictly increasing, got {values}")
 
     def points(self, table: str) -> list[tuple[int, int]]:
         fields = TABLE_FIELDS[table]

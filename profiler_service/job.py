@@ -12,6 +12,7 @@ import grpc
 from apex_serve import convert, rpc
 from apex_serve.errors import Unavailable
 from apex_serve.hardware import HardwareFingerprint
+from apex_serve.measurement import TABLE_VERSION
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc, gpu_worker_pb2, gpu_worker_pb2_grpc
 from profiler_service.grid import TABLE_FIELDS, Grid
@@ -39,6 +40,7 @@ def profile_key(info: WorkerInfo, cpu_hardware: HardwareFingerprint | None) -> d
         "cpu_kv_dtype": info.cpu_kv_dtype,
         "block_size": info.block_size,
         "code_version": importlib.metadata.version("apex-serve"),
+        "table_version": TABLE_VERSION,
     }
     return json.loads(json.dumps(key))
 
@@ -91,7 +93,7 @@ async def run_profile(
                                   ) from exc
             done += 1
         tables_out[table] = _table_json(table, grid, measured, info)
-    tables_out["__meta__"] = {"version": 1, "key": key, "num_layers": info.num_layers}
+    tables_out["__meta__"] = {"version": TABLE_VERSION, "key": key, "num_layers": info.num_layers}
     yield Progress("done", done, total)
 
 

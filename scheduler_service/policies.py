@@ -33,6 +33,8 @@ class Candidates:
     cpu_context: list[int]  # prefix sums: cpu_context[k] = context tokens of the first k CPU candidates
     forced: int  # the first `forced` CPU candidates must run
     max_cpu_rows: int  # CPU rows one sub-batch can stage
+    prefill_contexts: tuple[int, ...] = ()  # per prefill: tokens computed before its chunk; (): all whole prompts
+    prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
 
     @property
     def num_cpu(self) -> int:
@@ -75,7 +77,8 @@ class Policy(Protocol):
 def _gpu_part(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> SubBatchShape | None:
     if not (c.prefill_lens or c.gpu_rows or cpu_rows):
         return None
-    return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_rows * c.gpu_longest, cpu_rows, cpu_context)
+    return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_rows * c.gpu_longest, cpu_rows, cpu_context,
+                         c.prefill_contexts, c.prefill_loaded_tokens)
 
 
 class _Predicting:
@@ -118,7 +121,9 @@ def _device_attention(m: ComposedCostModel, c: Candidates) -> float:
     """The accelerator's attention of one layer: the prefills' and the accelerator rows', at the fitted factor."""
     costs = m.costs
     gatt = costs.t_gatt(c.gpu_rows, c.gpu_rows * c.gpu_longest) if c.gpu_rows else 0.0
-    return m.factors.device_attention * (sum(costs.t_pref(n) for n in c.prefill_lens) + gatt)
+    contexts = c.prefill_contexts or (0,) * len(c.prefill_lens)
+    pref = sum(costs.t_pref(n, p) for n, p in zip(c.prefill_lens, contexts))
+    return m.factors.device_attention * (pref + gatt)
 
 
 def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
@@ -126,7 +131,8 @@ def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
     context = list(c.cpu_context)
     for n in contexts:
         context.append(context[-1] + n)
-    return Candidates(c.prefill_lens, c.gpu_rows, c.gpu_longest, context, c.forced, c.max_cpu_rows)
+    return Candidates(c.prefill_lens, c.gpu_rows, c.gpu_longest, context, c.forced, c.max_cpu_rows,
+                      c.prefill_contexts, c.prefill_loaded_tokens)
 
 
 def tokens_per_s(choice: Choice) -> float:

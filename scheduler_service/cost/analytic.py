@@ -54,11 +54,14 @@ class AnalyticCosts:
         compute = 2.0 * params * tokens / self.hardware.flops
         return max(weights, compute) * _NS_PER_S + self.hardware.launch_overhead_ns
 
-    def t_pref(self, prompt_tokens: float) -> float:
-        """Causal self-attention of one prompt: QK^T and PV over the lower triangle."""
+    def t_pref(self, tokens: float, context: float) -> float:
+        """A chunk's attention: QK^T and PV of its tokens over the context before it and, causally, over itself
+        (2 flops per multiply-add, two products); the slower of that and reading the context's KV."""
         model = self.model
-        flops = 2.0 * prompt_tokens * prompt_tokens * model.num_q_heads * model.head_dim
-        return flops / self.hardware.flops * _NS_PER_S + self.hardware.launch_overhead_ns
+        flops = 4.0 * tokens * (context + tokens / 2.0) * model.num_q_heads * model.head_dim
+        kv_bytes = context * model.kv_bytes_per_token
+        seconds = max(flops / self.hardware.flops, kv_bytes / self.hardware.hbm_bytes_per_s)
+        return seconds * _NS_PER_S + self.hardware.launch_overhead_ns
 
     def t_gatt(self, rows: float, kv_tokens: float) -> float:
         kv_bytes = kv_tokens * self.model.kv_bytes_per_token

@@ -2,9 +2,11 @@
 composition rule per execution mode, and online correction from the timings each Step returns.
 
 Per layer, for each sub-batch sb (L layers; every cost in ns per layer):
-    lin  = t_lin(tokens of sb)                    pref = sum of t_pref(len) over its prefill requests
+    lin  = t_lin(tokens of sb)                    pref = sum of t_pref(chunk, context) over its prefill requests
     gatt = t_gatt(gpu_rows, gpu_kv) if gpu_rows    catt = t_catt(cpu_rows, cpu_kv) if cpu_rows
     xfer = t_xfer(cpu_rows * bytes_per_cpu_row)    sync = t_sync(0); both 0 without CPU rows
+         + t_xfer(prefill_loaded_tokens * kv_bytes_per_token)   (earlier chunks' KV of CPU-placed prefills, brought
+                                                   from the CPU pool to the accelerator for the chunk's attention)
     dev  = lin + pref + gatt + xfer               (the accelerator's work)
 GPU_ONLY:       layer = lin + pref + gatt
 ASYNC_OVERLAP:  layer = dev + max(0, catt + sync - window), window = the accelerator's work that does not wait for the
@@ -82,7 +84,10 @@ class LayerCosts(Protocol):
 
     def t_lin(self, tokens: float) -> float: ...
 
-    def t_pref(self, prompt_tokens: float) -> float: ...
+    def t_pref(self, tokens: float, context: float) -> float:
+        """Attention of a prefill chunk of `tokens` over the `context` tokens before it and itself, with its KV
+        write (context 0: a whole prompt's causal self-attention)."""
+        ...
 
     def t_gatt(self, rows: float, kv_tokens: float) -> float: ...
 
@@ -123,14 +128,17 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
         tokens = prefill_tokens + sb.gpu_rows + sb.cpu_rows
         requests += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
         lin = factors.linear * costs.t_lin(tokens)
-        att = factors.device_attention * sum(costs.t_pref(n) for n in sb.prefill_lens) if prefill_tokens else 0.0
+        att = factors.device_attention * sum(costs.t_pref(n, p) for n, p in sb.prefills) if prefill_tokens else 0.0
         gatt = factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens) if sb.gpu_rows else 0.0
         window = att + gatt
         att += gatt
         xfer = catt = sync = 0.0
+        if sb.prefill_loaded_tokens:  # before the prefill rows' attention, which does not wait for the CPU rows
+            xfer = factors.staging * costs.t_xfer(sb.prefill_loaded_tokens * model.kv_bytes_per_token)
+            window += xfer
         if sb.cpu_rows:
             catt = factors.cpu_attention * costs.t_catt(sb.cpu_rows, sb.cpu_kv_tokens)
-            xfer = factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
+            xfer += factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
             sync = costs.t_sync(0)
             qkv = model.qkv_fraction
             window += lin * (qkv * (tokens - sb.cpu_rows) + (1.0 - qkv) * prefill_tokens) / tokens
@@ -268,6 +276,7 @@ class ConstantCosts:
     lin_ns: float = 0.0
     lin_ns_per_token: float = 0.0
     pref_ns_per_token: float = 0.0
+    pref_ns_per_context_token: float = 0.0  # per chunk token and context token before it
     gatt_ns_per_row: float = 0.0
     gatt_ns_per_kv_token: float = 0.0
     catt_ns_per_row: float = 0.0
@@ -280,8 +289,8 @@ class ConstantCosts:
     def t_lin(self, tokens: float) -> float:
         return self.lin_ns + self.lin_ns_per_token * tokens
 
-    def t_pref(self, prompt_tokens: float) -> float:
-        return self.pref_ns_per_token * prompt_tokens
+    def t_pref(self, tokens: float, context: float) -> float:
+        return self.pref_ns_per_token * tokens + self.pref_ns_per_context_token * tokens * context
 
     def t_gatt(self, rows: float, kv_tokens: float) -> float:
         return self.gatt_ns_per_row * rows + self.gatt_ns_per_kv_token * kv_tokens

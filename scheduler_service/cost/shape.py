@@ -93,17 +93,26 @@ def model_shape_from_config(config: dict[str, Any], kv_bytes_per_element: int | 
 
 @dataclass(frozen=True)
 class SubBatchShape:
-    """What one sub-batch runs: prefill requests (on the accelerator) and decode rows on each side."""
+    """What one sub-batch runs: prefill requests (on the accelerator; a whole prompt or a chunk of one) and decode rows
+    on each side."""
 
-    prefill_lens: tuple[int, ...] = ()
+    prefill_lens: tuple[int, ...] = ()  # tokens each prefill request computes in this step
     gpu_rows: int = 0
     gpu_kv_tokens: int = 0  # KV tokens summed over the GPU rows, the current token included
     cpu_rows: int = 0
     cpu_kv_tokens: int = 0  # KV tokens summed over the CPU rows, the current token included
+    prefill_contexts: tuple[int, ...] = ()  # per prefill request: tokens computed before its chunk; (): all 0
+    prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.prefill_lens):
             raise ValueError(f"prefill_lens: must all be >= 1, got {self.prefill_lens}")
+        if self.prefill_contexts and (len(self.prefill_contexts) != len(self.prefill_lens)
+                                      or any(p < 0 for p in self.prefill_contexts)):
+            raise ValueError(f"prefill_contexts: one value >= 0 per prefill request, got {self.prefill_contexts}")
+        if not 0 <= self.prefill_loaded_tokens <= sum(self.prefill_contexts):
+            raise ValueError(f"prefill_loaded_tokens: must be in [0, the contexts' sum], got "
+                             f"{self.prefill_loaded_tokens}")
         for side in ("gpu", "cpu"):
             rows, kv = getattr(self, f"{side}_rows"), getattr(self, f"{side}_kv_tokens")
             if rows < 0 or kv < rows or (rows == 0 and kv):
@@ -119,6 +128,11 @@ class SubBatchShape:
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.prefill_lens)
+
+    @property
+    def prefills(self) -> zip:
+        """(tokens, context) of each prefill request."""
+        return zip(self.prefill_lens, self.prefill_contexts or (0,) * len(self.prefill_lens))
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,7 @@
 a grid in two, linear extrapolation from the outermost segment (cell), never below zero. A table with one point on an
 axis is constant along it. PerformanceTables is the profiler's JSON contract (version 1):
 
-    {"version": 1, "key": {...}, "num_layers": L, "tables": {"t_lin": {"xs": [...], "ys": [...]}, ...,
+    {"version": 2, "key": {...}, "num_layers": L, "tables": {"t_lin": {"xs": [...], "ys": [...]}, ...,
      "t_gatt": {"xs": [...], "ys": [...], "zs": [[...], ...]}, ...}}
 
 Evaluation is on the scheduler's hot path: one bisect per axis and a few multiplications, no allocation."""
@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-TABLE_VERSION = 1
+from apex_serve.measurement import TABLE_VERSION
 
 
 def _check_axis(name: str, axis: tuple[float, ...]) -> None:
@@ -97,7 +97,7 @@ class Table2D:
 
 _TABLE_KINDS: dict[str, type[Table1D] | type[Table2D]] = {
     "t_lin": Table1D,  # tokens in the iteration -> ns per layer
-    "t_pref": Table1D,  # prompt tokens of one prefill request -> ns per layer (its self-attention)
+    "t_pref": Table2D,  # prefill tokens of one request, context tokens before them -> ns per layer (attention, KV)
     "t_gatt": Table2D,  # GPU decode rows, GPU KV tokens over the rows -> ns per layer
     "t_catt": Table2D,  # CPU decode rows, CPU KV tokens over the rows -> ns per layer
     "t_xfer": Table1D,  # bytes staged per layer (q, k, v out and o back) -> ns per layer
@@ -113,7 +113,7 @@ class PerformanceTables:
 
     num_layers: int
     t_lin: Table1D
-    t_pref: Table1D
+    t_pref: Table2D
     t_gatt: Table2D
     t_catt: Table2D
     t_xfer: Table1D

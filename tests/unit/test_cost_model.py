@@ -118,12 +118,12 @@ def test_malformed_tables_are_rejected(make):
 
 def tables_json(num_layers: int = 2) -> dict:
     return {
-        "version": 1,
+        "version": 2,
         "key": {"device": "test", "model": "tiny", "dtype": "float16"},
         "num_layers": num_layers,
         "tables": {
             "t_lin": {"xs": [1, 64, 512], "ys": [1010, 1640, 6120]},
-            "t_pref": {"xs": [1, 512], "ys": [2, 1024]},
+            "t_pref": {"xs": [1, 512], "ys": [0, 512], "zs": [[2, 4], [1024, 2048]]},
             "t_gatt": {"xs": [1, 64], "ys": [16, 65536], "zs": [[16, 65536], [16, 65536]]},
             "t_catt": {"xs": [1, 64], "ys": [16, 65536], "zs": [[80, 327680], [80, 327680]]},
             "t_xfer": {"xs": [640, 64000], "ys": [320, 32000]},
@@ -164,7 +164,7 @@ def test_performance_tables_malformed_table_is_named(name, bad):
         PerformanceTables.from_json(data)
 
 
-@pytest.mark.parametrize(("field", "value"), [("version", 2), ("num_layers", "8"), ("num_layers", 0)])
+@pytest.mark.parametrize(("field", "value"), [("version", 1), ("num_layers", "8"), ("num_layers", 0)])
 def test_performance_tables_bad_header_is_named(field, value):
     data = tables_json()
     data[field] = value
