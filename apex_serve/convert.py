@@ -387,7 +387,7 @@ def iteration_to_pb(record: engine_stats.IterationRecord) -> scheduler_pb2.Itera
         step_id=record.step_id, mode=mode_to_pb(record.mode), num_prefills=record.num_prefills,
         gpu_rows=record.gpu_rows, cpu_rows=record.cpu_rows, cpu_sat_out=record.cpu_sat_out,
         swaps_out=record.swaps_out, swaps_in=record.swaps_in, preemptions=record.preemptions,
-        predicted_ns=record.predicted_ns or 0.0, measured_ns=record.measured_ns or 0.0,
+        prefill_tokens=record.prefill_tokens, predicted_ns=record.predicted_ns or 0.0, measured_ns=record.measured_ns or 0.0,
         overlap=None if record.overlap is None else overlap_to_pb(record.overlap),
     )
 

@@ -21,6 +21,7 @@ class IterationRecord:
     swaps_out: int
     swaps_in: int
     preemptions: int
+    prefill_tokens: int = 0  # tokens the prefill rows (whole prompts and chunks) computed
     predicted_ns: float | None = None  # the cost model's prediction of the whole iteration, once the step returned
     measured_ns: float | None = None  # the worker's total_ns, once the step returned
     overlap: Overlap | None = None  # from the step's timings, once the step returned

@@ -12,6 +12,7 @@ ITERATION_STEP_ID = "apex.iteration.step_id"
 ITERATION_MODE = "apex.iteration.mode"
 ITERATION_SAMPLED = "apex.iteration.sampled"  # the step recorded per-layer subtask intervals
 ITERATION_NUM_PREFILLS = "apex.iteration.num_prefills"
+ITERATION_PREFILL_TOKENS = "apex.iteration.prefill_tokens"
 ITERATION_GPU_ROWS = "apex.iteration.gpu_rows"
 ITERATION_CPU_ROWS = "apex.iteration.cpu_rows"
 ITERATION_CPU_SAT_OUT = "apex.iteration.cpu_sat_out"

@@ -102,6 +102,7 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
     from apex_tools import otlp_receiver, profile_cli
     from apex_tools.bench import (
         chaos,
+        chunking,
         cost_model_accuracy,
         gateway,
         hybrid,
@@ -119,7 +120,7 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
              "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
              "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main,
-             "bench-chaos": chaos.main, "bench-soak": soak.main}
+             "bench-chaos": chaos.main, "bench-soak": soak.main, "bench-chunking": chunking.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("simulate", "the policies on T4/A10 (or this machine's profile) with the analytic cost model, at scale"),
         ("bench-tracing", "decode tokens/s with tracing on against off, and the overlap report of the traced run"),
         ("bench-chaos", "SIGKILL of the gpu_worker, the scheduler or the cpu_attention_worker mid-stream: recovery times"),
+        ("bench-chunking", "TPOT of running decodes while long prompts arrive: chunked prefill against whole prompts"),
         ("bench-soak", "open-loop load with cancels and cpu_attention_worker kills: lost requests, latency, RSS growth"),
         ("trace-collect", "an OTLP/gRPC receiver that writes the spans it gets to an OTLP JSON file"),
         ("trace-report", "a trace (OTLP JSON or Jaeger) to an overlap timeline (PNG, HTML), a Chrome trace, a summary"),

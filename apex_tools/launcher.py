@@ -49,6 +49,10 @@ class StackConfig:
     )
     cpu_kv_budget_bytes: int = option(256 * 2**20, help="bytes of shared memory for the cpu_attention_worker's KV pool")
     max_num_seqs: int = option(64, help="requests the scheduler runs at once")
+    max_num_batched_tokens: int | None = option(
+        None, help="tokens one iteration computes (a decode row one, a prefill chunk its tokens): longer prompts are "
+        "prefilled in chunks over several iterations; unset: the scheduler's default (8192)"
+    )
     policy: str = option(
         "apex", help="the scheduler's policy: gpu-only, neo or apex (the hybrid ones profile the workers once)"
     )
@@ -144,6 +148,8 @@ class Stack:
         ]
         if c.api_keys_file:
             gateway_args += ["--api-keys-file", c.api_keys_file]
+        scheduler_budget = [] if c.max_num_batched_tokens is None else [
+            "--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         return [
             ("cpu_attention_worker", cpu_worker,
              ["--address", cpu_worker, "--kv-budget-bytes", str(c.cpu_kv_budget_bytes)]),
@@ -155,7 +161,7 @@ class Stack:
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
               "--tpot-target-ms", str(c.tpot_target_ms), "--sample-layers-every", str(c.sample_layers_every),
-              "--metrics-address", c.metrics_address]),
+              "--metrics-address", c.metrics_address, *scheduler_budget]),
             ("gateway", c.gateway_address, gateway_args),
         ]
 

@@ -1,5 +1,6 @@
 """`apex-serve profile`: runs (or reuses) the profile of a running stack with a progress bar, prints a summary of
-every table, and plots each table with its measured points (PNG)."""
+every table (its times, the ranges it measured and where serving extrapolates past them), and plots each table with
+its measured points (PNG)."""
 
 import argparse
 import json
@@ -11,12 +12,13 @@ import grpc
 from tqdm import tqdm
 
 from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
+from scheduler_service.cost.tables import describe_ranges
 
 logger = logging.getLogger(__name__)
 
 TITLES = {
     "t_lin": ("tokens in the iteration", "linear layers (norms, QKV, O, MLP)"),
-    "t_pref": ("prompt tokens of one request", "prefill self-attention"),
+    "t_pref": ("prefill chunk tokens of one request", "prefill attention over the chunk and its context, KV write"),
     "t_gatt": ("KV tokens over the rows", "accelerator decode attention, by decode rows"),
     "t_catt": ("KV tokens over the rows", "CPU decode attention, by decode rows"),
     "t_xfer": ("bytes staged per layer", "staging of the CPU rows (q/k/v out, o back)"),
@@ -48,7 +50,7 @@ def summary(profile: dict) -> str:
     for name, table in profile["tables"].items():
         values = [v for row in table["zs"] for v in row] if "zs" in table else table["ys"]
         lines.append(f"{name:<8}{len(values):>7}  {min(values):>13,.0f}  {max(values):>13,.0f}  {TITLES[name][1]}")
-    return "\n".join(lines)
+    return "\n".join(lines + describe_ranges(profile.get("ranges", {})))
 
 
 def plot(profile: dict, out_dir: Path) -> list[Path]:
@@ -62,7 +64,11 @@ def plot(profile: dict, out_dir: Path) -> list[Path]:
     for name, table in profile["tables"].items():
         xlabel, title = TITLES[name]
         fig, ax = plt.subplots(figsize=(6, 4))
-        if "zs" in table:
+        if name == "t_pref":  # one line per context before the chunk, over the chunk's tokens
+            for j, context in enumerate(table["ys"]):
+                ax.plot(table["xs"], [zs[j] / 1e3 for zs in table["zs"]], marker="o", label=f"context {context}")
+            ax.legend()
+        elif "zs" in table:
             for rows, zs in zip(table["xs"], table["zs"]):
                 ax.plot(table["ys"], [z / 1e3 for z in zs], marker="o", label=f"{rows} rows")
             ax.legend()

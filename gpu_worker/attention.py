@@ -1,9 +1,11 @@
-"""Attention over a ragged batch: prefill rows attend causally to their own tokens, decode rows read the paged cache.
+"""Attention over a ragged batch: prefill rows attend causally to their own tokens (and a chunk also to the request's
+earlier KV), decode rows read the paged cache.
 
 Tokens are laid out prefill rows first (each request's tokens contiguous), then one token per decode row. The caller
 writes the new k/v into whichever pool each row lives in before calling forward.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,12 +13,55 @@ import torch.nn.functional as F
 
 from gpu_worker.kv_cache import PagedKVCache
 
+ContextKV = tuple[torch.Tensor, torch.Tensor]  # K and V [num_kv_heads, context, head_dim] of a chunk's earlier tokens
+
+
+def chunk_mask(context: int, length: int, device: torch.device) -> torch.Tensor:
+    """[length, context + length] True where query i (position context + i) sees key j (position j <= context + i)."""
+    keys = torch.arange(context + length, device=device)  # [context + length]
+    queries = context + torch.arange(length, device=device)  # [length]
+    return keys[None, :] <= queries[:, None]
+
+
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: ContextKV, mask: torch.Tensor
+) -> torch.Tensor:
+    """A chunk of one request, q [len, num_heads, head_dim] and its own k/v [len, num_kv_heads, head_dim], over the
+    request's earlier KV and its own, causally (mask from chunk_mask) -> [len, num_heads, head_dim]."""
+    past_k, past_v = past
+    keys = torch.cat([past_k.to(k.dtype), k.transpose(0, 1)], dim=1)  # [kv_heads, context + len, head_dim]
+    values = torch.cat([past_v.to(v.dtype), v.transpose(0, 1)], dim=1)  # [kv_heads, context + len, head_dim]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, num_heads, len, head_dim]
+        keys[None],
+        values[None],
+        attn_mask=mask,  # [len, context + len]
+        enable_gqa=True,
+    )  # [1, num_heads, len, head_dim]
+    return out[0].transpose(0, 1)  # [len, num_heads, head_dim]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one request over its own tokens: q [len, num_heads, head_dim], k/v [len, num_kv_heads,
+    head_dim] -> like q."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, num_heads, len, head_dim]
+        k.transpose(0, 1)[None],  # [1, num_kv_heads, len, head_dim]
+        v.transpose(0, 1)[None],  # [1, num_kv_heads, len, head_dim]
+        is_causal=True,
+        enable_gqa=True,
+    )  # [1, num_heads, len, head_dim]
+    return out[0].transpose(0, 1)  # [len, num_heads, head_dim]
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [num_slots] block id of each written token's KV slot
     slot_offsets: torch.Tensor  # [num_slots] offset inside that block
     prefill_lens: tuple[int, ...]  # tokens of each prefill row, in layout order
+    prefill_contexts: tuple[int, ...]  # per prefill row: tokens of the request before its chunk (0: from position 0)
+    context_tables: tuple[torch.Tensor, ...]  # per prefill row: [blocks] of its context in this pool ([] elsewhere)
+    chunk_masks: dict[int, torch.Tensor]  # by prefill row with context > 0: its chunk_mask
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] padded with block 0
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] True where a context slot is valid
 
@@ -38,8 +83,14 @@ class AttentionMetadata:
         decode_context_lens: list[int],
         block_size: int,
         device: torch.device,
+        prefill_contexts: Sequence[int] = (),
+        context_block_tables: Sequence[list[int]] = (),
     ) -> "AttentionMetadata":
-        """Pad the decode rows' block tables and mask the slots past each row's context length."""
+        """Pad the decode rows' block tables and mask the slots past each row's context length; the chunks' masks.
+        prefill_contexts () means every prefill row starts at position 0; context_block_tables () means no chunk's
+        context is in this pool."""
+        contexts = tuple(prefill_contexts) or (0,) * len(prefill_lens)
+        context_tables = tuple(context_block_tables) or ([],) * len(prefill_lens)
         max_blocks = max((len(t) for t in decode_block_tables), default=0)
         tables = [t + [0] * (max_blocks - len(t)) for t in decode_block_tables]
         context = torch.tensor(decode_context_lens, dtype=torch.long, device=device)  # [num_decodes]
@@ -48,6 +99,9 @@ class AttentionMetadata:
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
             slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
             prefill_lens=tuple(prefill_lens),
+            prefill_contexts=contexts,
+            context_tables=tuple(torch.tensor(t, dtype=torch.long, device=device) for t in context_tables),
+            chunk_masks={row: chunk_mask(p, n, device) for row, (n, p) in enumerate(zip(prefill_lens, contexts)) if p},
             decode_block_tables=torch.tensor(tables, dtype=torch.long, device=device).reshape(len(tables), max_blocks),
             decode_mask=(slots[None, :] < context[:, None])[:, None, None, :],
         )
@@ -60,31 +114,32 @@ class PagedAttention:
         self.cache = cache
 
     def forward(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: AttentionMetadata,
+        loaded: Mapping[int, ContextKV] | None = None,
     ) -> torch.Tensor:
         """q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim] -> like q. The decode rows'
-        k/v must already be in the cache."""
+        k/v must already be in the cache. A chunk's earlier KV is read from this pool through its context table,
+        or given in loaded (by prefill row, on q's device) when it lives in another pool."""
         outputs = []
         start = 0
-        for length in metadata.prefill_lens:
+        for row, (length, context) in enumerate(zip(metadata.prefill_lens, metadata.prefill_contexts)):
             rows = slice(start, start + length)
-            outputs.append(self._prefill(q[rows], k[rows], v[rows]))
+            if context == 0:
+                outputs.append(causal_attention(q[rows], k[rows], v[rows]))
+            else:
+                past = loaded[row] if loaded and row in loaded else self.cache.gather_context(
+                    layer_idx, metadata.context_tables[row], context
+                )
+                outputs.append(chunk_attention(q[rows], k[rows], v[rows], past, metadata.chunk_masks[row]))
             start += length
         if metadata.num_decodes:
             outputs.append(self._decode(layer_idx, q[start:], metadata))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-
-    @staticmethod
-    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of one request over its own tokens."""
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # [1, num_heads, len, head_dim]
-            k.transpose(0, 1)[None],  # [1, num_kv_heads, len, head_dim]
-            v.transpose(0, 1)[None],  # [1, num_kv_heads, len, head_dim]
-            is_causal=True,
-            enable_gqa=True,
-        )  # [1, num_heads, len, head_dim]
-        return out[0].transpose(0, 1)  # [len, num_heads, head_dim]
 
     def _decode(self, layer_idx: int, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """One query per row over its cached context, all rows at once (padded and masked)."""

@@ -3,8 +3,8 @@
 Every layer of a sub-batch runs in three stages:
 - launch: the CPU rows' norm, QKV and RoPE; their q/k/v staged and the doorbell rung (no-op without CPU rows);
 - device: the other rows' QKV, their k/v written to their pool, attention on the accelerator (prefill rows over
-  their own tokens, accelerator decode rows over the paged pool); when CPU rows are in flight, the prefill rows'
-  O-proj and MLP too (they do not depend on the CPU);
+  their own tokens, a chunk also over the request's earlier KV, accelerator decode rows over the paged pool); when
+  CPU rows are in flight, the prefill rows' O-proj and MLP too (they do not depend on the CPU);
 - complete: wait for the CPU's o (lazily, only now), then O-proj and MLP of the rows not yet done.
 
 GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from apex_serve.types import ExecutionMode
-from gpu_worker.attention import PagedAttention
+from gpu_worker.attention import ContextKV, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
@@ -54,7 +54,7 @@ class Forward:
     def logits(
         self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock, cpu_wait_s: float
     ) -> torch.Tensor:
-        """fp32 logits [num_requests, vocab] in the order of the sub-batches' request_ids, concatenated. Each layer
+        """fp32 logits [num_sampling, vocab] in the order of the sub-batches' sampling_ids, concatenated. Each layer
         of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
             flights = []
@@ -73,9 +73,9 @@ class Forward:
                         self._device(flight, i, clock)
                         self._complete(flight, i, clock, cpu_wait_s)
             with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
-                hidden = torch.cat([f.hidden for f in flights])  # [num_requests, hidden]
+                hidden = torch.cat([f.hidden for f in flights])  # [num_sampling, hidden]
                 normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)
-                return F.linear(normed, self.weights.lm_head).float()  # [num_requests, vocab]
+                return F.linear(normed, self.weights.lm_head).float()  # [num_sampling, vocab]
 
     def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock, cpu_wait_s: float) -> None:
         """Two sub-batches one layer apart: the CPU attends A's layer i while the accelerator finishes B's layer
@@ -122,6 +122,7 @@ class Forward:
         with clock.measure("device_linear", i, batch.slot):
             q, k, v = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
         split = batch.num_cpu_prefill_tokens
+        loaded = self._load_cpu_contexts(batch, i, clock)
         with clock.measure("device_attention", i, batch.slot):  # prefill KV writes count here, either pool
             if split:
                 self._bridge().pool.write(
@@ -129,14 +130,29 @@ class Forward:
                 )
             meta = batch.device_metadata
             self.device_pool.write(i, k[split:], v[split:], meta.slot_blocks, meta.slot_offsets)
-            attn = self.attention.forward(i, q, k, v, meta)  # [end, num_heads, head_dim]
+            attn = self.attention.forward(i, q, k, v, meta, loaded)  # [end, num_heads, head_dim]
         prefill = batch.num_prefill_tokens
         if batch.num_cpu_decodes and prefill:
-            keep = batch.last_rows[: batch.num_prefill_rows] if self._is_last(i) else slice(0, prefill)
+            keep = batch.last_rows[: batch.num_prefill_samples] if self._is_last(i) else slice(0, prefill)
             with clock.measure("device_linear", i, batch.slot):
                 flight.done_prefill = post_attention(layer, flight.hidden[keep], attn[keep])
             attn = attn[prefill:]
         flight.device_attn = attn
+
+    def _load_cpu_contexts(self, batch: SubBatch, i: int, clock: StepClock) -> dict[int, ContextKV]:
+        """Layer i's earlier KV of the sub-batch's CPU-placed chunks, gathered from the CPU pool and brought back to
+        the accelerator, by prefill row. A chunk's attention is compute-bound (chunk x context multiply-adds per
+        head), far too slow for the host's cores, while its context's KV crosses the host link in context x
+        kv_bytes_per_token per layer; so the chunk attends on the accelerator, and the load counts as staging."""
+        if not batch.cpu_context_loads:
+            return {}
+        bridge = self._bridge()
+        loaded = {}
+        with clock.measure("staging", i, batch.slot):
+            for load in batch.cpu_context_loads:
+                k, v = bridge.pool.gather_context(i, load.blocks, load.tokens)  # [kv_heads, tokens, head_dim], host
+                loaded[load.row] = (bridge.transfer.to_device(k), bridge.transfer.to_device(v))
+        return loaded
 
     def _complete(self, flight: _Flight, i: int, clock: StepClock, cpu_wait_s: float) -> None:
         batch = flight.batch
@@ -150,7 +166,7 @@ class Forward:
         if flight.done_prefill is not None:
             hidden = hidden[batch.num_prefill_tokens :]  # decode rows
         elif self._is_last(i):
-            hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_requests, ...]
+            hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_sampling, ...]
         with clock.measure("device_linear", i, batch.slot):
             hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
         if flight.done_prefill is not None:

@@ -76,3 +76,9 @@ class PagedKVCache:
         k = k.transpose(1, 2).reshape(rows, k.shape[2], max_blocks * self.block_size, -1)
         v = v.transpose(1, 2).reshape(rows, v.shape[2], max_blocks * self.block_size, -1)
         return k, v  # [rows, kv_heads, max_blocks * block_size, head_dim]
+
+    def gather_context(self, layer_idx: int, blocks: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [num_kv_heads, num_tokens, head_dim] of a request's positions [0, num_tokens), which blocks [n]
+        (its first block ids, n >= ceil(num_tokens / block_size)) hold."""
+        k, v = self.gather(layer_idx, blocks[None])  # [1, kv_heads, n * block_size, head_dim]
+        return k[0, :, :num_tokens], v[0, :, :num_tokens]

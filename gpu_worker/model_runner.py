@@ -24,7 +24,7 @@ from gpu_worker.model_config import ModelConfig, load_model_config
 from gpu_worker.plan_checks import PlanChecker, cpu_pool_use
 from gpu_worker.rope import RotaryEmbedding
 from gpu_worker.sampler import Sampler, compute_logprobs
-from gpu_worker.step_batch import RequestState, SubBatch, layout_sub_batch
+from gpu_worker.step_batch import RequestState, Scheduled, SubBatch, layout_sub_batch, schedule
 from gpu_worker.step_clock import StepClock
 from gpu_worker.weights import load_weights
 
@@ -40,9 +40,9 @@ def config_hash(model_dir: str) -> str:
     return hashlib.sha256(config_json(model_dir).encode()).hexdigest()
 
 
-def _request_ids(sub_batches: list[SubBatch]) -> list[str]:
-    """The step's requests in the order of the forward's logits rows."""
-    return [rid for batch in sub_batches for rid in batch.request_ids]
+def _sampling_ids(sub_batches: list[SubBatch]) -> list[str]:
+    """The step's requests that sample, in the order of the forward's logits rows."""
+    return [rid for batch in sub_batches for rid in batch.sampling_ids]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -165,7 +165,8 @@ class ModelRunner:
         return self.cpu_pool.bridge if self.cpu_pool else None
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step and sample one token per scheduled request (with logprobs where asked for)."""
+        """Run one step and sample one token per request whose scheduled tokens reach the end of its tokens (with
+        logprobs where asked for); a non-final chunk of a prefill samples nothing."""
         with self._lock:
             return self._execute(plan)
 
@@ -182,10 +183,10 @@ class ModelRunner:
                 start_unix_ns=start_unix_ns,
             )
             return StepOutput(step_id=plan.step_id, timings=timings)
-        logits = self._forward(plan, sub_batches, clock)  # [num_requests, vocab]
+        logits = self._forward(plan, sub_batches, clock)  # [num_sampling, vocab]
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(_request_ids(sub_batches), logits)
+        sampled, logprobs = self._sample(_sampling_ids(sub_batches), logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -205,14 +206,15 @@ class ModelRunner:
         )
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
-        """Run one step without sampling: fp32 logits [vocab] of each scheduled request's last position."""
+        """Run one step without sampling: fp32 logits [vocab] of the last position of each request that would
+        sample in it."""
         with self._lock:
             clock = StepClock()
             sub_batches = self._prepare(plan, clock)
             if not sub_batches:
                 return {}
-            logits = self._forward(plan, sub_batches, clock)  # [num_requests, vocab]
-            return dict(zip(_request_ids(sub_batches), logits.unbind(0)))
+            logits = self._forward(plan, sub_batches, clock)  # [num_sampling, vocab]
+            return dict(zip(_sampling_ids(sub_batches), logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
         """Sample from compute_logits' output and append each token to its request, as execute does;
@@ -234,12 +236,17 @@ class ModelRunner:
             self.cpu_pool.close()
 
     def _forward(self, plan: StepPlan, sub_batches: list[SubBatch], clock: StepClock) -> torch.Tensor:
-        """The forward's logits [num_requests, vocab]; CpuPoolLost when the cpu_attention_worker is lost in it."""
+        """The forward's logits [num_sampling, vocab]; CpuPoolLost when the cpu_attention_worker is lost in it. Only
+        once it succeeded do the scheduled requests count their tokens as computed."""
         wait_s = plan.cpu_wait_timeout_s if plan.cpu_wait_timeout_s > 0 else self.config.cpu_wait_timeout_s
         try:
-            return self.forward.logits(sub_batches, plan.mode, clock, wait_s)
+            logits = self.forward.logits(sub_batches, plan.mode, clock, wait_s)
         except CpuAttentionError as exc:
             raise self._lose(plan, str(exc)) from exc
+        for batch in sub_batches:
+            for scheduled in batch.scheduled:
+                self._requests[scheduled.request_id].num_computed_tokens = scheduled.end
+        return logits
 
     def _lose(self, plan: StepPlan, cause: str) -> CpuPoolLost:
         """After a loss in the forward of plan (fully prepared): drop and undo per CpuPoolLost, detach the CPU pool
@@ -255,7 +262,9 @@ class ModelRunner:
     def _sample(
         self, request_ids: list[str], logits: torch.Tensor
     ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Tokens of logits [num_requests, vocab], and logprobs of the requests that ask for them."""
+        """Tokens of logits [num_sampling, vocab], and logprobs of the requests that ask for them."""
+        if not request_ids:
+            return {}, {}
         requests = [self._requests[rid] for rid in request_ids]
         params = [r.sampling for r in requests]
         tokens = self.sampler.sample(
@@ -291,26 +300,29 @@ class ModelRunner:
         with clock.measure("swap"):
             for swap in (*plan.swap_out, *plan.swap_in):
                 self._swap(swap)
+        by_slot: list[list[Scheduled]] = [[], []]
         for new in plan.new_requests:
-            self._requests[new.request_id] = RequestState(
+            state = RequestState(
                 token_ids=list(new.token_ids),
                 num_prompt_tokens=len(new.token_ids) - new.num_output_tokens,
                 sampling=new.sampling,
                 block_ids=list(new.block_ids),
                 placement=new.placement,
+                num_prefill_tokens=len(new.token_ids),
             )
+            self._requests[new.request_id] = state
+            by_slot[new.sub_batch].append(schedule(new.request_id, state, new.num_scheduled_tokens, new=True))
         for cached in plan.cached_requests:
-            self._requests[cached.request_id].block_ids.extend(cached.new_block_ids)
-        sub_batches = []
-        for slot in range(2):
-            new_ids = [r.request_id for r in plan.new_requests if r.sub_batch == slot]
-            cached_ids = [r.request_id for r in plan.cached_requests if r.sub_batch == slot]
-            if new_ids or cached_ids:
-                sub_batches.append(layout_sub_batch(
-                    slot, new_ids, cached_ids, self._requests, self.config.block_size, self.max_blocks_per_row,
-                    self.device,
-                ))
-        return sub_batches
+            state = self._requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            by_slot[cached.sub_batch].append(
+                schedule(cached.request_id, state, cached.num_scheduled_tokens, new=False)
+            )
+        return [
+            layout_sub_batch(slot, scheduled, self._requests, self.config.block_size, self.max_blocks_per_row,
+                             self.device)
+            for slot, scheduled in enumerate(by_slot) if scheduled
+        ]
 
     def _swap(self, swap: SwapData) -> None:
         """Copy the request's cached blocks to the other pool and move it there."""

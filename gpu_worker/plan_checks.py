@@ -40,6 +40,9 @@ class PlanChecker:
                 )
             if not all(0 <= t < self.vocab_size for t in new.token_ids):
                 raise InvalidArgument("token_ids", f"request {rid!r} has a token id outside [0, {self.vocab_size})")
+            if not 0 <= new.num_scheduled_tokens <= len(new.token_ids):
+                raise InvalidArgument("num_scheduled_tokens", f"request {rid!r}: {new.num_scheduled_tokens} is outside "
+                                      f"[0, {len(new.token_ids)}] (its tokens; 0: all)")
             self._check_pool(rid, new.placement)
             self._check_blocks(rid, new.placement, list(new.block_ids), len(new.token_ids) - 1)
         for cached in plan.cached_requests:
@@ -50,15 +53,36 @@ class PlanChecker:
             if request is None or rid not in placements:
                 raise InvalidArgument("cached_requests", f"request {rid!r} is not known to the worker")
             placement = placements[rid]
+            last_position = self._check_chunk(rid, request, cached.num_scheduled_tokens)
+            blocks = self._blocks_after_swaps(plan, request, rid) + list(cached.new_block_ids)
+            self._check_blocks(rid, placement, blocks, last_position)
+            if cached.num_scheduled_tokens:
+                continue  # a chunk: a prefill row, on the accelerator whatever its placement
             if placement is Placement.CPU and plan.mode is ExecutionMode.GPU_ONLY:
                 raise InvalidArgument("mode", f"request {rid!r} decodes on the CPU, which a GPU_ONLY step cannot run")
-            blocks = self._blocks_after_swaps(plan, request, rid) + list(cached.new_block_ids)
-            self._check_blocks(rid, placement, blocks, len(request.token_ids) - 1)
             if placement is Placement.CPU:
                 cpu_rows[cached.sub_batch] += 1
                 if cpu_rows[cached.sub_batch] > self.max_cpu_rows:
                     raise InvalidArgument("cached_requests", f"sub-batch {cached.sub_batch} has more CPU decode rows "
                                           f"than cpu_max_rows {self.max_cpu_rows}")
+
+    @staticmethod
+    def _check_chunk(rid: str, request: RequestState, num_scheduled_tokens: int) -> int:
+        """The last position a cached request computes: its chunk's (num_scheduled_tokens > 0, only while it is
+        prefilling and within its tokens) or its decode row's (0, only once prefilled)."""
+        computed, total = request.num_computed_tokens, len(request.token_ids)
+        if num_scheduled_tokens == 0:
+            if request.prefilling:
+                raise InvalidArgument("num_scheduled_tokens", f"request {rid!r} is still prefilling ({computed} of "
+                                      f"{total} tokens computed): 0 (a decode row) needs a prefilled request")
+            return total - 1
+        if not request.prefilling:
+            raise InvalidArgument("num_scheduled_tokens", f"request {rid!r} is not prefilling ({computed} of {total} "
+                                  f"tokens computed): {num_scheduled_tokens} must be 0 (a decode row)")
+        if not 0 < num_scheduled_tokens <= total - computed:
+            raise InvalidArgument("num_scheduled_tokens", f"request {rid!r}: {num_scheduled_tokens} is outside "
+                                  f"[1, {total - computed}] (its tokens left to prefill)")
+        return computed + num_scheduled_tokens - 1
 
     def _check_swaps(
         self, plan: StepPlan, requests: dict[str, RequestState], placements: dict[str, Placement]
@@ -73,6 +97,10 @@ class PlanChecker:
                     raise InvalidArgument(field, f"request {rid!r} is not known to the worker")
                 if placements[rid] is not source:
                     raise InvalidArgument(field, f"request {rid!r} is not in the {source.value} pool")
+                request = requests[rid]
+                if request.prefilling:
+                    raise InvalidArgument(field, f"request {rid!r} is still prefilling ({request.num_computed_tokens} "
+                                          f"of {len(request.token_ids)} tokens computed): swap it once prefilled")
                 self._check_pool(rid, source.other)
                 self._check_blocks(rid, source.other, list(swap.block_ids), requests[rid].num_cached_tokens - 1)
                 placements[rid] = source.other
@@ -118,13 +146,13 @@ class PlanChecker:
 
 
 def cpu_pool_use(plan: StepPlan, requests: dict[str, RequestState]) -> str:
-    """How plan uses the CPU pool (a CPU placement, a CPU decode row, a swap), or "" when it does not."""
+    """How plan uses the CPU pool (a CPU placement, a CPU decode row or chunk, a swap), or "" when it does not."""
     for new in plan.new_requests:
         if new.placement is Placement.CPU:
             return f"request {new.request_id!r} is placed on the CPU"
     for cached in plan.cached_requests:
         request = requests.get(cached.request_id)
         if request is not None and request.placement is Placement.CPU:
-            return f"request {cached.request_id!r} decodes on the CPU"
+            return f"request {cached.request_id!r} is in the CPU pool"
     swaps = (*plan.swap_out, *plan.swap_in)
     return f"request {swaps[0].request_id!r} is swapped" if swaps else ""

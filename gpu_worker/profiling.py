@@ -1,13 +1,15 @@
 """Times synthetic work of one layer on this worker's own hardware and weights (DESIGN §5): the profiler asks for a
 table and its points, and gets the median ns of each point after warm-up. Tables here: t_lin (tokens), t_pref
-(prompt tokens of one request), t_gatt (decode rows, KV tokens over the rows), t_xfer (bytes staged per layer),
-t_sync (doorbell round trip), t_step (requests: the step's layout, embedding, final norm, lm head, sampling; per
-iteration).
+(prefill tokens of one request, context tokens computed before them), t_gatt (decode rows, KV tokens over the rows),
+t_xfer (bytes staged per layer), t_sync (doorbell round trip), t_step (requests: the step's layout, embedding, final
+norm, lm head, sampling; per iteration).
 Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
 memory as in a real step instead of staying in cache. Requests live in the pool between steps: the blocks a
-measurement writes are saved before and put back after it."""
+measurement writes are saved before and put back after it. t_pref writes scratch KV space of the pool's layout
+instead, so a pool of a few blocks profiles prompts up to max_model_len."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +17,12 @@ import torch.nn.functional as F
 from apex_serve.errors import FailedPrecondition, InvalidArgument
 from apex_serve.measurement import check_measure, median_ns
 from apex_serve.types import Placement, SamplingParams
-from gpu_worker.attention import AttentionMetadata, PagedAttention
+from gpu_worker.attention import AttentionMetadata, PagedAttention, causal_attention, chunk_attention, chunk_mask
 from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import post_attention, pre_attention, rms_norm
 from gpu_worker.model_runner import ModelRunner
-from gpu_worker.step_batch import RequestState, layout_sub_batch
+from gpu_worker.step_batch import RequestState, layout_sub_batch, schedule
 
 GPU_TABLES = ("t_lin", "t_pref", "t_gatt", "t_xfer", "t_sync", "t_step")
 _OVER_LAYERS = ("t_lin", "t_gatt")  # timed over every layer, reported per layer
@@ -39,7 +42,7 @@ class LayerProfiler:
         build = getattr(self, f"_{table}")
         per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
         with torch.inference_mode():
-            return [self._timed(lambda: build(x, y), warmup, repeats) / per for x, y in points]
+            return [self._timed(partial(build, x, y), warmup, repeats) / per for x, y in points]
 
     def _timed(self, build: Callable[[], Callable[[], object]], warmup: int, repeats: int) -> float:
         """Median ns of the work build() makes; the pool blocks it saved are put back whatever happens."""
@@ -82,21 +85,38 @@ class LayerProfiler:
 
         return work
 
-    def _t_pref(self, length: int, _: int) -> Callable[[], object]:
-        """Self-attention of one prompt and the write of its KV into the pool."""
-        pool = self.runner.kv_cache
-        self._positive("x", length, min(self.runner.max_model_len, pool.num_blocks * pool.block_size))
-        q = self._random(length, self.layer.num_heads, self.layer.head_dim)
-        kv = self._random(length, self.layer.num_kv_heads, self.layer.head_dim)
-        positions = torch.arange(length, device=self.runner.device)
-        blocks, offsets = positions // pool.block_size, positions % pool.block_size
-        self._preserve(blocks.unique())
+    def _t_pref(self, tokens: int, context: int) -> Callable[[], object]:
+        """One layer of a prefill row's attention and KV write, as a step runs it: a whole prompt (context 0) attends
+        causally to itself; a chunk after context earlier tokens writes its KV, gathers the earlier KV from the
+        paged blocks and attends over both under the causal mask. The KV lives in one-layer scratch space, not in
+        the pool."""
+        limit = self.runner.max_model_len
+        self._positive("x", tokens, limit)
+        if not 0 <= context <= limit - tokens:
+            raise InvalidArgument("y", f"{context} is outside [0, {limit - tokens}] (max_model_len {limit} less x)")
+        scratch = self._scratch(tokens + context)
+        table = torch.randperm(scratch.num_blocks, generator=self.generator).to(self.runner.device)  # [blocks]
+        positions = torch.arange(context, context + tokens, device=self.runner.device)  # [tokens]
+        slot_blocks, slot_offsets = table[positions // scratch.block_size], positions % scratch.block_size
+        q = self._random(tokens, self.layer.num_heads, self.layer.head_dim)
+        kv = self._random(tokens, self.layer.num_kv_heads, self.layer.head_dim)
+        mask = chunk_mask(context, tokens, self.runner.device)  # [tokens, context + tokens]
+        context_table = table[: -(-context // scratch.block_size)]  # [blocks holding the context]
 
         def work() -> torch.Tensor:
-            pool.write(0, kv, kv, blocks, offsets)
-            return PagedAttention._prefill(q, kv, kv)
+            scratch.write(0, kv, kv, slot_blocks, slot_offsets)
+            if context == 0:
+                return causal_attention(q, kv, kv)
+            return chunk_attention(q, kv, kv, scratch.gather_context(0, context_table, context), mask)
 
         return work
+
+    def _scratch(self, num_tokens: int) -> PagedKVCache:
+        """One layer of random KV in the pool's layout and dtype, blocks enough for num_tokens."""
+        pool = self.runner.kv_cache
+        blocks = -(-num_tokens // pool.block_size)
+        shape = (1, blocks, self.layer.num_kv_heads, pool.block_size, self.layer.head_dim)
+        return PagedKVCache.wrap(self._random(*shape), self._random(*shape))
 
     def _t_gatt(self, rows: int, kv_tokens: int) -> Callable[[], object]:
         pool = self.runner.kv_cache
@@ -154,13 +174,14 @@ class LayerProfiler:
         histories = [[0]] * requests
         block_size = self.runner.config.block_size
         states = {  # decode rows of 64 tokens, for the step's layout (part of its preparation)
-            f"p{i}": RequestState([1] * 64, 63, _GREEDY, [i % self.runner.kv_cache.num_blocks] * 4, Placement.GPU)
+            f"p{i}": RequestState([1] * 64, 63, _GREEDY, [i % self.runner.kv_cache.num_blocks] * 4, Placement.GPU,
+                                  num_computed_tokens=63)
             for i in range(requests)
         }
+        scheduled = [schedule(rid, state, 0, new=False) for rid, state in states.items()]
 
         def work() -> list[int]:
-            layout_sub_batch(0, [], list(states), states, block_size, self.runner.max_blocks_per_row,
-                             self.runner.device)
+            layout_sub_batch(0, scheduled, states, block_size, self.runner.max_blocks_per_row, self.runner.device)
             F.embedding(ids, weights.embed_tokens)
             normed = rms_norm(hidden, weights.final_norm, self.runner.model_config.rms_norm_eps)
             logits = F.linear(normed, weights.lm_head).float()  # [requests, vocab]

@@ -16,33 +16,63 @@ class RequestState:
     sampling: SamplingParams
     block_ids: list[int]  # in the pool of `placement`
     placement: Placement
+    num_computed_tokens: int = 0  # tokens of token_ids whose KV is in the pool
+    num_prefill_tokens: int = 0  # len(token_ids) at admission: prefilled (maybe in chunks) before the first sample
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def prefilling(self) -> bool:
+        """Its prefill is chunked and has tokens left: the next step must schedule a chunk, not a decode row."""
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+    @property
     def num_cached_tokens(self) -> int:
-        """Tokens whose KV is in the pool between steps: all but the last sampled one."""
-        return len(self.token_ids) - 1
+        """Tokens whose KV is in the pool between steps: all but the last sampled one once prefilled."""
+        return self.num_computed_tokens
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """The tokens one step computes for a request: token_ids[start:end] at positions [start, end)."""
+
+    request_id: str
+    start: int
+    end: int
+    prefill: bool  # a prefill row (a new request's first tokens or a chunk), else a decode row of one token
+    samples: bool  # the tokens reach the end of its token_ids (a decode row, a whole prompt, a last chunk)
+
+
+@dataclass(frozen=True)
+class ContextLoad:
+    """The earlier KV of a CPU-placed chunk: the first `tokens` positions of the request, in CPU-pool `blocks`."""
+
+    row: int  # the chunk's prefill row in layout order
+    blocks: torch.Tensor  # [ceil(tokens / block_size)] CPU-pool block ids, on the host
+    tokens: int
 
 
 @dataclass(frozen=True)
 class SubBatch:
-    """One sub-batch of a step. Tokens are laid out: prefills whose KV goes to the CPU pool, prefills whose KV stays
-    in the accelerator pool, accelerator decode rows, then CPU decode rows (the tail, attended by the CPU)."""
+    """One sub-batch of a step. Tokens are laid out: prefill rows (whole prompts or chunks) whose KV goes to the CPU
+    pool, prefill rows whose KV stays in the accelerator pool, accelerator decode rows, then CPU decode rows (the
+    tail, attended by the CPU). Only the requests that sample have a logits row: last_rows lists their last tokens,
+    the sampling prefill rows first, then every decode row."""
 
     slot: int  # staging slot of its CPU rows: the sub-batch index
-    request_ids: list[str]  # in layout order
+    scheduled: list[Scheduled]  # in layout order
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
-    last_rows: torch.Tensor  # [num_requests] index of each request's last token
+    last_rows: torch.Tensor  # [num_sampling] index of each sampling request's last token
     num_cpu_prefill_tokens: int
-    num_prefill_rows: int
+    num_prefill_samples: int  # prefill rows among last_rows
     num_cpu_decodes: int
     device_metadata: AttentionMetadata  # prefills and accelerator decodes; slots of accelerator-pool tokens
     cpu_prefill_blocks: torch.Tensor  # [num_cpu_prefill_tokens] CPU-pool block of each CPU prefill token
     cpu_prefill_offsets: torch.Tensor  # [num_cpu_prefill_tokens]
+    cpu_context_loads: tuple[ContextLoad, ...]  # CPU-placed chunks with earlier KV in the CPU pool
     cpu_block_tables: np.ndarray  # [num_cpu_decodes, max_blocks_per_row] int32, padded with 0
     cpu_context_lens: np.ndarray  # [num_cpu_decodes] int32, including the current token
     cpu_slot_mapping: np.ndarray  # [num_cpu_decodes] int64, block * block_size + offset of the current token
@@ -60,45 +90,73 @@ class SubBatch:
         """Tokens [0, device_end) are attended on the accelerator, the rest by the CPU."""
         return self.num_tokens - self.num_cpu_decodes
 
+    @property
+    def sampling_ids(self) -> list[str]:
+        """The requests with a logits row, in the order of last_rows."""
+        return [s.request_id for s in self.scheduled if s.samples]
+
+
+def schedule(request_id: str, request: RequestState, num_scheduled_tokens: int, new: bool) -> Scheduled:
+    """The tokens a step computes for a request (state as the plan found it): a new request prefills from position 0
+    (num_scheduled_tokens of it, all when 0); a cached one prefills its next num_scheduled_tokens > 0, or decodes
+    its last token (0)."""
+    if new or num_scheduled_tokens:
+        start = request.num_computed_tokens
+        end = start + num_scheduled_tokens if num_scheduled_tokens else len(request.token_ids)
+        return Scheduled(request_id, start, end, True, end == len(request.token_ids))
+    end = len(request.token_ids)
+    return Scheduled(request_id, end - 1, end, False, True)
+
 
 def layout_sub_batch(
     slot: int,
-    new_ids: list[str],
-    cached_ids: list[str],
+    scheduled: list[Scheduled],
     requests: dict[str, RequestState],
     block_size: int,
     max_blocks_per_row: int,
     device: torch.device,
 ) -> SubBatch:
-    """Lay out the new (prefill) and cached (decode) requests of one sub-batch; their state is already in requests."""
-    by_place = {place: [r for r in new_ids if requests[r].placement is place] for place in Placement}
-    decodes = {place: [r for r in cached_ids if requests[r].placement is place] for place in Placement}
-    order = by_place[Placement.CPU] + by_place[Placement.GPU] + decodes[Placement.GPU] + decodes[Placement.CPU]
+    """Lay out one sub-batch's scheduled tokens; their state is already in requests."""
+    def key(s: Scheduled) -> int:
+        placement = requests[s.request_id].placement
+        if s.prefill:
+            return 0 if placement is Placement.CPU else 1
+        return 2 if placement is Placement.GPU else 3
+
+    order = sorted(scheduled, key=key)
+    prefills = [s for s in order if s.prefill]
     input_ids: list[int] = []
     positions: list[int] = []
     last_rows: list[int] = []
-    prefill_lens: list[int] = []
     slots: dict[Placement, list[tuple[int, int]]] = {Placement.GPU: [], Placement.CPU: []}
     tables: dict[Placement, list[list[int]]] = {Placement.GPU: [], Placement.CPU: []}
     context_lens: dict[Placement, list[int]] = {Placement.GPU: [], Placement.CPU: []}
-    for request_id in by_place[Placement.CPU] + by_place[Placement.GPU]:
-        request = requests[request_id]
-        length = len(request.token_ids)
-        input_ids.extend(request.token_ids)
-        positions.extend(range(length))
-        prefill_lens.append(length)
-        slots[request.placement].extend((request.block_ids[p // block_size], p % block_size) for p in range(length))
-        last_rows.append(len(input_ids) - 1)
-    for request_id in decodes[Placement.GPU] + decodes[Placement.CPU]:
-        request = requests[request_id]
-        position = len(request.token_ids) - 1
-        input_ids.append(request.token_ids[-1])
+    context_tables: list[list[int]] = []
+    loads: list[ContextLoad] = []
+    for row, s in enumerate(prefills):
+        request = requests[s.request_id]
+        context_blocks = request.block_ids[: -(-s.start // block_size)]
+        on_cpu = request.placement is Placement.CPU
+        context_tables.append([] if on_cpu else context_blocks)
+        if on_cpu and s.start:
+            loads.append(ContextLoad(row, torch.tensor(context_blocks, dtype=torch.long), s.start))
+        input_ids.extend(request.token_ids[s.start : s.end])
+        positions.extend(range(s.start, s.end))
+        slots[request.placement].extend(
+            (request.block_ids[p // block_size], p % block_size) for p in range(s.start, s.end)
+        )
+        if s.samples:
+            last_rows.append(len(input_ids) - 1)
+    for s in order[len(prefills) :]:
+        request = requests[s.request_id]
+        position = s.start
+        input_ids.append(request.token_ids[position])
         positions.append(position)
         last_rows.append(len(input_ids) - 1)
         slots[request.placement].append((request.block_ids[position // block_size], position % block_size))
         tables[request.placement].append(request.block_ids[: position // block_size + 1])
         context_lens[request.placement].append(position + 1)
-    num_cpu_prefill_tokens = sum(len(requests[r].token_ids) for r in by_place[Placement.CPU])
+    num_cpu_prefill_tokens = sum(s.end - s.start for s in prefills if requests[s.request_id].placement is Placement.CPU)
     gpu_slots = slots[Placement.GPU]
     cpu_prefill_slots = slots[Placement.CPU][:num_cpu_prefill_tokens]
     cpu_decode_slots = slots[Placement.CPU][num_cpu_prefill_tokens:]
@@ -107,25 +165,29 @@ def layout_sub_batch(
         cpu_tables[row, : len(table)] = table
     return SubBatch(
         slot=slot,
-        request_ids=order,
+        scheduled=order,
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         last_rows=torch.tensor(last_rows, dtype=torch.long, device=device),
         num_cpu_prefill_tokens=num_cpu_prefill_tokens,
-        num_prefill_rows=len(prefill_lens),
-        num_cpu_decodes=len(decodes[Placement.CPU]),
+        num_prefill_samples=sum(s.samples for s in prefills),
+        num_cpu_decodes=len(tables[Placement.CPU]),
         device_metadata=AttentionMetadata.build(
-            prefill_lens=prefill_lens,
+            prefill_lens=[s.end - s.start for s in prefills],
             slot_blocks=[b for b, _ in gpu_slots],
             slot_offsets=[o for _, o in gpu_slots],
             decode_block_tables=tables[Placement.GPU],
             decode_context_lens=context_lens[Placement.GPU],
             block_size=block_size,
             device=device,
+            prefill_contexts=[s.start for s in prefills],
+            context_block_tables=context_tables,
         ),
         cpu_prefill_blocks=torch.tensor([b for b, _ in cpu_prefill_slots], dtype=torch.long),
         cpu_prefill_offsets=torch.tensor([o for _, o in cpu_prefill_slots], dtype=torch.long),
+        cpu_context_loads=tuple(loads),
         cpu_block_tables=cpu_tables,
         cpu_context_lens=np.array(context_lens[Placement.CPU], dtype=np.int32),
         cpu_slot_mapping=np.array([b * block_size + o for b, o in cpu_decode_slots], dtype=np.int64),
     )
+

@@ -46,6 +46,11 @@ class Grid:
         return [(x, y) for x in getattr(self, fields[0]) for y in getattr(self, fields[1])]
 
 
+KV_LIMIT = 1 << 20  # KV tokens over the rows measured at most, whatever the pool holds
+PREF_TOKENS_LIMIT = 2048  # prefill chunk tokens measured at most
+PREF_CONTEXT_LIMIT = 1 << 15  # context tokens before a chunk measured at most
+
+
 def _geometric(start: int, stop: int, factor: int) -> list[int]:
     values, v = [], start
     while v <= stop:
@@ -54,26 +59,60 @@ def _geometric(start: int, stop: int, factor: int) -> list[int]:
     return values
 
 
-def _capped(values: list[int], cap: int) -> tuple[int, ...]:
+def _up_to(values: list[int], cap: int) -> tuple[int, ...]:
+    """values within cap, and cap itself where it cuts values short or leaves fewer than two points: the axis
+    reaches what the worker holds. cap >= 1."""
     kept = [v for v in values if v <= cap]
-    return tuple(kept) if kept else (max(1, cap),)
+    if (len(kept) < len(values) or len(kept) < 2) and cap not in kept:
+        kept.append(cap)
+    return tuple(kept)
+
+
+def pool_axes(base_rows: list[int], row_limit: int, num_blocks: int, block_size: int, factor: int
+              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Decode rows and KV tokens over the rows whose every combination fits a pool of num_blocks: a point (r, kv)
+    holds r rows of ceil(kv / r / block_size) blocks each. Rows stop at about half the pool (two rows in a pool of
+    two or three blocks) and at row_limit; KV tokens stop at the most that every row count holds (r rows of
+    num_blocks // r blocks), start at the row count (every row attends to at least one token), and take two points
+    whenever the pool allows."""
+    rows = _up_to(base_rows, max(1, min(row_limit, max(min(2, num_blocks), num_blocks // 2))))
+    if num_blocks < 1:
+        return rows[:1], (1,)
+    cap = min([KV_LIMIT] + [r * block_size * (num_blocks // r) for r in rows])
+    low = rows[-1]
+    kv = [v for v in _geometric(64, cap, factor) if low <= v < cap] + [cap]
+    if len(kv) < 2 and cap > low:
+        kv.insert(0, max(low, cap // factor))
+    return rows, tuple(kv)
+
+
+def pref_axes(max_model_len: int, factor: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Chunk tokens (geometric from 16) and the context before the chunk (0: a whole prompt, then geometric from
+    128), every combination within max_model_len: chunks take up to half of it, contexts the rest."""
+    tokens = _up_to(_geometric(16, PREF_TOKENS_LIMIT, factor), max(1, min(PREF_TOKENS_LIMIT, max_model_len // 2)))
+    context_cap = min(PREF_CONTEXT_LIMIT, max_model_len - tokens[-1])
+    if context_cap < 1:
+        return tokens, (0,)
+    return tokens, (0, *_up_to(_geometric(128, PREF_CONTEXT_LIMIT, 4), context_cap))
 
 
 def default_grid(info: WorkerInfo, quick: bool) -> Grid:
-    """Quick: a coarse grid; full: denser. KV tokens leave room for one partial block per row."""
+    """Quick: a coarse grid; full: denser. Every point fits the live workers: prefill within max_model_len,
+    accelerator attention within the device pool, CPU attention within the CPU pool and the rows one step stages."""
     factor = 4 if quick else 2
     dense = list(range(1, 9)) if quick else list(range(1, 17))
     rows = [1, 4, 16, 64] if quick else [1, 2, 4, 8, 16, 32, 64]
-    gpu_cap = (info.num_kv_blocks - 64) * info.block_size
-    cpu_cap = (info.num_cpu_kv_blocks - 64) * info.block_size
-    kv = _geometric(256, 1 << 20, factor)
+    gatt_rows, gatt_kv = pool_axes(rows, info.num_kv_blocks, info.num_kv_blocks, info.block_size, factor)
+    catt_rows, catt_kv = pool_axes(rows, info.cpu_max_rows, info.num_cpu_kv_blocks, info.block_size, factor)
+    pref_tokens, pref_context = pref_axes(info.max_model_len, factor)
     return Grid(
         lin_tokens=tuple(sorted(set(dense + _geometric(dense[-1] * 2, 4096, factor)))),
-        pref_tokens=_capped(_geometric(16, 2048, factor), info.max_model_len),
-        gatt_rows=tuple(rows),
-        gatt_kv_tokens=_capped(kv, gpu_cap),
-        catt_rows=_capped(rows, info.cpu_max_rows),
-        catt_kv_tokens=_capped(kv, cpu_cap),
-        xfer_rows=_capped(rows, info.cpu_max_rows),
+        pref_tokens=pref_tokens,
+        gatt_rows=gatt_rows,
+        gatt_kv_tokens=gatt_kv,
+        catt_rows=catt_rows,
+        catt_kv_tokens=catt_kv,
+        xfer_rows=_up_to(rows, max(1, info.cpu_max_rows)),
         step_requests=tuple(rows + [256]),
+        pref_context=pref_context,
     )

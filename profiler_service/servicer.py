@@ -13,6 +13,7 @@ from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
 from profiler_service.config import ProfilerConfig
 from profiler_service.grid import Grid, default_grid
 from profiler_service.job import Workers, profile_key, run_profile
+from profiler_service.ranges import table_ranges
 from profiler_service.store import ProfileStore, key_hash
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
             ):
                 if progress.stage == "done":
                     meta = tables.pop("__meta__")
-                    path = str(self._store.save({**meta, "grid": grid.__dict__, "tables": tables}))
+                    ranges = table_ranges(tables, info)
+                    path = str(self._store.save({**meta, "grid": grid.__dict__, "ranges": ranges, "tables": tables}))
                     logger.info("profile %s stored at %s", digest, path)
                     yield profiler_pb2.ProfileProgress(
                         stage="done", done=progress.done, total=progress.total, key_hash=digest, path=path
@@ -69,8 +71,11 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
     async def GetPerformanceModel(
         self, request: profiler_pb2.GetPerformanceModelRequest, context: grpc.aio.ServicerContext
     ) -> profiler_pb2.PerformanceModel:
-        _, key = await self._current(request.model)
+        """The stored profile of the current key; its ranges are those of the live workers (a profile's key does not
+        hold the pools' sizes, so one profile serves pools of any size)."""
+        info, key = await self._current(request.model)
         profile = self._store.load(key)
         if profile is None:
             raise NotFound(f"no profile for the current key {key_hash(key)}: run Profile first")
+        profile["ranges"] = table_ranges(profile["tables"], info)
         return profiler_pb2.PerformanceModel(key_hash=key_hash(key), tables_json=json.dumps(profile))

@@ -1,5 +1,6 @@
 """The CPU test of the scheduler's admissions and evictions (step 3 of scheduler_service.scheduler's docstring):
-whether a request may live on the CPU pool, within the pool's limits."""
+whether a request may live on the CPU pool, within the pool's limits, and whether it must (its peak KV does not fit
+the accelerator's pool)."""
 
 from collections.abc import Sequence
 from itertools import islice
@@ -20,6 +21,20 @@ class CpuPlacement:
         self._kv = kv
         self._refused: tuple[int, int] | None = None  # (running, CPU requests) when a CPU row was last refused
 
+    def must_take(self, request: Request) -> bool:
+        """Whether the request can live only on the CPU under this policy: its peak KV does not fit the accelerator's
+        whole pool (on the accelerator it would be preempted again and again), so no gains test applies."""
+        kv = self._kv
+        return self.policy.uses_cpu and kv.blocks_for(request.peak_tokens) > kv.num_total(Placement.GPU)
+
+    def has_room(self, request: Request, num_cpu: int) -> bool:
+        """Whether a hybrid policy may place the request on the CPU now: fewer than max_requests live there (num_cpu),
+        and its peak KV fits beside what the CPU's requests have reserved."""
+        kv = self._kv
+        if not self.policy.uses_cpu or num_cpu >= self.max_requests:
+            return False
+        return kv.blocks_for(request.peak_tokens) <= kv.num_free(Placement.CPU) - kv.reserved(Placement.CPU)
+
     def takes(self, request: Request, gpu_running: list[Request], waiting: Sequence[Request], cpu_context: list[int],
               num_cpu: int, leaving: Request | None = None) -> bool:
         """Whether the request may live on the CPU: a hybrid policy, room for it at its peak beside what the CPU's
@@ -28,9 +43,7 @@ class CpuPlacement:
         iteration: the accelerator rows its pool sustains (at gpu_running's mean lifetime context; `leaving`
         excluded) with the CPU rows of cpu_context (prefix sums). num_cpu: the requests living on the CPU."""
         kv = self._kv
-        if not self.policy.uses_cpu or num_cpu >= self.max_requests:
-            return False
-        if kv.blocks_for(request.peak_tokens) > kv.num_free(Placement.CPU) - kv.reserved(Placement.CPU):
+        if not self.has_room(request, num_cpu):
             return False
         running = len(gpu_running) + num_cpu
         if not running:  # the pools are idle: a request that fits must run somewhere

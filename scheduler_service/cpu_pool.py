@@ -9,6 +9,7 @@ from apex_serve.types import CachedRequestData, ExecutionMode, NewRequestData, S
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import Prediction
 from scheduler_service.policies import Candidates
+from scheduler_service.prefill import Chunk, ChunkShape
 from scheduler_service.request import Request, RequestStatus
 
 
@@ -24,7 +25,8 @@ def cpu_deadline_s(config: SchedulerConfig, prediction: Prediction | None) -> fl
 def lost_with_cpu_pool(plan: StepPlan, gpu_running: Iterable[Request], cpu_resident: Iterable[Request]
                        ) -> list[Request]:
     """The running requests a CPU pool lost in `plan`'s step takes with it: every CPU-resident one (the plan's CPU
-    admissions and swap-outs among them) and those the plan swapped in to the accelerator."""
+    admissions and swap-outs among them, and the CPU-placed requests still prefilling) and those the plan swapped in
+    to the accelerator."""
     swapped_in = {s.request_id for s in plan.swap_in}
     return [*cpu_resident, *(r for r in gpu_running if r.request_id in swapped_in)]
 
@@ -32,28 +34,38 @@ def lost_with_cpu_pool(plan: StepPlan, gpu_running: Iterable[Request], cpu_resid
 @dataclass(frozen=True)
 class Retry:
     """What of a step that lost the CPU pool runs again, on the accelerator alone, once the requests the pool took
-    with it are requeued: the step's accelerator admissions, in full again (the worker dropped them), and its
-    accelerator rows with their entries as they were (the worker undid their block growth)."""
+    with it are requeued: the step's accelerator admissions, in full again (the worker dropped them), its accelerator
+    rows with their entries as they were (the worker undid their block growth), and the chunks of its accelerator
+    requests still prefilling, the same chunks again (the worker did not advance them)."""
 
     requests: list[Request]  # in plan order
     new_requests: tuple[NewRequestData, ...]
     cached_requests: tuple[CachedRequestData, ...]
+    partial: frozenset[Request]  # those whose chunk does not reach the end of their tokens
 
     @classmethod
-    def of(cls, plan: StepPlan, scheduled: Iterable[Request]) -> "Retry":
-        """From the failed plan and the requests it scheduled: those still running (the requeued and the aborted are
-        not)."""
+    def of(cls, plan: StepPlan, scheduled: Iterable[Request], partial: frozenset[Request]) -> "Retry":
+        """From the failed plan, the requests it scheduled and those of them that sample nothing: those still running
+        (the requeued and the aborted are not)."""
         requests = [r for r in scheduled if r.status is RequestStatus.RUNNING]
         ids = {r.request_id for r in requests}
         return cls(requests, tuple(n for n in plan.new_requests if n.request_id in ids),
-                   tuple(c for c in plan.cached_requests if c.request_id in ids))
+                   tuple(c for c in plan.cached_requests if c.request_id in ids),
+                   frozenset(r for r in requests if r in partial))
 
     def candidates(self, max_cpu_rows: int) -> Candidates:
-        """The retry as the policy sees it: prefills and accelerator rows, no CPU candidate (so GPU_ONLY)."""
-        new = {n.request_id for n in self.new_requests}
-        longest = max((r.num_tokens for r in self.requests if r.request_id not in new), default=0)
-        return Candidates([len(n.token_ids) for n in self.new_requests], len(self.cached_requests), longest, [0], 0,
-                          max_cpu_rows)
+        """The retry as the policy sees it: prefill chunks and accelerator rows, no CPU candidate (so GPU_ONLY)."""
+        by_id = {r.request_id: r for r in self.requests}
+        chunks = [Chunk(by_id[n.request_id], 0, n.num_prefill_tokens) for n in self.new_requests]
+        for c in self.cached_requests:
+            if c.num_scheduled_tokens:  # the request's computed tokens count the chunk already
+                request = by_id[c.request_id]
+                chunks.append(Chunk(request, request.num_computed_tokens - c.num_scheduled_tokens,
+                                    c.num_scheduled_tokens))
+        rows = [by_id[c.request_id] for c in self.cached_requests if not c.num_scheduled_tokens]
+        shape = ChunkShape.of(chunks)
+        return Candidates(shape.lens, len(rows), max((r.num_tokens for r in rows), default=0), [0], 0, max_cpu_rows,
+                          shape.contexts, shape.loaded_tokens)
 
     def plan(self, step_id: int, freed_request_ids: tuple[str, ...], record_subtasks: bool) -> StepPlan:
         """The retry's plan: GPU_ONLY, no swaps."""
@@ -66,6 +78,10 @@ class Retry:
         requeued requests."""
         if not self.requests:
             return None
-        return IterationRecord(step_id=step_id, mode=ExecutionMode.GPU_ONLY, num_prefills=len(self.new_requests),
-                               gpu_rows=len(self.cached_requests), cpu_rows=0, cpu_sat_out=0, swaps_out=0,
-                               swaps_in=0, preemptions=preemptions)
+        chunks = sum(1 for c in self.cached_requests if c.num_scheduled_tokens)
+        return IterationRecord(step_id=step_id, mode=ExecutionMode.GPU_ONLY,
+                               num_prefills=len(self.new_requests) + chunks,
+                               gpu_rows=len(self.cached_requests) - chunks, cpu_rows=0, cpu_sat_out=0, swaps_out=0,
+                               swaps_in=0, preemptions=preemptions,
+                               prefill_tokens=sum(r.num_prefill_tokens for r in self.new_requests)
+                               + sum(c.num_scheduled_tokens for c in self.cached_requests))

@@ -50,9 +50,10 @@ class InFlightStep:
     """One plan between schedule() and update_from_output()."""
 
     def __init__(self, step_id: int, requests: list[Request], choice: Choice, record: IterationRecord | None,
-                 cost_model: ComposedCostModel | None) -> None:
+                 cost_model: ComposedCostModel | None, partial: frozenset[Request] = frozenset()) -> None:
         self.step_id = step_id
         self.requests = requests  # every request the plan scheduled, in plan order
+        self.partial = partial  # those whose prefill chunk does not reach the end of their tokens: they sample nothing
         self.record = record  # None for a plan that runs no request
         self._choice = choice
         self._cost_model = cost_model
@@ -77,12 +78,19 @@ class InFlightStep:
         """Whether a request of the plan still runs: its step's output is owed before the next plan."""
         return any(r.status is RequestStatus.RUNNING for r in self.requests)
 
+    def sampling(self) -> list[Request]:
+        """The plan's requests whose scheduled tokens reach the end of their tokens: each samples one token."""
+        partial = self.partial
+        return [r for r in self.requests if r not in partial] if partial else self.requests
+
     def live_requests(self, output: StepOutput) -> list[Request]:
-        """The plan's requests that still run, checked against the step's output: ValueError if a token or a
-        requested logprob is missing, or a token belongs to a request the plan did not schedule."""
-        live = [r for r in self.requests if r.status is RequestStatus.RUNNING]
+        """The plan's sampling requests that still run, checked against the step's output: ValueError if a token or a
+        requested logprob is missing, or a token belongs to a request the plan did not schedule to sample (a chunk
+        that does not reach the end of its request's tokens samples nothing)."""
+        sampling = self.sampling()
+        live = [r for r in sampling if r.status is RequestStatus.RUNNING]
         missing = [r.request_id for r in live if r.request_id not in output.sampled]
-        unplanned = sorted(output.sampled.keys() - {r.request_id for r in self.requests})
+        unplanned = sorted(output.sampled.keys() - {r.request_id for r in sampling})
         if missing or unplanned:
             raise ValueError(f"sampled: step {self.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
         no_logprobs = [

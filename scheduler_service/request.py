@@ -38,6 +38,8 @@ class Request:
     placement: Placement = Placement.GPU
     last_step: int = 0  # on the CPU: the step it last decoded in, or joined the CPU queue in
     unchanged_entry: CachedRequestData | None = None  # its plan entry without new blocks, re-used step to step
+    prefilling: bool = False  # admitted, and no plan has yet scheduled its prefill to the end of its tokens
+    num_computed_tokens: int = 0  # while prefilling: the tokens of token_ids whose prefill plans have scheduled
     num_tokens: int = field(init=False)  # prompt and output tokens
 
     def __post_init__(self) -> None:
@@ -69,8 +71,9 @@ class Request:
     def token_ids(self) -> tuple[int, ...]:
         return self.prompt_token_ids + tuple(self.output_token_ids)
 
-    def new_data(self) -> NewRequestData:
-        """Its entry in full, in the plan that sends it to the worker."""
+    def new_data(self, num_scheduled_tokens: int = 0) -> NewRequestData:
+        """Its entry in full, in the plan that sends it to the worker, prefilling its first num_scheduled_tokens
+        tokens (0: all of them)."""
         return NewRequestData(
             request_id=self.request_id,
             token_ids=self.token_ids,
@@ -78,6 +81,7 @@ class Request:
             block_ids=tuple(self.block_ids),
             num_output_tokens=self.num_output_tokens,
             placement=self.placement,
+            num_scheduled_tokens=num_scheduled_tokens,
         )
 
     def output(self, token: int, reason: FinishReason | None, logprob: TokenLogprob | None) -> RequestOutput:

@@ -1,5 +1,6 @@
-"""What a request may ask of this worker and when it ends: the checks at admission (vocabulary, context length,
-step token budget, the largest KV pool) and the finish reason of each sampled token."""
+"""What a request may ask of this worker and when it ends: the checks at admission (vocabulary, context length, the
+largest KV pool the policy uses) and the finish reason of each sampled token. The step's token budget does not bound a
+prompt: a longer one is prefilled in chunks."""
 
 import logging
 from collections.abc import Sequence
@@ -16,8 +17,8 @@ logger = logging.getLogger(__name__)
 class RequestLimits:
     vocab_size: int
     max_model_len: int
-    max_num_batched_tokens: int
-    largest_pool_tokens: int  # KV tokens the larger of the two pools holds
+    largest_pool_tokens: int  # KV tokens the larger of the pools the policy uses holds
+    largest_pool: str  # that pool and its size, as a message names them
     eos_token_ids: frozenset[int]
 
     def new_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> Request:
@@ -36,19 +37,18 @@ class RequestLimits:
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidArgument("prompt", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        limit = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        limit = self.max_model_len - 1
         if len(prompt) > limit:
             raise InvalidArgument(
-                "prompt",
-                f"{len(prompt)} tokens; the limit is {limit} (context length {self.max_model_len} less one "
-                f"for output, max_num_batched_tokens {self.max_num_batched_tokens})",
-            )
+                "prompt", f"{len(prompt)} tokens; the limit is {limit} (context length {self.max_model_len} less one "
+                "for output)")
         pool = self.largest_pool_tokens
         if peak > pool:
             raise InvalidArgument(
                 "prompt" if len(prompt) > pool else "max_tokens",
                 f"{len(prompt)} prompt tokens and max_tokens {sampling.max_tokens} need KV for {peak} tokens; "
-                f"the largest KV pool holds {pool}, room for max_tokens {max(pool + 1 - len(prompt), 0)} at most",
+                f"the largest KV pool, {self.largest_pool}, holds {pool}, room for max_tokens "
+                f"{max(pool + 1 - len(prompt), 0)} at most",
             )
 
     def finish_reason(self, request: Request, token: int) -> FinishReason | None:

@@ -2,21 +2,28 @@
 update_from_output() takes its tokens. A policy (scheduler_service.policies) picks each iteration's execution mode and
 CPU decode rows; this module keeps the queues and both KV pools (scheduler_service.kv_manager) consistent.
 
-Each schedule():
+An iteration computes at most max_num_batched_tokens tokens: a decode row counts one, a prefill chunk its tokens
+(scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
 1. swap-in (hybrid policies, nothing waiting, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that
    sat out longest, those whose KV and one more block fit the accelerator pool, with a block of headroom per
-   accelerator request, move there (at most max_swaps_per_step);
+   accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that pool);
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
-   (freed, recomputed later);
-3. waiting requests are admitted FCFS, each prefilling all its known tokens, while fewer than max_num_seqs run on the
-   two pools together, until the first that does not fit:
-   on the accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV
-   (prompt + max_tokens) fits beside what the CPU's requests have reserved and the policy predicts more tokens/s
-   with CPU rows for it and the requests queued behind it, at their mean context over their lives, beside the
-   accelerator rows its pool sustains (CPU rows must pay for themselves);
-4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode.
-The plan carries a request in full once (NewRequestData), then only what changed (new block ids, sub-batch); every
+   (freed, recomputed later); a request still prefilling is never a victim;
+3. the budget those rows leave, less a token for each CPU request one step may stage (the policy's CPU rows), goes
+   first to the requests still prefilling, FCFS, each its next chunk of min(tokens left, budget left); then waiting
+   requests are admitted FCFS, each with the blocks of all its known tokens and a first chunk, while fewer than
+   max_num_seqs run on the two pools together and budget is left, until the first that does not fit:
+   under a hybrid policy on the CPU, without more ado, if its peak KV (prompt + max_tokens) exceeds the accelerator's
+   whole pool and fits beside what the CPU's requests have reserved (it can run nowhere else); else on the
+   accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside
+   what the CPU's requests have reserved and the policy predicts more tokens/s with CPU rows for it and the requests
+   queued behind it, at their mean context over their lives, beside the accelerator rows its pool sustains (CPU rows
+   must pay for themselves);
+4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode; a request
+   whose chunk reaches the end of its tokens samples its first token and joins its pool's decode requests.
+The plan carries a request in full once (NewRequestData, with its first chunk), then only what changed (new block ids,
+sub-batch, the next chunk); only the requests whose scheduled tokens reach the end of their tokens sample. Every
 sample_layers_every-th plan asks the workers for per-layer subtask intervals. Until update_from_output() the plan is
 in flight (scheduler_service.in_flight): its requests, the policy's choice and the iteration's record. A plan with CPU
 work gives its CPU rows a deadline; if the worker loses the CPU pool, cpu_pool_lost() requeues what lived there and
@@ -41,6 +48,7 @@ from apex_serve.types import (
     SwapData,
     WorkerInfo,
 )
+from scheduler_service.admission import Admission
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
@@ -49,6 +57,7 @@ from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts
 from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import Candidates, Choice, make_policy
+from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
 
@@ -70,10 +79,13 @@ class Scheduler:
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
         self.cost_model = cost_model
         self._kv = KVManager(worker.num_kv_blocks, 0, worker.block_size)
+        self._prefilling = Prefilling()  # admitted requests whose prefill is not yet scheduled to its end
         self._attach(worker)
+        pool = max(Placement, key=self._kv.num_total)
+        name = "the accelerator's" if pool is Placement.GPU else "the CPU's"
         self.limits = RequestLimits(
-            worker.vocab_size, worker.max_model_len, config.max_num_batched_tokens,
-            max(self._kv.num_total(p) for p in Placement) * worker.block_size, frozenset(worker.eos_token_ids),
+            worker.vocab_size, worker.max_model_len, self._kv.num_total(pool) * worker.block_size,
+            f"{name} ({self._kv.num_total(pool)} blocks of {worker.block_size} tokens)", frozenset(worker.eos_token_ids),
         )
         self._requests: dict[str, Request] = {}  # waiting and running, by id
         self._waiting: deque[Request] = deque()
@@ -90,8 +102,8 @@ class Scheduler:
 
     @property
     def running(self) -> list[Request]:
-        """The running requests: the accelerator's, then the CPU's."""
-        return self._gpu_running + list(self._cpu_queue)
+        """The running requests: the accelerator's decoding ones, the CPU's, then those still prefilling."""
+        return self._gpu_running + list(self._cpu_queue) + list(self._prefilling)
 
     @property
     def in_flight(self) -> InFlightStep | None:
@@ -104,7 +116,7 @@ class Scheduler:
         return SchedulerStats(
             policy=self.config.policy,
             num_running=self._num_running,
-            num_running_cpu=len(self._cpu_queue),
+            num_running_cpu=len(self._cpu_queue) + len(self._prefilling.on(Placement.CPU)),
             num_waiting=len(self._waiting),
             free_blocks={p: kv.num_free(p) for p in Placement},
             total_blocks={p: kv.num_total(p) for p in Placement},
@@ -119,11 +131,11 @@ class Scheduler:
 
     @property
     def _num_running(self) -> int:
-        return len(self._gpu_running) + len(self._cpu_queue)
+        return len(self._gpu_running) + len(self._cpu_queue) + len(self._prefilling)
 
     def has_work(self) -> bool:
         """True while schedule() returns a plan worth sending: requests to run or worker state to drop."""
-        return bool(self._waiting or self._gpu_running or self._cpu_queue or self._freed_ids)
+        return bool(self._waiting or self._gpu_running or self._cpu_queue or self._prefilling or self._freed_ids)
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
         """Queue a request; InvalidArgument if it can never run, ResourceExhausted if the queue is full."""
@@ -162,31 +174,33 @@ class Scheduler:
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
         gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
-        admitted = self._admit(len(gpu_rows), gpu_longest)
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
+        budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
+        continuing = self._prefilling.continuing(budget)
+        admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
+                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
         context = prefix_contexts(cpu_candidates)
         forced = must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id)
-        prefill_lens = [r.num_tokens for r in admitted]
-        choice = self.policy.choose(
-            Candidates(prefill_lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows)
-        )
+        chunks = ChunkShape.of(admitted + continuing)
+        choice = self.policy.choose(Candidates(chunks.lens, len(gpu_rows), gpu_longest, context, forced,
+                                               self._cpu.max_rows, chunks.contexts, chunks.loaded_tokens))
+        cached += [c.delta() for c in continuing]  # sub-batch 0, with the accelerator rows
         cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_in_sub_batch_1, cached)
-        cpu_prefills = 0
-        for request in admitted:
-            if request.placement is Placement.CPU:
-                self._join_cpu_queue(request)
-                cpu_prefills += 1
+        joined = self._prefilled(continuing + admitted)  # in order of admission
         step_id = self._next_step_id
-        scheduled = admitted + gpu_rows + cpu_rows
+        scheduled = [c.request for c in admitted] + gpu_rows + [c.request for c in continuing] + cpu_rows
+        cpu_chunks = sum(c.request.placement is Placement.CPU for c in admitted + continuing)
         record = IterationRecord(
-            step_id=step_id, mode=choice.mode, num_prefills=len(admitted), gpu_rows=len(gpu_rows),
-            cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - cpu_prefills,
+            step_id=step_id, mode=choice.mode, num_prefills=len(admitted) + len(continuing), gpu_rows=len(gpu_rows),
+            cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - joined,
             swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
+            prefill_tokens=sum(chunks.lens),
         ) if scheduled else None
-        flight = self._start(scheduled, choice, record)
+        partial = frozenset(c.request for c in admitted + continuing if not c.last)
+        flight = self._start(scheduled, choice, record, partial)
         return StepPlan(
             step_id=step_id,
-            new_requests=tuple(r.new_data() for r in admitted),
+            new_requests=tuple(c.new_data() for c in admitted),
             cached_requests=tuple(cached),
             freed_request_ids=self._take_freed(),
             mode=choice.mode,
@@ -194,28 +208,29 @@ class Scheduler:
             swap_in=tuple(swap_in),
             record_subtasks=self._sampled(step_id, scheduled),
             # predicted only for a step with CPU work: the prediction is off the decision path otherwise
-            cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_prefills else 0.0,
+            cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_chunks else 0.0,
         )
 
     def cpu_pool_lost(self, plan: StepPlan) -> StepPlan:
         """The gpu_worker lost its CPU pool in `plan`'s step (errors.CpuPoolLost, whose contract this keeps): the
-        requests of the CPU pool and those the plan swapped are requeued for recompute (FCFS by arrival), the CPU pool
-        is unusable until cpu_pool_restored(), and the returned GPU_ONLY plan, now in flight, runs the step's
-        accelerator part again. Degraded, a request whose KV fits only the CPU pool waits, and those behind it."""
+        requests of the CPU pool (those still prefilling there among them) and those the plan swapped are requeued for
+        recompute (FCFS by arrival), the CPU pool is unusable until cpu_pool_restored(), and the returned GPU_ONLY
+        plan, now in flight, runs the step's accelerator part again (an accelerator request's prefill chunk too: the
+        worker did not advance it). Degraded, a request whose KV fits only the CPU pool waits, and those behind it."""
         flight = self._in_flight
         if flight is None or plan.step_id != flight.step_id:
             raise ValueError(f"step_id: plan {plan.step_id} is not the one in flight")
-        requeued = lost_with_cpu_pool(plan, self._gpu_running, self._cpu_queue)
+        requeued = lost_with_cpu_pool(plan, self._gpu_running, [*self._cpu_queue, *self._prefilling.on(Placement.CPU)])
         for request in requeued:
             self._requeue(request)
         self._waiting = deque(sorted([*requeued, *self._waiting], key=attrgetter("arrival")))
         self._detach_cpu_pool()
         self._cpu_pool_losses += 1
         preemptions = len(requeued) + self._iterations.withdraw(flight.record)  # the retry's record replaces it
-        retry = Retry.of(plan, flight.requests)
+        retry = Retry.of(plan, flight.requests, flight.partial)
         step_id = self._next_step_id
         self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
-                    retry.record(step_id, preemptions))
+                    retry.record(step_id, preemptions), retry.partial)
         logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
                     len(requeued), len(retry.requests), step_id)
         return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
@@ -271,9 +286,9 @@ class Scheduler:
                 Placement.GPU):
             return []
         # room for its KV and one more block, with a block of headroom for every accelerator request
-        room = self._kv.num_free(Placement.GPU) - len(self._gpu_running)
-        chosen = fitting(islice(self._cpu_queue, SWAP_IN_LOOKAHEAD), lambda r: self._kv.blocks_for(r.num_tokens) + 1,
-                         room, self.config.max_swaps_per_step)
+        room = self._kv.num_free(Placement.GPU) - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU))
+        movable = (r for r in islice(self._cpu_queue, SWAP_IN_LOOKAHEAD) if not self._cpu.must_take(r))
+        chosen = fitting(movable, lambda r: self._kv.blocks_for(r.num_tokens) + 1, room, self.config.max_swaps_per_step)
         for request in chosen:
             self._cpu_queue.remove(request)
             self._gpu_running.append(request)
@@ -316,8 +331,8 @@ class Scheduler:
     def _evict(self, request: Request, swap_out: list[SwapData]) -> None:
         """Make room on the accelerator: swap the request out where the CPU has room for it and the policy gains from
         one more CPU row, else preempt it."""
-        if self._cpu.takes(request, self._gpu_running, self._waiting, self._cpu_context(), len(self._cpu_queue),
-                          leaving=request):
+        num_cpu = len(self._cpu_queue) + len(self._prefilling.on(Placement.CPU))
+        if self._cpu.takes(request, self._gpu_running, self._waiting, self._cpu_context(), num_cpu, leaving=request):
             self._gpu_running.remove(request)
             swap_out.append(self._kv.swap(request))
             self._join_cpu_queue(request)
@@ -354,6 +369,20 @@ class Scheduler:
                 queue.append(request)
         return rows
 
+    def _prefilled(self, chunks: list[Chunk]) -> int:
+        """The requests whose chunk reaches the end of their tokens join their pool's decode requests (they decode
+        from the next step); how many joined the CPU queue."""
+        joined = 0
+        for chunk in chunks:
+            if chunk.last:
+                request = chunk.request
+                if request.placement is Placement.CPU:
+                    self._join_cpu_queue(request)
+                    joined += 1
+                else:
+                    self._gpu_running.append(request)
+        return joined
+
     def _sat_out(self, request: Request) -> int:
         """Iterations since it last decoded (or joined the CPU queue), up to the one being planned."""
         return self._next_step_id - request.last_step - 1
@@ -375,57 +404,6 @@ class Scheduler:
         self._drop_from_worker(request)
         self._num_preemptions += 1
 
-    def _admit(self, num_gpu_rows: int, gpu_longest: int) -> list[Request]:
-        """Admit waiting requests in FCFS order, each prefilling all its tokens, until one does not fit (step 3)."""
-        admitted: list[Request] = []
-        if not self._waiting:
-            return admitted
-        num_tokens = num_gpu_rows + len(self._cpu_queue)
-        prefill_lens: list[int] = []
-        steady_gpu, steady_longest = num_gpu_rows, gpu_longest  # the decode iterations after this one
-        steady_cpu = self._cpu_context() if self.policy.uses_cpu else [0]
-        # the CPU's admissions join its queue only after the policy's choice: count them here
-        running = self._num_running
-        while self._waiting and running < self.config.max_num_seqs:
-            request = self._waiting[0]
-            n = request.num_tokens
-            # a resumed request may exceed the token budget: it then runs in a step of its own
-            if num_tokens > 0 and num_tokens + n > self.config.max_num_batched_tokens:
-                break
-            placement = self._placement(request, steady_cpu, running - len(self._gpu_running))
-            if placement is None:
-                break
-            gpu, longest, cpu = steady_gpu, steady_longest, steady_cpu
-            if placement is Placement.GPU:
-                gpu, longest = gpu + 1, max(longest, n + 1)
-            else:
-                cpu = cpu + [cpu[-1] + n + 1]
-            if running and not self.policy.admits(
-                Candidates(prefill_lens + [n], num_gpu_rows, gpu_longest, [0], 0, self._cpu.max_rows),
-                Candidates([], gpu, longest, cpu, 0, self._cpu.max_rows),
-            ):
-                break
-            steady_gpu, steady_longest, steady_cpu = gpu, longest, cpu
-            self._waiting.popleft()
-            self._kv.allocate(request, placement, n)
-            request.status = RequestStatus.RUNNING
-            request.on_worker = True
-            if placement is Placement.GPU:
-                self._gpu_running.append(request)
-            admitted.append(request)
-            prefill_lens.append(n)
-            num_tokens += n
-            running += 1
-        return admitted
-
-    def _placement(self, request: Request, cpu_context: list[int], num_cpu: int) -> Placement | None:
-        """Where an admitted request's KV goes, num_cpu requests living on the CPU (this step's admissions
-        included); None while it fits nowhere (step 3 of the docstring)."""
-        if self._kv.can_allocate(Placement.GPU, request.num_tokens):
-            return Placement.GPU
-        takes = self._cpu.takes(request, self._gpu_running, self._waiting, cpu_context, num_cpu)
-        return Placement.CPU if takes else None
-
     def _cpu_context(self) -> list[int]:
         """Prefix sums of the CPU requests' contexts, as many as one step may stage."""
         return prefix_contexts(islice(self._cpu_queue, 2 * self._cpu.max_rows))
@@ -442,7 +420,9 @@ class Scheduler:
         del self._requests[request.request_id]
 
     def _leave_running(self, request: Request) -> None:
-        if request.placement is Placement.CPU:
+        if request.prefilling:
+            self._prefilling.remove(request)
+        elif request.placement is Placement.CPU:
             self._cpu_queue.remove(request)
         else:
             self._gpu_running.remove(request)
@@ -458,12 +438,15 @@ class Scheduler:
         self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
         self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
         self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
+        self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling)
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 
-    def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None) -> InFlightStep:
-        """Step _next_step_id goes in flight; its record, if it runs a request, is counted."""
+    def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None,
+               partial: frozenset[Request]) -> InFlightStep:
+        """Step _next_step_id goes in flight (partial: its requests whose chunk samples nothing); its record, if it
+        runs a request, is counted."""
         self._iterations.add(record)
-        self._in_flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model)
+        self._in_flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
         self._next_step_id += 1
         return self._in_flight
 

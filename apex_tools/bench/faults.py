@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -87,17 +87,8 @@ def bench_stack(model: str, num_kv_blocks: int, max_num_seqs: int, profile_dir: 
             model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, metrics_port=0, run_dir=f"{tmp}/run",
             profile_dir=profile_dir, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, policy="apex",
         )
-        _profile_with_default_pool(config)
         with supervised_stack(config) as stack:
             yield stack
-
-
-def _profile_with_default_pool(config: StackConfig) -> None:
-    """Starts and stops the stack once with the default accelerator pool, so that the profile the small-pool stack
-    looks up is stored in config.profile_dir (a stored one is reused): the profiler's quick grid does not fit a pool
-    of a few blocks. The profile's key does not depend on the pool's size."""
-    with Stack(replace(config, num_kv_blocks=None)):
-        logger.info("profile for %s in %s", Path(config.model_dir).name, config.profile_dir)
 
 
 def request_blocks(prompt: str, max_tokens: int) -> int:

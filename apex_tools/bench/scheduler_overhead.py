@@ -51,8 +51,7 @@ def measure(policy: str, running: int, prompt_len: int, iterations: int, warmup:
         t0 = time.perf_counter_ns()
         plan = scheduler.schedule()
         t1 = time.perf_counter_ns()
-        sampled = {r.request_id: 7 for r in plan.new_requests}
-        sampled.update((r.request_id, 7) for r in plan.cached_requests)
+        sampled = {r.request_id: 7 for r in scheduler.in_flight.sampling()}
         t2 = time.perf_counter_ns()
         scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=50_000_000)))
         t3 = time.perf_counter_ns()

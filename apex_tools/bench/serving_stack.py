@@ -156,8 +156,10 @@ def profile_grid(info: WorkerInfo, preset: Preset) -> Grid:
         return tuple(sorted({v for v in values if v < cap} | {cap}))
 
     kv = (64, 256, 1024, 4096, 16384)
+    pref_tokens = cut(grid.pref_tokens, min(longest_prompt, info.max_model_len))
     return replace(
-        grid, lin_tokens=cut(grid.lin_tokens, rows * longest_prompt), pref_tokens=cut(grid.pref_tokens, longest_prompt),
+        grid, lin_tokens=cut(grid.lin_tokens, rows * longest_prompt), pref_tokens=pref_tokens,
+        pref_context=cut(grid.pref_context, info.max_model_len - pref_tokens[-1]),
         gatt_rows=cut(grid.gatt_rows, rows), gatt_kv_tokens=cut(kv, (info.num_kv_blocks - rows) * info.block_size),
         catt_rows=cut(grid.catt_rows, cpu_rows),
         catt_kv_tokens=cut(kv, (info.num_cpu_kv_blocks - cpu_rows) * info.block_size),

@@ -5,8 +5,9 @@ workers.
 Each iteration: requests whose arrival time has come join the scheduler (held back while max_queued_requests wait,
 their clock still running); plan = schedule(); an empty plan with nothing running jumps the clock to the next
 arrival; otherwise the step takes the truth model's uncorrected prediction of the plan's IterationShape plus its
-swaps (each swapped block crosses the host link once per layer, priced by t_xfer), every scheduled request samples one
-token (never an EOS: requests end by length), and update_from_output() takes the tokens without timings: the
+swaps (each swapped block crosses the host link once per layer, priced by t_xfer), every scheduled request whose
+scheduled tokens reach the end of its tokens (a decode row, a whole prompt, a prefill's last chunk) samples one token
+(never an EOS: requests end by length), and update_from_output() takes the tokens without timings: the
 scheduler's model is the truth's twin, so its online correction would learn nothing, and skipping it (with the
 corrected prediction it needs) keeps 10,000 requests within a minute.
 """
@@ -139,15 +140,14 @@ class Simulation:
                 now = max(now, arrival_ns[next_arrival])
                 continue
             flight = scheduler.in_flight
-            shape, record = (None, None) if flight is None else (flight.shape, flight.record)
+            assert flight is not None, "a non-empty plan is in flight"
+            shape, record = flight.shape, flight.record
             assert shape is not None and record is not None, "a non-empty plan has a shape and a record"
             swap_ns = _swap_ns(self.setup, plan) if plan.swap_out or plan.swap_in else 0.0
             step_ns = self.truth.predict_raw(shape).total_ns + swap_ns
             now += step_ns
             tally.add(record, step_ns, swap_ns)
-            sampled = {r.request_id: token for r in plan.new_requests}
-            for r in plan.cached_requests:
-                sampled[r.request_id] = token
+            sampled = {r.request_id: token for r in flight.sampling()}  # a chunk short of its end samples nothing
             for out in scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled, _UNMEASURED)).outputs:
                 if out.num_output_tokens == 1 or out.finished:
                     i = int(out.request_id)

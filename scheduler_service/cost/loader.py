@@ -12,7 +12,7 @@ from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import TableCostModel
 from scheduler_service.cost.shape import model_shape_from_config
-from scheduler_service.cost.tables import PerformanceTables
+from scheduler_service.cost.tables import PerformanceTables, describe_ranges
 
 logger = logging.getLogger(__name__)
 _KV_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -46,7 +46,10 @@ async def load_cost_model(config: SchedulerConfig, info: WorkerInfo, timeout_s: 
                 if progress.stage == "done" or progress.done % 20 == 0:
                     logger.info("profile: %s, %d of %d points", progress.stage, progress.done, progress.total)
             reply = await stub.GetPerformanceModel(profiler_pb2.GetPerformanceModelRequest())
-    tables = PerformanceTables.from_json(json.loads(reply.tables_json))
+    profile = json.loads(reply.tables_json)
+    tables = PerformanceTables.from_json(profile)
     shape = model_shape_from_config(json.loads(info.model_config_json), _KV_BYTES.get(info.cpu_kv_dtype))
-    logger.info("cost model: profile %s, %d layers", reply.key_hash[:12], shape.num_layers)
+    caps = {"batch_tokens": config.max_num_batched_tokens, "requests": config.max_num_seqs}
+    logger.info("cost model: profile %s, %d layers; %s", reply.key_hash[:12], shape.num_layers,
+                "\n".join(describe_ranges(profile.get("ranges", {}), caps)))
     return TableCostModel(tables, shape)

@@ -5,10 +5,13 @@ axis is constant along it. PerformanceTables is the profiler's JSON contract (ve
     {"version": 2, "key": {...}, "num_layers": L, "tables": {"t_lin": {"xs": [...], "ys": [...]}, ...,
      "t_gatt": {"xs": [...], "ys": [...], "zs": [[...], ...]}, ...}}
 
-Evaluation is on the scheduler's hot path: one bisect per axis and a few multiplications, no allocation."""
+Evaluation is on the scheduler's hot path: one bisect per axis and a few multiplications, no allocation.
+The profile's "ranges" (profiler_service.ranges) say per table and axis what was measured and what serving can ask;
+describe_ranges words them for the logs and the profile summary."""
 
 import bisect
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,3 +157,30 @@ class PerformanceTables:
             "num_layers": self.num_layers,
             "tables": {name: getattr(self, name).to_json() for name in _TABLE_KINDS},
         }
+
+
+def describe_ranges(ranges: Mapping[str, list[dict[str, Any]]], caps: Mapping[str, int] | None = None) -> list[str]:
+    """One line per table: each axis's measured range and where serving can go past it, which the table answers by
+    linear extrapolation from its outermost cell. caps lower the serving ranges by the scheduler's own bounds
+    ("batch_tokens": tokens per iteration, "requests": requests running at once). No ranges: no lines."""
+    if not ranges:
+        return []
+    lines = ["measured ranges (beyond them a table extrapolates linearly from its outermost cell):"]
+    for table, axes in ranges.items():
+        lines.append(f"  {table:<7} " + "; ".join(_describe_axis(axis, caps or {}) for axis in axes))
+    return lines
+
+
+def _describe_axis(axis: Mapping[str, Any], caps: Mapping[str, int]) -> str:
+    low, high = axis["measured"]
+    serving_low, serving_high = axis["serving"]
+    if axis.get("bound") in caps:
+        serving_high = min(serving_high, caps[axis["bound"]])
+    beyond = []
+    if serving_high > high:
+        beyond.append(f"beyond {high:,.0f} up to {serving_high:,.0f}")
+    if serving_low < low:
+        beyond.append(f"below {low:,.0f} down to {serving_low:,.0f}")
+    verdict = ("extrapolated " + " and ".join(beyond) if beyond
+               else f"covers serving's {serving_low:,.0f}..{serving_high:,.0f}")
+    return f"{axis['axis']} {low:,.0f}..{high:,.0f}: {verdict}"

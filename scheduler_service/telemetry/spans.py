@@ -24,7 +24,8 @@ def _record_attributes(plan: StepPlan, record: IterationRecord | None) -> dict[s
     }
     if record is not None:
         attributes |= {
-            attr.ITERATION_NUM_PREFILLS: record.num_prefills, attr.ITERATION_GPU_ROWS: record.gpu_rows,
+            attr.ITERATION_NUM_PREFILLS: record.num_prefills, attr.ITERATION_PREFILL_TOKENS: record.prefill_tokens,
+            attr.ITERATION_GPU_ROWS: record.gpu_rows,
             attr.ITERATION_CPU_ROWS: record.cpu_rows, attr.ITERATION_CPU_SAT_OUT: record.cpu_sat_out,
         }
     return attributes

@@ -43,8 +43,6 @@ STREAM_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(default_model_dir, policy="apex"):
-        pass  # stores the profile the small pool's stack reuses: the profiler's grid does not fit a pool of a few blocks
     with running_stack(default_model_dir, num_kv_blocks=DEVICE_KV_BLOCKS, policy="apex") as stack, supervised(stack):
         yield stack
 

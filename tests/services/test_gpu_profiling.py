@@ -1,7 +1,12 @@
-"""The gpu_worker's Measure runs on a live worker: requests decoding in its KV pool are not disturbed by it."""
+"""The gpu_worker's Measure runs on a live worker: requests decoding in its KV pool are not disturbed by it; prefill
+is measured over scratch space, so a pool of a few blocks profiles prompts and chunks up to max_model_len."""
 
 from pathlib import Path
 
+import pytest
+import torch
+
+from apex_serve.errors import InvalidArgument
 from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
@@ -29,3 +34,23 @@ def test_profiling_between_steps_leaves_a_running_requests_tokens_unchanged(mha_
         return ModelRunner(GpuWorkerConfig(model_dir=str(mha_model_dir), device="cpu", block_size=4, num_kv_blocks=16))
 
     assert decode(runner(), profile_between_steps=True) == decode(runner(), profile_between_steps=False)
+
+
+def test_t_pref_of_prompts_and_chunks_far_beyond_a_four_block_pool_measures_without_touching_it(
+    mha_model_dir: Path,
+) -> None:
+    runner = ModelRunner(GpuWorkerConfig(model_dir=str(mha_model_dir), device="cpu", block_size=4, num_kv_blocks=4,
+                                         max_model_len=768))
+    pool = runner.kv_cache
+    pool.k.normal_()
+    pool.v.normal_()
+    before = pool.k.clone(), pool.v.clone()
+    profiler = LayerProfiler(runner)
+    whole, chunk = profiler.measure("t_pref", [(512, 0), (256, 512)], warmup=0, repeats=1)
+    assert whole > 0 and chunk > 0
+    assert profiler.measure("t_gatt", [(2, 8)], warmup=0, repeats=1)[0] > 0  # fits the pool: 2 rows of 1 block
+    assert torch.equal(pool.k, before[0]) and torch.equal(pool.v, before[1]), "t_pref wrote into the pool"
+    with pytest.raises(InvalidArgument, match=r"y: 100 is outside \[0, 68\]"):
+        profiler.measure("t_pref", [(700, 100)], warmup=0, repeats=1)
+    with pytest.raises(InvalidArgument, match=r"x: 769 is outside \[1, 768\]"):
+        profiler.measure("t_pref", [(769, 0)], warmup=0, repeats=1)

@@ -19,7 +19,7 @@ from profiler_service.servicer import ProfilerServicer
 
 TINY_GRID = profiler_pb2.ProfileGrid(
     lin_tokens=[1, 8], pref_tokens=[16], gatt_rows=[1, 2], gatt_kv_tokens=[64, 128], catt_rows=[1, 2],
-    catt_kv_tokens=[64, 128], xfer_rows=[1, 2], step_requests=[1, 4],
+    catt_kv_tokens=[64, 128], xfer_rows=[1, 2], step_requests=[1, 4], pref_context=[0, 16],
 )
 
 
@@ -106,7 +106,7 @@ async def test_profile_is_stored_reused_after_a_restart_and_redone_when_the_mode
     async with Profiler(workers, profiles, sockets) as stub:
         first = await profile(stub)
         model = await stub.GetPerformanceModel(profiler_pb2.GetPerformanceModelRequest())
-    assert [p.stage for p in first][-1] == "done" and first[-1].done == first[-1].total == 16
+    assert [p.stage for p in first][-1] == "done" and first[-1].done == first[-1].total == 17
     tables = json.loads(model.tables_json)
     assert set(tables["tables"]) == {"t_lin", "t_pref", "t_gatt", "t_catt", "t_xfer", "t_sync", "t_step"}
     assert tables["num_layers"] == 2 and tables["key"]["cpu_kv_dtype"] == "float32"

@@ -28,6 +28,7 @@ class Held:
     token_ids: list[int]
     block_ids: list[int]
     placement: Placement
+    computed: int  # tokens whose KV it holds: a prefill chunk short of the end of token_ids samples nothing
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,24 @@ class HybridWorker:
             assert list(new.token_ids) == known, f"step {plan.step_id}: {rid} resumes from other tokens than it has"
             prompt = self.prompt_len.setdefault(rid, len(new.token_ids) - new.num_output_tokens)
             assert len(new.token_ids) - new.num_output_tokens == prompt, f"{rid}: its output tokens miscounted"
-            self.held[rid] = Held(list(new.token_ids), list(new.block_ids), new.placement)
+            self.held[rid] = Held(list(new.token_ids), list(new.block_ids), new.placement, new.num_prefill_tokens)
         for cached in plan.cached_requests:
             held = self._held(cached.request_id)
+            held.block_ids.extend(cached.new_block_ids)
+            if cached.num_scheduled_tokens:
+                held.computed += cached.num_scheduled_tokens
+                assert held.computed <= len(held.token_ids), f"step {plan.step_id}: {cached.request_id} chunk too long"
+                continue
             assert not (held.placement is Placement.CPU and plan.mode is ExecutionMode.GPU_ONLY), (
                 f"step {plan.step_id}: CPU row {cached.request_id} in a GPU_ONLY step")
-            held.block_ids.extend(cached.new_block_ids)
+            assert held.computed == len(held.token_ids) - 1, f"step {plan.step_id}: {cached.request_id} decodes early"
+            held.computed += 1
         self._check_blocks(plan)
         sampled = {}
         for rid in [n.request_id for n in plan.new_requests] + [c.request_id for c in plan.cached_requests]:
             held = self.held[rid]
+            if held.computed < len(held.token_ids):
+                continue
             token = token_for(rid, len(held.token_ids), self.eos_one_in)
             held.token_ids.append(token)
             self.known[rid].append(token)

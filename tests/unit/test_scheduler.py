@@ -40,21 +40,34 @@ class FakeWorker:
 
     def __init__(self, sched: Scheduler, token_fn: TokenFn = lambda rid, pos: TOKEN) -> None:
         self.max_model_len = sched.limits.max_model_len
+        self.max_num_batched_tokens = sched.config.max_num_batched_tokens
         self.token_fn = token_fn
         self.held: dict[str, tuple[list[int], list[int]]] = {}  # id -> (token ids, block ids)
+        self.computed: dict[str, int] = {}  # id -> tokens whose KV it holds
         self.sampled: dict[str, list[int]] = {}  # every token sampled per id, across preemptions
 
     def execute(self, plan: StepPlan) -> StepOutput:
         for rid in plan.freed_request_ids:
             assert rid in self.held, f"step {plan.step_id} frees {rid!r}, which the worker does not hold"
             del self.held[rid]
+            del self.computed[rid]
         for new in plan.new_requests:
             assert new.request_id not in self.held, f"{new.request_id!r} sent in full twice"
             assert 0 <= new.num_output_tokens < len(new.token_ids)
+            assert 0 <= new.num_scheduled_tokens <= len(new.token_ids)
             self.held[new.request_id] = (list(new.token_ids), list(new.block_ids))
+            self.computed[new.request_id] = new.num_prefill_tokens
         for cached in plan.cached_requests:
-            assert cached.request_id in self.held, f"delta for {cached.request_id!r} before its full request"
-            self.held[cached.request_id][1].extend(cached.new_block_ids)
+            rid = cached.request_id
+            assert rid in self.held, f"delta for {rid!r} before its full request"
+            self.held[rid][1].extend(cached.new_block_ids)
+            tokens = len(self.held[rid][0])
+            if cached.num_scheduled_tokens:
+                assert self.computed[rid] + cached.num_scheduled_tokens <= tokens, f"{rid}: a chunk past its tokens"
+                self.computed[rid] += cached.num_scheduled_tokens
+            else:
+                assert self.computed[rid] == tokens - 1, f"{rid}: a decode row before its prefill's end"
+                self.computed[rid] = tokens
         scheduled = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
         assert len(scheduled) == len(set(scheduled)), "a request scheduled twice in one step"
         assert set(scheduled) == set(self.held), "worker holds state of a request that is not running"
@@ -63,9 +76,12 @@ class FakeWorker:
         for tokens, blocks in self.held.values():
             assert len(tokens) - 1 < self.max_model_len
             assert len(blocks) == (len(tokens) - 1) // BLOCK + 1, "blocks do not match the position written"
+        assert plan.num_tokens <= self.max_num_batched_tokens, f"step {plan.step_id} is over the token budget"
         sampled = {}
         for rid in scheduled:
             tokens = self.held[rid][0]
+            if self.computed[rid] < len(tokens):  # a chunk short of the end of its tokens samples nothing
+                continue
             sampled[rid] = self.token_fn(rid, len(tokens))
             tokens.append(sampled[rid])
             self.sampled.setdefault(rid, []).append(sampled[rid])
@@ -144,7 +160,6 @@ def test_config_defaults_are_valid() -> None:
         ("prompt", [1, VOCAB], 1, 256, 64),  # token outside the vocabulary
         ("prompt", [-1], 1, 256, 64),
         ("prompt", [1] * 12, 1, 12, 64),  # leaves no room for output in the context
-        ("prompt", [1] * 25, 1, 256, 64),  # longer than max_num_batched_tokens 24
         ("prompt", [1] * 17, 1, 256, 4),  # more KV than the whole pool (4 blocks of 4)
         ("max_tokens", [1] * 10, 8, 256, 4),  # the prompt fits the pool, prompt + outputs never can
     ],
@@ -232,16 +247,18 @@ def test_new_requests_join_while_others_decode_within_the_token_budget() -> None
     worker = FakeWorker(sched)
     sched.add_request("a", [1] * 6, sp())
     sched.add_request("b", [1] * 6, sp())
-    plan, _ = step(sched, worker)
-    assert [r.request_id for r in plan.new_requests] == ["a"]  # 12 tokens would exceed 10
-    sched.add_request("c", [1] * 4, sp())
-    plan, _ = step(sched, worker)
-    assert [r.request_id for r in plan.cached_requests] == ["a"]
-    assert [r.request_id for r in plan.new_requests] == ["b"]  # 1 + 6 tokens; c's 4 more would exceed 10
     plan, outputs = step(sched, worker)
-    assert [r.request_id for r in plan.cached_requests] == ["a", "b"]
-    assert [r.request_id for r in plan.new_requests] == ["c"]
+    # a whole, b the 4 tokens the budget of 10 leaves; b samples nothing yet
+    assert [(r.request_id, r.num_scheduled_tokens) for r in plan.new_requests] == [("a", 0), ("b", 4)]
+    assert [o.request_id for o in outputs] == ["a"]
+    sched.add_request("c", [1] * 4, sp())
+    plan, outputs = step(sched, worker)
+    # a decodes (1), b's last 2 tokens, c whole (4): 7 of 10
+    assert [(r.request_id, r.num_scheduled_tokens) for r in plan.cached_requests] == [("a", 0), ("b", 2)]
+    assert [(r.request_id, r.num_scheduled_tokens) for r in plan.new_requests] == [("c", 0)]
     assert {o.request_id for o in outputs} == {"a", "b", "c"}
+    plan, outputs = step(sched, worker)
+    assert [(r.request_id, r.num_scheduled_tokens) for r in plan.cached_requests] == [("a", 0), ("b", 0), ("c", 0)]
     assert sched.stats().num_running == 3 and sched.stats().num_steps == 3
 
 
@@ -346,7 +363,7 @@ def test_preempted_request_is_resent_with_prompt_outputs_and_output_count() -> N
     assert len(resent[0].block_ids) == 2
 
 
-def test_resumed_request_longer_than_token_budget_runs_in_a_step_of_its_own() -> None:
+def test_resumed_request_longer_than_token_budget_recomputes_in_chunks() -> None:
     sched = make(num_blocks=3, max_num_seqs=2, max_num_batched_tokens=6)
     worker = FakeWorker(sched)
     sched.add_request("a", [1], sp(11))
@@ -354,8 +371,10 @@ def test_resumed_request_longer_than_token_budget_runs_in_a_step_of_its_own() ->
     plans: list[StepPlan] = []
     streams = drain(sched, worker, plans)
     assert sched.stats().num_preemptions == 1  # a's position 4 needs b's blocks; b resumes with 9 tokens
-    (resume,) = [p for p in plans if any(r.num_output_tokens for r in p.new_requests)]
-    assert resume.num_tokens == 9 and resume.cached_requests == ()
+    (i,) = [i for i, p in enumerate(plans) if any(r.num_output_tokens for r in p.new_requests)]
+    (resume,) = plans[i].new_requests
+    assert len(resume.token_ids) == 9 and resume.num_scheduled_tokens == 6 and plans[i].cached_requests == ()
+    assert [(c.request_id, c.num_scheduled_tokens) for c in plans[i + 1].cached_requests] == [("b", 3)]
     assert [len(tokens_of(streams[r])) for r in "ab"] == [11, 7]
 
 

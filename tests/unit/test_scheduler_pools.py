@@ -54,7 +54,7 @@ def check_blocks(s: Scheduler) -> None:
 
 
 def step(s: Scheduler, plan: StepPlan, rng: random.Random) -> StepResult:
-    ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
+    ids = [r.request_id for r in s.in_flight.sampling()]  # a prefill chunk short of its request's end samples nothing
     sampled = {rid: (2 if rng.random() < 0.03 else 7) for rid in ids}  # token 2 is EOS
     prediction = s.in_flight.prediction()
     measured = 1_000_000 if prediction is None else int(prediction.total_ns * 1.1)  # the tables 10% optimistic

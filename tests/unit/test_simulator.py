@@ -78,6 +78,24 @@ def test_engine_finishes_every_request_at_its_length_and_frees_every_block(polic
     assert result.duration_s > 0 and result.ttft_p50_s <= result.ttft_p99_s and result.tpot_p50_ms > 0
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_long_prompts_are_prefilled_in_chunks_and_those_beyond_the_accelerator_pool_run_on_the_cpu(policy: str
+                                                                                                  ) -> None:
+    setup = published_setup("t4", "llama2-7b", 512, 64)  # an accelerator pool of about 1,100 tokens
+    requests = generate(WorkloadSpec("summarize", 12, rate=2.0, seed=5))  # prompts of 1,024 to 4,000 tokens
+    sim = Simulation(setup, requests, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512, policy=policy))
+    result = sim.run()
+    pool = setup.worker.num_kv_blocks * setup.worker.block_size
+    larger = [r.prompt_len + r.output_len - 1 > pool for r in requests]
+    if policy == "gpu-only":  # refused: the accelerator's pool is the only one it uses
+        assert sim.rejected == sum(larger) > 0 and result.finished == len(requests) - sum(larger)
+    else:
+        assert sim.rejected == 0 and result.finished == len(requests)
+        assert sim.produced == [r.output_len for r in requests]
+    prefilled = sum(r.prompt_len for r, over in zip(requests, larger) if policy != "gpu-only" or not over)
+    assert result.mean_prefills * result.iterations >= prefilled / 512, "prompts were not chunked"
+
+
 def fitted(setup, kind: str, n: int) -> list:
     return fit_to(generate(WorkloadSpec(kind, n, seed=0)), setup.worker.num_kv_blocks * setup.worker.block_size)
 

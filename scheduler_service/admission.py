@@ -1,0 +1,102 @@
+"""Step 3 of scheduler_service.scheduler's docstring, its second half: waiting requests admitted FCFS under what the
+step's token budget leaves, each placed on a pool with the blocks of all its known tokens and given its first prefill
+chunk (scheduler_service.prefill), until the first that does not fit."""
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from apex_serve.types import Placement
+from scheduler_service.cpu_placement import CpuPlacement
+from scheduler_service.cpu_queue import prefix_contexts
+from scheduler_service.kv_manager import KVManager
+from scheduler_service.policies import Candidates
+from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
+from scheduler_service.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class Steady:
+    """The decode iterations after this one, as admission prices them: every running request a row."""
+
+    gpu_rows: int
+    gpu_longest: int
+    cpu_context: list[int]  # prefix sums of the CPU rows' contexts
+
+    def with_request(self, request: Request, placement: Placement) -> "Steady":
+        """With the request decoding on `placement` at its next token."""
+        n = request.num_tokens + 1
+        if placement is Placement.GPU:
+            return Steady(self.gpu_rows + 1, max(self.gpu_longest, n), self.cpu_context)
+        return Steady(self.gpu_rows, self.gpu_longest, [*self.cpu_context, self.cpu_context[-1] + n])
+
+
+class Admission:
+    """The admissions of one policy on one pair of pools (made anew with the CpuPlacement)."""
+
+    def __init__(self, max_num_seqs: int, kv: KVManager, cpu: CpuPlacement, prefilling: Prefilling) -> None:
+        self.max_num_seqs = max_num_seqs
+        self._kv = kv
+        self._cpu = cpu
+        self._policy = cpu.policy
+        self._prefilling = prefilling
+
+    def admit(self, waiting: deque[Request], budget: int, continuing: Sequence[Chunk], gpu_running: list[Request],
+              cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int) -> list[Chunk]:
+        """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
+        budget leaves, while fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows
+        (longest context gpu_longest) already take their part of the step."""
+        admitted: list[Chunk] = []
+        if not waiting or budget <= 0:
+            return admitted
+        shape = ChunkShape.of(continuing)
+        prefill_lens, contexts = shape.lens, list(shape.contexts or (0,) * len(continuing))
+        max_rows = self._cpu.max_rows
+        pending = [*self._prefilling, *(c.request for c in continuing if c.last)]  # not yet decoding
+        gpu_residents = gpu_running + [r for r in pending if r.placement is Placement.GPU]
+        cpu_context = prefix_contexts(islice(cpu_queue, 2 * max_rows)) if self._policy.uses_cpu else [0]
+        steady = Steady(num_gpu_rows, gpu_longest, cpu_context)
+        for request in pending:
+            steady = steady.with_request(request, request.placement)
+        num_cpu = len(cpu_queue) + sum(r.placement is Placement.CPU for r in pending)
+        running = len(gpu_running) + len(cpu_queue) + len(self._prefilling)
+        while waiting and running < self.max_num_seqs and budget > 0:
+            request = waiting[0]
+            placement = self._placement(request, waiting, steady.cpu_context, num_cpu, gpu_residents)
+            if placement is None:
+                break
+            after = steady.with_request(request, placement)
+            tokens = min(request.num_tokens, budget)
+            if running and not self._policy.admits(
+                Candidates(prefill_lens + [tokens], num_gpu_rows, gpu_longest, [0], 0, max_rows,
+                           (*contexts, 0), shape.loaded_tokens),
+                Candidates([], after.gpu_rows, after.gpu_longest, after.cpu_context, 0, max_rows),
+            ):
+                break
+            steady = after
+            waiting.popleft()
+            self._kv.allocate(request, placement, request.num_tokens)
+            request.status = RequestStatus.RUNNING
+            request.on_worker = True
+            if placement is Placement.GPU:
+                gpu_residents.append(request)
+            else:
+                num_cpu += 1
+            admitted.append(self._prefilling.start(request, budget))
+            prefill_lens.append(tokens)
+            contexts.append(0)
+            budget -= tokens
+            running += 1
+        return admitted
+
+    def _placement(self, request: Request, waiting: deque[Request], cpu_context: list[int], num_cpu: int,
+                   gpu_residents: list[Request]) -> Placement | None:
+        """Where an admitted request's KV goes, num_cpu requests living on the CPU and gpu_residents on the
+        accelerator (this step's admissions included); None while it fits nowhere."""
+        cpu = self._cpu
+        if cpu.must_take(request):
+            return Placement.CPU if cpu.has_room(request, num_cpu) else None
+        if self._kv.can_allocate(Placement.GPU, request.num_tokens):
+            return Placement.GPU
+        return Placement.CPU if cpu.takes(request, gpu_residents, waiting, cpu_context, num_cpu) else None
