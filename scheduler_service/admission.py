@@ -46,7 +46,9 @@ class Admission:
               cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
         budget leaves, while fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows
-        (longest context gpu_longest) already take their part of the step."""
+        (longest context gpu_longest) already take their part of the step. While the CPU pool is lost, a request that
+        can run only there keeps its place and lets the others pass: it would otherwise hold up the whole queue
+        until the pool returns."""
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
@@ -61,8 +63,13 @@ class Admission:
             steady = steady.with_request(request, request.placement)
         num_cpu = len(cpu_queue) + sum(r.placement is Placement.CPU for r in pending)
         running = len(gpu_running) + len(cpu_queue) + len(self._prefilling)
-        while waiting and running < self.max_num_seqs and budget > 0:
-            request = waiting[0]
+        cpu_lost = not self._kv.num_total(Placement.CPU)
+        i = 0
+        while i < len(waiting) and running < self.max_num_seqs and budget > 0:
+            request = waiting[i]
+            if cpu_lost and self._cpu.must_take(request):
+                i += 1
+                continue
             placement = self._placement(request, waiting, steady.cpu_context, num_cpu, gpu_residents)
             if placement is None:
                 break
@@ -75,7 +82,7 @@ class Admission:
             ):
                 break
             steady = after
-            waiting.popleft()
+            del waiting[i]
             self._kv.allocate(request, placement, request.num_tokens)
             request.status = RequestStatus.RUNNING
             request.on_worker = True

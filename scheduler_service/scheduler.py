@@ -216,7 +216,7 @@ class Scheduler:
         requests of the CPU pool (those still prefilling there among them) and those the plan swapped are requeued for
         recompute (FCFS by arrival), the CPU pool is unusable until cpu_pool_restored(), and the returned GPU_ONLY
         plan, now in flight, runs the step's accelerator part again (an accelerator request's prefill chunk too: the
-        worker did not advance it). Degraded, a request whose KV fits only the CPU pool waits, and those behind it."""
+        worker did not advance it). Degraded, a request whose KV fits only the CPU pool waits; those behind it pass."""
         flight = self._in_flight
         if flight is None or plan.step_id != flight.step_id:
             raise ValueError(f"step_id: plan {plan.step_id} is not the one in flight")

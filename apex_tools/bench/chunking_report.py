@@ -4,6 +4,8 @@ gaps over time with the long prompts' arrivals, and the timeline's step times)."
 
 from pathlib import Path
 
+from apex_tools.bench.common import save_figure
+
 RUN_LABELS = {"chunked": "chunked", "whole": "whole prompts"}
 
 
@@ -96,8 +98,4 @@ def plot(result: dict, path: Path) -> Path:
     steps_ax.legend(fontsize=8)
     for ax in (gaps_ax, steps_ax):
         ax.grid(True, axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

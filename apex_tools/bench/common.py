@@ -1,8 +1,9 @@
-"""What every benchmark shares: where its JSON goes, and how it reports the core a side is pinned to."""
+"""What every benchmark shares: where its JSON and figures go, and how it reports the core a side is pinned to."""
 
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +15,17 @@ def write_result(path: str, result: object) -> Path:
     out.write_text(json.dumps(result, indent=2))
     logger.info("wrote %s", out)
     return out
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure laid out and written to path (folders created), then closed."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def one_core(cpus: set[int] | None) -> int | None:

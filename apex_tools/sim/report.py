@@ -5,6 +5,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from apex_tools.bench.common import save_figure
 from apex_tools.sim.engine import RunResult
 
 _MODE_LETTERS = {"gpu_only": "G", "async_overlap": "O", "asym_pipeline": "P"}
@@ -82,8 +83,4 @@ def plot(results: list[RunResult], path: Path) -> Path:
     axes[1].set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     for ax in axes:
         ax.grid(True, axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -179,3 +179,5 @@ async def test_a_prompt_of_max_model_len_less_16_is_served_exactly_in_chunks_of_
     prefill_steps = [it for it in stats.recent_iterations if it.num_prefills]
     assert len(prefill_steps) >= -(-LONG_PROMPT_LEN // BUDGET), (
         f"{len(prefill_steps)} prefill iterations: the prompt was not split into chunks of {BUDGET}")
+    over = [it.step_id for it in stats.recent_iterations if it.prefill_tokens + it.gpu_rows + it.cpu_rows > BUDGET]
+    assert not over, f"iterations {over} computed more than --max-num-batched-tokens {BUDGET} tokens"

@@ -207,19 +207,26 @@ def test_requeued_requests_wait_in_their_order_of_arrival_among_the_waiting() ->
     assert waiting == sorted(waiting)  # the ids are in the order of arrival
 
 
-def test_a_request_that_fits_only_the_cpu_pool_waits_while_degraded() -> None:
+def test_a_request_that_fits_only_the_cpu_pool_waits_while_degraded_and_lets_the_others_pass() -> None:
     s = make(gpu_blocks=8)  # 32 tokens on the accelerator
     w = HybridWorker(s.worker_info, once(cpu_admission))
-    s.add_request("cpu", [5] * 40, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    s.add_request("cpu", [5] * 40, greedy)
     plan = s.schedule()
     with pytest.raises(CpuPoolLost):
         w.execute(plan)
     retry = s.cpu_pool_lost(plan)
     assert retry.is_empty and retry.freed_request_ids == ("cpu",)
     s.update_from_output(retry, w.execute(retry))
-    for _ in range(3):
-        assert s.schedule().is_empty
-        assert s.stats().num_waiting == 1
+    s.add_request("small", [6] * 8, greedy)  # behind it in the queue, fits the accelerator
+    finished = set()
+    for _ in range(8):
+        plan = s.schedule()
+        assert "cpu" not in {n.request_id for n in plan.new_requests}
+        if not plan.is_empty:
+            finished |= {o.request_id for o in s.update_from_output(plan, w.execute(plan)).outputs if o.finished}
+    assert finished == {"small"}, "the request behind the one that needs the lost CPU pool was not served"
+    assert s.stats().num_waiting == 1
     w.reattach()
     s.cpu_pool_restored(w.info_now)
     plan = s.schedule()
