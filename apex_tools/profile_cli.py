@@ -12,6 +12,7 @@ import grpc
 from tqdm import tqdm
 
 from apex_serve.v1 import profiler_pb2, profiler_pb2_grpc
+from apex_tools.bench.common import save_figure
 from scheduler_service.cost.tables import describe_ranges
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def plot(profile: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -76,15 +78,13 @@ def plot(profile: dict, out_dir: Path) -> list[Path]:
             ax.plot(table["xs"], [y / 1e3 for y in table["ys"]], marker="o")
         if len(table["xs"]) > 1 or "zs" in table:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # plain numbers: no mathtext, no font look-ups
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("µs per layer" if name != "t_step" else "µs per iteration")
         ax.set_title(f"{name}: {title}", fontsize=9)
         ax.grid(True, alpha=0.3)
-        path = out_dir / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written
 
 
