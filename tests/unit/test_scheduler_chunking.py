@@ -157,6 +157,24 @@ def test_a_request_larger_than_the_accelerator_pool_runs_on_the_cpu_under_hybrid
     assert_all_free(s, w)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_4_block_accelerator_pool_serves_every_request_that_fits_a_pool_under_every_policy(policy: str) -> None:
+    """16 accelerator tokens; 12 concurrent requests of 2 to 120 prompt tokens: the hybrid policies serve them all
+    (the larger ones from the CPU pool), gpu-only those that fit its pool and refuses the others at once."""
+    s = make(policy, gpu_blocks=4, budget=32)
+    w = HybridWorker(s.worker_info)
+    want, refused = {}, []
+    for i, prompt in enumerate([2, 120, 5, 40, 9, 3, 70, 6, 11, 2, 90, 4]):
+        try:
+            s.add_request(f"r{i}", [5] * prompt, sp(4))
+            want[f"r{i}"] = expected(f"r{i}", prompt, 4)
+        except InvalidArgument:
+            refused.append(prompt)
+    assert run(s, w, []) == want
+    assert refused == ([120, 40, 70, 90] if policy == "gpu-only" else [])
+    assert_all_free(s, w)
+
+
 @pytest.mark.parametrize(("prompt", "max_tokens", "field"), [(50, 10, "prompt"), (20, 30, "max_tokens")])
 def test_a_request_larger_than_the_accelerator_pool_is_invalid_argument_under_gpu_only(
         prompt: int, max_tokens: int, field: str) -> None:
