@@ -91,6 +91,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
         **present,
         seed=msg.seed if msg.HasField("seed") else None,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         truncate_prompt_tokens=msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
@@ -113,6 +114,8 @@ def sampling_to_pb(params: types.SamplingParams) -> common_pb2.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.truncate_prompt_tokens is not None:
         msg.truncate_prompt_tokens = params.truncate_prompt_tokens
     return msg
@@ -274,6 +277,10 @@ def step_output_to_pb(output: types.StepOutput) -> gpu_worker_pb2.StepResponse:
         ],
         timings=gpu_worker_pb2.StepTimings(**dataclasses.asdict(t)),
         subtasks=[subtask_to_pb(s) for s in output.subtasks],
+        prompt_logprobs=[
+            gpu_worker_pb2.PromptLogprobs(request_id=k, logprobs=[logprob_to_pb(lp) for lp in v])
+            for k, v in output.prompt_logprobs.items()
+        ],
     )
 
 
@@ -285,6 +292,7 @@ def step_output_from_pb(msg: gpu_worker_pb2.StepResponse) -> types.StepOutput:
         logprobs={s.request_id: logprob_from_pb(s.logprob) for s in msg.sampled if s.HasField("logprob")},
         timings=types.StepTimings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(types.StepTimings)}),
         subtasks=tuple(subtask_from_pb(s, f"subtasks[{i}]") for i, s in enumerate(msg.subtasks)),
+        prompt_logprobs={p.request_id: tuple(logprob_from_pb(lp) for lp in p.logprobs) for p in msg.prompt_logprobs},
     )
 
 
@@ -360,6 +368,7 @@ def request_output_to_pb(out: types.RequestOutput) -> scheduler_pb2.SubmitRespon
         finish_reason=finish_reason_to_pb(out.finish_reason),
         usage=usage_to_pb(out.num_prompt_tokens, out.num_output_tokens),
         logprobs=[logprob_to_pb(lp) for lp in out.logprobs],
+        prompt_logprobs=[logprob_to_pb(lp) for lp in out.prompt_logprobs],
     )
 
 
@@ -372,6 +381,7 @@ def request_output_from_pb(request_id: str, msg: scheduler_pb2.SubmitResponse) -
         num_prompt_tokens=msg.usage.prompt_tokens,
         num_output_tokens=msg.usage.completion_tokens,
         logprobs=tuple(logprob_from_pb(lp) for lp in msg.logprobs),
+        prompt_logprobs=tuple(logprob_from_pb(lp) for lp in msg.prompt_logprobs),
     )
 
 

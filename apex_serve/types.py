@@ -72,6 +72,8 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # the last id is banned after the others
     skip_special_tokens: bool = True  # special tokens are left out of the text
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    # None: no prompt logprobs; k: each prompt token's logprob (the first has none) and the top k at its position
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -93,6 +95,8 @@ class SamplingParams:
             raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidArgument("min_p", f"must be in [0, 1], got {self.min_p}")
         if any(t < 0 for t in self.allowed_token_ids):
@@ -255,6 +259,10 @@ class StepOutput:
     timings: StepTimings = StepTimings()
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # requests that asked for them
     subtasks: tuple[Subtask, ...] = ()  # when the plan asked (record_subtasks), in start order
+    # requests that asked for prompt logprobs and computed prompt positions in this step: the logprobs of the prompt
+    # tokens those positions predict, in order (prompt token i from position i - 1; token 0 has none); a prefill in
+    # chunks gets its prompt's logprobs over several steps, a recomputed request (num_output_tokens > 0) none
+    prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,3 +276,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when the request asked for them
+    # on the first output of a request that asked for them: one per prompt token after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()

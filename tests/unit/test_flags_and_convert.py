@@ -85,14 +85,15 @@ def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
         temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=20, stop_token_ids=(1, 2), ignore_eos=True,
         min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0, min_p=0.1,
         allowed_token_ids=(4, 9), bad_words=("no",), bad_words_token_ids=((110, 111), (7,)), skip_special_tokens=False,
-        truncate_prompt_tokens=3,
+        truncate_prompt_tokens=3, prompt_logprobs=2,
     )
     assert [f.name for f in dataclasses.fields(params) if getattr(params, f.name) == f.default] == []
     assert convert.sampling_from_pb(convert.sampling_to_pb(params)) == params
 
 
 def test_step_output_logprobs_survive_the_protobuf_round_trip() -> None:
-    out = StepOutput(1, {"a": 3, "b": 4}, logprobs={"a": TokenLogprob(3, -0.25, ((3, -0.25), (9, -2.0)))})
+    out = StepOutput(1, {"a": 3, "b": 4}, logprobs={"a": TokenLogprob(3, -0.25, ((3, -0.25), (9, -2.0)))},
+                     prompt_logprobs={"a": (TokenLogprob(5, -1.5, ((2, -0.5),)), TokenLogprob(6, -0.75))})
     assert convert.step_output_from_pb(convert.step_output_to_pb(out)) == out
 
 
