@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from apex_serve.types import FinishReason, SamplingParams
+from apex_serve.types import FinishReason, SamplingParams, TokenLogprob
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 from scheduler_service.config import SchedulerConfig
@@ -17,6 +17,7 @@ from scheduler_service.scheduler import Scheduler
 class Generation:
     token_ids: list[int]
     finish_reason: FinishReason | None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # when asked for: one per prompt token after the first
 
 
 class LocalEngine:
@@ -36,10 +37,13 @@ class LocalEngine:
             self.scheduler.add_request(request_id, prompt, p)
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         reasons: dict[str, FinishReason | None] = {}
+        prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         while len(reasons) < len(ids):
             plan = self.scheduler.schedule()
             for out in self.scheduler.update_from_output(plan, self.runner.execute(plan)).outputs:
                 tokens[out.request_id].extend(out.new_token_ids)
+                if out.prompt_logprobs:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
-        return [Generation(tokens[i], reasons[i]) for i in ids]
+        return [Generation(tokens[i], reasons[i], prompt_logprobs.get(i, ())) for i in ids]

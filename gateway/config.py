@@ -70,6 +70,14 @@ class GatewayConfig:
     max_chat_messages: int = option(
         2048, help="most messages in one chat request; more: INVALID_ARGUMENT / HTTP 400 naming `messages`"
     )
+    max_batch_prompts: int = option(
+        256, help="most prompts in one completions request (a list of texts or of token-id lists), each one engine "
+        "request; more: HTTP 400 naming `prompt`"
+    )
+    max_samples: int = option(
+        16, help="most samples per prompt (n, best_of), each one engine request that prefills the prompt again; "
+        "more: INVALID_ARGUMENT / HTTP 400 naming the field"
+    )
     max_http_connections: int = option(
         4096,
         help="open HTTP connections; at the bound a new connection closes the one that has waited longest for its "
@@ -115,7 +123,8 @@ class GatewayConfig:
         if self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes: must be >= 1, got {self.max_prompt_bytes}")
         for name in (
-            "max_stop_strings", "max_stop_string_bytes", "max_bad_words", "max_chat_messages", "max_http_connections",
+            "max_stop_strings", "max_stop_string_bytes", "max_bad_words", "max_chat_messages", "max_batch_prompts",
+            "max_samples", "max_http_connections",
             "http_keep_alive_s", "http_max_header_bytes",
         ):
             if getattr(self, name) < 1:
@@ -175,5 +184,6 @@ class GatewayConfig:
         return RequestLimits(
             max_prompt_bytes=self.max_prompt_bytes, max_stop_strings=self.max_stop_strings,
             max_stop_string_bytes=self.max_stop_string_bytes, max_bad_words=self.max_bad_words,
-            max_chat_messages=self.max_chat_messages,
+            max_chat_messages=self.max_chat_messages, max_batch_prompts=self.max_batch_prompts,
+            max_samples=self.max_samples,
         )

@@ -15,7 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.replicas import Replicas, RoutedCall
 from gateway.request_span import RequestSpan
 from gateway.stop_strings import StopStringMatcher
-from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids, load_tokenizer
+from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids, load_tokenizer, token_bytes
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,23 @@ class GenerationRequest:
     model: str = ""
     request_id: str = ""
     fill_context: bool = False  # max_tokens: all the room the prompt leaves (OpenAI without max_tokens)
+
+
+def samples_of(request: GenerationRequest, count: int, request_id: str, first: int = 0) -> list[GenerationRequest]:
+    """count samples of a request, request ids request_id-k from k = first (the request itself when it is the only
+    one). Each is an engine request of its own that prefills the prompt again: the engine shares no prefix between
+    requests. With a seed, sample j samples with seed + j, so that samples differ yet reproduce (as vLLM seeds its n
+    samples)."""
+    if count == 1 and first == 0:
+        return [request]
+    sampling = request.sampling
+    return [
+        replace(
+            request, request_id=f"{request_id}-{first + j}",
+            sampling=sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + j) % 2**63),
+        )
+        for j in range(count)
+    ]
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,10 @@ class TextDelta:
     logprobs: tuple[TokenLogprob, ...] = ()  # aligned with token_ids when asked for
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, these token_ids included
+    # on a request's first event only: the prompt's token ids, and with sampling.prompt_logprobs those of the
+    # prompt tokens after the first as the engine gives them
+    prompt_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,7 @@ class GenerationEnd:
     prompt_tokens: int
     completion_tokens: int
     stop_reason: str | None = None  # the stop string that matched
+    prompt_token_ids: tuple[int, ...] = ()  # when this is the request's first event (it generated no token)
 
 
 class Generator:
@@ -187,19 +209,25 @@ class Generator:
         detok = IncrementalDetokenizer(self.tokenizer, prepared.sampling.skip_special_tokens)
         stops = StopStringMatcher(request.stop, request.include_stop_str_in_output)
         completion_tokens = 0
+        prompt_ids: tuple[int, ...] = tuple(prepared.prompt_token_ids)  # () once the first event carried them
         async for msg in call:
             out = convert.request_output_from_pb(prepared.request_id, msg)
             completion_tokens = max(completion_tokens, out.num_output_tokens)
             result = stops.feed(detok.push(out.new_token_ids) + (detok.flush() if out.finished else ""))
             text = result.text + (stops.flush() if out.finished and result.stop is None else "")
-            if text or out.new_token_ids:
-                yield TextDelta(text, out.new_token_ids, out.logprobs, num_prompt, completion_tokens)
+            if text or out.new_token_ids or out.prompt_logprobs:
+                yield TextDelta(
+                    text, out.new_token_ids, out.logprobs, num_prompt, completion_tokens, prompt_ids, out.prompt_logprobs
+                )
+                prompt_ids = ()
             if result.stop is not None:
-                yield GenerationEnd(prepared.request_id, FinishReason.STOP, num_prompt, completion_tokens, result.stop)
+                yield GenerationEnd(
+                    prepared.request_id, FinishReason.STOP, num_prompt, completion_tokens, result.stop, prompt_ids
+                )
                 return
             if out.finished:
                 reason = out.finish_reason or FinishReason.ABORT
-                yield GenerationEnd(prepared.request_id, reason, num_prompt, completion_tokens)
+                yield GenerationEnd(prepared.request_id, reason, num_prompt, completion_tokens, None, prompt_ids)
                 return
 
     async def abort(self, request_id: str) -> bool:
@@ -209,5 +237,13 @@ class Generator:
         """True while at least one scheduler replica is SERVING and its engine is not stalled."""
         return self.replicas.ready
 
+    @property
+    def limits(self) -> validation.RequestLimits:
+        return self._limits
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, which for a part of a multi-byte character are not the UTF-8 of its text."""
+        return token_bytes(self.tokenizer, token_id)

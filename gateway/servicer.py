@@ -1,6 +1,8 @@
 """gRPC edge of the gateway: protobuf in and out, everything else in gateway.generation."""
 
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -8,14 +10,17 @@ from apex_serve import __version__, convert
 from apex_serve.errors import NotFound
 from apex_serve.types import TokenLogprob
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway import validation
 from gateway.chat_template import ChatOptions
 from gateway.drain import Drain
-from gateway.generation import GenerationEnd, GenerationRequest, Generator
+from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta, samples_of
+from gateway.merge import merge
 
 CAPABILITIES = (
     "generate.stream", "abort", "stop_strings", "stop_token_ids", "logprobs", "penalties", "min_tokens", "seed",
     "min_p", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "skip_special_tokens", "chat_options",
-    "openai.completions", "openai.chat_completions", "openai.tokenize", "api_keys", "tls",
+    "openai.completions", "openai.chat_completions", "openai.tokenize", "api_keys", "tls", "n", "prompt_logprobs",
+    "openai.echo", "openai.batched_prompts", "openai.best_of",
 )
 
 
@@ -31,10 +36,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, generator: Generator) -> None:
         self._gen = generator
         self.drain = Drain()  # the gateway's stop cuts the Generate streams past its drain: UNAVAILABLE
+        self._groups: dict[str, tuple[str, ...]] = {}  # a call's request id -> its samples' (n > 1)
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        validation.check_samples("n", request.n or 1, self._gen.limits)
         generation = GenerationRequest(
             prompt=request.prompt,
             messages=convert.chat_messages_from_pb(request.messages),
@@ -45,23 +52,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             model=request.model,
             request_id=request.request_id,
         )
-        async for event in self.drain.until_cut(self._gen.stream(generation)):
-            if isinstance(event, GenerationEnd):
-                yield gateway_pb2.GenerateResponse(
-                    complete=gateway_pb2.GenerateComplete(
-                        finish_reason=convert.finish_reason_to_pb(event.finish_reason),
-                        usage=convert.usage_to_pb(event.prompt_tokens, event.completion_tokens),
-                        request_id=event.request_id,
-                        stop_reason=event.stop_reason or "",
-                    )
+        samples = samples_of(generation, request.n or 1, request.request_id or uuid.uuid4().hex)
+        if len(samples) > 1:
+            self._groups[request.request_id] = tuple(s.request_id for s in samples)
+        streams = [self.drain.until_cut(self._gen.stream(s)) for s in samples]
+        try:
+            async with aclosing(merge(streams)) as events:
+                async for index, event in events:
+                    yield self._response(index, event)
+        finally:
+            self._groups.pop(request.request_id, None)
+            for stream in streams:
+                await stream.aclose()
+
+    def _response(self, index: int, event: TextDelta | GenerationEnd) -> gateway_pb2.GenerateResponse:
+        if isinstance(event, GenerationEnd):
+            return gateway_pb2.GenerateResponse(
+                complete=gateway_pb2.GenerateComplete(
+                    finish_reason=convert.finish_reason_to_pb(event.finish_reason),
+                    usage=convert.usage_to_pb(event.prompt_tokens, event.completion_tokens),
+                    request_id=event.request_id,
+                    stop_reason=event.stop_reason or "",
+                    index=index,
                 )
-            else:
-                yield gateway_pb2.GenerateResponse(
-                    chunk=gateway_pb2.GenerateChunk(
-                        text=event.text, token_ids=event.token_ids,
-                        logprobs=[self._logprob(lp) for lp in event.logprobs],
-                    )
-                )
+            )
+        return gateway_pb2.GenerateResponse(
+            chunk=gateway_pb2.GenerateChunk(
+                text=event.text, token_ids=event.token_ids, logprobs=[self._logprob(lp) for lp in event.logprobs],
+                index=index, prompt_logprobs=[self._logprob(lp) for lp in event.prompt_logprobs],
+            )
+        )
 
     def _logprob(self, lp: TokenLogprob) -> common_pb2.TokenLogprob:
         msg = convert.logprob_to_pb(lp)
@@ -73,7 +93,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Abort(
         self, request: gateway_pb2.AbortGenerateRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AbortGenerateResponse:
-        return gateway_pb2.AbortGenerateResponse(aborted=await self._gen.abort(request.request_id))
+        ids = self._groups.get(request.request_id, (request.request_id,))
+        aborted = [await self._gen.abort(request_id) for request_id in ids]
+        return gateway_pb2.AbortGenerateResponse(aborted=any(aborted))
 
     async def GetModelInfo(
         self, request: gateway_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext

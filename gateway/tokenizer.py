@@ -1,12 +1,29 @@
 """Tokenizer of the served model (Hugging Face `tokenizers`, no transformers) and incremental
 detokenization that is exact across multi-byte characters split over tokens."""
 
+import re
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+@cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable character -> byte map, in which ByteLevel tokenizers spell their vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -24,6 +41,22 @@ def bad_words_token_ids(tokenizer: Tokenizer, bad_words: Sequence[str]) -> tuple
         if spaced[0] != alone[0] and len(spaced) == len(alone):
             found.append(spaced)
     return tuple(found)
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for. A token whose text is whole characters gives their UTF-8; one that holds part
+    of a character (its text decodes to U+FFFD) gives its raw bytes: a SentencePiece byte token <0xNN>, or a
+    ByteLevel token spelled in GPT-2's alphabet. Any other token gives the UTF-8 of its text."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if _REPLACEMENT not in text:
+        return text.encode()
+    piece = tokenizer.id_to_token(token_id) or ""
+    if match := _BYTE_FALLBACK.fullmatch(piece):
+        return bytes([int(match.group(1), 16)])
+    alphabet = _byte_level_alphabet()
+    if piece and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return text.encode()
 
 
 class IncrementalDetokenizer:

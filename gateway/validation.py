@@ -18,6 +18,22 @@ class RequestLimits:
     max_stop_string_bytes: int = 1024
     max_bad_words: int = 128
     max_chat_messages: int = 2048
+    max_batch_prompts: int = 256
+    max_samples: int = 16
+
+
+def check_samples(field: str, value: int, limits: RequestLimits) -> None:
+    """n or best_of: samples per prompt, each one engine request."""
+    if not 1 <= value <= limits.max_samples:
+        raise InvalidArgument(field, f"must be in [1, {limits.max_samples}] (max_samples), got {value}")
+
+
+def check_batch_size(num_prompts: int, limits: RequestLimits) -> None:
+    if not 1 <= num_prompts <= limits.max_batch_prompts:
+        raise InvalidArgument(
+            "prompt", f"a batch of {num_prompts} prompts; it must hold 1 to {limits.max_batch_prompts} "
+                      f"(max_batch_prompts)"
+        )
 
 
 def utf8_size(field: str, text: str) -> int:

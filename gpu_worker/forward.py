@@ -9,6 +9,8 @@ Every layer of a sub-batch runs in three stages:
 
 GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
 ASYM_PIPELINE runs two sub-batches one layer apart, so the CPU attends one while the accelerator works on the other.
+The last layer's O-proj and MLP, and the LM head, run over a sub-batch's kept rows only (step_batch.SubBatch): the
+sampling rows, and every position of a prefill row whose request asked for prompt logprobs (gpu_worker.lm_head).
 """
 
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from gpu_worker.attention import ContextKV, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
+from gpu_worker.lm_head import StepLogits, lm_head
 from gpu_worker.step_batch import SubBatch
 from gpu_worker.step_clock import StepClock
 from gpu_worker.weights import ModelWeights
@@ -53,9 +56,10 @@ class Forward:
 
     def logits(
         self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock, cpu_wait_s: float
-    ) -> torch.Tensor:
-        """fp32 logits [num_sampling, vocab] in the order of the sub-batches' sampling_ids, concatenated. Each layer
-        of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
+    ) -> StepLogits:
+        """fp32 logits [num_sampling, vocab] in the order of the sub-batches' sampling_ids, concatenated, and the
+        prompt logprobs of the prefill rows that ask for them. Each layer of the CPU rows may take cpu_wait_s; past it
+        (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
             flights = []
             for batch in sub_batches:
@@ -73,9 +77,9 @@ class Forward:
                         self._device(flight, i, clock)
                         self._complete(flight, i, clock, cpu_wait_s)
             with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
-                hidden = torch.cat([f.hidden for f in flights])  # [num_sampling, hidden]
-                normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)
-                return F.linear(normed, self.weights.lm_head).float()  # [num_sampling, vocab]
+                hidden = torch.cat([f.hidden for f in flights])  # [num_kept, hidden]
+                normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)  # [num_kept, hidden]
+                return lm_head(sub_batches, normed, self.weights.lm_head)
 
     def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock, cpu_wait_s: float) -> None:
         """Two sub-batches one layer apart: the CPU attends A's layer i while the accelerator finishes B's layer
@@ -133,7 +137,7 @@ class Forward:
             attn = self.attention.forward(i, q, k, v, meta, loaded)  # [end, num_heads, head_dim]
         prefill = batch.num_prefill_tokens
         if batch.num_cpu_decodes and prefill:
-            keep = batch.last_rows[: batch.num_prefill_samples] if self._is_last(i) else slice(0, prefill)
+            keep = batch.kept_rows[: batch.num_prefill_kept] if self._is_last(i) else slice(0, prefill)
             with clock.measure("device_linear", i, batch.slot):
                 flight.done_prefill = post_attention(layer, flight.hidden[keep], attn[keep])
             attn = attn[prefill:]
@@ -166,7 +170,7 @@ class Forward:
         if flight.done_prefill is not None:
             hidden = hidden[batch.num_prefill_tokens :]  # decode rows
         elif self._is_last(i):
-            hidden, attn = hidden[batch.last_rows], attn[batch.last_rows]  # [num_sampling, ...]
+            hidden, attn = hidden[batch.kept_rows], attn[batch.kept_rows]  # [num_kept, ...]
         with clock.measure("device_linear", i, batch.slot):
             hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
         if flight.done_prefill is not None:

@@ -20,6 +20,7 @@ from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.forward import Forward
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
+from gpu_worker.lm_head import StepLogits
 from gpu_worker.model_config import ModelConfig, load_model_config
 from gpu_worker.plan_checks import PlanChecker, cpu_pool_use
 from gpu_worker.rope import RotaryEmbedding
@@ -166,7 +167,8 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step and sample one token per request whose scheduled tokens reach the end of its tokens (with
-        logprobs where asked for); a non-final chunk of a prefill samples nothing."""
+        logprobs where asked for); a non-final chunk of a prefill samples nothing. A request that asks for prompt
+        logprobs gets those of the prompt tokens its prefill positions in the step predict (none when recomputed)."""
         with self._lock:
             return self._execute(plan)
 
@@ -183,10 +185,10 @@ class ModelRunner:
                 start_unix_ns=start_unix_ns,
             )
             return StepOutput(step_id=plan.step_id, timings=timings)
-        logits = self._forward(plan, sub_batches, clock)  # [num_sampling, vocab]
+        step_logits = self._forward(plan, sub_batches, clock)
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(_sampling_ids(sub_batches), logits)
+        sampled, logprobs = self._sample(_sampling_ids(sub_batches), step_logits.logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -202,7 +204,8 @@ class ModelRunner:
             start_unix_ns=start_unix_ns,
         )
         return StepOutput(
-            step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs, subtasks=clock.subtasks_unix()
+            step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs, subtasks=clock.subtasks_unix(),
+            prompt_logprobs=step_logits.prompt_logprobs,
         )
 
     def compute_logits(self, plan: StepPlan) -> dict[str, torch.Tensor]:
@@ -213,7 +216,7 @@ class ModelRunner:
             sub_batches = self._prepare(plan, clock)
             if not sub_batches:
                 return {}
-            logits = self._forward(plan, sub_batches, clock)  # [num_sampling, vocab]
+            logits = self._forward(plan, sub_batches, clock).logits  # [num_sampling, vocab]
             return dict(zip(_sampling_ids(sub_batches), logits.unbind(0)))
 
     def sample(self, logits: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -235,9 +238,9 @@ class ModelRunner:
         if self.cpu_pool is not None:
             self.cpu_pool.close()
 
-    def _forward(self, plan: StepPlan, sub_batches: list[SubBatch], clock: StepClock) -> torch.Tensor:
-        """The forward's logits [num_sampling, vocab]; CpuPoolLost when the cpu_attention_worker is lost in it. Only
-        once it succeeded do the scheduled requests count their tokens as computed."""
+    def _forward(self, plan: StepPlan, sub_batches: list[SubBatch], clock: StepClock) -> StepLogits:
+        """The forward's logits [num_sampling, vocab] and prompt logprobs; CpuPoolLost when the cpu_attention_worker
+        is lost in it. Only once it succeeded do the scheduled requests count their tokens as computed."""
         wait_s = plan.cpu_wait_timeout_s if plan.cpu_wait_timeout_s > 0 else self.config.cpu_wait_timeout_s
         try:
             logits = self.forward.logits(sub_batches, plan.mode, clock, wait_s)

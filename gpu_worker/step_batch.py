@@ -55,19 +55,33 @@ class ContextLoad:
 
 
 @dataclass(frozen=True)
+class PromptSpan:
+    """The prompt logprobs one prefill row computes: the logprobs of `targets`, the prompt tokens its positions
+    predict, from the kept rows first, first + 1, ..., with the `top` most likely tokens at each."""
+
+    request_id: str
+    first: int  # index among the sub-batch's kept_rows of the position predicting targets[0]
+    targets: tuple[int, ...]
+    top: int
+
+
+@dataclass(frozen=True)
 class SubBatch:
     """One sub-batch of a step. Tokens are laid out: prefill rows (whole prompts or chunks) whose KV goes to the CPU
     pool, prefill rows whose KV stays in the accelerator pool, accelerator decode rows, then CPU decode rows (the
-    tail, attended by the CPU). Only the requests that sample have a logits row: last_rows lists their last tokens,
-    the sampling prefill rows first, then every decode row."""
+    tail, attended by the CPU). Only some tokens go through the last layer's O-proj and MLP and the LM head: the kept
+    rows, in layout order: the sampling prefill rows' last tokens and every token of a prefill row that computes
+    prompt logprobs, then every decode row. sample_rows picks each sampling request's last token among them."""
 
     slot: int  # staging slot of its CPU rows: the sub-batch index
     scheduled: list[Scheduled]  # in layout order
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
-    last_rows: torch.Tensor  # [num_sampling] index of each sampling request's last token
+    kept_rows: torch.Tensor  # [num_kept] token indices, ascending
+    sample_rows: torch.Tensor  # [num_sampling] index among kept_rows of each sampling request's last token
+    prompt_spans: tuple[PromptSpan, ...]  # the prefill rows that compute prompt logprobs, in layout order
     num_cpu_prefill_tokens: int
-    num_prefill_samples: int  # prefill rows among last_rows
+    num_prefill_kept: int  # prefill tokens among kept_rows
     num_cpu_decodes: int
     device_metadata: AttentionMetadata  # prefills and accelerator decodes; slots of accelerator-pool tokens
     cpu_prefill_blocks: torch.Tensor  # [num_cpu_prefill_tokens] CPU-pool block of each CPU prefill token
@@ -92,7 +106,7 @@ class SubBatch:
 
     @property
     def sampling_ids(self) -> list[str]:
-        """The requests with a logits row, in the order of last_rows."""
+        """The requests with a logits row, in the order of sample_rows."""
         return [s.request_id for s in self.scheduled if s.samples]
 
 
@@ -127,7 +141,9 @@ def layout_sub_batch(
     prefills = [s for s in order if s.prefill]
     input_ids: list[int] = []
     positions: list[int] = []
-    last_rows: list[int] = []
+    kept: list[int] = []
+    sample_rows: list[int] = []
+    spans: list[PromptSpan] = []
     slots: dict[Placement, list[tuple[int, int]]] = {Placement.GPU: [], Placement.CPU: []}
     tables: dict[Placement, list[list[int]]] = {Placement.GPU: [], Placement.CPU: []}
     context_lens: dict[Placement, list[int]] = {Placement.GPU: [], Placement.CPU: []}
@@ -140,19 +156,31 @@ def layout_sub_batch(
         context_tables.append([] if on_cpu else context_blocks)
         if on_cpu and s.start:
             loads.append(ContextLoad(row, torch.tensor(context_blocks, dtype=torch.long), s.start))
+        first = len(input_ids)
         input_ids.extend(request.token_ids[s.start : s.end])
         positions.extend(range(s.start, s.end))
         slots[request.placement].extend(
             (request.block_ids[p // block_size], p % block_size) for p in range(s.start, s.end)
         )
+        top = request.sampling.prompt_logprobs
+        if top is not None and request.num_output_tokens == 0:
+            # positions [start, min(end, P - 1)) predict prompt tokens start + 1 .. min(end, P - 1)
+            targets = tuple(request.token_ids[s.start + 1 : min(s.end, request.num_prompt_tokens - 1) + 1])
+            if targets:
+                spans.append(PromptSpan(s.request_id, len(kept), targets, top))
+            kept.extend(range(first, len(input_ids)))
+        elif s.samples:
+            kept.append(len(input_ids) - 1)
         if s.samples:
-            last_rows.append(len(input_ids) - 1)
+            sample_rows.append(len(kept) - 1)
+    num_prefill_kept = len(kept)
     for s in order[len(prefills) :]:
         request = requests[s.request_id]
         position = s.start
         input_ids.append(request.token_ids[position])
         positions.append(position)
-        last_rows.append(len(input_ids) - 1)
+        sample_rows.append(len(kept))
+        kept.append(len(input_ids) - 1)
         slots[request.placement].append((request.block_ids[position // block_size], position % block_size))
         tables[request.placement].append(request.block_ids[: position // block_size + 1])
         context_lens[request.placement].append(position + 1)
@@ -168,9 +196,11 @@ def layout_sub_batch(
         scheduled=order,
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
-        last_rows=torch.tensor(last_rows, dtype=torch.long, device=device),
+        kept_rows=torch.tensor(kept, dtype=torch.long, device=device),
+        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        prompt_spans=tuple(spans),
         num_cpu_prefill_tokens=num_cpu_prefill_tokens,
-        num_prefill_samples=sum(s.samples for s in prefills),
+        num_prefill_kept=num_prefill_kept,
         num_cpu_decodes=len(tables[Placement.CPU]),
         device_metadata=AttentionMetadata.build(
             prefill_lens=[s.end - s.start for s in prefills],

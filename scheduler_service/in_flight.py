@@ -85,8 +85,9 @@ class InFlightStep:
 
     def live_requests(self, output: StepOutput) -> list[Request]:
         """The plan's sampling requests that still run, checked against the step's output: ValueError if a token or a
-        requested logprob is missing, or a token belongs to a request the plan did not schedule to sample (a chunk
-        that does not reach the end of its request's tokens samples nothing)."""
+        requested logprob is missing, a first token comes without the logprobs of every prompt token after the first
+        where they were asked for, or a token belongs to a request the plan did not schedule to sample (a chunk that
+        does not reach the end of its request's tokens samples nothing)."""
         sampling = self.sampling()
         live = [r for r in sampling if r.status is RequestStatus.RUNNING]
         missing = [r.request_id for r in live if r.request_id not in output.sampled]
@@ -98,7 +99,24 @@ class InFlightStep:
         ]
         if no_logprobs:
             raise ValueError(f"logprobs: step {self.step_id} lacks the logprobs of {no_logprobs}")
+        short = [
+            r.request_id for r in live if r.sampling.prompt_logprobs is not None and r.num_output_tokens == 0
+            and len(r.prompt_logprobs) + len(output.prompt_logprobs.get(r.request_id, ())) != r.num_prompt_tokens - 1
+        ]
+        if short:
+            raise ValueError(f"prompt_logprobs: step {self.step_id} ends the prefill of {short} without the logprobs "
+                             "of every prompt token after the first")
         return live
+
+    def gather_prompt_logprobs(self, output: StepOutput) -> None:
+        """Add the step's prompt logprobs to those of the plan's requests that still run (a request aborted since the
+        plan was made drops them); a request's first output carries them."""
+        if not output.prompt_logprobs:
+            return
+        for request in self.requests:
+            logprobs = output.prompt_logprobs.get(request.request_id)
+            if logprobs and request.status is RequestStatus.RUNNING:
+                request.prompt_logprobs.extend(logprobs)
 
     def measured(self, output: StepOutput) -> IterationRecord | None:
         """The record with the step's measured time, its overlap and the prediction; the measured time goes into the

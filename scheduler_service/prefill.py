@@ -80,9 +80,11 @@ class Prefilling:
         return [r for r in self._requests if r.placement is placement]
 
     def start(self, request: Request, budget: int) -> Chunk:
-        """An admitted request's first chunk, at most `budget` tokens; it stays here while tokens are left."""
+        """An admitted request's first chunk, at most `budget` tokens; it stays here while tokens are left. Its
+        prefill starts from its first token: prompt logprobs of an earlier, abandoned prefill are forgotten."""
         request.prefilling = True
         request.num_computed_tokens = 0
+        request.prompt_logprobs.clear()
         self._requests.append(request)
         return self._chunk(request, budget)
 

@@ -40,6 +40,8 @@ class Request:
     unchanged_entry: CachedRequestData | None = None  # its plan entry without new blocks, re-used step to step
     prefilling: bool = False  # admitted, and no plan has yet scheduled its prefill to the end of its tokens
     num_computed_tokens: int = 0  # while prefilling: the tokens of token_ids whose prefill plans have scheduled
+    # asked for, until its first output carries them: those of the prompt tokens its computed chunks predicted
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_tokens: int = field(init=False)  # prompt and output tokens
 
     def __post_init__(self) -> None:
@@ -85,7 +87,11 @@ class Request:
         )
 
     def output(self, token: int, reason: FinishReason | None, logprob: TokenLogprob | None) -> RequestOutput:
-        """What its caller is told of its latest token (already appended)."""
+        """What its caller is told of its latest token (already appended); the first one carries the prompt
+        logprobs gathered over its prefill."""
+        prompt_logprobs: tuple[TokenLogprob, ...] = ()
+        if self.num_output_tokens == 1 and self.prompt_logprobs:
+            prompt_logprobs, self.prompt_logprobs = tuple(self.prompt_logprobs), []
         return RequestOutput(
             request_id=self.request_id,
             new_token_ids=(token,),
@@ -94,6 +100,7 @@ class Request:
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
             logprobs=() if logprob is None else (logprob,),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def entry(self, new_block_ids: Sequence[int], sub_batch: int) -> CachedRequestData:

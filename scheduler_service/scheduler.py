@@ -258,13 +258,15 @@ class Scheduler:
         complete the iteration's record with the step's timings (which also refine the cost model).
 
         Tokens of requests aborted since the plan was made are dropped. A request that asked for logprobs
-        gets its token's in RequestOutput.logprobs.
+        gets its token's in RequestOutput.logprobs, one that asked for prompt logprobs those of its prompt in its
+        first RequestOutput.
         """
         flight = self._in_flight
         if flight is None or plan.step_id != flight.step_id or output.step_id != plan.step_id:
             raise ValueError(f"step_id: output {output.step_id} of plan {plan.step_id}, but step "
                              f"{None if flight is None else flight.step_id} is in flight")
         live = flight.live_requests(output)
+        flight.gather_prompt_logprobs(output)
         record = flight.measured(output)
         if record is not flight.record:  # the in-flight plan's record is the latest
             self._iterations.recent[-1] = record

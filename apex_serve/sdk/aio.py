@@ -38,12 +38,13 @@ class AsyncClient:
         request_id: str = "",
         timeout_s: float | None = None,
         chat: ChatOptions | None = None,
+        n: int = 1,
         **sampling_fields: Any,
     ) -> AsyncIterator[Chunk | Completion]:
-        """Chunks, then one Completion; leaving the loop early cancels the request on the server."""
+        """Chunks, then one Completion (with n samples: each sample's, carrying its index); leaving the loop early cancels the request on the server."""
         request = messages.generate_request(
             prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
-            chat,
+            chat, n,
         )
         for attempt in range(self.options.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,
@@ -63,6 +64,10 @@ class AsyncClient:
 
     async def generate(self, prompt: str | Sequence[ChatMessage], **kwargs: Any) -> GenerateResult:
         return messages.collect([event async for event in self.stream(prompt, **kwargs)])
+
+    async def samples(self, prompt: str | Sequence[ChatMessage], n: int, **kwargs: Any) -> list[GenerateResult]:
+        """n samples of the prompt in one call, in index order."""
+        return messages.collect_samples([event async for event in self.stream(prompt, n=n, **kwargs)])
 
     async def abort(self, request_id: str) -> bool:
         reply = await self._unary(self._stub.Abort, gateway_pb2.AbortGenerateRequest(request_id=request_id))

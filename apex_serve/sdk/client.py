@@ -38,14 +38,16 @@ class Client:
         request_id: str = "",
         timeout_s: float | None = None,
         chat: ChatOptions | None = None,
+        n: int = 1,
         **sampling_fields: Any,
     ) -> Iterator[Chunk | Completion]:
-        """Chunks as they are generated, then one Completion. Closing the iterator cancels the
+        """Chunks as they are generated, then one Completion (with n samples: each sample's, carrying its index).
+        Closing the iterator cancels the
         request on the server. A list of ChatMessage is rendered with the model's chat template, as
         `chat` says (default: with the generation prompt)."""
         request = messages.generate_request(
             prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
-            chat,
+            chat, n,
         )
         for attempt in range(self.options.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,
@@ -66,6 +68,10 @@ class Client:
     def generate(self, prompt: str | Sequence[ChatMessage], **kwargs: Any) -> GenerateResult:
         """The whole completion at once (the same call as `stream`)."""
         return messages.collect(list(self.stream(prompt, **kwargs)))
+
+    def samples(self, prompt: str | Sequence[ChatMessage], n: int, **kwargs: Any) -> list[GenerateResult]:
+        """n samples of the prompt in one call, in index order."""
+        return messages.collect_samples(list(self.stream(prompt, n=n, **kwargs)))
 
     def abort(self, request_id: str) -> bool:
         reply = self._unary(self._stub.Abort, gateway_pb2.AbortGenerateRequest(request_id=request_id))

@@ -43,6 +43,9 @@ class Chunk:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the sample (n)
+    # with sampling.prompt_logprobs, on a sample's first chunk: one per prompt token after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     stop_reason: str | None = None
+    index: int = 0  # the sample (n)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class GenerateResult:
     token_ids: tuple[int, ...]
     completion: Completion
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def generate_request(
@@ -70,9 +75,11 @@ def generate_request(
     model: str,
     request_id: str,
     chat: ChatOptions | None = None,
+    n: int = 1,
 ) -> gateway_pb2.GenerateRequest:
     msg = gateway_pb2.GenerateRequest(
         model=model,
+        n=n,
         sampling=convert.sampling_to_pb(sampling),
         request_id=request_id,
         stop=list(stop),
@@ -112,25 +119,39 @@ def parse_response(msg: gateway_pb2.GenerateResponse) -> Chunk | Completion:
     kind = msg.WhichOneof("response")
     if kind == "chunk":
         c = msg.chunk
-        return Chunk(c.text, tuple(c.token_ids), tuple(convert.logprob_from_pb(lp) for lp in c.logprobs))
+        return Chunk(
+            c.text, tuple(c.token_ids), tuple(convert.logprob_from_pb(lp) for lp in c.logprobs), c.index,
+            tuple(convert.logprob_from_pb(lp) for lp in c.prompt_logprobs),
+        )
     if kind == "complete":
         c = msg.complete
         return Completion(
             c.request_id, convert.finish_reason_from_pb(c.finish_reason, "complete.finish_reason"),
-            c.usage.prompt_tokens, c.usage.completion_tokens, c.stop_reason or None,
+            c.usage.prompt_tokens, c.usage.completion_tokens, c.stop_reason or None, c.index,
         )
     raise error_for(status_code(msg.error.code), msg.error.message)
 
 
 def collect(events: Sequence[Chunk | Completion]) -> GenerateResult:
-    chunks = [e for e in events if isinstance(e, Chunk)]
-    (completion,) = [e for e in events if isinstance(e, Completion)]
-    return GenerateResult(
-        "".join(c.text for c in chunks),
-        tuple(t for c in chunks for t in c.token_ids),
-        completion,
-        tuple(lp for c in chunks for lp in c.logprobs),
-    )
+    """The one sample of a stream (n = 1)."""
+    (result,) = collect_samples(events)
+    return result
+
+
+def collect_samples(events: Sequence[Chunk | Completion]) -> list[GenerateResult]:
+    """Each sample's result, in index order."""
+    results = []
+    for index in sorted({e.index for e in events}):
+        chunks = [e for e in events if isinstance(e, Chunk) and e.index == index]
+        (completion,) = [e for e in events if isinstance(e, Completion) and e.index == index]
+        results.append(GenerateResult(
+            "".join(c.text for c in chunks),
+            tuple(t for c in chunks for t in c.token_ids),
+            completion,
+            tuple(lp for c in chunks for lp in c.logprobs),
+            tuple(lp for c in chunks for lp in c.prompt_logprobs),
+        ))
+    return results
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,24 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: lists parallel to the generated tokens."""
+    """The legacy completions shape: lists parallel to the tokens (with echo: the prompt's, then the generated
+    ones; the prompt's first token has null logprobs)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's entry of prompt_logprobs."""
+
+    logprob: float
+    rank: int | None  # 1: the most likely; null: outside the top k asked for
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token, keyed by token id; the first null
 
 
 class CompletionChoice(BaseModel):
@@ -53,6 +65,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | None = None  # vLLM's: the stop string that ended the text
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class Completion(BaseModel):
@@ -100,6 +113,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class ChatDelta(BaseModel):

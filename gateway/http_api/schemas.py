@@ -5,15 +5,16 @@ ignored, as vLLM ignores them, except vLLM's fields that would change the output
 here: those are a 400 naming them. Ranges are checked once, by SamplingParams and the Generator.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apex_serve.errors import InvalidArgument
 from apex_serve.types import MAX_LOGPROBS, SamplingParams
+from gateway import validation
 from gateway.chat_template import ChatOptions
-from gateway.generation import GenerationRequest
+from gateway.generation import GenerationRequest, samples_of
 
 # Bounds of the protobuf fields these travel in to the scheduler; the ranges that matter are checked later.
 Int32 = Annotated[int, Field(le=2**31 - 1)]
@@ -65,10 +66,24 @@ _UNSERVED: dict[str, tuple[object, ...]] = {
     "function_call": ("none", "auto"),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "logits_processors": ([],),
-    "prompt_logprobs": (),
     "use_beam_search": (False,),
-    "return_tokens_as_token_ids": (False,),
 }
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """The engine requests of one HTTP request, prompt i's sample j at i * samples + j. Each sample is an engine
+    request of its own that prefills its prompt again: the engine shares no prefix between requests."""
+
+    requests: tuple[GenerationRequest, ...]
+    samples: int  # engine requests per prompt: best_of, else n
+    n: int  # choices per prompt: the n samples of highest cumulative logprob when samples > n
+    batch: bool = False  # the prompt was a list of prompts: errors name prompt[i]
+    drop_generated: bool = False  # echo with max_tokens 0: one token is generated (the engine's least) and dropped
+
+    @property
+    def prompt_indexes(self) -> list[int] | None:
+        return [k // self.samples for k in range(len(self.requests))] if self.batch else None
 
 
 class _GenerationBody(StrictBody):
@@ -101,10 +116,10 @@ class _GenerationBody(StrictBody):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # only true is served
     truncate_prompt_tokens: Int32 | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob and the top k at its position
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:123"
 
     def _check_supported(self) -> None:
-        if self.n != 1:
-            raise InvalidArgument("n", f"only n=1 is supported, got {self.n}")
         if self.logit_bias:
             raise InvalidArgument("logit_bias", "is not supported")
         if self.stream_options is not None and not self.stream:
@@ -119,7 +134,7 @@ class _GenerationBody(StrictBody):
 
     def _generation_request(
         self, max_tokens: int | None, logprobs: int | None, max_model_len: int, request_id: str,
-        prompt: str | list[int] = "", messages: tuple[dict[str, Any], ...] = (),
+        prompt: str | list[int] = "", messages: tuple[dict[str, Any], ...] = (), prompt_logprobs: int | None = None,
     ) -> GenerationRequest:
         """max_tokens None: all the context the prompt leaves (the Generator knows the prompt's length)."""
         self._check_supported()
@@ -141,6 +156,7 @@ class _GenerationBody(StrictBody):
             bad_words=tuple(self.bad_words or ()),
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
         return GenerationRequest(
             prompt=prompt,
@@ -170,24 +186,41 @@ class CompletionRequest(_GenerationBody):
     suffix: str | None = None
     best_of: int | None = None
 
-    def generation_request(self, request_id: str, max_model_len: int) -> GenerationRequest:
-        if self.echo:
-            raise InvalidArgument("echo", "is not supported")
+    def generation_requests(
+        self, request_id: str, max_model_len: int, limits: validation.RequestLimits
+    ) -> Fanout:
         if self.suffix:
             raise InvalidArgument("suffix", "is not supported")
-        if self.best_of not in (None, 1):
-            raise InvalidArgument("best_of", f"only 1 is supported, got {self.best_of}")
-        prompt = self._one_prompt()
-        return self._generation_request(self.max_tokens, self.logprobs, max_model_len, request_id, prompt=prompt)
+        validation.check_samples("n", self.n, limits)
+        best_of = self.n if self.best_of is None else self.best_of
+        validation.check_samples("best_of", best_of, limits)
+        if best_of < self.n:
+            raise InvalidArgument("best_of", f"must be >= n ({self.n}), got {best_of}")
+        if self.stream and best_of != self.n:
+            raise InvalidArgument("best_of", "is not supported with stream (the best are known only at the end)")
+        prompts, batch = self._prompts()
+        validation.check_batch_size(len(prompts), limits)
+        drop = self.echo and self.max_tokens == 0
+        # ranking best_of samples needs each token's logprob: asked for when the client did not
+        logprobs = 0 if best_of > self.n and self.logprobs is None else self.logprobs
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:
+            prompt_logprobs = self.logprobs
+        requests = []
+        for i, prompt in enumerate(prompts):
+            one = self._generation_request(
+                1 if drop else self.max_tokens, logprobs, max_model_len, request_id, prompt=prompt,
+                prompt_logprobs=prompt_logprobs,
+            )
+            requests += samples_of(one, best_of, request_id, i * best_of)
+        return Fanout(tuple(requests), best_of, self.n, batch and len(prompts) > 1, drop)
 
-    def _one_prompt(self) -> str | list[int]:
-        """A text or token ids; a batch of exactly one of either is taken apart."""
+    def _prompts(self) -> tuple[list[str | list[int]], bool]:
+        """The prompts, and whether the request gave a list of them (a text, or one token-id list, is one)."""
         prompt = self.prompt
         if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
-            return prompt  # type: ignore[return-value]
-        if len(prompt) != 1:
-            raise InvalidArgument("prompt", f"one prompt per request is supported, got a batch of {len(prompt)}")
-        return prompt[0]  # type: ignore[return-value]
+            return [prompt], False  # type: ignore[list-item]
+        return list(prompt), True  # type: ignore[arg-type]
 
 
 class ContentPart(StrictBody):
@@ -246,7 +279,16 @@ class ChatCompletionRequest(_GenerationBody):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. enable_thinking
 
-    def generation_request(self, request_id: str, max_model_len: int) -> GenerationRequest:
+    def generation_requests(
+        self, request_id: str, max_model_len: int, limits: validation.RequestLimits
+    ) -> Fanout:
+        validation.check_samples("n", self.n, limits)
+        if self.stream and self.prompt_logprobs is not None:
+            raise InvalidArgument("prompt_logprobs", "is not supported with stream in chat (send it without stream)")
+        request = self._chat_request(request_id, max_model_len)
+        return Fanout(tuple(samples_of(request, self.n, request_id, 0)), self.n, self.n)
+
+    def _chat_request(self, request_id: str, max_model_len: int) -> GenerationRequest:
         if not self.messages:
             raise InvalidArgument("messages", "must not be empty")
         if self.top_logprobs is not None and not self.logprobs:
@@ -257,7 +299,9 @@ class ChatCompletionRequest(_GenerationBody):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         messages = tuple(m.template_message(i) for i, m in enumerate(self.messages))
         options = ChatOptions(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {})
-        request = self._generation_request(max_tokens, logprobs, max_model_len, request_id, messages=messages)
+        request = self._generation_request(
+            max_tokens, logprobs, max_model_len, request_id, messages=messages, prompt_logprobs=self.prompt_logprobs
+        )
         return replace(request, chat_options=options)
 
 

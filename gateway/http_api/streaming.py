@@ -5,7 +5,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
@@ -58,13 +58,12 @@ class Generation:
         self._completion_tokens = 0  # as of the last event iterated
 
     @classmethod
-    async def start(cls, request: Request, generator: Generator, generation: GenerationRequest) -> "Generation":
-        """Raises the Generator's errors (bad input, admission), ClientDisconnect, and Unavailable when the drain
-        ends first."""
-        drain: Drain = request.app.state.drain
+    async def open(cls, drain: Drain, generator: Generator, generation: GenerationRequest) -> "Generation":
+        """Waits for the request's first event; raises the Generator's errors (bad input, admission), and
+        Unavailable when the drain ends first. Cancelling it aborts the request."""
         events = drain.until_cut(generator.stream(generation))
         try:
-            first = await until_disconnect(request, anext(events))
+            first = await anext(events)
         except BaseException:
             await events.aclose()
             raise
@@ -95,28 +94,15 @@ class Collected:
     end: GenerationEnd
 
 
-async def collect(request: Request, generation: Generation) -> Collected:
-    """The whole generation; a client that disconnects meanwhile aborts it (ClientDisconnect)."""
-
-    async def run() -> Collected:
-        deltas = []
-        async for event in generation:
-            if isinstance(event, GenerationEnd):
-                return Collected("".join(d.text for d in deltas), tuple(deltas), event)
-            deltas.append(event)
-        raise RuntimeError("the generation ended without a GenerationEnd")
-
-    try:
-        return await until_disconnect(request, run())
-    finally:
-        await generation.aclose()
-
-
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def sse_response(chunks: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+def sse_response(chunks: AsyncIterator[str], generation: Closable) -> StreamingResponse:
     """Streams chunks then [DONE]. An error after the headers went out (the drain's cut too) becomes an error event;
     a client that disconnects cancels the stream, and closing the generation aborts the request."""
 

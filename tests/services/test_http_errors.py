@@ -72,7 +72,8 @@ COMPLETION_FIELDS = [
     ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2**40), ("max_tokens", 0),
     ("max_tokens", 10**6), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
     ("repetition_penalty", 2.5), ("min_tokens", 100), ("min_tokens", -1), ("logprobs", 21), ("logprobs", -1),
-    ("seed", -1), ("n", 2), ("n", 0), ("best_of", 3), ("echo", True), ("suffix", "tail"), ("logit_bias", {"1": 5.0}),
+    ("seed", -1), ("n", 17), ("n", 0), ("best_of", 0), ("best_of", 17), ("echo", "yes"), ("suffix", "tail"),
+    ("logit_bias", {"1": 5.0}), ("prompt_logprobs", 21),
     ("stop", [""]),
     # wrong JSON types
     ("temperature", "hot"), ("max_tokens", "10"), ("max_tokens", 4.5), ("stream", "yes"), ("stop", 5),
@@ -92,7 +93,7 @@ def test_completions_field_out_of_range_or_mistyped_is_400_naming_it(
 
 CHAT_FIELDS = [
     ("top_logprobs", 2, {}), ("top_logprobs", 21, {"logprobs": True}), ("logprobs", 3, {}),
-    ("max_completion_tokens", 0, {}), ("max_tokens", 10**6, {}), ("n", 3, {}), ("temperature", -0.1, {}),
+    ("max_completion_tokens", 0, {}), ("max_tokens", 10**6, {}), ("n", 17, {}), ("temperature", -0.1, {}),
     ("messages", [], {}), ("messages", "hi", {}), ("messages[0].role", [{"role": "robot", "content": "x"}], {}),
     ("messages[0].role", [{"content": "x"}], {}), ("messages[0].content", [{"role": "user", "content": 5}], {}),
     ("messages[0].content[0]", [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], {}),

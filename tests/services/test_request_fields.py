@@ -31,8 +31,8 @@ FIELD_TABLE: dict[str, tuple[str, str]] = {
     "top_p": (HONOURED, "a tiny top_p at temperature 1 gives the greedy text"),
     "top_k": (HONOURED, "top_k 1 at temperature 1 gives the greedy text; -1 is off"),
     "min_p": (HONOURED, "min_p 1 at temperature 1 gives the greedy text; 5.0 is a 400"),
-    "n": (REFUSED, "n != 1"),
-    "best_of": (REFUSED, "best_of != 1 (completions and chat)"),
+    "n": (HONOURED, "n choices indexed 0..n-1, distinct at temperature 1 and repeated with the seed"),
+    "best_of": (HONOURED, "completions: the n samples of highest cumulative logprob; chat: a 400"),
     "stop": (HONOURED, "the text ends before the stop string, finish_reason stop, stop_reason"),
     "stop_token_ids": (HONOURED, "the greedy first token as a stop id ends the request after it"),
     "seed": (HONOURED, "the same seed repeats a sampled text, another seed changes it"),
@@ -42,7 +42,7 @@ FIELD_TABLE: dict[str, tuple[str, str]] = {
     "logit_bias": (REFUSED, "a non-empty logit_bias"),
     "logprobs": (HONOURED, "completions: n top logprobs per token; chat: logprobs per token"),
     "top_logprobs": (HONOURED, "chat: that many top logprobs per token"),
-    "echo": (REFUSED, "echo true (completions and chat)"),
+    "echo": (HONOURED, "completions: the prompt's text before the completion; chat: a 400"),
     "suffix": (REFUSED, "a suffix"),
     "stream": (HONOURED, "server-sent chunks that join into the non-streamed text"),
     "stream_options.include_usage": (HONOURED, "a last chunk with the usage and no choices"),
@@ -56,7 +56,7 @@ FIELD_TABLE: dict[str, tuple[str, str]] = {
     "skip_special_tokens": (HONOURED, "false keeps generated special tokens in the text"),
     "spaces_between_special_tokens": (REFUSED, "false (true, the default, is what is served)"),
     "truncate_prompt_tokens": (HONOURED, "usage.prompt_tokens is k, the text that of the last k tokens; 0 is a 400"),
-    "prompt_logprobs": (REFUSED, "any value"),
+    "prompt_logprobs": (HONOURED, "one entry per prompt token, the first null, keyed by token id"),
     "response_format": (REFUSED, "anything but {type: text}"),
     "tools": (REFUSED, "a non-empty list"),
     "tool_choice": (REFUSED, "anything but none or auto"),
@@ -67,7 +67,7 @@ FIELD_TABLE: dict[str, tuple[str, str]] = {
     "structured_outputs": (REFUSED, "any value"),
     "logits_processors": (REFUSED, "a non-empty list"),
     "use_beam_search": (REFUSED, "true"),
-    "return_tokens_as_token_ids": (REFUSED, "true"),
+    "return_tokens_as_token_ids": (HONOURED, "logprobs name tokens token_id:N"),
     "chat_template_kwargs": (HONOURED, "a template variable reaches the template (usage.prompt_tokens)"),
     "add_generation_prompt": (HONOURED, "false drops the assistant header (usage.prompt_tokens)"),
     "continue_final_message": (HONOURED, "the text continues the final assistant message as a raw prompt would"),
@@ -269,6 +269,53 @@ def _logprobs(api: Api, greedy: str) -> None:
     assert len(content) == 12 and all(entry["top_logprobs"] == [] for entry in content)
 
 
+@honours("n")
+def _n(api: Api, greedy: str) -> None:
+    sampled = {**GREEDY, "temperature": 1.0}
+    choices = api.complete(n=3, seed=5, **sampled)["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and len({c["text"] for c in choices}) == 3
+    assert api.complete(n=3, seed=5, **sampled)["choices"] == choices, "a seed repeats every sample"
+    chat = api.chat(n=2, **GREEDY)["choices"]
+    assert [c["index"] for c in chat] == [0, 1] and chat[0]["message"] == chat[1]["message"], "greedy: the same"
+
+
+@honours("best_of")
+def _best_of(api: Api, greedy: str) -> None:
+    sampled = {**GREEDY, "temperature": 1.0, "seed": 9}
+    every = api.complete(n=3, logprobs=0, **sampled)["choices"]
+    best = max(every, key=lambda c: sum(c["logprobs"]["token_logprobs"]))
+    chosen = api.complete(best_of=3, **sampled)
+    assert [c["text"] for c in chosen["choices"]] == [best["text"]] and chosen["choices"][0]["logprobs"] is None
+    assert chosen["usage"]["completion_tokens"] == 36, "every sample's tokens count"
+    api.refused("best_of", "/v1/chat/completions", best_of=2)
+
+
+@honours("echo")
+def _echo(api: Api, greedy: str) -> None:
+    assert api.text(echo=True, **GREEDY) == "Hello" + greedy
+    api.refused("echo", "/v1/chat/completions", echo=True)
+
+
+@honours("prompt_logprobs")
+def _prompt_logprobs(api: Api, greedy: str) -> None:
+    entries = api.complete(prompt_logprobs=2, **GREEDY)["choices"][0]["prompt_logprobs"]
+    assert len(entries) == 6 and entries[0] is None  # <s> then Hello
+    for token, entry in zip(b"Hello", entries[1:]):
+        ranked = sorted((e for e in entry.values() if e["rank"] is not None), key=lambda e: e["rank"])
+        assert str(token) in entry and [e["rank"] for e in ranked] == [1, 2], entry
+        assert ranked[0]["logprob"] >= ranked[1]["logprob"] >= min(e["logprob"] for e in entry.values())
+    chat = api.chat(prompt_logprobs=0, **GREEDY)
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+
+
+@honours("return_tokens_as_token_ids")
+def _return_tokens_as_token_ids(api: Api, greedy: str) -> None:
+    logprobs = api.complete(logprobs=1, return_tokens_as_token_ids=True, **GREEDY)["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [f"token_id:{ord(c)}" for c in greedy]
+    content = api.chat(logprobs=True, return_tokens_as_token_ids=True, **GREEDY)["choices"][0]["logprobs"]["content"]
+    assert all(entry["token"].startswith("token_id:") for entry in content)
+
+
 @honours("top_logprobs")
 def _top_logprobs(api: Api, greedy: str) -> None:
     content = api.chat(logprobs=True, top_logprobs=3, **GREEDY)["choices"][0]["logprobs"]["content"]
@@ -385,14 +432,10 @@ def _continue_final_message(api: Api, greedy: str) -> None:
 
 
 REFUSALS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "n": [("/v1/completions", {"n": 2}), ("/v1/chat/completions", {"n": 2})],
-    "best_of": [("/v1/completions", {"best_of": 2}), ("/v1/chat/completions", {"best_of": 2})],
     "logit_bias": [("/v1/completions", {"logit_bias": {"97": 5.0}}),
                    ("/v1/chat/completions", {"logit_bias": {"97": 5.0}})],
-    "echo": [("/v1/completions", {"echo": True}), ("/v1/chat/completions", {"echo": True})],
     "suffix": [("/v1/completions", {"suffix": "!"})],
     "spaces_between_special_tokens": [("/v1/completions", {"spaces_between_special_tokens": False})],
-    "prompt_logprobs": [("/v1/completions", {"prompt_logprobs": 1}), ("/v1/chat/completions", {"prompt_logprobs": 0})],
     "response_format": [("/v1/completions", {"response_format": {"type": "json_object"}}),
                         ("/v1/chat/completions", {"response_format": {"type": "json_object"}})],
     "tools": [("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]})],
@@ -404,7 +447,6 @@ REFUSALS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "structured_outputs": [("/v1/chat/completions", {"structured_outputs": {"choice": ["yes", "no"]}})],
     "logits_processors": [("/v1/completions", {"logits_processors": ["my.Processor"]})],
     "use_beam_search": [("/v1/completions", {"use_beam_search": True})],
-    "return_tokens_as_token_ids": [("/v1/chat/completions", {"return_tokens_as_token_ids": True})],
 }
 
 

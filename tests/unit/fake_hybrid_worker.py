@@ -1,6 +1,7 @@
 """A deterministic stand-in for a gpu_worker with a CPU pool, for the scheduler and the engine loop: it keeps each
 request's state as the gpu_worker does, checks every plan against it, samples a token fixed by the request and its
-position (so a run that recomputes a request yields the tokens of one that did not), and can lose its CPU pool or go
+position (so a run that recomputes a request yields the tokens of one that did not), gives a request that asks for
+them the prompt logprobs of its prefill positions (fixed by token and position too), and can lose its CPU pool or go
 away altogether."""
 
 import asyncio
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from apex_serve.errors import CpuPoolLost, FailedPrecondition
-from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, WorkerInfo
+from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, TokenLogprob, WorkerInfo
 from scheduler_service.worker_port import GpuWorkerLost
 
 EOS = 2
@@ -23,12 +24,18 @@ def token_for(request_id: str, position: int, eos_one_in: int = 0) -> int:
     return EOS if eos_one_in and h % eos_one_in == 0 else 10 + h % 900
 
 
+def prompt_logprob_for(token_id: int, position: int) -> TokenLogprob:
+    """The logprob the fake gives prompt token token_id at `position` (predicted from position - 1), with a top 1."""
+    return TokenLogprob(token_id, -position / 1000, ((token_id + 1, -0.5),))
+
+
 @dataclass
 class Held:
     token_ids: list[int]
     block_ids: list[int]
     placement: Placement
     computed: int  # tokens whose KV it holds: a prefill chunk short of the end of token_ids samples nothing
+    prompt_logprobs: bool = False  # asked for them, and prefills its prompt (not a recompute)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class HybridWorker:
         for request_id in plan.freed_request_ids:
             self.held.pop(request_id, None)
         swapped = {s.request_id for s in (*plan.swap_out, *plan.swap_in)}
+        prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         cpu_work = bool(swapped) or any(n.placement is Placement.CPU for n in plan.new_requests) or any(
             self._held(c.request_id).placement is Placement.CPU for c in plan.cached_requests)
         if cpu_work and not self.info_now.cpu_pool_attached:
@@ -84,12 +92,17 @@ class HybridWorker:
             assert list(new.token_ids) == known, f"step {plan.step_id}: {rid} resumes from other tokens than it has"
             prompt = self.prompt_len.setdefault(rid, len(new.token_ids) - new.num_output_tokens)
             assert len(new.token_ids) - new.num_output_tokens == prompt, f"{rid}: its output tokens miscounted"
-            self.held[rid] = Held(list(new.token_ids), list(new.block_ids), new.placement, new.num_prefill_tokens)
+            asks = new.sampling.prompt_logprobs is not None and new.num_output_tokens == 0
+            self.held[rid] = Held(list(new.token_ids), list(new.block_ids), new.placement, new.num_prefill_tokens,
+                                  asks)
+            self._prompt_logprobs(rid, 0, prompt_logprobs)
         for cached in plan.cached_requests:
             held = self._held(cached.request_id)
             held.block_ids.extend(cached.new_block_ids)
             if cached.num_scheduled_tokens:
+                start = held.computed
                 held.computed += cached.num_scheduled_tokens
+                self._prompt_logprobs(cached.request_id, start, prompt_logprobs)
                 assert held.computed <= len(held.token_ids), f"step {plan.step_id}: {cached.request_id} chunk too long"
                 continue
             assert not (held.placement is Placement.CPU and plan.mode is ExecutionMode.GPU_ONLY), (
@@ -106,7 +119,14 @@ class HybridWorker:
             held.token_ids.append(token)
             self.known[rid].append(token)
             sampled[rid] = token
-        return StepOutput(plan.step_id, sampled)
+        return StepOutput(plan.step_id, sampled, prompt_logprobs=prompt_logprobs)
+
+    def _prompt_logprobs(self, request_id: str, start: int, out: dict[str, tuple[TokenLogprob, ...]]) -> None:
+        """A request that asks for them: the prompt logprobs of its chunk from start to its computed tokens."""
+        held = self.held[request_id]
+        end = min(held.computed, self.prompt_len[request_id] - 1)
+        if held.prompt_logprobs and end > start:
+            out[request_id] = tuple(prompt_logprob_for(held.token_ids[i], i) for i in range(start + 1, end + 1))
 
     def _lose_cpu_pool(self, plan: StepPlan, swapped: set[str]) -> None:
         dropped = {rid for rid, held in self.held.items() if rid in swapped or held.placement is Placement.CPU}
