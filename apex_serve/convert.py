@@ -98,6 +98,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> types.SamplingParams:
         allowed_token_ids=tuple(msg.allowed_token_ids),
         bad_words=tuple(msg.bad_words),
         bad_words_token_ids=tuple(tuple(word.ids) for word in msg.bad_words_token_ids),
+        structured_grammar=msg.structured_grammar,
     )
 
 
@@ -109,6 +110,7 @@ def sampling_to_pb(params: types.SamplingParams) -> common_pb2.SamplingParams:
         allowed_token_ids=params.allowed_token_ids,
         bad_words=params.bad_words,
         bad_words_token_ids=[common_pb2.SamplingParams.TokenIds(ids=ids) for ids in params.bad_words_token_ids],
+        structured_grammar=params.structured_grammar,
     )
     if params.seed is not None:
         msg.seed = params.seed

@@ -74,6 +74,9 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     # None: no prompt logprobs; k: each prompt token's logprob (the first has none) and the top k at its position
     prompt_logprobs: int | None = None
+    # "": unconstrained; else an llguidance grammar (the gateway builds it from response_format, structured_outputs,
+    # guided_* or a forced tool call): the worker masks every token the grammar does not allow at each step
+    structured_grammar: str = ""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:

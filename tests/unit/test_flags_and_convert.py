@@ -85,7 +85,7 @@ def test_every_sampling_field_survives_the_protobuf_round_trip() -> None:
         temperature=0.7, top_p=0.9, top_k=5, seed=3, max_tokens=20, stop_token_ids=(1, 2), ignore_eos=True,
         min_tokens=4, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, logprobs=0, min_p=0.1,
         allowed_token_ids=(4, 9), bad_words=("no",), bad_words_token_ids=((110, 111), (7,)), skip_special_tokens=False,
-        truncate_prompt_tokens=3, prompt_logprobs=2,
+        truncate_prompt_tokens=3, prompt_logprobs=2, structured_grammar='start: "a"',
     )
     assert [f.name for f in dataclasses.fields(params) if getattr(params, f.name) == f.default] == []
     assert convert.sampling_from_pb(convert.sampling_to_pb(params)) == params
