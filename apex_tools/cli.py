@@ -111,6 +111,7 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
         scheduler_overhead,
         soak,
         stack_overhead,
+        structured,
         tracing,
     )
     from apex_tools.sim import cli as simulate
@@ -120,7 +121,8 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
              "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
              "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main,
-             "bench-chaos": chaos.main, "bench-soak": soak.main, "bench-chunking": chunking.main}
+             "bench-chaos": chaos.main, "bench-soak": soak.main, "bench-chunking": chunking.main,
+             "bench-structured": structured.main}
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # `apex-serve bench -- --flag` passes --flag on
     return mains[args.command](rest)
 
@@ -178,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench-tracing", "decode tokens/s with tracing on against off, and the overlap report of the traced run"),
         ("bench-chaos", "SIGKILL of the gpu_worker, the scheduler or the cpu_attention_worker mid-stream: recovery times"),
         ("bench-chunking", "TPOT of running decodes while long prompts arrive: chunked prefill against whole prompts"),
+        ("bench-structured", "json_schema and guided_choice replies that validate, on either pool; the mask's cost"),
         ("bench-soak", "open-loop load with cancels and cpu_attention_worker kills: lost requests, latency, RSS growth"),
         ("trace-collect", "an OTLP/gRPC receiver that writes the spans it gets to an OTLP JSON file"),
         ("trace-report", "a trace (OTLP JSON or Jaeger) to an overlap timeline (PNG, HTML), a Chrome trace, a summary"),

@@ -28,6 +28,7 @@ class ChatOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # leave the final (assistant) message open, for the model to go on
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra template variables
+    tools: tuple[Mapping[str, Any], ...] = ()  # function tools, {"type": "function", "function": {...}} each
 
 
 def _raise_exception(message: str) -> None:
@@ -104,6 +105,7 @@ class ChatTemplate:
         self._bos, self._eos = bos_token, eos_token
         # OpenAI's newer name for system, for templates that know no developer role
         self._developer_role = "developer" if re.search(r"""["']developer["']""", source) else "system"
+        self._renders_tool_calls = "tool_calls" in source
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> "ChatTemplate | None":
@@ -125,6 +127,8 @@ class ChatTemplate:
         if not messages:
             raise InvalidArgument("messages", "must not be empty")
         chat = [_template_message(i, m, self._developer_role) for i, m in enumerate(messages)]
+        if not self._renders_tool_calls:
+            _check_no_tool_calls(chat)
         _check_options(messages, options)
         final = str(chat[-1].get("content", "")) if options.continue_final_message else ""
         if options.continue_final_message:
@@ -132,12 +136,21 @@ class ChatTemplate:
         variables = {"bos_token": self._bos, "eos_token": self._eos, **options.template_kwargs}
         try:
             text = self._template.render(
-                variables, messages=chat, tools=None, documents=None,
+                variables, messages=chat, tools=list(options.tools) or None, documents=None,
                 add_generation_prompt=options.add_generation_prompt,
             )
         except TemplateError as exc:
             raise InvalidArgument("messages", f"the chat template rejected them: {exc}") from exc
         return _continued(text, final) if options.continue_final_message else text
+
+
+def _check_no_tool_calls(chat: Sequence[Mapping[str, Any]]) -> None:
+    """A template that never reads tool_calls would drop an assistant's calls from the conversation unseen."""
+    at = next((i for i, m in enumerate(chat) if m.get("tool_calls")), None)
+    if at is not None:
+        raise InvalidArgument(
+            f"messages[{at}].tool_calls", "the model's chat template does not render tool calls"
+        )
 
 
 def _continued(text: str, final: str) -> str:

@@ -15,6 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.replicas import Replicas, RoutedCall
 from gateway.request_span import RequestSpan
 from gateway.stop_strings import StopStringMatcher
+from gateway.structured import GrammarChecker
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer, bad_words_token_ids, load_tokenizer, token_bytes
 
 
@@ -29,6 +30,7 @@ class GenerationRequest:
     model: str = ""
     request_id: str = ""
     fill_context: bool = False  # max_tokens: all the room the prompt leaves (OpenAI without max_tokens)
+    grammar_field: str = "sampling.structured_grammar"  # the API field sampling.structured_grammar was built from
 
 
 def samples_of(request: GenerationRequest, count: int, request_id: str, first: int = 0) -> list[GenerationRequest]:
@@ -102,6 +104,7 @@ class Generator:
         self._max_concurrent = max_concurrent_requests
         self._limits = replace(limits or validation.RequestLimits(), max_prompt_bytes=max_prompt_bytes)
         self._active: set[str] = set()
+        self.grammars = GrammarChecker(tokenizer, worker.vocab_size, worker.eos_token_ids)
         self._tracer = tracing.tracer(__name__)  # None: tracing off, no span
 
     @classmethod
@@ -170,6 +173,8 @@ class Generator:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationEnd]:
         """Text deltas, then one GenerationEnd. Bad input raises at the first step, before any
         output; closing the iterator early aborts the request in the scheduler."""
+        # before _prepare, whose admission checks hold only while nothing is awaited until the request is active
+        await self.grammars.check(request.grammar_field, request.sampling.structured_grammar)
         prepared = self._prepare(request)
         span = None if self._tracer is None else RequestSpan(
             self._tracer, prepared.request_id, bool(request.messages), self.model_name, prepared.sampling,

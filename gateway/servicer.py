@@ -3,14 +3,15 @@
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 import grpc
 
 from apex_serve import __version__, convert
-from apex_serve.errors import NotFound
+from apex_serve.errors import InvalidArgument, NotFound
 from apex_serve.types import TokenLogprob
 from apex_serve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway import validation
+from gateway import structured, validation
 from gateway.chat_template import ChatOptions
 from gateway.drain import Drain
 from gateway.generation import GenerationEnd, GenerationRequest, Generator, TextDelta, samples_of
@@ -20,8 +21,9 @@ CAPABILITIES = (
     "generate.stream", "abort", "stop_strings", "stop_token_ids", "logprobs", "penalties", "min_tokens", "seed",
     "min_p", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "skip_special_tokens", "chat_options",
     "openai.completions", "openai.chat_completions", "openai.tokenize", "api_keys", "tls", "n", "prompt_logprobs",
-    "openai.echo", "openai.batched_prompts", "openai.best_of",
+    "openai.echo", "openai.batched_prompts", "openai.best_of", "structured_outputs", "openai.tools",
 )
+_GRAMMAR_FIELD = "sampling.structured_grammar"
 
 
 def _chat_options(msg: gateway_pb2.ChatOptions) -> ChatOptions:
@@ -30,6 +32,28 @@ def _chat_options(msg: gateway_pb2.ChatOptions) -> ChatOptions:
         continue_final_message=msg.continue_final_message,
         template_kwargs=convert.json_object_from_pb(msg.chat_template_kwargs, "chat.chat_template_kwargs"),
     )
+
+
+def _structured(request: gateway_pb2.GenerateRequest, sampling: common_pb2.SamplingParams) -> tuple[str, str]:
+    """The grammar the request constrains its output with, and the field a compile error names."""
+    if not request.HasField("structured_outputs"):
+        return sampling.structured_grammar, _GRAMMAR_FIELD
+    spec = request.structured_outputs
+    kind = spec.WhichOneof("constraint")
+    field = f"structured_outputs.{kind}" if kind else "structured_outputs"
+    if sampling.structured_grammar:
+        raise InvalidArgument(field, f"cannot be combined with {_GRAMMAR_FIELD}: send one of them")
+    if kind == "json_schema":
+        return structured.json_schema_grammar(field, spec.json_schema), field
+    if kind == "json_object" and spec.json_object:
+        return structured.ANY_JSON_OBJECT, field
+    if kind == "regex":
+        return structured.regex_grammar(field, spec.regex), field
+    if kind == "choice":
+        return structured.choice_grammar(field, list(spec.choice.choices)), field
+    if kind == "grammar":
+        return structured.cfg_grammar(field, spec.grammar), field
+    raise InvalidArgument(field, "needs one of json_schema, json_object: true, regex, choice, grammar")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -42,11 +66,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         validation.check_samples("n", request.n or 1, self._gen.limits)
+        grammar, grammar_field = _structured(request, request.sampling)
         generation = GenerationRequest(
             prompt=request.prompt,
             messages=convert.chat_messages_from_pb(request.messages),
             chat_options=_chat_options(request.chat),
-            sampling=convert.sampling_from_pb(request.sampling),
+            sampling=replace(convert.sampling_from_pb(request.sampling), structured_grammar=grammar),
+            grammar_field=grammar_field,
             stop=tuple(request.stop),
             include_stop_str_in_output=request.include_stop_str_in_output,
             model=request.model,

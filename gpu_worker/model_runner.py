@@ -19,6 +19,7 @@ from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.forward import Forward
+from gpu_worker.grammar import GrammarCompiler, grammar_mask
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.lm_head import StepLogits
 from gpu_worker.model_config import ModelConfig, load_model_config
@@ -90,6 +91,7 @@ class ModelRunner:
             {Placement.GPU: num_blocks, Placement.CPU: 0}, config.cpu_max_rows,
         )
         self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(config.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # held by a step while it runs; the CPU pool's bridge changes only under it
         self._info = WorkerInfo(
@@ -265,17 +267,21 @@ class ModelRunner:
     def _sample(
         self, request_ids: list[str], logits: torch.Tensor
     ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Tokens of logits [num_sampling, vocab], and logprobs of the requests that ask for them."""
+        """Tokens of logits [num_sampling, vocab] (a request with a structured_grammar within its grammar's mask,
+        which then consumes the token), and logprobs of the requests that ask for them."""
         if not request_ids:
             return {}, {}
         requests = [self._requests[rid] for rid in request_ids]
         params = [r.sampling for r in requests]
+        grammar = grammar_mask([r.grammar for r in requests], self.grammars.num_words)
         tokens = self.sampler.sample(
-            logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests]
+            logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests], grammar
         )
         logprobs = compute_logprobs(logits, params, tokens)
         for request, token in zip(requests, tokens):
             request.token_ids.append(token)
+            if request.grammar is not None:
+                request.grammar.consume(token)
         return dict(zip(request_ids, tokens)), {request_ids[i]: lp for i, lp in logprobs.items()}
 
     def _synchronize(self) -> None:
@@ -313,6 +319,10 @@ class ModelRunner:
                 placement=new.placement,
                 num_prefill_tokens=len(new.token_ids),
             )
+            if new.sampling.structured_grammar:
+                state.grammar = self.grammars.start(
+                    new.request_id, new.sampling.structured_grammar, new.token_ids[state.num_prompt_tokens:]
+                )
             self._requests[new.request_id] = state
             by_slot[new.sub_batch].append(schedule(new.request_id, state, new.num_scheduled_tokens, new=True))
         for cached in plan.cached_requests:

@@ -1,11 +1,13 @@
-"""Token sampling: min_tokens, allowed_token_ids, bad words and penalties, then greedy, or temperature, min-p,
-top-k and top-p; seeded requests reproducible per token index; logprobs of the raw logits."""
+"""Token sampling: min_tokens, allowed_token_ids, bad words and penalties, then the grammar of structured outputs,
+then greedy, or temperature, min-p, top-k and top-p; seeded requests reproducible per token index; logprobs of the
+raw logits."""
 
 from collections.abc import Sequence
 
 import torch
 
 from apex_serve.types import SamplingParams, TokenLogprob
+from gpu_worker.grammar import GrammarMask
 from gpu_worker.logits_processors import (
     apply_penalties,
     ban_bad_words,
@@ -53,7 +55,8 @@ def compute_logprobs(
     logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
 ) -> dict[int, TokenLogprob]:
     """By row, for the rows that ask for logprobs: the sampled token's and the top n under log_softmax of
-    the raw logits [rows, vocab] (fp32, before penalties, min_tokens, temperature, top-k and top-p)."""
+    the raw logits [rows, vocab] (fp32, before penalties, min_tokens, the grammar's mask, temperature, top-k and
+    top-p: a constrained row's logprobs are those of the model's own distribution)."""
     wanted = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}  # row -> top n
     if not wanted:
         return {}
@@ -88,10 +91,12 @@ class Sampler:
         params: Sequence[SamplingParams],
         output_indices: Sequence[int],
         token_ids: Sequence[Sequence[int]] | None = None,
+        grammar: GrammarMask | None = None,
     ) -> list[int]:
         """Tokens for logits [rows, vocab] (fp32, left unchanged); output_indices: output tokens each row has
         so far; token_ids: each row's prompt then output tokens, needed only when a row uses a penalty or bad
-        words."""
+        words; grammar: the tokens the constrained rows may take, in addition to their other restrictions."""
+        raw = logits  # [rows, vocab]
         logits = suppress_stop_tokens(logits, params, output_indices, self.eos_token_ids)  # [rows, vocab]
         logits = restrict_to_allowed(logits, params)  # [rows, vocab]
         if token_ids is None:
@@ -101,6 +106,8 @@ class Sampler:
         else:
             logits = ban_bad_words(logits, params, output_indices, token_ids)  # [rows, vocab]
             logits = apply_penalties(logits, params, output_indices, token_ids)  # [rows, vocab]
+        if grammar is not None:
+            logits = grammar.apply(logits, raw)  # [rows, vocab]
         tokens = logits.argmax(dim=-1)  # [rows]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:

@@ -7,6 +7,7 @@ import torch
 
 from apex_serve.types import Placement, SamplingParams
 from gpu_worker.attention import AttentionMetadata
+from gpu_worker.grammar import RequestGrammar
 
 
 @dataclass
@@ -18,6 +19,7 @@ class RequestState:
     placement: Placement
     num_computed_tokens: int = 0  # tokens of token_ids whose KV is in the pool
     num_prefill_tokens: int = 0  # len(token_ids) at admission: prefilled (maybe in chunks) before the first sample
+    grammar: RequestGrammar | None = None  # the matcher of a request with a structured_grammar, past its outputs
 
     @property
     def num_output_tokens(self) -> int:

@@ -19,12 +19,20 @@ from apex_serve.sdk.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from apex_serve.sdk.messages import ChatMessage, ChatOptions, Chunk, Completion, GenerateResult, ToolCall
+from apex_serve.sdk.messages import (
+    ChatMessage,
+    ChatOptions,
+    Chunk,
+    Completion,
+    GenerateResult,
+    StructuredOutputs,
+    ToolCall,
+)
 from apex_serve.types import FinishReason, SamplingParams, TokenLogprob
 
 __all__ = [
     "ApexServeError", "AsyncClient", "CancelledError", "ChatMessage", "ChatOptions", "Chunk", "Client", "Completion",
     "DeadlineExceededError", "FinishReason", "GenerateResult", "InternalError", "InvalidArgumentError",
-    "NotFoundError", "ResourceExhaustedError", "SamplingParams", "TokenLogprob", "ToolCall", "UnauthenticatedError",
+    "NotFoundError", "ResourceExhaustedError", "SamplingParams", "StructuredOutputs", "TokenLogprob", "ToolCall", "UnauthenticatedError",
     "UnavailableError",
 ]

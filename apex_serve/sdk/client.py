@@ -8,7 +8,16 @@ import grpc
 
 from apex_serve.sdk import messages
 from apex_serve.sdk.errors import from_rpc_error
-from apex_serve.sdk.messages import ChatMessage, ChatOptions, Chunk, Completion, GenerateResult, ModelInfo, ServerInfo
+from apex_serve.sdk.messages import (
+    ChatMessage,
+    ChatOptions,
+    Chunk,
+    Completion,
+    GenerateResult,
+    ModelInfo,
+    ServerInfo,
+    StructuredOutputs,
+)
 from apex_serve.sdk.options import RETRYABLE, ClientOptions, sampling_from
 from apex_serve.types import SamplingParams
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
@@ -39,6 +48,7 @@ class Client:
         timeout_s: float | None = None,
         chat: ChatOptions | None = None,
         n: int = 1,
+        structured_outputs: StructuredOutputs | None = None,
         **sampling_fields: Any,
     ) -> Iterator[Chunk | Completion]:
         """Chunks as they are generated, then one Completion (with n samples: each sample's, carrying its index).
@@ -47,7 +57,7 @@ class Client:
         `chat` says (default: with the generation prompt)."""
         request = messages.generate_request(
             prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
-            chat, n,
+            chat, n, structured_outputs,
         )
         for attempt in range(self.options.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,

@@ -39,6 +39,36 @@ class ChatOptions:
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """The structure the output must follow: exactly one of the fields. A constraint that does not compile is an
+    InvalidArgumentError naming it (structured_outputs.json_schema, ...)."""
+
+    json_schema: str | Mapping[str, Any] | None = None  # a JSON schema, as JSON text or an object
+    json_object: bool = False  # any JSON object
+    regex: str | None = None  # the whole output matches it
+    choice: Sequence[str] | None = None  # the output is exactly one of the strings
+    grammar: str | None = None  # a Lark or GBNF grammar
+
+    def to_pb(self) -> gateway_pb2.StructuredOutputs:
+        set_fields = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        set_fields += ["json_object"] if self.json_object else []
+        if len(set_fields) != 1:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"structured_outputs: needs exactly one constraint, got {set_fields}"
+            )
+        if self.json_schema is not None:
+            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(dict(self.json_schema))
+            return gateway_pb2.StructuredOutputs(json_schema=schema)
+        if self.choice is not None:
+            return gateway_pb2.StructuredOutputs(choice=gateway_pb2.StructuredOutputs.Choices(choices=list(self.choice)))
+        if self.regex is not None:
+            return gateway_pb2.StructuredOutputs(regex=self.regex)
+        if self.grammar is not None:
+            return gateway_pb2.StructuredOutputs(grammar=self.grammar)
+        return gateway_pb2.StructuredOutputs(json_object=True)
+
+
+@dataclass(frozen=True)
 class Chunk:
     text: str
     token_ids: tuple[int, ...]
@@ -76,6 +106,7 @@ def generate_request(
     request_id: str,
     chat: ChatOptions | None = None,
     n: int = 1,
+    structured_outputs: StructuredOutputs | None = None,
 ) -> gateway_pb2.GenerateRequest:
     msg = gateway_pb2.GenerateRequest(
         model=model,
@@ -85,6 +116,8 @@ def generate_request(
         stop=list(stop),
         include_stop_str_in_output=include_stop_str_in_output,
     )
+    if structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_outputs.to_pb())
     if isinstance(prompt, str):
         if chat is not None:
             raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "chat: needs a list of ChatMessage")

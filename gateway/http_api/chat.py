@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
 from apex_serve.errors import InvalidArgument
+from apex_serve.types import FinishReason
 from gateway.generation import GenerationEnd, Generator, TextDelta
 from gateway.http_api.dependencies import GeneratorDep, MetricsDep, require_api_key
 from gateway.http_api.errors import generation_responses
@@ -16,18 +17,21 @@ from gateway.http_api.metrics import HttpMetrics
 from gateway.http_api.responses import (
     FINISH_REASONS,
     AssistantMessage,
+    CalledFunction,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
     PromptLogprobs,
+    ToolCallOut,
     Usage,
     response_id,
 )
 from gateway.http_api.samples import Samples
 from gateway.http_api.schemas import ChatCompletionRequest
 from gateway.http_api.streaming import Collected, sse, sse_response
+from gateway.http_api.tools import call_id, called_functions
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -54,15 +58,28 @@ async def create_chat_completion(
     for index, d in enumerate(done):
         metrics.finished(d.end)
         logprobs = chat_logprobs([lp for x in d.deltas for lp in x.logprobs], names) if body.logprobs else None
+        message, finish_reason = _message(body, d)
         choices.append(ChatChoice(
-            index=index, message=AssistantMessage(content=d.text), logprobs=logprobs,
-            finish_reason=FINISH_REASONS[d.end.finish_reason], stop_reason=d.end.stop_reason,
+            index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
+            stop_reason=d.end.stop_reason,
         ))
     usage = Usage.counts(done[0].end.prompt_tokens, sum(d.end.completion_tokens for d in done))
     return ChatCompletion(
         id=completion_id, model=gen.model_name, choices=choices, usage=usage,
         prompt_logprobs=_prompt_logprobs(body, done[0], names),
     )
+
+
+def _message(body: ChatCompletionRequest, done: Collected) -> tuple[AssistantMessage, str]:
+    """The assistant's message and finish reason: a forced tool call that completed is returned as tool_calls
+    (content null, finish_reason tool_calls), anything else as text."""
+    reason = FINISH_REASONS[done.end.finish_reason]
+    choice = body.forced_tool_choice
+    calls = None if choice is None or done.end.finish_reason != FinishReason.STOP else called_functions(done.text, choice)
+    if calls is None:
+        return AssistantMessage(content=done.text), reason
+    tool_calls = [ToolCallOut(id=call_id(), function=CalledFunction(name=c.name, arguments=c.arguments)) for c in calls]
+    return AssistantMessage(content=None, tool_calls=tool_calls), "tool_calls"
 
 
 def _prompt_logprobs(body: ChatCompletionRequest, done: Collected, names: TokenNames) -> PromptLogprobs | None:

@@ -3,7 +3,7 @@ OpenAI client expects: 400 bad input or past a bound on it (naming the field), 4
 413 body too large, 429 requests in flight."""
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -103,14 +103,24 @@ def _param(loc: Sequence[Any]) -> str | None:
     return path or None
 
 
+def _error_param(error: Mapping[str, Any]) -> str | None:
+    """The field an error names; an unknown field of an object that takes none is named itself."""
+    param = _param(error["loc"])
+    name = error["loc"][-1]
+    if error["type"] == "extra_forbidden" and param is not None and isinstance(name, str) and param != name \
+            and not param.endswith(f".{name}"):
+        return f"{param}.{name}"
+    return param
+
+
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400; union members' messages are joined."""
     found = exc.errors()
     first = found[0]
     if first["type"] == "json_invalid":
         return error_response(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
-    param = _param(first["loc"])
-    messages = dict.fromkeys(e["msg"] for e in found if _param(e["loc"]) == param)
+    param = _error_param(first)
+    messages = dict.fromkeys(e["msg"] for e in found if _error_param(e) == param)
     return error_response(400, f"{param or 'request body'}: {' or '.join(messages)}", param)
 
 

@@ -8,46 +8,27 @@ here: those are a 400 naming them. Ranges are checked once, by SamplingParams an
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from apex_serve.errors import InvalidArgument
 from apex_serve.types import MAX_LOGPROBS, SamplingParams
 from gateway import validation
 from gateway.chat_template import ChatOptions
 from gateway.generation import GenerationRequest, samples_of
+from gateway.http_api.strict import StrictBody
+from gateway.http_api.structured_fields import (
+    Constraint,
+    JsonSchemaSpec,
+    ResponseFormat,
+    StructuredFields,
+    StructuredOutputs,
+    only_one,
+)
+from gateway.http_api.tools import FunctionDefinition, FunctionName, NamedToolChoice, Tool, ToolChoice, tool_constraint
 
 # Bounds of the protobuf fields these travel in to the scheduler; the ranges that matter are checked later.
 Int32 = Annotated[int, Field(le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-
-class StrictBody(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _utf8(cls, value: Any) -> Any:
-        """JSON's "\\ud800" escape decodes to a lone surrogate, which no UTF-8 encoder takes: a 400 naming the
-        field here, not a 500 wherever the text is encoded later."""
-        _check_utf8(value)
-        return value
-
-
-def _check_utf8(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"is not valid UTF-8: lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}"
-            ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_utf8(key)
-            _check_utf8(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_utf8(item)
 
 
 class StreamOptions(StrictBody):
@@ -59,12 +40,10 @@ class StreamOptions(StrictBody):
 _UNSERVED: dict[str, tuple[object, ...]] = {
     "echo": (False,),  # chat's; completions declare theirs
     "best_of": (1,),  # chat's; completions declare theirs
-    "response_format": ({"type": "text"},),
-    "tools": ([],),
+    "tools": ([],),  # completions'; chat declares its own
     "tool_choice": ("none", "auto"),
     "functions": ([],),
     "function_call": ("none", "auto"),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
     "logits_processors": ([],),
     "use_beam_search": (False,),
 }
@@ -86,7 +65,7 @@ class Fanout:
         return [k // self.samples for k in range(len(self.requests))] if self.batch else None
 
 
-class _GenerationBody(StrictBody):
+class _GenerationBody(StructuredFields):
     """Fields both endpoints share. Unknown fields are kept aside so that the unserved ones can be refused."""
 
     model_config = ConfigDict(strict=True, extra="allow")
@@ -135,8 +114,10 @@ class _GenerationBody(StrictBody):
     def _generation_request(
         self, max_tokens: int | None, logprobs: int | None, max_model_len: int, request_id: str,
         prompt: str | list[int] = "", messages: tuple[dict[str, Any], ...] = (), prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerationRequest:
-        """max_tokens None: all the context the prompt leaves (the Generator knows the prompt's length)."""
+        """max_tokens None: all the context the prompt leaves (the Generator knows the prompt's length).
+        constraint: the structure the output must follow."""
         self._check_supported()
         sampling = SamplingParams(
             temperature=self.temperature,
@@ -157,6 +138,7 @@ class _GenerationBody(StrictBody):
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             prompt_logprobs=prompt_logprobs,
+            structured_grammar="" if constraint is None else constraint.grammar,
         )
         return GenerationRequest(
             prompt=prompt,
@@ -167,6 +149,7 @@ class _GenerationBody(StrictBody):
             model=self.model,
             request_id=request_id,
             fill_context=max_tokens is None,
+            **({} if constraint is None else {"grammar_field": constraint.field}),
         )
 
     @property
@@ -206,11 +189,12 @@ class CompletionRequest(_GenerationBody):
         prompt_logprobs = self.prompt_logprobs
         if prompt_logprobs is None and self.echo:
             prompt_logprobs = self.logprobs
+        constraint = only_one(self.constraints())
         requests = []
         for i, prompt in enumerate(prompts):
             one = self._generation_request(
                 1 if drop else self.max_tokens, logprobs, max_model_len, request_id, prompt=prompt,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=prompt_logprobs, constraint=constraint,
             )
             requests += samples_of(one, best_of, request_id, i * best_of)
         return Fanout(tuple(requests), best_of, self.n, batch and len(prompts) > 1, drop)
@@ -278,6 +262,13 @@ class ChatCompletionRequest(_GenerationBody):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. enable_thinking
+    tools: list[Tool] | None = None  # passed to the chat template; called when tool_choice forces a call
+    tool_choice: ToolChoice | None = None  # absent: auto with tools, none without
+
+    @property
+    def forced_tool_choice(self) -> ToolChoice | None:
+        """tool_choice when it forces a call (required, or a named function), whose output is returned as calls."""
+        return self.tool_choice if self.tools and self.tool_choice not in (None, "none", "auto") else None
 
     def generation_requests(
         self, request_id: str, max_model_len: int, limits: validation.RequestLimits
@@ -297,17 +288,26 @@ class ChatCompletionRequest(_GenerationBody):
             raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        tool = tool_constraint(self.tools, self.tool_choice)
+        if tool is not None and self.stream:
+            raise InvalidArgument("stream", "is not supported with a forced tool call (tool_choice required or named)")
+        constraint = only_one(self.constraints() + ([] if tool is None else [tool]))
         messages = tuple(m.template_message(i) for i, m in enumerate(self.messages))
-        options = ChatOptions(self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {})
+        tools = tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
+        options = ChatOptions(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {}, tools
+        )
         request = self._generation_request(
-            max_tokens, logprobs, max_model_len, request_id, messages=messages, prompt_logprobs=self.prompt_logprobs
+            max_tokens, logprobs, max_model_len, request_id, messages=messages, prompt_logprobs=self.prompt_logprobs,
+            constraint=constraint,
         )
         return replace(request, chat_options=options)
 
 
 FIELD_NAMES = frozenset(
-    name for model in (
-        CompletionRequest, ChatCompletionRequest, ChatMessage, ContentPart, ToolCall, FunctionCall, StreamOptions
+    info.alias or name for model in (
+        CompletionRequest, ChatCompletionRequest, ChatMessage, ContentPart, ToolCall, FunctionCall, StreamOptions,
+        ResponseFormat, JsonSchemaSpec, StructuredOutputs, Tool, FunctionDefinition, NamedToolChoice, FunctionName,
     )
-    for name in model.model_fields
+    for name, info in model.model_fields.items()
 )

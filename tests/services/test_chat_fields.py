@@ -46,6 +46,13 @@ CONVERSATION = [
 ]
 
 
+def _conversation(model_dir: Path) -> list[dict[str, Any]]:
+    """CONVERSATION, without the tool call and its answer for a template that does not render tool calls."""
+    if "tool_calls" in json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]:
+        return CONVERSATION
+    return [m for m in CONVERSATION if "tool_calls" not in m and m["role"] != "tool"]
+
+
 def _model_dir(tmp_path: Path, default_model_dir: Path) -> Path:
     config = json.loads((default_model_dir / "tokenizer_config.json").read_text())
     config["chat_template"] = TOOLS_TEMPLATE
@@ -110,11 +117,12 @@ async def test_http_chat_renders_roles_and_options_as_transformers(
     gateway: tuple, fields: dict[str, Any], hf_kwargs: dict[str, Any]
 ) -> None:
     model_dir, scheduler, url, _ = gateway
-    body = {"model": "recorded", "messages": CONVERSATION, "max_tokens": 1, **fields}
+    conversation = _conversation(model_dir)
+    body = {"model": "recorded", "messages": conversation, "max_tokens": 1, **fields}
     async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         response = await c.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert list(scheduler.requests[-1].prompt_token_ids) == _transformers_ids(model_dir, CONVERSATION, **hf_kwargs)
+    assert list(scheduler.requests[-1].prompt_token_ids) == _transformers_ids(model_dir, conversation, **hf_kwargs)
 
 
 @pytest.mark.parametrize("fields,hf_kwargs", OPTIONS)
@@ -122,10 +130,12 @@ async def test_grpc_chat_carries_the_same_roles_and_options(
     gateway: tuple, fields: dict[str, Any], hf_kwargs: dict[str, Any]
 ) -> None:
     model_dir, scheduler, _, address = gateway
+    conversation = _conversation(model_dir)
     messages = [
-        ChatMessage("developer", "be brief"), ChatMessage("user", "weather?"),
-        ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "weather", '{"city": "Zürich"}'),)),
-        ChatMessage("tool", "sunny", tool_call_id="c1"), ChatMessage("assistant", "It is"),
+        ChatMessage(m["role"], m["content"] or "", tool_call_id=m.get("tool_call_id") or "",
+                    tool_calls=tuple(ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+                                     for c in m.get("tool_calls") or ()))
+        for m in conversation
     ]
     chat = ChatOptions(
         add_generation_prompt=fields.get("add_generation_prompt", True),
@@ -134,7 +144,7 @@ async def test_grpc_chat_carries_the_same_roles_and_options(
     )
     async with AsyncClient(address, max_retries=0) as client:
         await client.generate(messages, max_tokens=1, chat=chat)
-    want = [{**m, "content": m["content"] or ""} for m in CONVERSATION]  # proto content has no null
+    want = [{**m, "content": m["content"] or ""} for m in conversation]  # proto content has no null
     assert list(scheduler.requests[-1].prompt_token_ids) == _transformers_ids(model_dir, want, **hf_kwargs)
 
 
@@ -149,4 +159,18 @@ async def test_grpc_chat_option_errors_name_the_field(gateway: tuple) -> None:
                                   chat=ChatOptions(chat_template_kwargs={"messages": []}))
         with pytest.raises(InvalidArgumentError, match=r"messages\[0\].role: must be one of system, developer"):
             await client.generate([ChatMessage("robot", "x")], max_tokens=1)
+    assert not scheduler.requests
+
+
+async def test_a_template_that_does_not_render_tool_calls_refuses_them_from_both_edges(gateway: tuple) -> None:
+    model_dir, scheduler, url, address = gateway
+    if _conversation(model_dir) is CONVERSATION:
+        pytest.skip("this template renders tool calls")
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        response = await c.post("/v1/chat/completions", json={"model": "recorded", "messages": CONVERSATION})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[2].tool_calls", response.text
+    call = ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "weather", "{}"),))
+    async with AsyncClient(address, max_retries=0) as client:
+        with pytest.raises(InvalidArgumentError, match=r"messages\[1\].tool_calls: the model's chat template does not"):
+            await client.generate([ChatMessage("user", "x"), call], max_tokens=1)
     assert not scheduler.requests

@@ -57,14 +57,14 @@ FIELD_TABLE: dict[str, tuple[str, str]] = {
     "spaces_between_special_tokens": (REFUSED, "false (true, the default, is what is served)"),
     "truncate_prompt_tokens": (HONOURED, "usage.prompt_tokens is k, the text that of the last k tokens; 0 is a 400"),
     "prompt_logprobs": (HONOURED, "one entry per prompt token, the first null, keyed by token id"),
-    "response_format": (REFUSED, "anything but {type: text}"),
-    "tools": (REFUSED, "a non-empty list"),
-    "tool_choice": (REFUSED, "anything but none or auto"),
-    "guided_json": (REFUSED, "any value"),
-    "guided_regex": (REFUSED, "any value"),
-    "guided_choice": (REFUSED, "any value"),
-    "guided_grammar": (REFUSED, "any value"),
-    "structured_outputs": (REFUSED, "any value"),
+    "response_format": (HONOURED, "json_schema: the content is JSON that validates; a bad schema is a 400"),
+    "tools": (HONOURED, "chat: a forced call names one of them; completions: a 400"),
+    "tool_choice": (HONOURED, "a named function: tool_calls of it, finish_reason tool_calls; auto is a 400"),
+    "guided_json": (HONOURED, "completions: the text is JSON that validates"),
+    "guided_regex": (HONOURED, "the text fullmatches the regex; a bad regex is a 400"),
+    "guided_choice": (HONOURED, "the text is one of the choices"),
+    "guided_grammar": (HONOURED, "the text is a sentence of the Lark grammar"),
+    "structured_outputs": (HONOURED, "regex: the content fullmatches; two constraints are a 400"),
     "logits_processors": (REFUSED, "a non-empty list"),
     "use_beam_search": (REFUSED, "true"),
     "return_tokens_as_token_ids": (HONOURED, "logprobs name tokens token_id:N"),
@@ -431,20 +431,75 @@ def _continue_final_message(api: Api, greedy: str) -> None:
     assert done["choices"][0]["message"]["content"] == raw["choices"][0]["text"]
 
 
+CHOICE_SCHEMA = {"enum": ["ok", "fine"]}  # a whole JSON value a few tokens long: no room for endless whitespace
+STRUCTURED = {"temperature": 1.0, "seed": 5, "max_tokens": 40}
+
+
+@honours("response_format")
+def _response_format(api: Api, greedy: str) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": CHOICE_SCHEMA}}
+    content = api.chat(response_format=fmt, **STRUCTURED)["choices"][0]["message"]["content"]
+    assert json.loads(content) in CHOICE_SCHEMA["enum"], content
+    fmt["json_schema"]["schema"] = {"type": "nonsense"}  # type: ignore[index]
+    api.refused("response_format.json_schema.schema", "/v1/chat/completions", response_format=fmt)
+
+
+@honours("guided_json")
+def _guided_json(api: Api, greedy: str) -> None:
+    assert json.loads(api.text(guided_json=CHOICE_SCHEMA, **STRUCTURED)) in CHOICE_SCHEMA["enum"]
+
+
+@honours("guided_regex")
+def _guided_regex(api: Api, greedy: str) -> None:
+    text = api.text(guided_regex="[0-9]{3}x", **STRUCTURED)
+    assert len(text) == 4 and text[:3].isdigit() and text[3] == "x", text
+    api.refused("guided_regex", guided_regex="[0-9")
+
+
+@honours("guided_choice")
+def _guided_choice(api: Api, greedy: str) -> None:
+    assert api.text(guided_choice=["left", "right"], **STRUCTURED) in ("left", "right")
+
+
+@honours("guided_grammar")
+def _guided_grammar(api: Api, greedy: str) -> None:
+    assert api.text(guided_grammar='start: "ab" | "cd" "e"', **STRUCTURED) in ("ab", "cde")
+
+
+@honours("structured_outputs")
+def _structured_outputs(api: Api, greedy: str) -> None:
+    content = api.chat(structured_outputs={"regex": "[a-c]{3}"}, **STRUCTURED)["choices"][0]["message"]["content"]
+    assert len(content) == 3 and set(content) <= set("abc"), content
+    api.refused("structured_outputs", structured_outputs={"regex": "a", "choice": ["a"]})
+
+
+TOOL = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"side": {"enum": ["l", "r"]}}, "required": ["side"], "additionalProperties": False,
+}}}
+
+
+@honours("tools")
+def _tools(api: Api, greedy: str) -> None:
+    done = api.chat(tools=[TOOL], tool_choice="required", **{**STRUCTURED, "max_tokens": 120})
+    assert [c["function"]["name"] for c in done["choices"][0]["message"]["tool_calls"]] == ["pick"], done
+    api.refused("tools", tools=[TOOL])
+
+
+@honours("tool_choice")
+def _tool_choice(api: Api, greedy: str) -> None:
+    named = {"type": "function", "function": {"name": "pick"}}
+    done = api.chat(tools=[TOOL], tool_choice=named, **{**STRUCTURED, "max_tokens": 60})["choices"][0]
+    (call,) = done["message"]["tool_calls"]
+    assert done["finish_reason"] == "tool_calls" and done["message"]["content"] is None, done
+    assert call["function"]["name"] == "pick" and json.loads(call["function"]["arguments"])["side"] in ("l", "r")
+    api.refused("tool_choice", "/v1/chat/completions", tools=[TOOL], tool_choice="auto")
+
+
 REFUSALS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "logit_bias": [("/v1/completions", {"logit_bias": {"97": 5.0}}),
                    ("/v1/chat/completions", {"logit_bias": {"97": 5.0}})],
     "suffix": [("/v1/completions", {"suffix": "!"})],
     "spaces_between_special_tokens": [("/v1/completions", {"spaces_between_special_tokens": False})],
-    "response_format": [("/v1/completions", {"response_format": {"type": "json_object"}}),
-                        ("/v1/chat/completions", {"response_format": {"type": "json_object"}})],
-    "tools": [("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]})],
-    "tool_choice": [("/v1/chat/completions", {"tool_choice": "required"})],
-    "guided_json": [("/v1/completions", {"guided_json": {"type": "object"}})],
-    "guided_regex": [("/v1/chat/completions", {"guided_regex": "[a-z]+"})],
-    "guided_choice": [("/v1/completions", {"guided_choice": ["yes", "no"]})],
-    "guided_grammar": [("/v1/completions", {"guided_grammar": "root ::= 'a'"})],
-    "structured_outputs": [("/v1/chat/completions", {"structured_outputs": {"choice": ["yes", "no"]}})],
     "logits_processors": [("/v1/completions", {"logits_processors": ["my.Processor"]})],
     "use_beam_search": [("/v1/completions", {"use_beam_search": True})],
 }

@@ -1,0 +1,33 @@
+"""The structured outputs benchmark (`apex-serve bench-structured`) runs its tiny setup end to end on its one stack
+(apex with a small device pool): every json_schema and guided_choice reply holds to its grammar, the scheduler ran
+hybrid iterations, every cost arm measured its rows to their length, and the JSON and markdown table are written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from apex_tools.bench.structured import ARMS, SETUPS
+
+
+def test_structured_bench_tiny_validates_every_reply_and_measures_every_cost_arm(tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "apex_tools", "bench-structured", "--", "--tiny", "--out", str(out)],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    setup = SETUPS["tiny"]
+    assert setup.pools == ("cpu_pool",)
+    for pool in setup.pools:
+        for load, requests in (("json", setup.json_requests), ("choice", setup.choice_requests)):
+            metrics = result[pool][load]
+            assert metrics["valid"] == requests, f"{pool} {load}: {metrics['failures']}"
+            assert metrics["tokens_per_s"] > 0, f"{pool} {load}"
+    assert result["cpu_pool"]["json"]["scheduler"]["hybrid_iterations"] > 0, result["cpu_pool"]["json"]["scheduler"]
+    for arm in ARMS:
+        runs = result["cost"]["runs"][arm]
+        assert len(runs) == setup.repeats and not any(run["errors"] for run in runs), (arm, runs)
+        assert all(run["output_tokens"] == setup.rows * setup.row_tokens for run in runs), (arm, runs)
+    assert "beside json / beside unconstrained" in out.with_suffix(".md").read_text()
