@@ -1,5 +1,5 @@
-"""The soak benchmark (`apex-serve bench-soak`) on the tiny model: 20 s of open-loop load with random cancels and one
-SIGKILL of the cpu_attention_worker at 8 s loses no request, brings the worker back, leaves both KV pools free, and
+"""The soak benchmark (`apex-serve bench-soak`) on the tiny model: 15 s of open-loop load with random cancels and one
+SIGKILL of the cpu_attention_worker at 6 s loses no request, brings the worker back, leaves both KV pools free, and
 writes every figure of its report to the JSON."""
 
 import json
@@ -15,7 +15,7 @@ from apex_tools.bench.soak import main
 def soak(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict]:
     """(exit code, JSON result) of one short soak."""
     out = tmp_path_factory.mktemp("soak") / "soak.json"
-    code = main(["--duration-s", "20", "--first-kill-s", "8", "--capacity-s", "5", "--rss-every-s", "2",
+    code = main(["--duration-s", "15", "--first-kill-s", "6", "--capacity-s", "4", "--rss-every-s", "2",
                  "--cancel-fraction", "0.2", "--out", str(out)])
     return code, json.loads(Path(out).read_text())
 
@@ -34,7 +34,7 @@ def test_soak_kills_the_cpu_worker_once_and_it_comes_back(soak: tuple[int, dict]
     _, result = soak
     assert result["num_kills"] == result["num_recoveries"] == 1, result["kills"]
     (kill,) = result["kills"]
-    assert 8 <= kill["at_s"] < 14, kill
+    assert 6 <= kill["at_s"] < 12, kill
     assert kill["new_pid"] != kill["old_pid"] and 0 < kill["recovery_s"] < 12, kill
     assert kill["running_cpu_at_kill"] > 0, "the kill hit no request on the CPU pool"
     assert result["end"]["cpu_pool_losses"] == 1

@@ -1,9 +1,9 @@
 """The whole stack with a device KV pool of 8 blocks (128 tokens) under every policy: it starts, profiles within that
-pool (a fresh profile directory) and serves 32 concurrent requests whose prompts run from 16 to 1,500 tokens, with
-chunked prefill (512 tokens per iteration). Greedy tokens equal transformers'. Under gpu-only a request that cannot
-fit the device pool is refused with INVALID_ARGUMENT naming the pool's size; the hybrid policies serve it from the CPU
-pool. A prompt of max_model_len - 16 tokens is served exactly in chunks of 512, from the accelerator's pool and from
-the CPU pool.
+pool (neo profiles it into a fresh directory, apex reuses the profile) and serves 32 concurrent requests whose
+prompts run from 16 to 1,500 tokens, with chunked prefill (512 tokens per iteration). Greedy tokens equal
+transformers'. Under gpu-only a request that cannot fit the device pool is refused with INVALID_ARGUMENT naming the
+pool's size; the hybrid policies serve it from the CPU pool. A prompt of max_model_len - 16 tokens is served exactly
+in chunks of 512, from the accelerator's pool and from the CPU pool.
 
 The model is a small random LLaMA (hidden 128, 2 layers, GQA) with a context of 2,048 tokens, so that prefilling
 every prompt here takes seconds on one core."""
@@ -91,11 +91,15 @@ def reference(model_dir: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Empty at first: the first hybrid stack (neo) profiles the 8-block pool into it, apex's reuses that profile."""
+    return tmp_path_factory.mktemp("profiles")
+
+
 @pytest.fixture(scope="module", params=["gpu-only", "neo", "apex"])
-def small_pool_stack(request: pytest.FixtureRequest, model_dir: Path,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The stack with an 8-block device pool under the policy, profiling into an empty profile directory."""
-    profile_dir = tmp_path_factory.mktemp("profiles")
+def small_pool_stack(request: pytest.FixtureRequest, model_dir: Path, profile_dir: Path) -> Iterator[Stack]:
+    """The stack with an 8-block device pool under the policy."""
     with running_stack(model_dir, policy=request.param, num_kv_blocks=DEVICE_BLOCKS,
                        max_num_batched_tokens=BUDGET, profile_dir=str(profile_dir)) as stack:
         yield stack
