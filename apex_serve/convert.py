@@ -56,6 +56,25 @@ def mode_from_pb(value: int, field: str = "mode") -> types.ExecutionMode:
     return _enum_from_pb(_MODE_FROM_PB, common_pb2.ExecutionMode, value, field)
 
 
+_LAYOUT_TO_PB = {
+    types.OverlapLayout.FUSED: common_pb2.OVERLAP_LAYOUT_FUSED,
+    types.OverlapLayout.SPLIT: common_pb2.OVERLAP_LAYOUT_SPLIT,
+}
+_LAYOUT_FROM_PB = {
+    common_pb2.OVERLAP_LAYOUT_UNSPECIFIED: types.OverlapLayout.FUSED,  # unset: StepPlan's default layout
+    **{v: k for k, v in _LAYOUT_TO_PB.items()},
+}
+
+
+def layout_to_pb(layout: types.OverlapLayout) -> int:
+    return _LAYOUT_TO_PB[layout]
+
+
+def layout_from_pb(value: int, field: str = "layout") -> types.OverlapLayout:
+    """Raises InvalidArgument naming `field` for a value that is not an overlap layout."""
+    return _enum_from_pb(_LAYOUT_FROM_PB, common_pb2.OverlapLayout, value, field)
+
+
 _PLACEMENT_TO_PB = {types.Placement.GPU: common_pb2.PLACEMENT_GPU, types.Placement.CPU: common_pb2.PLACEMENT_CPU}
 _PLACEMENT_FROM_PB = {
     common_pb2.PLACEMENT_UNSPECIFIED: types.Placement.GPU,  # unset: read as GPU
@@ -207,6 +226,7 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
     return gpu_worker_pb2.StepRequest(
         step_id=plan.step_id,
         mode=mode_to_pb(plan.mode),
+        layout=layout_to_pb(plan.layout),
         new_requests=[
             gpu_worker_pb2.NewRequest(
                 request_id=r.request_id,
@@ -237,6 +257,7 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
     return types.StepPlan(
         step_id=msg.step_id,
         mode=mode_from_pb(msg.mode),
+        layout=layout_from_pb(msg.layout),
         new_requests=tuple(
             types.NewRequestData(
                 request_id=r.request_id,
@@ -400,7 +421,7 @@ def iteration_to_pb(record: engine_stats.IterationRecord) -> scheduler_pb2.Itera
         gpu_rows=record.gpu_rows, cpu_rows=record.cpu_rows, cpu_sat_out=record.cpu_sat_out,
         swaps_out=record.swaps_out, swaps_in=record.swaps_in, preemptions=record.preemptions,
         prefill_tokens=record.prefill_tokens, predicted_ns=record.predicted_ns or 0.0, measured_ns=record.measured_ns or 0.0,
-        overlap=None if record.overlap is None else overlap_to_pb(record.overlap),
+        overlap=None if record.overlap is None else overlap_to_pb(record.overlap), layout=layout_to_pb(record.layout),
     )
 
 
@@ -426,6 +447,7 @@ def scheduler_stats_to_pb(
         num_preemptions=scheduler.num_preemptions,
         policy=scheduler.policy,
         iterations_by_mode={mode.value: n for mode, n in scheduler.iterations_by_mode.items()},
+        iterations_by_layout={layout.value: n for layout, n in scheduler.iterations_by_layout.items()},
         num_running_cpu=scheduler.num_running_cpu,
         num_free_cpu_blocks=scheduler.free_blocks[cpu],
         num_total_cpu_blocks=scheduler.total_blocks[cpu],

@@ -2,10 +2,10 @@
 the cost model's prediction error, and snapshots of the scheduler and of the serving counters. Plain values, read by
 the servicer (through apex_serve.convert), the Prometheus collector, the simulator and the benchmarks."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apex_serve.overlap import Overlap
-from apex_serve.types import ExecutionMode, Placement, Subtask
+from apex_serve.types import ExecutionMode, OverlapLayout, Placement, Subtask
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class IterationRecord:
     swaps_in: int
     preemptions: int
     prefill_tokens: int = 0  # tokens the prefill rows (whole prompts and chunks) computed
+    layout: OverlapLayout = OverlapLayout.FUSED  # meaningful where cpu_rows > 0
     predicted_ns: float | None = None  # the cost model's prediction of the whole iteration, once the step returned
     measured_ns: float | None = None  # the worker's total_ns, once the step returned
     overlap: Overlap | None = None  # from the step's timings, once the step returned
@@ -75,6 +76,7 @@ class SchedulerStats:
     cost_model_error: dict[ExecutionMode, ErrorStats]  # empty without a cost model
     cpu_pool_degraded: bool = False  # the CPU pool is lost: every request runs on the accelerator until it is back
     cpu_pool_losses: int = 0  # times the CPU pool was lost since start
+    iterations_by_layout: dict[OverlapLayout, int] = field(default_factory=dict)  # iterations with CPU rows
 
     @property
     def num_steps(self) -> int:

@@ -21,6 +21,20 @@ class ExecutionMode(enum.Enum):
     ASYNC_OVERLAP = "async_overlap"
 
 
+class OverlapLayout(enum.Enum):
+    """How a layer with CPU decode rows runs its linear work (DESIGN §3); without CPU rows both are the same.
+
+    FUSED: one norm/QKV/RoPE GEMM over all rows; the CPU rows' q/k/v slices are staged and the doorbell rung; the
+    overlap window is the accelerator work that does not need the CPU rows (GPU rows' and prefill rows' attention);
+    one O-proj and MLP over all rows after the lazy wait. One pass over the layer's weights.
+    SPLIT: the CPU rows' QKV first, so the other rows' QKV (and the prefill rows' O-proj and MLP) join the window, at
+    the price of a second pass over those weights.
+    """
+
+    FUSED = "fused"
+    SPLIT = "split"
+
+
 class SubtaskKind(enum.Enum):
     """A lane of the iteration timeline: what the accelerator side or the CPU did in one layer."""
 
@@ -199,6 +213,7 @@ class StepPlan:
     cached_requests: tuple[CachedRequestData, ...] = ()
     freed_request_ids: tuple[str, ...] = ()  # dropped by the worker before the step runs
     mode: ExecutionMode = ExecutionMode.GPU_ONLY
+    layout: OverlapLayout = OverlapLayout.FUSED  # of every sub-batch with CPU rows
     swap_out: tuple[SwapData, ...] = ()  # accelerator pool -> CPU pool, before the step
     swap_in: tuple[SwapData, ...] = ()  # CPU pool -> accelerator pool, before the step
     record_subtasks: bool = False  # a sampled iteration: the worker returns each layer's subtask intervals

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from apex_serve import overlap
 from apex_serve.engine_stats import IterationRecord
-from apex_serve.types import ExecutionMode, RequestOutput, StepOutput
+from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput
 from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.cost.shape import IterationShape
 from scheduler_service.policies import Choice
@@ -30,11 +30,14 @@ class IterationLog:
 
     def __init__(self, keep: int) -> None:
         self.by_mode: Counter[ExecutionMode] = Counter()
+        self.by_layout: Counter[OverlapLayout] = Counter()  # iterations with CPU rows
         self.recent: deque[IterationRecord] = deque(maxlen=keep)
 
     def add(self, record: IterationRecord | None) -> None:
         if record is not None:
             self.by_mode[record.mode] += 1
+            if record.cpu_rows:
+                self.by_layout[record.layout] += 1
             self.recent.append(record)
 
     def withdraw(self, record: IterationRecord | None) -> int:
@@ -42,6 +45,8 @@ class IterationLog:
         if record is None:
             return 0
         self.by_mode -= Counter({record.mode: 1})
+        if record.cpu_rows:
+            self.by_layout -= Counter({record.layout: 1})
         self.recent.pop()
         return record.preemptions
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from apex_serve.types import ExecutionMode
+from apex_serve.types import ExecutionMode, OverlapLayout
 from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 
@@ -54,6 +54,7 @@ class Choice:
     shape: IterationShape | None = None
     estimate_ns: float = 0.0
     exposed_wait_ns: float = 0.0  # of the estimate: the accelerator waiting for the CPU
+    layout: OverlapLayout = OverlapLayout.FUSED  # of the sub-batches with CPU rows
 
 
 class Policy(Protocol):

@@ -123,6 +123,7 @@ class Scheduler:
             num_preemptions=self._num_preemptions,
             num_swaps=self._num_swaps,
             iterations_by_mode=dict(self._iterations.by_mode),
+            iterations_by_layout=dict(self._iterations.by_layout),
             recent_iterations=tuple(self._iterations.recent),
             cost_model_error={} if self.cost_model is None else self.cost_model.error_stats(),
             cpu_pool_degraded=self.cpu_pool_degraded,
@@ -194,7 +195,7 @@ class Scheduler:
             step_id=step_id, mode=choice.mode, num_prefills=len(admitted) + len(continuing), gpu_rows=len(gpu_rows),
             cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - joined,
             swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
-            prefill_tokens=sum(chunks.lens),
+            prefill_tokens=sum(chunks.lens), layout=choice.layout,
         ) if scheduled else None
         partial = frozenset(c.request for c in admitted + continuing if not c.last)
         flight = self._start(scheduled, choice, record, partial)
@@ -204,6 +205,7 @@ class Scheduler:
             cached_requests=tuple(cached),
             freed_request_ids=self._take_freed(),
             mode=choice.mode,
+            layout=choice.layout,
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
             record_subtasks=self._sampled(step_id, scheduled),

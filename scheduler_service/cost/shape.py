@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from apex_serve.types import ExecutionMode
+from apex_serve.types import ExecutionMode, OverlapLayout
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -143,6 +143,7 @@ class SubBatchShape:
 class IterationShape:
     mode: ExecutionMode
     sub_batches: tuple[SubBatchShape, ...]
+    layout: OverlapLayout = OverlapLayout.FUSED  # of the sub-batches with CPU rows
 
     def __post_init__(self) -> None:
         most = 2 if self.mode is ExecutionMode.ASYM_PIPELINE else 1
