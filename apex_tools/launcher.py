@@ -56,8 +56,11 @@ class StackConfig:
     policy: str = option(
         "apex", help="the scheduler's policy: gpu-only, neo or apex (the hybrid ones profile the workers once)"
     )
-    tpot_target_ms: float = option(
-        0.0, help="apex: keep each iteration's predicted time under this, in ms; 0: no target"
+    tpot_slo_ms: float = option(
+        0.0, help="apex and neo: keep the running requests' predicted p99 TPOT under this, in ms; 0: no objective"
+    )
+    ttft_slo_ms: float = option(
+        0.0, help="apex and neo: keep waiting requests' predicted time to first token under this, in ms; 0: none"
     )
     metrics_port: int = option(9400, help="port of the scheduler's Prometheus /metrics; 0: off")
     sample_layers_every: int = option(
@@ -160,7 +163,7 @@ class Stack:
             ("scheduler_service", scheduler,
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
-              "--tpot-target-ms", str(c.tpot_target_ms), "--sample-layers-every", str(c.sample_layers_every),
+              "--tpot-slo-ms", str(c.tpot_slo_ms), "--ttft-slo-ms", str(c.ttft_slo_ms), "--sample-layers-every", str(c.sample_layers_every),
               "--metrics-address", c.metrics_address, *scheduler_budget]),
             ("gateway", c.gateway_address, gateway_args),
         ]

@@ -33,8 +33,13 @@ class SchedulerConfig:
     max_sit_out: int = option(
         4, help="iterations a running CPU-resident request may go without decoding before it must run"
     )
-    tpot_target_ms: float = option(
-        0.0, help="apex: keep each iteration's predicted time under this, in ms; 0: no target"
+    tpot_slo_ms: float = option(
+        0.0, help="apex and neo: CPU rows and modes chosen so the running requests' predicted p99 TPOT stays under "
+        "this, in ms; 0: no objective"
+    )
+    ttft_slo_ms: float = option(
+        0.0, help="apex and neo: iterations chosen so waiting requests' predicted time to first token stays under "
+        "this, in ms; 0: no objective"
     )
     max_swaps_per_step: int = option(
         2, help="swap-ins of one step (swap-outs that make room for growth are not capped)"
@@ -68,8 +73,9 @@ class SchedulerConfig:
             raise ValueError(f"max_queued_requests: must be >= 1, got {self.max_queued_requests}")
         if self.max_sit_out < 0:
             raise ValueError(f"max_sit_out: must be >= 0, got {self.max_sit_out}")
-        if not self.tpot_target_ms >= 0.0:
-            raise ValueError(f"tpot_target_ms: must be >= 0 (0: no target), got {self.tpot_target_ms}")
+        for name in ("tpot_slo_ms", "ttft_slo_ms"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name}: must be >= 0 (0: no objective), got {getattr(self, name)}")
         if self.sample_layers_every < 0:
             raise ValueError(f"sample_layers_every: must be >= 0 (0: never), got {self.sample_layers_every}")
         if not self.cpu_deadline_factor > 0.0:

@@ -17,10 +17,23 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from apex_serve.types import ExecutionMode, OverlapLayout
+from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 
 MAX_EXPOSED_SHARE = 0.25  # apex admits a CPU row only into options that wait for the CPU at most this share of a step
+
+
+@dataclass(frozen=True)
+class LatencyObjective:
+    """The stack's latency objectives in ms (0: none), as --tpot-slo-ms and --ttft-slo-ms set them."""
+
+    tpot_ms: float = 0.0
+    ttft_ms: float = 0.0
+
+    @classmethod
+    def of(cls, config: SchedulerConfig) -> "LatencyObjective":
+        return cls(config.tpot_slo_ms, config.ttft_slo_ms)
 
 
 @dataclass
@@ -230,9 +243,10 @@ class NeoPolicy(_Predicting):
 class ApexPolicy(NeoPolicy):
     name = "apex"
 
-    def __init__(self, cost_model: ComposedCostModel, tpot_target_ms: float = 0.0) -> None:
+    def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = LatencyObjective()) -> None:
         super().__init__(cost_model)
-        self.target_ns = tpot_target_ms * 1e6
+        self.objective = objective
+        self.target_ns = objective.tpot_ms * 1e6
 
     def window_rows(self, c: Candidates, limit: int) -> int:
         """The most CPU rows whose attention and doorbell fit the ASYNC_OVERLAP overlap window (cost_model docstring):
@@ -310,7 +324,8 @@ class ApexPolicy(NeoPolicy):
         return self._within_target(self.gpu_only(now)) and self._within_target(steady_choice)
 
 
-def make_policy(name: str, cost_model: ComposedCostModel | None, tpot_target_ms: float = 0.0) -> Policy:
+def make_policy(name: str, cost_model: ComposedCostModel | None,
+                objective: LatencyObjective = LatencyObjective()) -> Policy:
     if name == "gpu-only":
         return GpuOnlyPolicy(cost_model)
     if cost_model is None:
@@ -318,5 +333,5 @@ def make_policy(name: str, cost_model: ComposedCostModel | None, tpot_target_ms:
     if name == "neo":
         return NeoPolicy(cost_model)
     if name == "apex":
-        return ApexPolicy(cost_model, tpot_target_ms)
+        return ApexPolicy(cost_model, objective)
     raise ValueError(f"policy: unknown {name!r}")

@@ -56,7 +56,7 @@ from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
 from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts
 from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import Candidates, Choice, make_policy
+from scheduler_service.policies import Candidates, Choice, LatencyObjective, make_policy
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
@@ -73,7 +73,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
                  ) -> None:
         self.config = config
-        self.policy = make_policy(config.policy, cost_model, config.tpot_target_ms)
+        self.policy = make_policy(config.policy, cost_model, LatencyObjective.of(config))
         if self.policy.uses_cpu and not (worker.num_cpu_kv_blocks and worker.cpu_max_rows):
             raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
@@ -242,7 +242,7 @@ class Scheduler:
         for its profile where that differs from the current model's (None: keep the model)."""
         if cost_model is not None:
             self.cost_model = cost_model
-            self.policy = make_policy(self.config.policy, cost_model, self.config.tpot_target_ms)
+            self.policy = make_policy(self.config.policy, cost_model, LatencyObjective.of(self.config))
         self._attach(info)
 
     def worker_lost(self) -> None:

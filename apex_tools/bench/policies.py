@@ -22,7 +22,7 @@ Measured per (workload, policy): output tokens/s = output tokens / (last token -
 (last token - first token) / (output tokens - 1) and TTFT = first token - submit, p50/p99 over requests; that every
 request got exactly its output length. Ratios in the same run: each policy's throughput over gpu-only's, apex over the
 better of gpu-only and neo, p99 TPOT over gpu-only's; and the targets when all three policies ran.
-Only neo and apex get the profiler's address; apex gets --tpot-target-ms from --apex-tpot-target-ms, or
+Only neo and apex get the profiler's address; apex gets --tpot-slo-ms from --apex-tpot-target-ms, or
 FACTOR x gpu-only's measured p99 TPOT on the same workload with --apex-tpot-from-gpu-only FACTOR (gpu-only runs first).
 """
 
@@ -75,7 +75,7 @@ def run_policy(stack: BenchStack, workload: Workload, policy: str, preset: Prese
     if policy != "gpu-only":
         args += ["--profiler-address", stack.address("profiler")]
     if tpot_target_ms > 0:
-        args += ["--tpot-target-ms", str(tpot_target_ms)]
+        args += ["--tpot-slo-ms", str(tpot_target_ms)]
     requests = workload.requests()
     run_id = f"{workload.name}-{policy}"
     scheduler = stack.start("scheduler_service", "scheduler", args)
@@ -146,7 +146,7 @@ def report(result: dict) -> str:
             lines.append(f"{'':<14}ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in w["ratios"].items()))
         target = w["policies"].get("apex", {}).get("tpot_target_ms")
         if target:
-            lines.append(f"{'':<14}apex ran with --tpot-target-ms {target:.1f}")
+            lines.append(f"{'':<14}apex ran with --tpot-slo-ms {target:.1f}")
     if result["targets"] is not None:
         lines.append("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
     return "\n".join(lines)
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arrival-rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at once")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals")
     parser.add_argument("--device-kv-fraction", type=float, default=0.1, help="device KV pool over the working set")
-    parser.add_argument("--apex-tpot-target-ms", type=float, default=0.0, help="apex's --tpot-target-ms; 0: none")
+    parser.add_argument("--apex-tpot-target-ms", type=float, default=0.0, help="apex's --tpot-slo-ms; 0: none")
     parser.add_argument("--apex-tpot-from-gpu-only", type=float, default=0.0, metavar="FACTOR",
                         help="apex's TPOT target: FACTOR x gpu-only's p99 TPOT on the same workload (0: unset)")
     parser.add_argument("--profile-dir", default=None, help="reuse profiles stored here (default: a fresh one)")

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid-prompt-len", type=int, default=512, help="prompt tokens of the grid workload")
     parser.add_argument("--grid-output-len", type=int, default=512, help="output tokens of the grid workload")
-    parser.add_argument("--tpot-target-ms", type=float, default=0.0, help="apex's latency target; 0: none")
+    parser.add_argument("--tpot-slo-ms", type=float, default=0.0, help="apex's and neo's TPOT objective; 0: none")
+    parser.add_argument("--ttft-slo-ms", type=float, default=0.0, help="apex's and neo's TTFT objective; 0: none")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (vLLM's default)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096,
                         help="tokens of one step; also sizes the activation reserve of the GPU memory")
@@ -101,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for kind in workloads]
         configs = {policy: SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                            max_num_batched_tokens=args.max_num_batched_tokens, policy=policy,
-                                           tpot_target_ms=args.tpot_target_ms) for policy in policies}
+                                           tpot_slo_ms=args.tpot_slo_ms, ttft_slo_ms=args.ttft_slo_ms)
+                   for policy in policies}
         setups, refused = _setups(args, hardware, models)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))

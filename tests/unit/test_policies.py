@@ -5,7 +5,15 @@ import pytest
 from apex_serve.types import ExecutionMode
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
-from scheduler_service.policies import ApexPolicy, Candidates, GpuOnlyPolicy, NeoPolicy, make_policy, tokens_per_s
+from scheduler_service.policies import (
+    ApexPolicy,
+    Candidates,
+    GpuOnlyPolicy,
+    LatencyObjective,
+    NeoPolicy,
+    make_policy,
+    tokens_per_s,
+)
 
 MODEL = ModelShape(num_layers=4, hidden_size=256, intermediate_size=512, num_q_heads=8, num_kv_heads=2, head_dim=32,
                    vocab_size=1000)
@@ -97,13 +105,13 @@ def test_apex_with_a_tpot_target_chooses_an_iteration_predicted_under_it() -> No
     cost_model = model(catt_ns_per_kv_token=1.0, lin_ns_per_token=100_000.0)  # every row costs 0.4 ms over 4 layers
     free = ApexPolicy(cost_model).choose(candidates(cpu=32, max_cpu_rows=32))
     target_ms = free.estimate_ns / 1e6 * 0.6
-    capped = ApexPolicy(cost_model, tpot_target_ms=target_ms).choose(candidates(cpu=32, max_cpu_rows=32))
+    capped = ApexPolicy(cost_model, LatencyObjective(tpot_ms=target_ms)).choose(candidates(cpu=32, max_cpu_rows=32))
     assert capped.estimate_ns <= target_ms * 1e6
     assert 0 < capped.cpu_rows < free.cpu_rows
 
 
 def test_apex_with_a_tpot_target_refuses_a_request_that_would_break_it() -> None:
-    policy = ApexPolicy(model(catt_ns_per_kv_token=1.0, lin_ns_per_token=100_000.0), tpot_target_ms=10.0)
+    policy = ApexPolicy(model(catt_ns_per_kv_token=1.0, lin_ns_per_token=100_000.0), LatencyObjective(tpot_ms=10.0))
     assert policy.admits(candidates(cpu=0, prefill=(10,)), candidates(cpu=4))
     assert not policy.admits(candidates(cpu=0, prefill=(10, 200)), candidates(cpu=4)), "this iteration breaks it"
     assert not policy.admits(candidates(cpu=0, prefill=(10,)), candidates(cpu=30)), "the decode steps after break it"
