@@ -1,5 +1,6 @@
-"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker; the tiers'
-markers; waiting for a condition with a time limit."""
+"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker, one stack of
+the default model shared by the modules that only send it requests (and its clients); the tiers' markers; waiting
+for a condition with a time limit."""
 
 import asyncio
 import inspect
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import pytest
 
 from apex_serve import rpc
@@ -139,3 +141,24 @@ def running_stack(model_dir: Path, **overrides: object) -> Iterator[Stack]:
     with Stack(config) as stack:
         yield stack
     assert not Path(config.run_dir).exists(), "the stack left its socket directory behind"
+
+
+@pytest.fixture(scope="session")
+def stack(default_model_dir: Path) -> Iterator[Stack]:
+    """`apex-serve up` of the default model with its defaults, shared by the modules that only send it requests: a
+    module that needs other flags, or stops or kills a service, starts its own."""
+    with running_stack(default_model_dir) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """The official `openai` client on the shared stack's HTTP API, without retries."""
+    with openai.OpenAI(base_url=f"http://{stack.config.http_address}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model(stack: Stack) -> str:
+    """The name the shared stack serves its model under."""
+    return Path(stack.config.model_dir).name

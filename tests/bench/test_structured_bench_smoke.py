@@ -1,6 +1,7 @@
 """The structured outputs benchmark (`apex-serve bench-structured`) runs its tiny setup end to end on its one stack
 (apex with a small device pool): every json_schema and guided_choice reply holds to its grammar, the scheduler ran
-hybrid iterations, every cost arm measured its rows to their length, and the JSON and markdown table are written."""
+hybrid iterations, every cost arm measured its rows to their length, and the JSON and markdown table are written. It
+keeps its profile where the suite's stacks keep theirs, so the suite profiles the default model once."""
 
 import json
 import subprocess
@@ -8,12 +9,13 @@ import sys
 from pathlib import Path
 
 from apex_tools.bench.structured import ARMS, SETUPS
+from apex_tools.launcher import StackConfig
 
 
 def test_structured_bench_tiny_validates_every_reply_and_measures_every_cost_arm(tmp_path: Path) -> None:
     out = tmp_path / "structured.json"
     done = subprocess.run(
-        [sys.executable, "-m", "apex_tools", "bench-structured", "--", "--tiny", "--out", str(out)],
+        [sys.executable, "-m", "apex_tools", "bench-structured", "--", "--tiny", "--out", str(out), "--profile-dir", StackConfig.profile_dir],
         check=False, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

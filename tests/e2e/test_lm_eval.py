@@ -2,7 +2,8 @@
 `local-completions` model scores a multiple-choice and a rolling log-likelihood task (tests/e2e/lm_eval_tasks) with
 batched token-id prompts, `echo`, `max_tokens` 1 and `logprobs` 1. Every example's log-likelihood equals the one
 transformers computes on the same tokens (fp32) within 1e-4, its is_greedy is transformers' argmax, and the accuracy
-lm-eval reports is the one those log-likelihoods give, at batch sizes 1 and 4."""
+lm-eval reports is the one those log-likelihoods give, at batch sizes 1 and 4. The stack runs gpu-only (no profile to
+measure): prompt logprobs on the CPU pool and in the hybrid modes are checked in tests/services/test_prompt_logprobs.py."""
 
 import json
 import os
@@ -49,7 +50,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def stack(mha_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(mha_model_dir, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as s:
+    with running_stack(mha_model_dir, policy="gpu-only", max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as s:
         yield s
 
 

@@ -5,7 +5,6 @@ collide, chat bytes, the bounds on all of these, and n over gRPC. One stack, the
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -13,7 +12,6 @@ import pytest
 
 from apex_serve.sdk import Client
 from apex_tools.launcher import Stack
-from conftest import running_stack
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 BOS = 256
@@ -21,26 +19,9 @@ PROMPTS = [[BOS, *b"The cat"], [BOS, *b"A dog ran"]]
 
 
 @pytest.fixture(scope="module")
-def stack(default_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(default_model_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://{stack.config.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=f"http://{stack.config.http_address}", timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def model(stack: Stack) -> str:
-    return Path(stack.config.model_dir).name
 
 
 def _name(token: int) -> str:

@@ -1,7 +1,6 @@
 """The official `openai` client, unmodified, against the gateway's OpenAI-compatible HTTP API of a real stack."""
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -10,29 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apex_tools.launcher import Stack
-from conftest import running_stack
 from gateway.chat_template import ChatOptions, ChatTemplate
 from gateway.tokenizer import load_tokenizer
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi é"}]
-
-
-@pytest.fixture(scope="module")
-def stack(default_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(default_model_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://{stack.config.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(stack: Stack) -> str:
-    return Path(stack.config.model_dir).name
 
 
 def _chat_prompt_ids(model_dir: Path, messages: list[dict], options: ChatOptions | None = None) -> list[int]:

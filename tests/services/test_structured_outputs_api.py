@@ -5,8 +5,6 @@ constraint is a 400 (INVALID_ARGUMENT) naming its field."""
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +14,6 @@ import pytest
 
 from apex_serve.sdk import Client, InvalidArgumentError, StructuredOutputs
 from apex_tools.launcher import Stack
-from conftest import running_stack
 
 SCHEMA = {
     "type": "object",
@@ -44,23 +41,6 @@ CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {
 }}}
 USER = [{"role": "user", "content": "hi"}]
 ROOMY = {"max_tokens": 120, "temperature": 1.0, "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def stack(default_model_dir: Path) -> Iterator[Stack]:
-    with running_stack(default_model_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://{stack.config.http_address}/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(stack: Stack) -> str:
-    return Path(stack.config.model_dir).name
 
 
 def test_json_schema_response_format_gives_content_that_validates(client: openai.OpenAI, model: str) -> None:
