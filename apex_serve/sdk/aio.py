@@ -51,7 +51,8 @@ class AsyncClient:
         structured_outputs: StructuredOutputs | None = None,
         **sampling_fields: Any,
     ) -> AsyncIterator[Chunk | Completion]:
-        """Chunks, then one Completion (with n samples: each sample's, carrying its index); leaving the loop early cancels the request on the server."""
+        """Chunks, then one Completion (with n samples: each sample's, carrying its index); leaving the loop early
+        cancels the request on the server."""
         request = messages.generate_request(
             prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
             chat, n, structured_outputs,

@@ -52,9 +52,8 @@ class Client:
         **sampling_fields: Any,
     ) -> Iterator[Chunk | Completion]:
         """Chunks as they are generated, then one Completion (with n samples: each sample's, carrying its index).
-        Closing the iterator cancels the
-        request on the server. A list of ChatMessage is rendered with the model's chat template, as
-        `chat` says (default: with the generation prompt)."""
+        Closing the iterator cancels the request on the server. A list of ChatMessage is rendered with the model's
+        chat template, as `chat` says (default: with the generation prompt)."""
         request = messages.generate_request(
             prompt, sampling_from(sampling, sampling_fields), stop, include_stop_str_in_output, model, request_id,
             chat, n, structured_outputs,
