@@ -51,20 +51,20 @@ class CpuAttentionBridge:
         return sum(t[0].numel() * t.element_size() for t in self._staging[0])
 
     def stage(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim] into the slot's staging."""
+        """Start copying q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim] into the slot's
+        staging (done at return on the CPU device; on CUDA ring, or transfer.ready(), waits for them)."""
         rows = q.shape[0]
         q_host, k_host, v_host, _ = self._staging[slot]
         self.transfer.to_host(q_host[:rows], q)
         self.transfer.to_host(k_host[:rows], k)
         self.transfer.to_host(v_host[:rows], v)
-        self.transfer.ready()
 
     def output(self, slot: int, rows: int) -> torch.Tensor:  # [rows, num_q_heads, head_dim] float32, host
         return self._staging[slot][3][:rows]
 
-    def launch(self, slot: int, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Stage one layer of a sub-batch's CPU rows and ring; the ticket to collect."""
-        self.stage(slot, q, k, v)
+    def ring(self, slot: int, layer_idx: int) -> int:
+        """Once the slot's staged copies have landed, ring for one layer of its CPU rows; the ticket to collect."""
+        self.transfer.ready()
         return self.client.ring(slot, layer_idx)
 
     def collect(

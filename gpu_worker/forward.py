@@ -1,11 +1,23 @@
-"""The model's forward pass over a step's sub-batches in the three execution modes (DESIGN §1, §3).
+"""The model's forward pass over a step's sub-batches in the three execution modes and the two overlap layouts
+(DESIGN §1, §3).
 
 Every layer of a sub-batch runs in three stages:
-- launch: the CPU rows' norm, QKV and RoPE; their q/k/v staged and the doorbell rung (no-op without CPU rows);
-- device: the other rows' QKV, their k/v written to their pool, attention on the accelerator (prefill rows over
-  their own tokens, a chunk also over the request's earlier KV, accelerator decode rows over the paged pool); when
-  CPU rows are in flight, the prefill rows' O-proj and MLP too (they do not depend on the CPU);
+- launch: norm, QKV and RoPE of the rows the layout projects first; the CPU rows' q/k/v staged and the doorbell
+  rung (on CUDA the copies run on a side stream ordered after the QKV GEMM by an event, and the doorbell rings
+  once they have landed, after the window is queued: HostTransfer.queued);
+- device: the work of the layer's window, the accelerator work done while the CPU attends: the accelerator rows'
+  k/v written to their pool and their attention (prefill rows over their own tokens, a chunk also over the
+  request's earlier KV, accelerator decode rows over the paged pool);
 - complete: wait for the CPU's o (lazily, only now), then O-proj and MLP of the rows not yet done.
+
+The layout (OverlapLayout, named by the plan) decides how a sub-batch with CPU rows splits its linear work:
+- FUSED: launch runs one norm/QKV/RoPE over all rows and stages the CPU rows' slices (the sub-batch's tail); device
+  is the accelerator rows' KV writes and attention; complete runs one O-proj and MLP over all rows. One pass over
+  each weight per layer.
+- SPLIT: launch runs the CPU rows' norm/QKV/RoPE only; device adds the other rows' norm/QKV/RoPE and, in a step
+  with prefill rows, their O-proj and MLP to the window; complete runs the decode rows' O-proj and MLP. A second
+  pass over the QKV weights (and over the O-proj and MLP weights when prefill rows are in the window).
+A sub-batch without CPU rows runs the same either way: one norm/QKV/RoPE over all rows at launch.
 
 GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
 ASYM_PIPELINE runs two sub-batches one layer apart, so the CPU attends one while the accelerator works on the other.
@@ -18,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apex_serve.types import ExecutionMode
+from apex_serve.types import ExecutionMode, OverlapLayout
 from gpu_worker.attention import ContextKV, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.kv_cache import PagedKVCache
@@ -35,9 +47,16 @@ class _Flight:
 
     batch: SubBatch
     hidden: torch.Tensor  # [num_tokens, hidden]
-    ticket: int = -1  # the doorbell sequence of the CPU rows' layer in flight
+    layout: OverlapLayout
+    ticket: int = -1  # the doorbell sequence of the CPU rows' layer in flight; -1 until rung
+    device_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v [device_end, heads, head_dim]
     device_attn: torch.Tensor | None = None  # [device tokens not yet projected, num_heads, head_dim]
     done_prefill: torch.Tensor | None = None  # [kept prefill tokens, hidden] prefill rows already through the layer
+
+    @property
+    def fused(self) -> bool:
+        """One norm/QKV/RoPE over all rows at launch: the fused layout, or no CPU rows (both layouts are one then)."""
+        return self.layout is OverlapLayout.FUSED or not self.batch.num_cpu_decodes
 
 
 class Forward:
@@ -55,11 +74,16 @@ class Forward:
         self.rms_norm_eps = rms_norm_eps
 
     def logits(
-        self, sub_batches: list[SubBatch], mode: ExecutionMode, clock: StepClock, cpu_wait_s: float
+        self,
+        sub_batches: list[SubBatch],
+        mode: ExecutionMode,
+        layout: OverlapLayout,
+        clock: StepClock,
+        cpu_wait_s: float,
     ) -> StepLogits:
         """fp32 logits [num_sampling, vocab] in the order of the sub-batches' sampling_ids, concatenated, and the
-        prompt logprobs of the prefill rows that ask for them. Each layer of the CPU rows may take cpu_wait_s; past it
-        (or when the worker died) CpuAttentionError escapes."""
+        prompt logprobs of the prefill rows that ask for them; the sub-batches with CPU rows run in `layout`. Each
+        layer of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
             flights = []
             for batch in sub_batches:
@@ -67,7 +91,7 @@ class Forward:
                     with clock.measure("staging", 0, batch.slot):
                         self._bridge().begin_step(batch)
                 hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
-                flights.append(_Flight(batch, hidden))
+                flights.append(_Flight(batch, hidden, layout))
             if mode is ExecutionMode.ASYM_PIPELINE and len(flights) == 2:
                 self._pipelined(flights[0], flights[1], clock, cpu_wait_s)
             else:
@@ -108,23 +132,41 @@ class Forward:
 
     def _launch(self, flight: _Flight, i: int, clock: StepClock) -> None:
         batch = flight.batch
-        if not batch.num_cpu_decodes:
-            return
-        rows = slice(batch.device_end, batch.num_tokens)
+        end = batch.device_end
+        rows = slice(0, batch.num_tokens) if flight.fused else slice(end, batch.num_tokens)
         with clock.measure("device_linear", i, batch.slot):
             q, k, v = pre_attention(self._layer(i), flight.hidden[rows], batch.positions[rows])
-        with clock.measure("staging", i, batch.slot):
-            flight.ticket = self._bridge().launch(batch.slot, i, q, k, v)
+        if flight.fused:
+            flight.device_qkv = (q[:end], k[:end], v[:end])
+            q, k, v = q[end:], k[end:], v[end:]  # the CPU rows: the sub-batch's tail
+        if batch.num_cpu_decodes:
+            bridge = self._bridge()
+            with clock.measure("staging", i, batch.slot):
+                bridge.stage(batch.slot, q, k, v)
+                if not bridge.transfer.queued:
+                    flight.ticket = bridge.ring(batch.slot, i)
 
     def _device(self, flight: _Flight, i: int, clock: StepClock) -> None:
+        """The layer's window, then the doorbell if launch left it to ring (a device that queues its work: the window
+        is queued by then, so the staging copies run beside it)."""
+        self._window(flight, i, clock)
+        batch = flight.batch
+        if batch.num_cpu_decodes and flight.ticket < 0:
+            with clock.measure("staging", i, batch.slot):
+                flight.ticket = self._bridge().ring(batch.slot, i)
+
+    def _window(self, flight: _Flight, i: int, clock: StepClock) -> None:
         batch = flight.batch
         end = batch.device_end
+        qkv, flight.device_qkv = flight.device_qkv, None
         if end == 0:
             flight.device_attn = None
             return
         layer = self._layer(i)
-        with clock.measure("device_linear", i, batch.slot):
-            q, k, v = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
+        if qkv is None:
+            with clock.measure("device_linear", i, batch.slot):
+                qkv = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
+        q, k, v = qkv
         split = batch.num_cpu_prefill_tokens
         loaded = self._load_cpu_contexts(batch, i, clock)
         with clock.measure("device_attention", i, batch.slot):  # prefill KV writes count here, either pool
@@ -136,7 +178,7 @@ class Forward:
             self.device_pool.write(i, k[split:], v[split:], meta.slot_blocks, meta.slot_offsets)
             attn = self.attention.forward(i, q, k, v, meta, loaded)  # [end, num_heads, head_dim]
         prefill = batch.num_prefill_tokens
-        if batch.num_cpu_decodes and prefill:
+        if not flight.fused and prefill:  # split: the prefill rows' O-proj and MLP join the window
             keep = batch.kept_rows[: batch.num_prefill_kept] if self._is_last(i) else slice(0, prefill)
             with clock.measure("device_linear", i, batch.slot):
                 flight.done_prefill = post_attention(layer, flight.hidden[keep], attn[keep])
@@ -165,6 +207,7 @@ class Forward:
             parts.append(
                 self._bridge().collect(batch.slot, i, flight.ticket, batch.num_cpu_decodes, cpu_wait_s, clock)
             )
+            flight.ticket = -1
         attn = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows not yet projected, num_heads, head_dim]
         hidden = flight.hidden
         if flight.done_prefill is not None:

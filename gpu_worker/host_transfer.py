@@ -1,8 +1,9 @@
 """Copies between the accelerator and host shared memory, behind one small interface.
 
 On the CPU device a copy is a memcpy and the staged tensor can be used in place. On CUDA the shared-memory
-buffers are registered as pinned host memory, device-to-host copies run on a side stream, and the doorbell may
-only ring once they have landed (ready()).
+buffers are registered as pinned host memory, device-to-host copies run on a side stream ordered after the kernels
+that produced their sources (an event recorded on the compute stream), and the doorbell may only ring once they
+have landed (ready()).
 """
 
 import logging
@@ -14,6 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 class HostTransfer(Protocol):
+    queued: bool
+    """True when device work is queued and runs after the host moves on (CUDA): the host then rings the doorbell
+    after queuing the layer's window, so the staging copies run beside the window and waiting for them idles only
+    the host. False when the work is done by the time each call returns (the CPU device): ring at once."""
+
     def register(self, host: torch.Tensor) -> None:
         """Prepare a host (shared-memory) tensor for fast transfers."""
 
@@ -33,6 +39,8 @@ class HostTransfer(Protocol):
 class CpuHostTransfer:
     """The device is the CPU: host memory is device memory."""
 
+    queued = False
+
     def register(self, host: torch.Tensor) -> None:
         pass
 
@@ -51,6 +59,8 @@ class CpuHostTransfer:
 
 class CudaHostTransfer:
     """Pinned (cudaHostRegister) shared memory, D2H copies on a side stream ordered after the producing kernels."""
+
+    queued = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -1,9 +1,11 @@
-"""Hybrid execution: a real cpu_attention_worker process, its shared-memory data plane and the three modes give the
-tokens of the GPU-only run and of transformers (fp32 greedy), with swaps; per-step timings; faults."""
+"""Hybrid execution: a real cpu_attention_worker process, its shared-memory data plane and the three modes, in both
+overlap layouts, give the tokens of the GPU-only run and of transformers (fp32 greedy), with swaps; each layout's
+passes over the weights; per-step timings; faults."""
 
 import os
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument, Unavailable
-from apex_serve.types import ExecutionMode, NewRequestData, Placement, StepPlan
+from apex_serve.types import ExecutionMode, NewRequestData, OverlapLayout, Placement, StepOutput, StepPlan
 from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
 from apex_tools.processes import ServiceGroup
 from conftest import start_cpu_worker
+from gpu_worker import forward
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 
@@ -25,10 +28,10 @@ MODELS = ("mha_model_dir", "gqa_llama3_model_dir")
 
 
 def make_runner(model_dir: Path, cpu_address: str, **overrides: object) -> ModelRunner:
-    settings: dict = dict(
-        model_dir=str(model_dir), device="cpu", block_size=4, num_kv_blocks=640, num_threads=1,
-        cpu_worker_address=cpu_address, cpu_num_kv_blocks=640, cpu_max_rows=8,
-    )
+    settings: dict = {
+        "model_dir": str(model_dir), "device": "cpu", "block_size": 4, "num_kv_blocks": 640, "num_threads": 1,
+        "cpu_worker_address": cpu_address, "cpu_num_kv_blocks": 640, "cpu_max_rows": 8,
+    }
     return ModelRunner(GpuWorkerConfig(**(settings | overrides)))
 
 
@@ -37,12 +40,20 @@ def prompts() -> list[list[int]]:
     return [[256] + [rng.randrange(256) for _ in range(n - 1)] for n in PROMPT_LENS]
 
 
-Scenario = Callable[[ScriptedScheduler, int], None]
+def step_in(
+    scheduler: ScriptedScheduler, mode: ExecutionMode, layout: OverlapLayout, swap_out: tuple[str, ...] = (),
+    swap_in: tuple[str, ...] = (),
+) -> StepOutput:
+    return scheduler.run(replace(scheduler.plan(mode, swap_out, swap_in), layout=layout))
+
+
+Scenario = Callable[[ScriptedScheduler, int, OverlapLayout], None]
 
 
 def run(runner: ModelRunner, mode: ExecutionMode, placement: Callable[[int], Placement],
-        scenario: Scenario | None = None, sub_batch: Callable[[int], int] = lambda i: 0) -> dict[str, list[int]]:
-    """DECODE_STEPS steps; prompt i arrives at step LATE.get(i, 0) with placement(i) and sub_batch(i)."""
+        scenario: Scenario | None = None, sub_batch: Callable[[int], int] = lambda i: 0,
+        layout: OverlapLayout = OverlapLayout.FUSED) -> dict[str, list[int]]:
+    """DECODE_STEPS steps in layout; prompt i arrives at step LATE.get(i, 0) with placement(i) and sub_batch(i)."""
     scheduler = ScriptedScheduler(runner)
     try:
         for step in range(DECODE_STEPS):
@@ -50,9 +61,9 @@ def run(runner: ModelRunner, mode: ExecutionMode, placement: Callable[[int], Pla
                 if LATE.get(i, 0) == step:
                     scheduler.add(f"r{i}", prompt, placement(i), sub_batch(i))
             if scenario is None:
-                scheduler.step(mode)
+                step_in(scheduler, mode, layout)
             else:
-                scenario(scheduler, step)
+                scenario(scheduler, step, layout)
         return scheduler.tokens()
     finally:
         runner.close()
@@ -70,15 +81,15 @@ def hf_tokens(model_dir: Path, steps: dict[str, int]) -> dict[str, list[int]]:
     return out
 
 
-def swapping(scheduler: ScriptedScheduler, step: int) -> None:
+def swapping(scheduler: ScriptedScheduler, step: int, layout: OverlapLayout) -> None:
     """ASYNC_OVERLAP; every 20 steps the CPU-resident requests swap in and the GPU ones (running) swap out."""
     running = [rid for rid, r in scheduler.requests.items() if r.outputs]
     if step % 20 == 10 and running:
         out = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.GPU)
         back = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.CPU)
-        scheduler.step(ExecutionMode.ASYNC_OVERLAP, swap_out=out, swap_in=back)
+        step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout, swap_out=out, swap_in=back)
     else:
-        scheduler.step(ExecutionMode.ASYNC_OVERLAP)
+        step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -107,16 +118,67 @@ CASES = {  # name: (mode, placement of prompt i, scenario, sub-batch of prompt i
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+SPLIT_CASES = ("async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches")  # both mix prefill rows in
+
+
+@pytest.mark.parametrize(("case", "layout"), [
+    *((case, OverlapLayout.FUSED) for case in CASES), *((case, OverlapLayout.SPLIT) for case in SPLIT_CASES)
+], ids=lambda value: value.value if isinstance(value, OverlapLayout) else value)
 def test_hybrid_mode_decodes_the_tokens_of_gpu_only_and_transformers(
-    case: str, reference: tuple[Path, dict[str, list[int]]], cpu_worker: str
+    case: str, layout: OverlapLayout, reference: tuple[Path, dict[str, list[int]]], cpu_worker: str
 ) -> None:
     model_dir, expected = reference
     mode, placement, scenario, sub_batch = CASES[case]
-    tokens = run(make_runner(model_dir, cpu_worker), mode, placement, scenario, sub_batch)
+    tokens = run(make_runner(model_dir, cpu_worker), mode, placement, scenario, sub_batch, layout)
     assert min(len(t) for t in tokens.values()) >= DECODE_STEPS - max(LATE.values()) - 1
     for rid in expected:
-        assert tokens[rid] == expected[rid], f"{case}: {rid} diverges from the GPU-only run (and transformers)"
+        assert tokens[rid] == expected[rid], f"{case}, {layout.value}: {rid} diverges from the GPU-only run"
+
+
+def linear_passes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The rows of every norm/QKV/RoPE and O-proj/MLP call the forward makes from now on (each is a pass over
+    those weights), in call order."""
+    rows: dict[str, list[int]] = {"qkv": [], "mlp": []}
+
+    def pre(layer: object, hidden: torch.Tensor, positions: torch.Tensor) -> object:
+        rows["qkv"].append(hidden.shape[0])
+        return pre_attention(layer, hidden, positions)
+
+    def post(layer: object, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        rows["mlp"].append(hidden.shape[0])
+        return post_attention(layer, hidden, attn)
+
+    pre_attention, post_attention = forward.pre_attention, forward.post_attention
+    monkeypatch.setattr(forward, "pre_attention", pre)
+    monkeypatch.setattr(forward, "post_attention", post)
+    return rows
+
+
+@pytest.mark.parametrize("layout", list(OverlapLayout), ids=lambda layout: layout.value)
+def test_fused_layout_passes_over_each_weight_once_per_layer_and_split_twice_in_a_mixed_step(
+    layout: OverlapLayout, mha_model_dir: Path, cpu_worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(mha_model_dir, cpu_worker)
+    scheduler = ScriptedScheduler(runner)
+    try:
+        for i, prompt in enumerate(prompts()[:4]):  # 2 decode rows on each side, then 2 prefill rows (3 + 9 tokens)
+            scheduler.add(f"r{i}", prompt[:5], [Placement.CPU, Placement.GPU][i % 2])
+        step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout)
+        for i, prompt in enumerate(prompts()[:2]):
+            scheduler.add(f"p{i}", prompt, [Placement.CPU, Placement.GPU][i % 2])
+        rows = linear_passes(monkeypatch)
+        tokens = step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout).sampled
+    finally:
+        runner.close()
+    assert set(tokens) == {"r0", "r1", "r2", "r3", "p0", "p1"}
+    layers = runner.model_config.num_hidden_layers
+    all_rows, cpu_rows, prefill_rows = 4 + 3 + 9, 2, 3 + 9
+    if layout is OverlapLayout.FUSED:
+        assert rows["qkv"] == [all_rows] * layers
+        assert rows["mlp"] == [all_rows] * (layers - 1) + [6], "the last layer runs over the kept rows only"
+    else:
+        assert rows["qkv"] == [cpu_rows, all_rows - cpu_rows] * layers
+        assert rows["mlp"] == [prefill_rows, 4] * (layers - 1) + [2, 4]
 
 
 def test_step_reports_cpu_attention_staging_and_wait_times(mha_model_dir: Path, cpu_worker: str) -> None:
@@ -185,9 +247,15 @@ def test_a_killed_cpu_worker_fails_the_step_within_the_timeout_and_leaves_no_seg
 
 
 @pytest.mark.gpu
-def test_cuda_device_async_overlap_decodes_the_cuda_gpu_only_tokens(mha_model_dir: Path, cpu_worker: str) -> None:
-    """On CUDA the CPU rows' q/k/v go through pinned shared memory on a side stream (CudaHostTransfer)."""
+@pytest.mark.parametrize("layout", list(OverlapLayout), ids=lambda layout: layout.value)
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches"])
+def test_cuda_device_hybrid_modes_decode_the_cuda_gpu_only_tokens(
+    case: str, layout: OverlapLayout, mha_model_dir: Path, cpu_worker: str
+) -> None:
+    """On CUDA the CPU rows' q/k/v go through pinned shared memory on a side stream (CudaHostTransfer): in the fused
+    layout slices of the one QKV GEMM's output, in the split layout the CPU rows' own GEMM's."""
+    mode, placement, scenario, sub_batch = CASES[case]
     gpu_only = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), ExecutionMode.GPU_ONLY,
                    lambda i: Placement.GPU)
-    hybrid = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), ExecutionMode.ASYNC_OVERLAP, alternate)
+    hybrid = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), mode, placement, scenario, sub_batch, layout)
     assert hybrid == gpu_only
