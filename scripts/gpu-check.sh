@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case "${1:-}" in
+    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
+
 PY=.venv/bin/python
 if [ ! -x "$PY" ]; then
     echo "gpu-check: no .venv here; run scripts/setup.sh --dev first" >&2
@@ -26,8 +30,8 @@ if [ -z "$cuda" ]; then
     echo "gpu-check: torch $torch_version sees no CUDA device: the gpu tests will skip and the CUDA benchmark" \
          "will not run"
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-        echo "gpu-check: nvidia-smi lists a GPU, so this torch is a CPU build: install the CUDA wheel of the same" \
-             "version (pip install torch==${torch_version%+*} --index-url https://download.pytorch.org/whl/<cuda tag>)" >&2
+        echo "gpu-check: nvidia-smi lists a GPU, so this torch is a CPU build: install the CUDA build of torch" \
+             "${torch_version%+*} for this machine's driver into .venv" >&2
     fi
 else
     echo "gpu-check: CUDA device: $cuda"
