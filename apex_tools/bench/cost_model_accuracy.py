@@ -1,11 +1,16 @@
 """Cost-model accuracy: profile a real gpu_worker + cpu_attention_worker pair through the profiler
 service, then run a few hundred real iterations per mode over gRPC with random mixes of prefill, GPU decode and CPU
-decode rows, and compare the TableCostModel's prediction of each iteration with the worker's measured total_ns.
-Reported per mode: mean absolute percentage error of the raw table prediction (before online correction) and of
-the corrected prediction handed out before each iteration (after), plus the corrected error over the second half.
+decode rows, the steps of ASYNC_OVERLAP and ASYM_PIPELINE alternating between the fused and the split layout (the
+plan naming it), so both layouts see the same requests and the same load of the machine; compare the
+TableCostModel's prediction of each iteration with the worker's measured total_ns. Reported per mode and layout:
+mean absolute percentage error of the raw table prediction (before online correction) and of the corrected
+prediction handed out before each iteration (after), the corrected error over the second half, the measured time
+over the raw prediction of the same shapes run fused (split against fused on one yardstick), and per subtask the
+measured time over the raw prediction (summed over the steps), which names the subtask a raw error comes from.
 Device worker on the first core, cpu_attention_worker on the second (DESIGN §6)."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -17,18 +22,46 @@ import grpc
 
 from apex_serve import convert, rpc
 from apex_serve.logs import configure_logging
-from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, WorkerInfo
+from apex_serve.types import ExecutionMode, OverlapLayout, Placement, StepOutput, StepPlan, StepTimings, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc, profiler_pb2, profiler_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.bench.scripted_scheduler import ScriptedScheduler
 from apex_tools.default_model import DEFAULT_SPEC, write_random_llama
 from apex_tools.processes import ServiceGroup, split_cores
-from scheduler_service.cost.model import TableCostModel
+from scheduler_service.cost.model import Prediction, TableCostModel
 from scheduler_service.cost.shape import IterationShape, SubBatchShape, model_shape_from_config
 from scheduler_service.cost.tables import PerformanceTables
 
 logger = logging.getLogger(__name__)
 MAX_RUNNING = 24
+LAYOUTS = {  # per mode, the layouts its steps alternate between; GPU_ONLY has no CPU rows, so no layout to tell apart
+    ExecutionMode.GPU_ONLY: (OverlapLayout.FUSED,),
+    ExecutionMode.ASYNC_OVERLAP: (OverlapLayout.FUSED, OverlapLayout.SPLIT),
+    ExecutionMode.ASYM_PIPELINE: (OverlapLayout.FUSED, OverlapLayout.SPLIT),
+}
+SUBTASKS = ("linear", "device_attention", "staging", "cpu_attention", "wait", "step", "untimed")
+
+
+def case_name(mode: ExecutionMode, layout: OverlapLayout) -> str:
+    return mode.value if mode is ExecutionMode.GPU_ONLY else f"{mode.value}/{layout.value}"
+
+
+def subtask_pairs(raw: Prediction, timings: StepTimings, layers_linear_share: float) -> dict[str, tuple[float, float]]:
+    """Per subtask (measured, raw prediction) in ns over the step: the layers' linear work, accelerator attention,
+    staging, CPU attention, the accelerator's wait for the CPU (against the predicted exposed wait), the step's work
+    outside the layers (preparation, sampling, final norm and lm head, against t_step), and the forward's time no
+    subtask timed (Python between the subtasks, which nothing predicts)."""
+    head = timings.device_linear_ns * (1.0 - layers_linear_share)
+    timed = timings.device_linear_ns + timings.device_attention_ns + timings.staging_ns + timings.wait_ns
+    return {
+        "linear": (timings.device_linear_ns - head, raw.linear_ns),
+        "device_attention": (timings.device_attention_ns, raw.device_attention_ns),
+        "staging": (timings.staging_ns, raw.staging_ns),
+        "cpu_attention": (timings.cpu_attention_ns, raw.cpu_attention_ns),
+        "wait": (timings.wait_ns, raw.exposed_wait_ns),
+        "step": (timings.total_ns - timings.forward_ns + head, raw.step_overhead_ns),
+        "untimed": (timings.forward_ns - timed, 0.0),
+    }
 
 
 class RemoteRunner:
@@ -69,20 +102,46 @@ def iteration_shape(plan: StepPlan, scheduler: ScriptedScheduler) -> IterationSh
                       kv[s][Placement.CPU])
         for s in range(count) if prefill[s] or rows[s][Placement.GPU] or rows[s][Placement.CPU]
     )
-    return IterationShape(plan.mode, sub_batches)
+    return IterationShape(plan.mode, sub_batches, plan.layout)
 
 
-def run_mode(
-    runner: RemoteRunner, model: TableCostModel, mode: ExecutionMode, iterations: int, seed: int
-) -> tuple[list[float], list[float]]:
-    """Random arrivals (prompts of 8-256 tokens), random placements and sub-batches, outputs of 4-64 tokens.
-    Returns the relative errors of the raw and of the corrected prediction, one per iteration."""
-    raw_errors: list[float] = []
-    corrected_errors: list[float] = []
+@dataclasses.dataclass
+class CaseResult:
+    """The steps of one (mode, layout): relative errors per iteration, per-subtask sums, and the measured total against
+    the raw prediction of the same shapes run FUSED (a yardstick common to both layouts of a mode)."""
+
+    raw_errors: list[float] = dataclasses.field(default_factory=list)
+    corrected_errors: list[float] = dataclasses.field(default_factory=list)
+    measured: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(SUBTASKS, 0.0))
+    predicted: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(SUBTASKS, 0.0))
+    measured_total_ns: float = 0.0
+    fused_priced_ns: float = 0.0
+
+    def summary(self) -> dict:
+        errors = self.corrected_errors
+        return {
+            "count": len(self.raw_errors), "raw_mape": _mape(self.raw_errors), "corrected_mape": _mape(errors),
+            "corrected_mape_second_half": _mape(errors[len(errors) // 2 :]),
+            "raw_mean_error": sum(self.raw_errors) / max(len(self.raw_errors), 1),
+            "measured_over_fused_priced": self.measured_total_ns / max(self.fused_priced_ns, 1.0),
+            "subtasks_ns": {name: {"measured": self.measured[name], "raw_predicted": self.predicted[name]}
+                            for name in SUBTASKS},
+        }
+
+
+def run_mode(runner: RemoteRunner, model: TableCostModel, mode: ExecutionMode, iterations: int, seed: int
+             ) -> dict[OverlapLayout, CaseResult]:
+    """Random arrivals (prompts of 8-256 tokens), random placements and sub-batches, outputs of 4-64 tokens; the
+    executed steps alternate between the mode's layouts, so each layout sees the same requests and the same load of
+    the machine."""
+    layouts = LAYOUTS[mode]
+    results = {layout: CaseResult() for layout in layouts}
     rng = random.Random(seed)
     scheduler = ScriptedScheduler(runner, seed=seed)
     targets: dict[str, int] = {}
     hybrid = mode is not ExecutionMode.GPU_ONLY
+    share = model.model.layers_linear_share
+    executed = 0
     for step in range(iterations):
         for rid in [r for r, t in scheduler.requests.items() if len(t.outputs) >= targets[r]]:
             scheduler.finish(rid)
@@ -95,25 +154,48 @@ def run_mode(
             targets[rid] = rng.randint(4, 64)
         if not scheduler.requests:
             continue
-        plan = scheduler.plan(mode)
+        layout = layouts[executed % len(layouts)]
+        executed += 1
+        plan = dataclasses.replace(scheduler.plan(mode), layout=layout)
         shape = iteration_shape(plan, scheduler)
         raw, predicted = model.predict_raw(shape), model.predict(shape)
+        fused = model.predict_raw(dataclasses.replace(shape, layout=OverlapLayout.FUSED))
         output = scheduler.run(plan)
         measured = output.timings.total_ns
-        raw_errors.append((raw.total_ns - measured) / measured)
-        corrected_errors.append((predicted.total_ns - measured) / measured)
+        result = results[layout]
+        result.raw_errors.append((raw.total_ns - measured) / measured)
+        result.corrected_errors.append((predicted.total_ns - measured) / measured)
+        result.measured_total_ns += measured
+        result.fused_priced_ns += fused.total_ns
+        for name, (got, want) in subtask_pairs(raw, output.timings, share).items():
+            result.measured[name] += got
+            result.predicted[name] += want
         model.observe(shape, predicted, output.timings)
     for rid in list(scheduler.requests):
         scheduler.finish(rid)
     scheduler.run(scheduler.plan(mode))  # frees the rest on the worker
-    return raw_errors, corrected_errors
+    return results
 
 
 def report(stats: dict) -> str:
-    lines = [f"{'mode':<15}{'iterations':>11}{'MAPE before':>13}{'MAPE after':>12}{'after, 2nd half':>17}"]
-    for mode, row in stats.items():
-        lines.append(f"{mode:<15}{row['count']:>11}{row['raw_mape']:>13.1%}{row['corrected_mape']:>12.1%}"
-                     f"{row['corrected_mape_second_half']:>17.1%}")
+    """The error table, then per subtask the measured time over the raw prediction (summed over each run)."""
+    header = (f"{'mode/layout':<22}{'iterations':>11}{'MAPE before':>13}{'MAPE after':>12}{'after, 2nd half':>17}"
+              f"{'mean before':>13}{'measured / fused-priced':>25}")
+    lines = [header]
+    for name, row in stats.items():
+        lines.append(f"{name:<22}{row['count']:>11}{row['raw_mape']:>13.1%}{row['corrected_mape']:>12.1%}"
+                     f"{row['corrected_mape_second_half']:>17.1%}{row['raw_mean_error']:>+13.1%}"
+                     f"{row['measured_over_fused_priced']:>25.3f}")
+    lines.append("")
+    lines.append(f"{'measured / raw prediction':<26}" + "".join(f"{name:>17}" for name in SUBTASKS))
+    for name, row in stats.items():
+        cells = []
+        for subtask in SUBTASKS:
+            ns = row["subtasks_ns"][subtask]
+            ratio = ns["measured"] / ns["raw_predicted"] if ns["raw_predicted"] > 0 else None
+            ms = f"{ns['measured'] / 1e6:.0f}/{ns['raw_predicted'] / 1e6:.0f}ms"
+            cells.append(f"{'-' if ratio is None else f'{ratio:.2f}'} {ms}".rjust(17))
+        lines.append(f"{name:<26}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -123,7 +205,8 @@ def _mape(errors: list[float]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apex-serve bench-cost-model", description=__doc__)
-    parser.add_argument("--iterations", type=int, default=300, help="iterations per mode")
+    parser.add_argument("--iterations", type=int, default=300,
+                        help="iterations per mode (a hybrid mode's steps alternate fused and split)")
     parser.add_argument("--full-profile", action="store_true", help="the full grid (default: the quick one)")
     parser.add_argument("--out", default="bench_results/cost_model.json")
     args = parser.parse_args(argv)
@@ -154,14 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = RemoteRunner(gpu)
         cost_model = TableCostModel(PerformanceTables.from_json(profile), model_shape_from_config(config))
         stats = {}
-        for seed, mode in enumerate(ExecutionMode):
-            raw, corrected = run_mode(runner, cost_model, mode, args.iterations, seed)
-            stats[mode.value] = {
-                "count": len(raw), "raw_mape": _mape(raw), "corrected_mape": _mape(corrected),
-                "corrected_mape_second_half": _mape(corrected[len(corrected) // 2 :]),
-            }
+        for seed, mode in enumerate(LAYOUTS):
+            for layout, case in run_mode(runner, cost_model, mode, args.iterations, seed).items():
+                stats[case_name(mode, layout)] = case.summary()
         runner.close()
-    result = {"iterations_per_mode": args.iterations, "profile_grid": profile["grid"], "modes": stats}
+    result = {"iterations_per_mode": args.iterations, "profile": profile, "runs": stats}
     logger.info("cost model: predicted against measured iteration time\n%s", report(stats))
     write_result(args.out, result)
     return 0

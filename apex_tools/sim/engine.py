@@ -22,7 +22,7 @@ import numpy as np
 
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.errors import InvalidArgument, ResourceExhausted
-from apex_serve.types import ExecutionMode, SamplingParams, StepOutput, StepPlan, StepTimings
+from apex_serve.types import ExecutionMode, OverlapLayout, SamplingParams, StepOutput, StepPlan, StepTimings
 from apex_tools.sim.setups import Setup
 from apex_tools.sim.workloads import SimRequest
 from scheduler_service.config import SchedulerConfig
@@ -53,6 +53,7 @@ class RunResult:
     tpot_p99_ms: float
     iterations: int
     mode_mix: dict[str, float]  # execution mode: fraction of iterations
+    layout_mix: dict[str, float]  # overlap layout: fraction of the iterations with CPU rows (empty without any)
     mean_gpu_rows: float  # accelerator decode rows per iteration
     mean_cpu_rows: float  # CPU decode rows that ran, per iteration
     mean_prefills: float  # prefill requests per iteration
@@ -67,6 +68,7 @@ class _Tally:
     """Per-iteration sums, kept cheap: a few additions per step."""
 
     modes: Counter[ExecutionMode] = field(default_factory=Counter)
+    layouts: Counter[OverlapLayout] = field(default_factory=Counter)  # of the iterations with CPU rows
     gpu_rows: int = 0
     cpu_rows: int = 0
     prefills: int = 0
@@ -75,6 +77,8 @@ class _Tally:
 
     def add(self, record: IterationRecord, step_ns: float, swap_ns: float) -> None:
         self.modes[record.mode] += 1
+        if record.cpu_rows:
+            self.layouts[record.layout] += 1
         self.gpu_rows += record.gpu_rows
         self.cpu_rows += record.cpu_rows
         self.prefills += record.num_prefills
@@ -183,6 +187,7 @@ class Simulation:
         tokens = int(outputs[done].sum())
         iterations = sum(tally.modes.values())
         per_iteration = 1.0 / iterations if iterations else 0.0
+        hybrid = sum(tally.layouts.values())
         stats = self.scheduler.stats()
         return RunResult(
             policy=self.config.policy,
@@ -201,6 +206,7 @@ class Simulation:
             tpot_p99_ms=_percentile(tpot, 99),
             iterations=iterations,
             mode_mix={mode.value: count * per_iteration for mode, count in tally.modes.items()},
+            layout_mix={layout.value: count / hybrid for layout, count in tally.layouts.items()},
             mean_gpu_rows=tally.gpu_rows * per_iteration,
             mean_cpu_rows=tally.cpu_rows * per_iteration,
             mean_prefills=tally.prefills * per_iteration,

@@ -1,5 +1,6 @@
 """The simulator's outputs: a text table per run (throughput against gpu-only and neo in the same setup and workload,
-latency percentiles, modes), a PNG of throughput and TPOT p99 per policy, and the JSON result."""
+latency percentiles, modes, the overlap layouts of the iterations with CPU rows), a PNG of throughput and TPOT p99
+per policy, and the JSON result."""
 
 import math
 from collections import defaultdict
@@ -9,6 +10,7 @@ from apex_tools.bench.common import save_figure
 from apex_tools.sim.engine import RunResult
 
 _MODE_LETTERS = {"gpu_only": "G", "async_overlap": "O", "asym_pipeline": "P"}
+_LAYOUT_LETTERS = {"fused": "F", "split": "S"}
 
 
 def _group(result: RunResult) -> str:
@@ -33,6 +35,14 @@ def mode_mix(result: RunResult) -> str:
                     if mode in result.mode_mix)
 
 
+def layout_mix(result: RunResult) -> str:
+    """e.g. 'F80 S20': percent of the iterations with CPU rows in the fused and the split layout; '-' without any."""
+    if not result.layout_mix:
+        return "-"
+    return " ".join(f"{letter}{result.layout_mix.get(layout, 0.0) * 100:.0f}"
+                    for layout, letter in _LAYOUT_LETTERS.items())
+
+
 def table(results: list[RunResult]) -> str:
     """One line per run, grouped by hardware/model/workload, ratios against that group's gpu-only and neo runs."""
     by_group: dict[str, dict[str, RunResult]] = defaultdict(dict)
@@ -41,7 +51,7 @@ def table(results: list[RunResult]) -> str:
     width = max(len("setup/workload"), *(len(group) for group in by_group)) + 2
     header = (f"{'setup/workload':<{width}}{'policy':<10}{'served':>11}{'tok/s':>9}{'vs gpu':>9}{'vs neo':>9}"
               f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'preempt':>8}"
-              f"  modes (G/O/P %)")
+              f"  modes (G/O/P %)  layouts (F/S % of hybrid)")
     lines = [header, "-" * len(header)]
     for group, runs in by_group.items():
         for r in runs.values():
@@ -50,7 +60,7 @@ def table(results: list[RunResult]) -> str:
                 f"{_ratio(r, runs.get('gpu-only')):>9}{_ratio(r, runs.get('neo')):>9}"
                 f"{_num(r.ttft_p50_s, '.1f'):>11}{_num(r.ttft_p99_s, '.1f'):>9}"
                 f"{_num(r.tpot_p50_ms, '.1f'):>12}{_num(r.tpot_p99_ms, '.1f'):>9}{r.mean_cpu_rows:>9.1f}"
-                f"{r.preemptions:>8}  {mode_mix(r)}"
+                f"{r.preemptions:>8}  {mode_mix(r):<16} {layout_mix(r)}"
             )
     if any("*" in line for line in lines[2:]):
         lines.append("* the two runs served different requests: one refused those longer than any KV pool it uses")

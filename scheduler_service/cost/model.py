@@ -1,29 +1,42 @@
 """The scheduler's performance model (DESIGN §5): predicted time of one iteration from per-layer subtask costs, one
 composition rule per execution mode, and online correction from the timings each Step returns.
 
-Per layer, for each sub-batch sb (L layers; every cost in ns per layer):
-    lin  = t_lin(tokens of sb)                    pref = sum of t_pref(chunk, context) over its prefill requests
-    gatt = t_gatt(gpu_rows, gpu_kv) if gpu_rows    catt = t_catt(cpu_rows, cpu_kv) if cpu_rows
-    xfer = t_xfer(cpu_rows * bytes_per_cpu_row)    sync = t_sync(0); both 0 without CPU rows
-         + t_xfer(prefill_loaded_tokens * kv_bytes_per_token)   (earlier chunks' KV of CPU-placed prefills, brought
-                                                   from the CPU pool to the accelerator for the chunk's attention)
-    dev  = lin + pref + gatt + xfer               (the accelerator's work)
-GPU_ONLY:       layer = lin + pref + gatt
-ASYNC_OVERLAP:  layer = dev + max(0, catt + sync - window), window = the accelerator's work that does not wait for the
-                CPU rows: gatt + pref + lin * (qkv * non-CPU tokens + (1 - qkv) * prefill tokens) / tokens, where
-                qkv = QKV params / layer params (QKV of the other rows, and O + MLP of the prefill rows, run before
-                the lazy wait; see gpu_worker.forward).
-ASYM_PIPELINE:  two sub-batches A and B, each with its own linear pass (weights streamed twice):
-                layer = dev(A) + dev(B) + max(0, catt(B) + sync - dev(A)) + max(0, catt(A) + sync - dev(B));
-                with one sub-batch, the ASYNC_OVERLAP rule.
-total = L * layer + t_step(requests)   (t_step: embedding, final norm, lm head, sampling, prepare; per iteration)
+Per layer, for each sub-batch sb (L layers; every cost in ns per layer). t_lin(n) is the profiled time of one call
+of a whole layer's linear work (norm, QKV, RoPE, O-proj, MLP) over n rows: every GEMM call is a pass over its
+weights, so a call over a part of the layer's weights costs that part's share of t_lin of the call's rows, with
+qkv = QKV params / layer params the share of norm/QKV/RoPE and 1 - qkv that of O-proj and MLP. P = prefill tokens,
+G = accelerator decode rows, C = CPU decode rows, R = requests (the rows the last layer keeps).
+    att  = sum of t_pref(chunk, context) over its prefill requests + t_gatt(G, gpu_kv) if G
+    load = t_xfer(prefill_loaded_tokens * kv_bytes_per_token)   (earlier chunks' KV of CPU-placed prefills, brought
+           from the CPU pool to the accelerator before the chunk's attention; staging)
+    catt = t_catt(C, cpu_kv), xfer = load + t_xfer(C * bytes_per_cpu_row), sync = t_sync(0); catt, sync 0 without C
+    lin, by the layout the shape names (OverlapLayout; without CPU rows both are FUSED):
+        FUSED  lin = t_lin(P + G + C)                           one call over all rows
+               window = att + load                              (the accelerator work that needs no CPU row)
+        SPLIT  lin = qkv * (t_lin(C) + t_lin(P + G)) + (1 - qkv) * (t_lin(P) + t_lin(G + C))     (no call for 0 rows)
+               window = att + load + qkv * t_lin(P + G) + (1 - qkv) * t_lin(P)
+                                                                (the others' QKV and the prefill rows' O-proj and MLP
+                                                                run before the lazy wait; see gpu_worker.forward)
+    dev  = lin + att + xfer                                     (the accelerator's work)
+    the last layer's O-proj and MLP run over the kept rows only (one per request) where there are prefill rows:
+        FUSED saves (1 - qkv) * (t_lin(P + G + C) - t_lin(R)), SPLIT (1 - qkv) * (t_lin(P) - t_lin(prefill requests))
+GPU_ONLY:       layer = lin + att
+ASYNC_OVERLAP:  layer = dev + max(0, catt + sync - window)      (the exposed lazy wait)
+ASYM_PIPELINE:  two sub-batches A and B, each priced by the layout, each with its own linear calls (the weights
+                streamed at least twice): layer = dev(A) + dev(B) + max(0, catt(B) + sync - dev(A))
+                + max(0, catt(A) + sync - dev(B)); with one sub-batch, the ASYNC_OVERLAP rule.
+total = L * layer - last-layer savings + t_step(requests)   (t_step: embedding, final norm, lm head, sampling,
+                                                             prepare; per iteration)
+sub_batch_costs() gives one sub-batch's terms (the window among them) for a policy sizing its CPU rows.
 
 Online correction: per measured subtask, measured ~ a + b * as-profiled is fitted online (least squares whose weights
 are a running mean over the first 1/alpha steps and decay by 1 - alpha after), and its value at this iteration's
 as-profiled cost becomes the subtask's factor before composing (so the overlap rules see corrected costs); then a
-residual fit per mode corrects the total the same way. An affine fit, not a ratio, because the tables miss fixed
-per-step costs (Python, launches) as well as proportional ones: a ratio fitted over short decode steps and long
-prefill steps at once is wrong for both. A mode not observed yet borrows the residual of the most observed one.
+residual fit per mode and layout corrects the total the same way (per layout because the two differ in their
+window rule and in their count of linear calls, so what those rules miss differs too). An affine fit, not a ratio,
+because the tables miss fixed per-step costs (Python, launches) as well as proportional ones: a ratio fitted over
+short decode steps and long prefill steps at once is wrong for both. A layout not observed yet borrows the same
+mode's other layout's residual, a mode not observed yet the most observed one's.
 Until the as-profiled costs vary enough to fit a slope, the fit is the plain ratio of the weighted means.
 Which StepTimings field feeds which factor:
     linear           device_linear_ns x the layers' share of the linear weights (the rest is the final norm and lm
@@ -31,8 +44,8 @@ Which StepTimings field feeds which factor:
     device_attention device_attention_ns (prefill self-attention and GPU decode attention, with their KV writes)
     cpu_attention    cpu_attention_ns (the CPU worker busy: append and attention)
     staging          staging_ns
-    residual[mode]   total_ns against the total composed with this step's own measured ratios: what the subtasks cannot
-                     explain (step overhead, sync, the overlap rules), apart from the subtask factors' lag
+    residual         total_ns against the total composed with this step's own measured ratios, per (mode, layout): what
+                     the subtasks cannot explain (step overhead, sync, the overlap rules), apart from the factors' lag
 sync, step overhead and the exposed wait have no factor of their own: they are derived or not timed apart.
 """
 
@@ -40,9 +53,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from apex_serve.engine_stats import ErrorStats
-from apex_serve.types import ExecutionMode, StepTimings
+from apex_serve.types import ExecutionMode, OverlapLayout, StepTimings
 from scheduler_service.cost.online_fit import AffineFit, ErrorTracker
-from scheduler_service.cost.shape import IterationShape, ModelShape
+from scheduler_service.cost.shape import IterationShape, ModelShape, SubBatchShape
 from scheduler_service.cost.tables import PerformanceTables
 
 
@@ -51,7 +64,8 @@ class Prediction:
     """Predicted ns of one whole iteration (summed over layers) by subtask.
 
     total_ns = linear + device_attention + staging + exposed_wait + step_overhead + residual; cpu_attention and sync
-    run beside the accelerator and count only through exposed_wait; residual is the per-mode correction's share."""
+    run beside the accelerator and count only through exposed_wait; residual is the correction's share (per mode and
+    layout)."""
 
     linear_ns: float
     device_attention_ns: float
@@ -114,63 +128,104 @@ _AS_PROFILED = SubtaskFactors()
 _SUBTASKS = tuple(f.name for f in fields(SubtaskFactors))
 
 
+@dataclass(frozen=True)
+class SubBatchCosts:
+    """One layer of one sub-batch under a layout, in ns (the composition rules of this module's docstring).
+
+    device = linear + attention + staging is the accelerator's work; window is the part of it that does not wait for
+    the sub-batch's CPU rows; hidden = cpu_attention + sync must hide behind it (or behind the other sub-batch's
+    device work in ASYM_PIPELINE); last_layer_saving is what the last layer's kept-rows O-proj and MLP save."""
+
+    linear: float
+    attention: float
+    staging: float
+    cpu_attention: float
+    sync: float
+    window: float
+    last_layer_saving: float
+
+    @property
+    def device(self) -> float:
+        return self.linear + self.attention + self.staging
+
+    @property
+    def hidden(self) -> float:
+        return self.cpu_attention + self.sync
+
+    @property
+    def exposed_wait(self) -> float:
+        """The lazy wait of ASYNC_OVERLAP: the CPU attention and doorbell beyond the window."""
+        return max(0.0, self.hidden - self.window)
+
+
+def _calls(costs: LayerCosts, factor: float, *rows: float) -> float:
+    """Linear time of one GEMM call per entry of rows, each a whole pass over the weights (no call for 0 rows)."""
+    return sum(factor * costs.t_lin(n) for n in rows if n > 0)
+
+
+def sub_batch_costs(costs: LayerCosts, model: ModelShape, sb: SubBatchShape, layout: OverlapLayout,
+                    factors: SubtaskFactors = _AS_PROFILED) -> SubBatchCosts:
+    """One layer of sub-batch sb executed in `layout` (ignored without CPU rows: one call over all rows), its
+    subtasks scaled by factors: the per-sub-batch rule of this module's docstring."""
+    prefill = sb.num_prefill_tokens
+    tokens = sb.num_tokens
+    attention = factors.device_attention * sum(costs.t_pref(n, p) for n, p in sb.prefills) if prefill else 0.0
+    if sb.gpu_rows:
+        attention += factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens)
+    staging = 0.0
+    if sb.prefill_loaded_tokens:  # the prefill context's load comes before the chunk's attention: in the window
+        staging = factors.staging * costs.t_xfer(sb.prefill_loaded_tokens * model.kv_bytes_per_token)
+    window = attention + staging
+    qkv, kept_prefill = model.qkv_fraction, len(sb.prefill_lens)
+    cpu_attention = sync = 0.0
+    if sb.cpu_rows:
+        cpu_attention = factors.cpu_attention * costs.t_catt(sb.cpu_rows, sb.cpu_kv_tokens)
+        staging += factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
+        sync = costs.t_sync(0)
+    decode = sb.gpu_rows + sb.cpu_rows
+    if sb.cpu_rows and layout is OverlapLayout.SPLIT:
+        others_qkv = qkv * _calls(costs, factors.linear, prefill + sb.gpu_rows)
+        prefill_post = (1.0 - qkv) * _calls(costs, factors.linear, prefill)
+        linear = qkv * _calls(costs, factors.linear, sb.cpu_rows) + others_qkv + prefill_post
+        linear += (1.0 - qkv) * _calls(costs, factors.linear, decode)
+        window += others_qkv + prefill_post
+        saving = prefill_post - (1.0 - qkv) * _calls(costs, factors.linear, kept_prefill)
+    else:
+        linear = _calls(costs, factors.linear, tokens)
+        saving = (1.0 - qkv) * (linear - _calls(costs, factors.linear, kept_prefill + decode)) if prefill else 0.0
+    return SubBatchCosts(linear, attention, staging, cpu_attention, sync, window, max(0.0, saving))
+
+
 def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
             factors: SubtaskFactors = _AS_PROFILED) -> Prediction:
     """The iteration's predicted time by the composition rules of this module's docstring, the subtasks scaled by
     factors (no residual: Prediction.with_residual adds it)."""
-    lin_sum = att_sum = xfer_sum = catt_sum = sync_sum = last_layer_saving = 0.0
-    device: list[float] = []  # per sub-batch: the accelerator's work of a layer
-    hidden: list[float] = []  # per sub-batch: its CPU attention and doorbell, to hide behind other work
-    windows: list[float] = []  # per sub-batch: its own work that does not wait for its CPU rows
-    requests = 0
-    for sb in shape.sub_batches:
-        prefill_tokens = sb.num_prefill_tokens
-        tokens = prefill_tokens + sb.gpu_rows + sb.cpu_rows
-        requests += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
-        lin = factors.linear * costs.t_lin(tokens)
-        att = factors.device_attention * sum(costs.t_pref(n, p) for n, p in sb.prefills) if prefill_tokens else 0.0
-        gatt = factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens) if sb.gpu_rows else 0.0
-        window = att + gatt
-        att += gatt
-        xfer = catt = sync = 0.0
-        if sb.prefill_loaded_tokens:  # before the prefill rows' attention, which does not wait for the CPU rows
-            xfer = factors.staging * costs.t_xfer(sb.prefill_loaded_tokens * model.kv_bytes_per_token)
-            window += xfer
-        if sb.cpu_rows:
-            catt = factors.cpu_attention * costs.t_catt(sb.cpu_rows, sb.cpu_kv_tokens)
-            xfer += factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
-            sync = costs.t_sync(0)
-            qkv = model.qkv_fraction
-            window += lin * (qkv * (tokens - sb.cpu_rows) + (1.0 - qkv) * prefill_tokens) / tokens
-        lin_sum += lin
-        if prefill_tokens:  # the last layer's O-proj and MLP run for each request's last token only
-            kept = factors.linear * costs.t_lin(sb.num_requests)
-            last_layer_saving += (1.0 - model.qkv_fraction) * max(0.0, lin - kept)
-        att_sum += att
-        xfer_sum += xfer
-        catt_sum += catt
-        sync_sum += sync
-        device.append(lin + att + xfer)
-        hidden.append(catt + sync)
-        windows.append(window)
-    if len(device) == 2:  # ASYM_PIPELINE: each sub-batch's CPU attention hides behind the other's device work
-        exposed = max(0.0, hidden[1] - device[0]) + max(0.0, hidden[0] - device[1])
+    parts = [sub_batch_costs(costs, model, sb, shape.layout, factors) for sb in shape.sub_batches]
+    if len(parts) == 2:  # ASYM_PIPELINE: each sub-batch's CPU attention hides behind the other's device work
+        exposed = max(0.0, parts[1].hidden - parts[0].device) + max(0.0, parts[0].hidden - parts[1].device)
     else:
-        exposed = max(0.0, hidden[0] - windows[0])
+        exposed = parts[0].exposed_wait
     layers = model.num_layers
-    linear, attention, staging = layers * lin_sum - last_layer_saving, layers * att_sum, layers * xfer_sum
-    exposed_wait, step = layers * exposed, costs.t_step(requests)
+    linear = sum(layers * p.linear - p.last_layer_saving for p in parts)
+    attention = layers * sum(p.attention for p in parts)
+    staging = layers * sum(p.staging for p in parts)
+    exposed_wait, step = layers * exposed, costs.t_step(shape.num_requests)
     return Prediction(
         linear_ns=linear,
         device_attention_ns=attention,
-        cpu_attention_ns=layers * catt_sum,
+        cpu_attention_ns=layers * sum(p.cpu_attention for p in parts),
         staging_ns=staging,
-        sync_ns=layers * sync_sum,
+        sync_ns=layers * sum(p.sync for p in parts),
         exposed_wait_ns=exposed_wait,
         step_overhead_ns=step,
         residual_ns=0.0,
         total_ns=linear + attention + staging + exposed_wait + step,
     )
+
+
+def _layout(shape: IterationShape) -> OverlapLayout:
+    """The layout a shape runs: the one it names where it has CPU rows, else FUSED (without CPU rows both are one)."""
+    return shape.layout if shape.num_cpu_rows else OverlapLayout.FUSED
 
 
 def pipelining_beats_gpu_only(t_lin: float, t_gatt: float, n_g: float, n_c: float) -> bool:
@@ -192,7 +247,7 @@ class ComposedCostModel:
         self.model = model
         self.alpha = alpha
         self._subtasks = {name: AffineFit(alpha) for name in _SUBTASKS}
-        self._residual: dict[ExecutionMode, AffineFit] = {}
+        self._residual: dict[tuple[ExecutionMode, OverlapLayout], AffineFit] = {}
         self._errors: dict[ExecutionMode, ErrorTracker] = {}
         self._factors: SubtaskFactors | None = None
 
@@ -203,16 +258,18 @@ class ComposedCostModel:
             self._factors = SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
         return self._factors
 
-    def residual_factor(self, mode: ExecutionMode) -> float:
-        residual = self._residual_fit(mode)
+    def residual_factor(self, mode: ExecutionMode, layout: OverlapLayout = OverlapLayout.FUSED) -> float:
+        residual = self._residual_fit(mode, layout)
         return 1.0 if residual is None else residual.value
 
-    def _residual_fit(self, mode: ExecutionMode) -> AffineFit | None:
-        """The mode's residual fit; for a mode not run yet, the most observed one's: the tables' error common to
-        every mode (step overhead, a slower machine) should not make an untried mode look better or worse."""
-        fit = self._residual.get(mode)
-        if fit is None and self._residual:
-            fit = max(self._residual.values(), key=lambda f: f.count)
+    def _residual_fit(self, mode: ExecutionMode, layout: OverlapLayout) -> AffineFit | None:
+        """The residual fit of (mode, layout); one not run yet borrows the same mode's other layout, then the most
+        observed fit: the tables' error common to every mode (step overhead, a slower machine) should not make an
+        untried mode or layout look better or worse."""
+        fit = self._residual.get((mode, layout))
+        if fit is None:
+            same_mode = [f for (m, _), f in self._residual.items() if m is mode]
+            fit = max(same_mode or self._residual.values(), key=lambda f: f.count, default=None)
         return fit
 
     def predict_raw(self, shape: IterationShape) -> Prediction:
@@ -225,7 +282,7 @@ class ComposedCostModel:
                        "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
         factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
         composed = compose(self.costs, self.model, shape, factors)
-        residual = self._residual_fit(shape.mode)
+        residual = self._residual_fit(shape.mode, _layout(shape))
         return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
 
     def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
@@ -249,7 +306,8 @@ class ComposedCostModel:
                 fit.update(profiled, measured)
         explained = compose(self.costs, self.model, shape, SubtaskFactors(**ratios)).total_ns
         if explained > 0:
-            self._residual.setdefault(shape.mode, AffineFit(self.alpha)).update(explained, timings.total_ns)
+            key = (shape.mode, _layout(shape))
+            self._residual.setdefault(key, AffineFit(self.alpha)).update(explained, timings.total_ns)
         tracker = self._errors.setdefault(shape.mode, ErrorTracker(self.alpha))
         tracker.add(
             (raw.total_ns - timings.total_ns) / timings.total_ns,

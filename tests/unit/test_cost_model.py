@@ -1,5 +1,5 @@
-"""The scheduler's performance model: table interpolation, the profiler's JSON contract, the per-mode composition
-rules, online correction, and the analytic model of published hardware."""
+"""The scheduler's performance model: table interpolation, the profiler's JSON contract, the iteration shapes, online
+correction, and the analytic model of published hardware (the composition rules: test_cost_model_composition)."""
 
 import json
 
@@ -225,83 +225,7 @@ def test_iteration_shape_counts_requests_and_tokens_over_sub_batches():
     assert shape.num_tokens == 20
 
 
-# --- composition ----------------------------------------------------------------------------------------------------
-
-
-def test_gpu_only_layer_is_linear_plus_prefill_plus_gpu_attention_with_a_trimmed_last_layer():
-    model = ConstantCostModel(COSTS, TINY)
-    p = model.predict(one(GPU_ONLY, prefill_lens=(10,), gpu_rows=3, gpu_kv_tokens=30))
-    lin, pref, gatt, step = 1000 + 10 * 13, 2 * 10, 30, 500 + 20 * 4
-    last_layer_saving = (1 - QKV) * (lin - (1000 + 10 * 4))  # O-proj and MLP only for the 4 requests' last tokens
-    assert p.linear_ns == pytest.approx(2 * lin - last_layer_saving)
-    assert p.device_attention_ns == pytest.approx(2 * (pref + gatt))
-    assert p.step_overhead_ns == pytest.approx(step)
-    assert p.staging_ns == p.cpu_attention_ns == p.exposed_wait_ns == p.sync_ns == 0
-    assert p.total_ns == pytest.approx(2 * (lin + pref + gatt) - last_layer_saving + step)
-
-
-def test_async_overlap_hides_cpu_attention_that_fits_the_window():
-    p = ConstantCostModel(COSTS, TINY).predict(one(ASYNC, gpu_rows=4, gpu_kv_tokens=400, cpu_rows=2,
-                                                   cpu_kv_tokens=40))
-    lin, gatt, xfer, catt, sync = 1000 + 60, 400, 2 * 640 * 0.5, 5 * 40, 100
-    assert catt + sync < gatt + QKV * lin * 4 / 6  # fits the window
-    assert p.exposed_wait_ns == 0
-    assert p.cpu_attention_ns == pytest.approx(2 * catt)
-    assert p.sync_ns == pytest.approx(2 * sync)
-    assert p.staging_ns == pytest.approx(2 * xfer)
-    assert p.total_ns == pytest.approx(2 * (lin + gatt + xfer) + 500 + 20 * 6)
-
-
-def test_async_overlap_exposes_only_the_cpu_attention_beyond_the_window():
-    model = ConstantCostModel(COSTS, TINY)
-    lin, gatt, xfer, sync = 1060, 400, 640, 100
-    window = gatt + QKV * lin * 4 / 6  # GPU rows' attention and their share of QKV
-    for cpu_kv in (60, 100, 400, 4000):
-        p = model.predict(one(ASYNC, gpu_rows=4, gpu_kv_tokens=400, cpu_rows=2, cpu_kv_tokens=cpu_kv))
-        excess = max(0.0, 5 * cpu_kv + sync - window)
-        assert p.exposed_wait_ns == pytest.approx(2 * excess), cpu_kv
-        assert p.total_ns == pytest.approx(2 * (lin + gatt + xfer + excess) + 620), cpu_kv
-    assert excess > 0  # the last point is past the window
-
-
-def test_async_overlap_window_grows_with_prefill_in_the_iteration():
-    model = ConstantCostModel(COSTS, TINY)
-    decode = {"gpu_rows": 4, "gpu_kv_tokens": 400, "cpu_rows": 2, "cpu_kv_tokens": 400}
-    alone = model.predict(one(ASYNC, **decode))
-    mixed = model.predict(one(ASYNC, prefill_lens=(100,), **decode))
-    lin, tokens = 1000 + 10 * 106, 106
-    window = 400 + 2 * 100 + lin * (QKV * 104 + (1 - QKV) * 100) / tokens  # attention, QKV of others, prefill O+MLP
-    assert mixed.exposed_wait_ns == pytest.approx(2 * max(0.0, 2000 + 100 - window))
-    assert mixed.exposed_wait_ns < alone.exposed_wait_ns
-
-
-def test_asym_pipeline_streams_the_weights_once_per_sub_batch():
-    model = ConstantCostModel(COSTS, TINY)
-    half = SubBatchShape(gpu_rows=2, gpu_kv_tokens=100, cpu_rows=1, cpu_kv_tokens=10)
-    pipelined = model.predict(IterationShape(ASYM, (half, half)))
-    overlapped = model.predict(one(ASYNC, gpu_rows=4, gpu_kv_tokens=200, cpu_rows=2, cpu_kv_tokens=20))
-    assert pipelined.linear_ns == pytest.approx(2 * 2 * (1000 + 30))
-    assert pipelined.linear_ns - overlapped.linear_ns == pytest.approx(2 * 1000)  # one more pass of the fixed part
-    assert pipelined.exposed_wait_ns == 0  # 50 + 100 ns of CPU work per sub-batch hides behind the other's 1450
-    assert pipelined.total_ns == pytest.approx(2 * 2 * (1030 + 100 + 320) + 500 + 20 * 6)
-
-
-def test_asym_pipeline_exposes_each_sub_batchs_cpu_attention_beyond_the_others_device_work():
-    model = ConstantCostModel(COSTS, TINY)
-    a = SubBatchShape(gpu_rows=2, gpu_kv_tokens=100, cpu_rows=1, cpu_kv_tokens=1000)  # catt 5000
-    b = SubBatchShape(gpu_rows=1, gpu_kv_tokens=50, cpu_rows=1, cpu_kv_tokens=100)  # catt 500
-    p = model.predict(IterationShape(ASYM, (a, b)))
-    dev_a, dev_b = 1030 + 100 + 320, 1020 + 50 + 320
-    exposed = max(0, 500 + 100 - dev_a) + max(0, 5000 + 100 - dev_b)
-    assert exposed == 5100 - dev_b
-    assert p.exposed_wait_ns == pytest.approx(2 * exposed)
-    assert p.total_ns == pytest.approx(2 * (dev_a + dev_b + exposed) + 500 + 20 * 5)
-
-
-def test_asym_pipeline_with_one_sub_batch_costs_as_async_overlap():
-    model = ConstantCostModel(COSTS, TINY)
-    decode = {"prefill_lens": (30,), "gpu_rows": 4, "gpu_kv_tokens": 400, "cpu_rows": 2, "cpu_kv_tokens": 400}
-    assert model.predict(one(ASYM, **decode)) == model.predict(one(ASYNC, **decode))
+# --- composition (per layout: test_cost_model_composition) ----------------------------------------------------
 
 
 def test_prediction_total_is_the_sum_of_its_serial_parts():

@@ -75,6 +75,9 @@ def test_engine_finishes_every_request_at_its_length_and_frees_every_block(polic
         assert stats.free_blocks[placement] == stats.total_blocks[placement], f"{placement.value} blocks leaked"
     assert result.output_tokens == sum(r.output_len for r in requests)
     assert sum(result.mode_mix.values()) == pytest.approx(1.0)
+    hybrid = result.mode_mix.get("async_overlap", 0.0) + result.mode_mix.get("asym_pipeline", 0.0)
+    assert sum(result.layout_mix.values()) == pytest.approx(1.0 if result.mean_cpu_rows else 0.0)
+    assert result.mean_cpu_rows == 0 or hybrid > 0
     assert result.duration_s > 0 and result.ttft_p50_s <= result.ttft_p99_s and result.tpot_p50_ms > 0
 
 
@@ -148,4 +151,5 @@ def test_cli_writes_json_and_png(tmp_path) -> None:
     result = json.loads((out / "simulate.json").read_text())
     assert {(r["hardware"], r["policy"]) for r in result["runs"]} == {(h, p) for h in ("t4", "a10") for p in POLICIES}
     assert all(r["finished"] == 20 for r in result["runs"])
+    assert all(r["layout_mix"] == {} for r in result["runs"] if r["policy"] == "gpu-only")
     assert (out / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
