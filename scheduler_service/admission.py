@@ -46,7 +46,8 @@ class Admission:
               cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
         budget leaves, while fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows
-        (longest context gpu_longest) already take their part of the step. While the CPU pool is lost, a request that
+        (longest context gpu_longest) already take their part of the step. A request placed on the CPU pool is
+        admitted only where the policy admits it (its latency objective). While the CPU pool is lost, a request that
         can run only there keeps its place and lets the others pass: it would otherwise hold up the whole queue
         until the pool returns."""
         admitted: list[Chunk] = []
@@ -75,7 +76,7 @@ class Admission:
                 break
             after = steady.with_request(request, placement)
             tokens = min(request.num_tokens, budget)
-            if running and not self._policy.admits(
+            if running and placement is Placement.CPU and not self._policy.admits(
                 Candidates(prefill_lens + [tokens], num_gpu_rows, gpu_longest, [0], 0, max_rows,
                            (*contexts, 0), shape.loaded_tokens),
                 Candidates([], after.gpu_rows, after.gpu_longest, after.cpu_context, 0, max_rows),

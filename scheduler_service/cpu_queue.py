@@ -1,8 +1,9 @@
 """Arithmetic over the CPU-resident requests' queue (least recently decoded first): the prefix sums of their decode
-contexts the policies price, how many of them must decode now to keep the sit-out bound, and which of them fit a room
-(the accelerator's free blocks, for swap-ins)."""
+contexts the policies price, the iterations each has sat out, how many of them must decode now to keep the sit-out
+bound, which of them fit a room (the accelerator's free blocks, for swap-ins), and the rotation after a step."""
 
-from collections.abc import Callable, Collection, Iterable
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from itertools import accumulate
 
 from scheduler_service.request import Request
@@ -11,6 +12,12 @@ from scheduler_service.request import Request
 def prefix_contexts(requests: Iterable[Request]) -> list[int]:
     """Prefix sums of the requests' decode contexts (a row's context: its KV and its token)."""
     return [0, *accumulate(r.num_tokens for r in requests)]
+
+
+def sat_out(requests: Iterable[Request], next_step_id: int) -> tuple[int, ...]:
+    """Iterations each request has gone without decoding, up to step next_step_id (one that joined the queue for the
+    step being planned: 0)."""
+    return tuple(max(0, next_step_id - r.last_step - 1) for r in requests)
 
 
 def must_run(queue: Collection[Request], capacity: int, max_sit_out: int, next_step_id: int) -> int:
@@ -39,3 +46,14 @@ def fitting(requests: Iterable[Request], need: Callable[[Request], int], room: i
             chosen.append(request)
             room -= n
     return chosen
+
+
+def to_back(queue: deque[Request], decoded: Sequence[Request], chosen: int) -> None:
+    """The requests that decoded go to the back of the queue: the chosen were its front, `decoded` all of them unless
+    one left the queue (preempted)."""
+    if len(decoded) == chosen:
+        queue.rotate(-len(decoded))
+        return
+    for request in decoded:
+        queue.remove(request)
+        queue.append(request)

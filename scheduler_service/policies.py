@@ -1,39 +1,56 @@
-"""The three policies (DESIGN §1): per iteration, the execution mode and the CPU decode rows that run.
+"""The three policies (DESIGN §1): per iteration, the execution mode, the overlap layout and the CPU decode rows that
+run.
 
 Every policy runs all prefills and all accelerator-resident decodes the Scheduler admitted; they differ in what they
 do with the CPU-resident requests (the candidates, least recently run first):
-    gpu-only  never has any (it places nothing on the CPU): always GPU_ONLY.
+    gpu-only  never has any (it places nothing on the CPU): always GPU_ONLY; it ignores the latency objectives.
     neo       NEO's load-aware asymmetric pipelining: sub-batch 0 holds the prefills and the accelerator rows, CPU rows
               fill sub-batch 1 while their attention hides under sub-batch 0's device work, then sub-batch 0 while its
-              CPU rows hide under sub-batch 1's; ASYM_PIPELINE only where its predicted tokens/s beats GPU_ONLY.
-    apex      predicts the tokens/s of GPU_ONLY, ASYNC_OVERLAP (CPU rows sized to the overlap window, and all it can
-              stage) and ASYM_PIPELINE (NEO's construction, considered only where APEX eq. 6 says pipelining can beat
-              GPU_ONLY) and takes the best; with a TPOT target, the best of those predicted to stay under it.
-Candidates that sat out max_sit_out iterations are forced in (no policy starves a request): GPU_ONLY is then out.
+              CPU rows hide under sub-batch 1's; ASYM_PIPELINE only where its predicted tokens/s beats GPU_ONLY. NEO
+              computes the QKV projection of all rows of a sub-batch at once: the FUSED layout.
+    apex      predicts GPU_ONLY, ASYNC_OVERLAP (CPU rows sized to the overlap window, and all it can stage) and
+              ASYM_PIPELINE (NEO's construction, considered only where APEX eq. 6 says pipelining can beat GPU_ONLY),
+              ASYNC_OVERLAP under both layouts (FUSED, SPLIT: compose prices each as executed, and the window follows
+              the layout; ASYM_PIPELINE in PIPELINE_LAYOUT), and takes the best by the idle-aware score
+              (ApexPolicy.best).
+Latency objectives (scheduler_service.objectives) bind neo and apex: an option that breaks the TPOT or the TTFT rule is
+not taken while one that keeps them exists (_Predicting._decide says what is given up first where none does).
+Candidates that sat out max_sit_out iterations, or whose TPOT would break by sitting out once more, are forced in (no
+policy starves a request): GPU_ONLY is then out.
+
+apex's idle-aware score. CPU attention that outlasts the overlap window (the overflow) leaves the accelerator idle:
+the composed step carries it as the exposed wait. Per-iteration tokens/s weighs that idle time once, like work, and so
+prefers a step whose overflow rows stick far out of the window whenever their tokens edge out the alternatives (on a
+T4 with 1 accelerator row and 24 CPU rows: the accelerator idle 90% of the step, a hair ahead of pipelining). In the
+steady state the overflow rows are not lost when they do not run now: they sit out and are decoded
+later within a window (or, once they sit out, swapped in to an accelerator with room), at no idle time. So each
+option scores its tokens over its predicted step plus its exposed wait (the idle time counted once more, as the
+window time the deferred rows would have used), and the overflow goes where it costs least: into ASYM_PIPELINE (its
+second weight pass is work, not idle time), to a later iteration (the window-sized option: fewer CPU rows now), or
+exposed only where even so scored it still wins.
+
+With no objective set, apex bounds the step (MAX_IDLE_SHARE): an option with CPU rows may be slower than GPU_ONLY's
+step for the same accelerator rows and prefills by the accelerator work of its CPU rows (their share of the linear
+passes, a SPLIT layout's second pass, their staging) plus an exposed wait of at most MAX_IDLE_SHARE of GPU_ONLY's step,
+i.e. exposed_wait <= MAX_IDLE_SHARE x GPU_ONLY's step; without accelerator rows or prefills there is nothing to slow.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.config import SchedulerConfig
-from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only
+from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only, sub_batch_costs
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
+from scheduler_service.objectives import NO_OBJECTIVE, LatencyObjective
 
-MAX_EXPOSED_SHARE = 0.25  # apex admits a CPU row only into options that wait for the CPU at most this share of a step
+__all__ = ["MAX_IDLE_SHARE", "ApexPolicy", "Candidates", "Choice", "GpuOnlyPolicy", "LatencyObjective", "NeoPolicy",
+           "Policy", "idle_aware_tokens_per_s", "make_policy", "tokens_per_s"]
 
-
-@dataclass(frozen=True)
-class LatencyObjective:
-    """The stack's latency objectives in ms (0: none), as --tpot-slo-ms and --ttft-slo-ms set them."""
-
-    tpot_ms: float = 0.0
-    ttft_ms: float = 0.0
-
-    @classmethod
-    def of(cls, config: SchedulerConfig) -> "LatencyObjective":
-        return cls(config.tpot_slo_ms, config.ttft_slo_ms)
+MAX_IDLE_SHARE = 0.25  # no objective: apex's exposed wait at most this share of GPU_ONLY's step for the same rows
+# ASYM_PIPELINE runs FUSED only: SPLIT's second QKV pass lengthens a sub-batch's device work by x and hides at most x
+# more of the other sub-batch's CPU attention, so priced as executed it never beats FUSED (nor did it measured here).
+PIPELINE_LAYOUT = OverlapLayout.FUSED
 
 
 @dataclass
@@ -48,6 +65,9 @@ class Candidates:
     max_cpu_rows: int  # CPU rows one sub-batch can stage
     prefill_contexts: tuple[int, ...] = ()  # per prefill: tokens computed before its chunk; (): all whole prompts
     prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
+    cpu_sat_out: tuple[int, ...] = ()  # per CPU candidate: iterations since its last token; (): all 0
+    first_token_waits: tuple[tuple[float, int], ...] = ()  # per request without its first token: (ns waited so far,
+    #   iterations until its first token at the earliest, this one included)
 
     @property
     def num_cpu(self) -> int:
@@ -57,9 +77,10 @@ class Candidates:
 @dataclass(frozen=True, slots=True)
 class Choice:
     """The mode; the first cpu_rows candidates decode, the first cpu_rows_in_sub_batch_1 of them in sub-batch 1
-    (ASYM_PIPELINE; the rest in sub-batch 0). estimate_ns ranks the options: one composition at the fitted mean factors
-    (the cost model's full corrected prediction of the chosen one is made off the decision path, by
-    InFlightStep.prediction)."""
+    (ASYM_PIPELINE; the rest in sub-batch 0). estimate_ns ranks the options: without a latency objective, one
+    composition at the fitted mean factors (the cost model's full corrected prediction of the chosen one is made off
+    the decision path, by InFlightStep.prediction); with one, that full prediction itself, so the objective holds for
+    the predicted_ns the iteration's record carries."""
 
     mode: ExecutionMode
     cpu_rows: int = 0
@@ -83,8 +104,9 @@ class Policy(Protocol):
         ...
 
     def admits(self, now: Candidates, steady: Candidates) -> bool:
-        """Whether admitting one more request keeps the policy's latency target: `now` is this iteration with its
-        prefill, `steady` a decode iteration of every running request with it (all CPU candidates decoding)."""
+        """Whether placing one more request on the CPU pool keeps the policy's TPOT objective: `now` is this iteration
+        with its prefill, `steady` a decode iteration of every running request with it (all CPU candidates
+        decoding)."""
         ...
 
 
@@ -96,39 +118,95 @@ def _gpu_part(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> SubBatc
 
 
 class _Predicting:
-    """Shapes, estimates and predictions shared by the policies (the cost model is optional for gpu-only)."""
+    """Shapes, estimates and predictions shared by the policies (the cost model is optional for gpu-only), and the
+    objectives' test of an option."""
 
-    def __init__(self, cost_model: ComposedCostModel | None) -> None:
+    def __init__(self, cost_model: ComposedCostModel | None, objective: LatencyObjective = NO_OBJECTIVE) -> None:
         self.cost_model = cost_model
+        self.objective = objective
 
     def _estimated(self, mode: ExecutionMode, parts: Sequence[SubBatchShape | None], cpu_rows: int = 0,
-                   in_sub_batch_1: int = 0) -> Choice:
+                   in_sub_batch_1: int = 0, layout: OverlapLayout = OverlapLayout.FUSED) -> Choice:
         sub_batches = tuple(filter(None, parts))
         if not sub_batches:
             return Choice(ExecutionMode.GPU_ONLY)
-        shape = IterationShape(mode, sub_batches)
+        shape = IterationShape(mode, sub_batches, layout)
         m = self.cost_model
         if m is None:
-            return Choice(mode, cpu_rows, in_sub_batch_1, shape)
+            return Choice(mode, cpu_rows, in_sub_batch_1, shape, layout=layout)
+        if self.objective.any:  # the objectives hold for the prediction the iteration's record carries
+            predicted = m.predict(shape)
+            return Choice(mode, cpu_rows, in_sub_batch_1, shape, predicted.total_ns, predicted.exposed_wait_ns, layout)
         composed = compose(m.costs, m.model, shape, m.factors)
-        residual = m.residual_factor(mode)
+        residual = m.residual_factor(mode, layout if shape.num_cpu_rows else OverlapLayout.FUSED)
         return Choice(mode, cpu_rows, in_sub_batch_1, shape, composed.total_ns * residual,
-                      composed.exposed_wait_ns * residual)
+                      composed.exposed_wait_ns * residual, layout)
 
     def gpu_only(self, c: Candidates) -> Choice:
         return self._estimated(ExecutionMode.GPU_ONLY, [_gpu_part(c)])
 
-    def async_overlap(self, c: Candidates, k: int) -> Choice:
-        return self._estimated(ExecutionMode.ASYNC_OVERLAP, [_gpu_part(c, k, c.cpu_context[k])], k)
+    def async_overlap(self, c: Candidates, k: int, layout: OverlapLayout = OverlapLayout.FUSED) -> Choice:
+        return self._estimated(ExecutionMode.ASYNC_OVERLAP, [_gpu_part(c, k, c.cpu_context[k])], k, 0, layout)
 
-    def asym_pipeline(self, c: Candidates, k0: int, k1: int) -> Choice:
+    def asym_pipeline(self, c: Candidates, k0: int, k1: int, layout: OverlapLayout = OverlapLayout.FUSED) -> Choice:
         """k1 CPU rows (the first candidates) in sub-batch 1, the next k0 with the accelerator's work in sub-batch 0."""
         ctx = c.cpu_context
         b = SubBatchShape((), 0, 0, k1, ctx[k1]) if k1 else None
         a = _gpu_part(c, k0, ctx[k1 + k0] - ctx[k1])
         if a is None or b is None:
-            return self.async_overlap(c, k0 + k1)
-        return self._estimated(ExecutionMode.ASYM_PIPELINE, [a, b], k0 + k1, k1)
+            return self.async_overlap(c, k0 + k1, layout)
+        return self._estimated(ExecutionMode.ASYM_PIPELINE, [a, b], k0 + k1, k1, layout)
+
+    def _with_due(self, c: Candidates, shortest_ns: float) -> Candidates:
+        """c with the candidates the TPOT objective makes due at the shortest step forced in (they are due at any)."""
+        due = self.objective.due(c.cpu_sat_out, shortest_ns)
+        return replace(c, forced=due) if due > c.forced else c
+
+    def _keeps(self, o: Choice, c: Candidates, shortest_ns: float, sit_out: bool = True) -> bool:
+        """Whether option o keeps the latency objectives (scheduler_service.objectives; the sit-out rule only with
+        sit_out), shortest_ns being GPU_ONLY's step for the same accelerator rows and prefills."""
+        objective = self.objective
+        tpot = objective.keeps_tpot(o.estimate_ns, o.cpu_rows, c.cpu_sat_out if sit_out else ())
+        return tpot and objective.keeps_ttft(o.estimate_ns, shortest_ns, c.first_token_waits)
+
+    def _decide(self, c: Candidates, options_of: Callable[[Candidates], list[Choice]], score: Callable[[Choice], float],
+                allowed: Callable[[Choice, Choice], bool] = lambda o, plain: True) -> Choice:
+        """The best-scored option that keeps the objectives and `allowed` (of it and GPU_ONLY's option). Where none
+        keeps the objectives with the candidates the TPOT rule makes due forced in, those wait (the step bounds every
+        running request's interval, a sit-out one CPU request's; max_sit_out still binds); where none keeps them even
+        so, GPU_ONLY, or with rows forced by max_sit_out the shortest step. Of those that keep them, where none is
+        allowed (forced rows), the one of the least exposed wait."""
+        plain = self.gpu_only(c)
+        due = self._with_due(c, plain.estimate_ns)
+        options = [o for o in options_of(due) if o.shape is not None]
+        if not options:
+            return plain
+        kept = [o for o in options if self._keeps(o, due, plain.estimate_ns)]
+        if not kept and due is not c:
+            options = [o for o in options_of(c) if o.shape is not None]
+            kept = [o for o in options if self._keeps(o, c, plain.estimate_ns, False)]
+        if not kept:  # GPU_ONLY unless rows are forced: CPU rows cannot bring such a step under the objective
+            return plain if c.forced == 0 else min(options, key=lambda o: o.estimate_ns)
+        permitted = [o for o in kept if allowed(o, plain)]
+        return max(permitted, key=score) if permitted else min(kept, key=lambda o: o.exposed_wait_ns)
+
+    def admits(self, now: Candidates, steady: Candidates) -> bool:
+        """Whether placing one more request on the CPU pool keeps the TPOT objective (always, without one): some option
+        of `steady`, a decode iteration of every running request with it, must keep the steady rule of
+        scheduler_service.objectives. `now`, the iteration of its prefill, does not count: a prefill step is the
+        accelerator's as under gpu-only (whose admissions no objective holds back)."""
+        return self._steady_keeps(steady)
+
+    def _steady_keeps(self, steady: Candidates) -> bool:
+        """Whether some option of the steady iteration keeps the steady TPOT rule (always, without an objective or CPU
+        requests)."""
+        if not (self.objective.tpot_ms and steady.num_cpu):
+            return True
+        return any(self.objective.keeps_steady_tpot(o.estimate_ns, o.cpu_rows, steady.num_cpu)
+                   for o in self._steady_options(steady))
+
+    def _steady_options(self, steady: Candidates) -> list[Choice]:
+        return [self.gpu_only(steady)]
 
 
 def _device_attention(m: ComposedCostModel, c: Candidates) -> float:
@@ -141,12 +219,12 @@ def _device_attention(m: ComposedCostModel, c: Candidates) -> float:
 
 
 def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
-    """c with more CPU candidates of these contexts at the back."""
+    """c with more CPU candidates of these contexts at the back (just joined: sat out 0)."""
     context = list(c.cpu_context)
     for n in contexts:
         context.append(context[-1] + n)
-    return Candidates(c.prefill_lens, c.gpu_rows, c.gpu_longest, context, c.forced, c.max_cpu_rows,
-                      c.prefill_contexts, c.prefill_loaded_tokens)
+    sat_out = (*c.cpu_sat_out, *(0,) * len(contexts)) if c.cpu_sat_out else ()
+    return replace(c, cpu_context=context, cpu_sat_out=sat_out)
 
 
 def tokens_per_s(choice: Choice) -> float:
@@ -156,9 +234,20 @@ def tokens_per_s(choice: Choice) -> float:
     return choice.shape.num_requests / choice.estimate_ns * 1e9
 
 
+def idle_aware_tokens_per_s(choice: Choice) -> float:
+    """apex's score (the module docstring): tokens over the estimated step plus its exposed wait, the accelerator's
+    idle time counted once more."""
+    if choice.shape is None or choice.estimate_ns <= 0:
+        return 0.0
+    return choice.shape.num_requests / (choice.estimate_ns + choice.exposed_wait_ns) * 1e9
+
+
 class GpuOnlyPolicy(_Predicting):
     name = "gpu-only"
     uses_cpu = False
+
+    def __init__(self, cost_model: ComposedCostModel | None) -> None:
+        super().__init__(cost_model)  # no objective: gpu-only has no CPU rows or modes to trade for latency
 
     def choose(self, c: Candidates) -> Choice:
         return self.gpu_only(c)
@@ -184,9 +273,10 @@ def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
 class NeoPolicy(_Predicting):
     name = "neo"
     uses_cpu = True
+    layout = OverlapLayout.FUSED  # NEO's sub-batches compute QKV for all their rows at once
 
-    def __init__(self, cost_model: ComposedCostModel) -> None:
-        super().__init__(cost_model)
+    def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = NO_OBJECTIVE) -> None:
+        super().__init__(cost_model, objective)
         self.model = cost_model
 
     def pipeline_rows(self, c: Candidates) -> tuple[int, int]:
@@ -216,54 +306,68 @@ class NeoPolicy(_Predicting):
         k0 = _largest(lambda k: catt(k1, k) <= dev1, 0, limit0)
         return max(k0, min(c.forced - k1, limit0)), k1
 
-    def pipeline(self, c: Candidates) -> Choice | None:
+    def pipeline(self, c: Candidates, layout: OverlapLayout | None = None) -> Choice | None:
         k0, k1 = self.pipeline_rows(c)
-        return self.asym_pipeline(c, k0, k1) if k0 + k1 else None
+        return self.asym_pipeline(c, k0, k1, layout or self.layout) if k0 + k1 else None
+
+    def _within_step(self, c: Candidates, piped: Choice) -> Choice:
+        """The pipeline cut to the most rows (NEO's sub-batch 1 first, at least the forced ones) whose step keeps the
+        TPOT objective."""
+        k1_full = piped.cpu_rows_in_sub_batch_1
+        layout = piped.layout
+
+        def cut(n: int) -> Choice:
+            return self.asym_pipeline(c, n - min(k1_full, n), min(k1_full, n), layout)
+
+        n = _largest(lambda n: cut(n).estimate_ns <= self.objective.tpot_ns, max(1, c.forced), piped.cpu_rows)
+        return cut(n)
 
     def best(self, c: Candidates) -> Choice:
-        """The chosen option, estimated only."""
+        """The chosen option, estimated only: the better of NEO's pipeline and GPU_ONLY by tokens/s, among those that
+        keep the objectives (the pipeline cut to keep the TPOT step where it would break it)."""
+        return self._decide(c, self._neo_options, tokens_per_s)
+
+    def _neo_options(self, c: Candidates) -> list[Choice]:
+        plain = self.gpu_only(c)
         piped = self.pipeline(c) if c.num_cpu else None
         if piped is None:
-            return self.gpu_only(c)
-        if c.forced:
-            return piped
-        plain = self.gpu_only(c)
-        return piped if tokens_per_s(piped) > tokens_per_s(plain) else plain
+            return [plain]
+        options = [piped] if c.forced else [piped, plain]
+        if self.objective.tpot_ms and piped.estimate_ns > self.objective.tpot_ns:
+            options.append(self._within_step(c, piped))
+        return options
 
     def choose(self, c: Candidates) -> Choice:
         return self.best(c)
 
     def gains_from_cpu_rows(self, steady: Candidates, contexts: Sequence[int]) -> bool:
-        return tokens_per_s(self.best(_with_rows(steady, contexts))) > tokens_per_s(self.best(steady))
+        """Whether the rows raise the predicted score of the steady iteration, and some option of it with them keeps
+        the steady TPOT rule."""
+        more = _with_rows(steady, contexts)
+        return self._score(self.best(more)) > self._score(self.best(steady)) and self._steady_keeps(more)
 
-    def admits(self, now: Candidates, steady: Candidates) -> bool:
-        return True
+    def _score(self, choice: Choice) -> float:
+        return tokens_per_s(choice)
+
+    def _steady_options(self, steady: Candidates) -> list[Choice]:
+        piped = self.pipeline(steady) if steady.num_cpu else None
+        return [self.gpu_only(steady)] + ([piped] if piped is not None else [])
 
 
 class ApexPolicy(NeoPolicy):
     name = "apex"
 
-    def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = LatencyObjective()) -> None:
-        super().__init__(cost_model)
-        self.objective = objective
-        self.target_ns = objective.tpot_ms * 1e6
-
-    def window_rows(self, c: Candidates, limit: int) -> int:
-        """The most CPU rows whose attention and doorbell fit the ASYNC_OVERLAP overlap window (cost_model docstring):
-        the prefills' and accelerator rows' attention and the linear work that does not wait for the CPU rows."""
+    def window_rows(self, c: Candidates, limit: int, layout: OverlapLayout = OverlapLayout.FUSED) -> int:
+        """The most CPU rows (up to limit) whose attention and doorbell fit the ASYNC_OVERLAP window of this layout:
+        the largest k whose exposed wait is 0 by the cost model's rule for one sub-batch (cost.model.sub_batch_costs,
+        at the fitted factors)."""
         m = self.model
-        f, costs, qkv = m.factors, m.costs, m.model.qkv_fraction
-        prefill = sum(c.prefill_lens)
-        fixed = _device_attention(m, c)
-        sync = costs.t_sync(0)
 
         def fits(k: int) -> bool:
-            tokens = prefill + c.gpu_rows + k
-            lin = f.linear * costs.t_lin(tokens)
-            window = fixed + lin * (qkv * (tokens - k) + (1.0 - qkv) * prefill) / tokens
-            return f.cpu_attention * costs.t_catt(k, c.cpu_context[k]) + sync <= window
+            sb = _gpu_part(c, k, c.cpu_context[k])
+            return sb is None or sub_batch_costs(m.costs, m.model, sb, layout, m.factors).exposed_wait <= 0.0
 
-        return _largest(fits, 0, limit)
+        return limit if fits(limit) else _largest(fits, 0, limit - 1)
 
     def _gate(self, c: Candidates, limit: int) -> bool:
         """APEX eq. 6 on this batch: can asymmetric pipelining beat GPU_ONLY at all?"""
@@ -278,60 +382,61 @@ class ApexPolicy(NeoPolicy):
             return True
         return pipelining_beats_gpu_only(t_lin, t_gatt, gpu_kv / t_gatt, c.cpu_context[limit] / t_catt)
 
-    def gains_from_cpu_rows(self, steady: Candidates, contexts: Sequence[int]) -> bool:
-        """NeoPolicy's test over apex's options, less those that wait for the CPU more than MAX_EXPOSED_SHARE of the
-        step: rows that only pay while exposed would, once their context grows or the rows they must run (max_sit_out)
-        pile up, slow every iteration they run in."""
-        more = _with_rows(steady, contexts)
-        return tokens_per_s(self.best(more, MAX_EXPOSED_SHARE)) > tokens_per_s(self.best(steady, MAX_EXPOSED_SHARE))
-
-    def best(self, c: Candidates, max_exposed_share: float = 1.0) -> Choice:
-        options: list[Choice] = []
-        if not c.forced:
-            options.append(self.gpu_only(c))
+    def options(self, c: Candidates) -> list[Choice]:
+        """The options apex weighs (c's forced candidates in each): GPU_ONLY unless rows are forced; per layout,
+        ASYNC_OVERLAP sized to the window and at the limit (and, where that breaks the TPOT step, at the most rows
+        that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT."""
+        options = [] if c.forced else [self.gpu_only(c)]
         limit = min(c.num_cpu, c.max_cpu_rows)
-        if limit:
-            low = max(1, min(c.forced, limit))
-            sized = max(low, self.window_rows(c, limit))
-            options += [self.async_overlap(c, k) for k in sorted({sized, limit})]
-            if not self._within_target(options[-1]):
-                k = _largest(lambda k: self._within_target(self.async_overlap(c, k)), low, limit)
-                options.append(self.async_overlap(c, k))
-            if self._gate(c, limit):
-                piped = self.pipeline(c)
-                if piped is not None:
-                    options.append(piped)
-        options = [o for o in options if o.shape is not None and o.exposed_wait_ns <= max_exposed_share * o.estimate_ns
-                   ] or [Choice(ExecutionMode.GPU_ONLY)]
-        within = [o for o in options if self._within_target(o)]
-        if within:
-            return max(within, key=tokens_per_s)
-        return min(options, key=lambda o: o.estimate_ns)
+        if not limit:
+            return options
+        low = max(1, min(c.forced, limit))
+        k0, k1 = self.pipeline_rows(c) if self._gate(c, limit) else (0, 0)
+        tpot_ns = self.objective.tpot_ns
+        for layout in OverlapLayout:
+            sized = max(low, self.window_rows(c, limit, layout))
+            options += [self.async_overlap(c, k, layout) for k in sorted({sized, limit})]
+            if tpot_ns and options[-1].estimate_ns > tpot_ns:
+                k = _largest(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns, low, limit)
+                options.append(self.async_overlap(c, k, layout))
+            if k0 + k1 and layout is PIPELINE_LAYOUT:
+                options.append(self.asym_pipeline(c, k0, k1, layout))
+        return options
 
-    def _within_target(self, choice: Choice) -> bool:
-        return not self.target_ns or choice.estimate_ns <= self.target_ns
+    def best(self, c: Candidates) -> Choice:
+        """The option of the best idle-aware score (the module docstring) among those that keep the objectives and,
+        with none set, the MAX_IDLE_SHARE bound (_Predicting._decide: what gives way where none does)."""
+        return self._decide(c, self.options, idle_aware_tokens_per_s, self._bounded)
 
-    def admits(self, now: Candidates, steady: Candidates) -> bool:
-        """With a TPOT target, a request is admitted only while this iteration (GPU rows and prefills) and the decode
-        iterations after it (every running request a row, CPU rows as many as one iteration stages) are predicted
-        under the target: rows that sit out or a batch that outgrows the target would both break it."""
-        if not self.target_ns:
+    def _bounded(self, o: Choice, plain: Choice) -> bool:
+        """The no-objective bound: exposed wait <= MAX_IDLE_SHARE x GPU_ONLY's step (plain) for the same accelerator
+        rows and prefills (none to keep with an objective set, or without accelerator work)."""
+        if self.objective.any or plain.shape is None:
             return True
-        if steady.num_cpu > steady.max_cpu_rows:
-            return False
-        limit = steady.num_cpu
-        steady_choice = self.async_overlap(steady, limit) if limit else self.gpu_only(steady)
-        return self._within_target(self.gpu_only(now)) and self._within_target(steady_choice)
+        return o.exposed_wait_ns <= MAX_IDLE_SHARE * plain.estimate_ns
+
+    def _score(self, choice: Choice) -> float:
+        return idle_aware_tokens_per_s(choice)
+
+    def _steady_options(self, steady: Candidates) -> list[Choice]:
+        limit = min(steady.num_cpu, steady.max_cpu_rows)
+        options = [self.gpu_only(steady)]
+        for layout in OverlapLayout if limit else ():
+            options.append(self.async_overlap(steady, limit, layout))
+        piped = self.pipeline(steady, PIPELINE_LAYOUT) if limit else None
+        if piped is not None:
+            options.append(piped)
+        return options
 
 
 def make_policy(name: str, cost_model: ComposedCostModel | None,
-                objective: LatencyObjective = LatencyObjective()) -> Policy:
+                objective: LatencyObjective = NO_OBJECTIVE) -> Policy:
     if name == "gpu-only":
         return GpuOnlyPolicy(cost_model)
     if cost_model is None:
         raise ValueError(f"policy: {name!r} needs a cost model (the profiler's tables); run a profile first")
     if name == "neo":
-        return NeoPolicy(cost_model)
+        return NeoPolicy(cost_model, objective)
     if name == "apex":
         return ApexPolicy(cost_model, objective)
     raise ValueError(f"policy: unknown {name!r}")

@@ -19,9 +19,11 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
    accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside
    what the CPU's requests have reserved and the policy predicts more tokens/s with CPU rows for it and the requests
    queued behind it, at their mean context over their lives, beside the accelerator rows its pool sustains (CPU rows
-   must pay for themselves);
-4. the policy chooses the mode and how many CPU-resident requests (least recently decoded first) decode; a request
-   whose chunk reaches the end of its tokens samples its first token and joins its pool's decode requests.
+   must pay for themselves) and, under a TPOT objective, the steady decode iterations keep it;
+4. the policy chooses the mode, the overlap layout and how many CPU-resident requests (least recently decoded first)
+   decode, within the latency objectives (scheduler_service.objectives; the iterations each candidate sat out and the
+   predicted waits of scheduler_service.latency_clock tell it what they need); a request whose chunk reaches the end
+   of its tokens samples its first token and joins its pool's decode requests.
 The plan carries a request in full once (NewRequestData, with its first chunk), then only what changed (new block ids,
 sub-batch, the next chunk); only the requests whose scheduled tokens reach the end of their tokens sample. Every
 sample_layers_every-th plan asks the workers for per-layer subtask intervals. Until update_from_output() the plan is
@@ -53,9 +55,10 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
-from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts
+from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
 from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
+from scheduler_service.latency_clock import PredictedClock
 from scheduler_service.policies import Candidates, Choice, LatencyObjective, make_policy
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
@@ -99,6 +102,7 @@ class Scheduler:
         self._iterations = IterationLog(RECENT_ITERATIONS)
         self._arrivals = count()
         self._cpu_pool_losses = 0
+        self._clock = PredictedClock(config.max_num_batched_tokens)
 
     @property
     def running(self) -> list[Request]:
@@ -150,6 +154,7 @@ class Scheduler:
                 f"{len(self._waiting)} requests are waiting (max_queued_requests {self.config.max_queued_requests})"
             )
         request.arrival = next(self._arrivals)
+        self._clock.arrive(request_id)
         self._requests[request_id] = request
         self._waiting.append(request)
 
@@ -183,8 +188,11 @@ class Scheduler:
         context = prefix_contexts(cpu_candidates)
         forced = must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id)
         chunks = ChunkShape.of(admitted + continuing)
-        choice = self.policy.choose(Candidates(chunks.lens, len(gpu_rows), gpu_longest, context, forced,
-                                               self._cpu.max_rows, chunks.contexts, chunks.loaded_tokens))
+        choice = self.policy.choose(Candidates(
+            chunks.lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows, chunks.contexts,
+            chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id),
+            self._clock.first_token_waits(admitted + continuing, self._waiting) if self.config.ttft_slo_ms else ()))
+        self._clock.advance(choice.estimate_ns)
         cached += [c.delta() for c in continuing]  # sub-batch 0, with the accelerator rows
         cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_in_sub_batch_1, cached)
         joined = self._prefilled(continuing + admitted)  # in order of admission
@@ -364,13 +372,7 @@ class Scheduler:
                 entries.append(request.entry(self._kv.grow(request), sub_batch))
             request.last_step = step
             rows.append(request)
-        queue = self._cpu_queue
-        if len(rows) == len(chosen):  # the chosen are the front of the queue
-            queue.rotate(-len(rows))
-        else:  # a preempted candidate left the queue
-            for request in rows:
-                queue.remove(request)
-                queue.append(request)
+        to_back(self._cpu_queue, rows, len(chosen))
         return rows
 
     def _prefilled(self, chunks: list[Chunk]) -> int:
@@ -420,6 +422,7 @@ class Scheduler:
             self._leave_running(request)
             self._kv.free(request)
         request.status = RequestStatus.FINISHED
+        self._clock.forget(request.request_id)
         self._drop_from_worker(request)
         del self._requests[request.request_id]
 

@@ -2,15 +2,17 @@
 
 import pytest
 
-from apex_serve.types import ExecutionMode
+from apex_serve.types import ExecutionMode, OverlapLayout
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.policies import (
+    MAX_IDLE_SHARE,
     ApexPolicy,
     Candidates,
     GpuOnlyPolicy,
     LatencyObjective,
     NeoPolicy,
+    idle_aware_tokens_per_s,
     make_policy,
     tokens_per_s,
 )
@@ -47,28 +49,73 @@ def test_apex_stays_gpu_only_when_cpu_attention_costs_more_than_its_rows_yield()
     assert (choice.mode, choice.cpu_rows) == (ExecutionMode.GPU_ONLY, 0)
 
 
-def test_apex_sizes_async_rows_to_the_overlap_window_when_exposed_wait_does_not_pay() -> None:
-    # window = GPU attention (4 rows x 100 tokens x 10 ns = 4 us) + the QKV share of the linear pass;
-    # each CPU row costs 10 us of CPU attention: rows beyond the window add more wait than their tokens are worth
-    cost_model = model(catt_ns_per_kv_token=100.0, lin_ns=10_000.0, lin_ns_per_token=0.0)
-    policy = ApexPolicy(cost_model)
-    c = candidates(gpu_rows=4, cpu=16)
-    window_rows = policy.window_rows(c, 16)
-    qkv_share = 10_000.0 * MODEL.qkv_fraction * 4 / (4 + window_rows)
-    assert 100.0 * 100 * window_rows + 1_000.0 <= 4_000.0 + qkv_share  # the sized rows fit ...
-    assert 100.0 * 100 * (window_rows + 1) + 1_000.0 > 4_000.0 + 10_000.0 * MODEL.qkv_fraction * 4 / (5 + window_rows)
+# per layer: the window's sizes add up by hand (sync 1 us, a CPU row of 100 tokens 10 us of CPU attention)
+WINDOW = {"lin_ns": 100_000.0, "gatt_ns_per_kv_token": 10.0, "catt_ns_per_kv_token": 100.0, "sync_ns": 1_000.0,
+          "step_ns": 100_000.0}
+
+
+def constant(**costs: float) -> ConstantCostModel:
+    return ConstantCostModel(ConstantCosts(**costs), MODEL)
+
+
+def test_apex_sizes_the_overlap_window_by_layout_from_the_composed_exposed_wait() -> None:
+    # 16 accelerator rows of 100 tokens: 16 us of GPU attention. FUSED window: that alone, so 1 CPU row (11 us) fits
+    # and 2 (21 us) do not. SPLIT window: + the others' QKV call (qkv x 100 us = 17.6 us) = 33.6 us: 3 rows (31 us).
+    policy = ApexPolicy(constant(**WINDOW))
+    c = candidates(gpu_rows=16, cpu=4)
+    assert policy.window_rows(c, 4, OverlapLayout.FUSED) == 1
+    assert policy.window_rows(c, 4, OverlapLayout.SPLIT) == 3
+    assert policy.async_overlap(c, 3, OverlapLayout.SPLIT).exposed_wait_ns == 0.0
+    assert policy.async_overlap(c, 4, OverlapLayout.SPLIT).exposed_wait_ns > 0.0
+
+
+def test_apex_picks_the_fused_layout_where_the_cpu_rows_hide_under_the_accelerator_rows_attention() -> None:
+    # weight-bound linear (1 ms a call whatever its rows): 16 CPU rows (1.6 us + 1 us sync) hide in the 4 us of GPU
+    # attention; SPLIT would add a second QKV call (+ qkv x 1 ms a layer) for nothing
+    policy = ApexPolicy(constant(lin_ns=1_000_000.0, gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=1.0,
+                                 sync_ns=1_000.0, step_ns=100_000.0))
+    choice = policy.choose(candidates(gpu_rows=4, cpu=16))
+    assert (choice.mode, choice.layout, choice.cpu_rows) == (ExecutionMode.ASYNC_OVERLAP, OverlapLayout.FUSED, 16)
+    assert choice.estimate_ns == pytest.approx(4 * (1_000_000 + 4_000) + 100_000)
+
+
+def test_apex_picks_the_split_layout_where_the_other_rows_qkv_widens_the_window_for_free() -> None:
+    # compute-bound linear (1 us a row, no cost per call): splitting the calls costs nothing. 64 accelerator rows:
+    # 64 us of attention. 7 CPU rows need 71 us: FUSED hides 6 (61 us) and leaves 7 us a layer exposed with 7; SPLIT's
+    # window adds the others' QKV, qkv x 64 us = 11.3 us, and hides all 7. Eq. 6 rules pipelining out (N_G/N_C = 10).
+    policy = ApexPolicy(constant(lin_ns_per_token=1_000.0, gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=100.0,
+                                 sync_ns=1_000.0, step_ns=100_000.0))
+    c = candidates(gpu_rows=64, cpu=7)
     choice = policy.choose(c)
-    assert choice.mode is ExecutionMode.ASYNC_OVERLAP
-    assert choice.cpu_rows >= max(window_rows, 1)
+    assert (choice.mode, choice.layout, choice.cpu_rows) == (ExecutionMode.ASYNC_OVERLAP, OverlapLayout.SPLIT, 7)
+    assert choice.estimate_ns == pytest.approx(4 * (71_000 + 64_000) + 100_000)  # 640 us, 71 tokens
+    assert policy.async_overlap(c, 7, OverlapLayout.FUSED).estimate_ns == pytest.approx(4 * (71_000 + 64_000 + 7_000)
+                                                                                     + 100_000)
 
 
-def test_apex_picks_the_best_predicted_tokens_per_second_of_the_options_it_weighs() -> None:
+def test_apex_defers_an_overflow_row_that_would_idle_the_accelerator_though_it_edges_out_per_step() -> None:
+    # FUSED window 16 us: 1 CPU row fits (564 us step, 17 tokens); the 2nd adds 5 us a layer of exposed wait (584 us,
+    # 18 tokens): 30.8k tokens/s against 30.1k per step, but with the idle time counted (18 / 604 us = 29.8k) the row
+    # costs more than it brings: it sits out and is decoded later within a window. SPLIT (second QKV call, 634.5 us)
+    # and the pipeline (a second weight pass, 964 us) cost more still.
+    policy = ApexPolicy(constant(**WINDOW))
+    c = candidates(gpu_rows=16, cpu=2)
+    choice = policy.choose(c)
+    assert (choice.mode, choice.layout, choice.cpu_rows) == (ExecutionMode.ASYNC_OVERLAP, OverlapLayout.FUSED, 1)
+    assert choice.estimate_ns == pytest.approx(564_000)
+    exposed = policy.async_overlap(c, 2, OverlapLayout.FUSED)
+    assert (exposed.estimate_ns, exposed.exposed_wait_ns) == (pytest.approx(584_000), pytest.approx(20_000))
+    assert tokens_per_s(exposed) > tokens_per_s(choice) > idle_aware_tokens_per_s(exposed)
+
+
+def test_apex_picks_the_best_idle_aware_score_of_the_options_it_weighs() -> None:
     policy = ApexPolicy(model(catt_ns_per_kv_token=300.0))
     c = candidates()
     choice = policy.choose(c)
-    weighed = [policy.gpu_only(c), policy.async_overlap(c, max(1, policy.window_rows(c, 16))),
-               policy.async_overlap(c, 16)]
-    assert tokens_per_s(choice) == pytest.approx(max(tokens_per_s(o) for o in weighed))
+    bound = MAX_IDLE_SHARE * policy.gpu_only(c).estimate_ns
+    weighed = [o for o in policy.options(c) if o.exposed_wait_ns <= bound]
+    assert {o.layout for o in policy.options(c) if o.cpu_rows} == set(OverlapLayout)
+    assert idle_aware_tokens_per_s(choice) == pytest.approx(max(idle_aware_tokens_per_s(o) for o in weighed))
     assert tokens_per_s(choice) > tokens_per_s(policy.gpu_only(c))
 
 
@@ -110,10 +157,10 @@ def test_apex_with_a_tpot_target_chooses_an_iteration_predicted_under_it() -> No
     assert 0 < capped.cpu_rows < free.cpu_rows
 
 
-def test_apex_with_a_tpot_target_refuses_a_request_that_would_break_it() -> None:
+def test_apex_with_a_tpot_target_refuses_a_cpu_request_whose_decode_steps_would_break_it() -> None:
     policy = ApexPolicy(model(catt_ns_per_kv_token=1.0, lin_ns_per_token=100_000.0), LatencyObjective(tpot_ms=10.0))
     assert policy.admits(candidates(cpu=0, prefill=(10,)), candidates(cpu=4))
-    assert not policy.admits(candidates(cpu=0, prefill=(10, 200)), candidates(cpu=4)), "this iteration breaks it"
+    assert policy.admits(candidates(cpu=0, prefill=(10, 200)), candidates(cpu=4)), "a prefill step is gpu-only's"
     assert not policy.admits(candidates(cpu=0, prefill=(10,)), candidates(cpu=30)), "the decode steps after break it"
     assert not policy.admits(candidates(cpu=0, prefill=(10,)), candidates(cpu=4, max_cpu_rows=3)), "rows would sit out"
     assert ApexPolicy(model(catt_ns_per_kv_token=1.0)).admits(candidates(prefill=(4000,) * 8), candidates(cpu=400))
