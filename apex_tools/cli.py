@@ -105,6 +105,7 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
         chunking,
         cost_model_accuracy,
         gateway,
+        goodput,
         hybrid,
         kernel,
         policies,
@@ -119,7 +120,8 @@ def _cmd_delegated(args: argparse.Namespace) -> int:
 
     mains = {"bench": stack_overhead.main, "bench-gateway": gateway.main, "bench-kernel": kernel.main,
              "bench-hybrid": hybrid.main, "bench-cost-model": cost_model_accuracy.main, "profile": profile_cli.main,
-             "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main, "simulate": simulate.main,
+             "bench-scheduler": scheduler_overhead.main, "bench-policies": policies.main,
+             "bench-goodput": goodput.main, "simulate": simulate.main,
              "bench-tracing": tracing.main, "trace-collect": otlp_receiver.main, "trace-report": trace_report.main,
              "bench-chaos": chaos.main, "bench-soak": soak.main, "bench-chunking": chunking.main,
              "bench-structured": structured.main}
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench-cost-model", "predicted against measured iteration time per mode, before and after online correction"),
         ("bench-scheduler", "the scheduler's decision overhead per iteration with 256 running requests, per policy"),
         ("bench-policies", "gpu-only, neo and apex side by side on this machine: tokens/s and TPOT"),
+        ("bench-goodput", "gpu-only, neo and apex under Poisson arrivals: latency against rate, and goodput"),
         ("simulate", "the policies on T4/A10 (or this machine's profile) with the analytic cost model, at scale"),
         ("bench-tracing", "decode tokens/s with tracing on against off, and the overlap report of the traced run"),
         ("bench-chaos", "SIGKILL of the gpu_worker, the scheduler or the cpu_attention_worker mid-stream: recovery times"),

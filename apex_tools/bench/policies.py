@@ -22,12 +22,13 @@ Measured per (workload, policy): output tokens/s = output tokens / (last token -
 (last token - first token) / (output tokens - 1) and TTFT = first token - submit, p50/p99 over requests; that every
 request got exactly its output length. Ratios in the same run: each policy's throughput over gpu-only's, apex over the
 better of gpu-only and neo, p99 TPOT over gpu-only's; and the targets when all three policies ran.
-Only neo and apex get the profiler's address; apex gets --tpot-slo-ms from --apex-tpot-target-ms, or
-FACTOR x gpu-only's measured p99 TPOT on the same workload with --apex-tpot-from-gpu-only FACTOR (gpu-only runs first).
+Only neo and apex get the profiler's address; apex gets --tpot-slo-ms from --apex-tpot-slo-ms, or FACTOR x
+gpu-only's measured p99 TPOT on the same workload with --apex-tpot-slo-from-gpu-only FACTOR (gpu-only runs first).
+The table reports, per policy, the iterations by execution mode and those with CPU rows by overlap layout (the
+scheduler's iterations_by_layout).
 """
 
 import argparse
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -44,12 +45,12 @@ from apex_tools.bench.serving_stack import (
     Workload,
     arrival_offsets,
     device_blocks,
+    layout_mix,
     metrics,
     profile,
     running_stack,
-    scheduler_stats,
+    serve,
     start_gpu_worker,
-    submit_all,
     worker_info,
 )
 
@@ -63,33 +64,19 @@ class Flags:
     arrival_rate: float  # requests per second; 0: all at once
     seed: int
     device_kv_fraction: float
-    apex_tpot_target_ms: float
-    apex_tpot_from_gpu_only: float  # 0: unset
+    apex_tpot_slo_ms: float
+    apex_tpot_slo_from_gpu_only: float  # 0: unset
 
 
 def run_policy(stack: BenchStack, workload: Workload, policy: str, preset: Preset, flags: Flags,
-               tpot_target_ms: float) -> dict:
+               tpot_slo_ms: float) -> dict:
     """One (workload, policy): a fresh scheduler, the whole workload, its stats; the worker left holding nothing."""
-    address = stack.address("scheduler")
-    args = ["--worker-address", stack.address("gpu"), "--policy", policy, "--max-num-seqs", str(preset.max_num_seqs)]
-    if policy != "gpu-only":
-        args += ["--profiler-address", stack.address("profiler")]
-    if tpot_target_ms > 0:
-        args += ["--tpot-slo-ms", str(tpot_target_ms)]
     requests = workload.requests()
-    run_id = f"{workload.name}-{policy}"
-    scheduler = stack.start("scheduler_service", "scheduler", args)
-    try:
-        offsets = arrival_offsets(len(requests), flags.arrival_rate, flags.seed)
-        start_ns, results = asyncio.run(submit_all(address, run_id, requests, offsets))
-        stats = scheduler_stats(address)
-        if stats.get("num_running") or stats.get("num_waiting"):
-            logger.warning("%s: the scheduler still holds %s running and %s waiting requests after every stream "
-                           "ended", run_id, stats.get("num_running"), stats.get("num_waiting"))
-    finally:
-        stack.services.stop(scheduler)  # on SIGTERM the scheduler drops whatever it still held from the worker
+    offsets = arrival_offsets(len(requests), flags.arrival_rate, flags.seed)
+    start_ns, results, stats = serve(stack, preset, policy, f"{workload.name}-{policy}", requests, offsets,
+                                     tpot_slo_ms=tpot_slo_ms)
     row = metrics(start_ns, results, [n for _, n in requests])
-    return {"policy": policy, "tpot_target_ms": tpot_target_ms, **row, "scheduler_stats": stats}
+    return {"policy": policy, "tpot_slo_ms": tpot_slo_ms, **row, "scheduler_stats": stats}
 
 
 def compare(rows: dict[str, dict]) -> dict:
@@ -125,8 +112,10 @@ def targets(workloads: dict[str, dict]) -> dict[str, bool] | None:
 
 
 def report(result: dict) -> str:
-    lines = [f"{'workload':<14}{'policy':<10}{'dev KV':>7}{'tokens':>8}{'tok/s':>8}{'vs gpu':>8}{'TPOT p50':>10}"
-             f"{'p99':>8}{'TTFT p50':>10}{'p99':>8}{'len ok':>8}{'preempt':>9}{'swaps':>7}  iterations by mode"]
+    header = (f"{'workload':<14}{'policy':<10}{'dev KV':>7}{'tokens':>8}{'tok/s':>8}{'vs gpu':>8}{'TPOT p50':>10}"
+              f"{'p99':>8}{'TTFT p50':>10}{'p99':>8}{'len ok':>8}{'preempt':>9}{'swaps':>7}"
+              "  iterations by mode; layouts")
+    lines = [header]
     for name, w in result["workloads"].items():
         base = w["policies"].get("gpu-only", {}).get("tokens_per_s")
         for policy, row in w["policies"].items():
@@ -139,14 +128,15 @@ def report(result: dict) -> str:
             lines.append(
                 f"{name:<14}{policy:<10}{w['regime']['device_kv_blocks']:>7}{row['output_tokens']:>8}"
                 f"{row['tokens_per_s']:>8.1f}{vs:>8}{row['tpot_p50_ms']:>10.1f}{row['tpot_p99_ms']:>8.1f}"
-                f"{row['ttft_p50_ms']:>10.0f}{row['ttft_p99_ms']:>8.0f}{str(row['lengths_ok']):>8}"
-                f"{stats.get('num_preemptions', '-'):>9}{stats.get('num_swaps', '-'):>7}  {modes}"
+                f"{row['ttft_p50_ms']:>10.0f}{row['ttft_p99_ms']:>8.0f}{row['lengths_ok']!s:>8}"
+                f"{stats.get('num_preemptions', '-'):>9}{stats.get('num_swaps', '-'):>7}  {modes}; layouts: "
+                f"{layout_mix(stats)}"
             )
         if w["ratios"]:
             lines.append(f"{'':<14}ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in w["ratios"].items()))
-        target = w["policies"].get("apex", {}).get("tpot_target_ms")
-        if target:
-            lines.append(f"{'':<14}apex ran with --tpot-slo-ms {target:.1f}")
+        slo = w["policies"].get("apex", {}).get("tpot_slo_ms")
+        if slo:
+            lines.append(f"{'':<14}apex ran with --tpot-slo-ms {slo:.1f}")
     if result["targets"] is not None:
         lines.append("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
     return "\n".join(lines)
@@ -165,14 +155,14 @@ def run_workload(stack: BenchStack, model_dir: Path, workload: Workload, preset:
             "device_kv_fraction": info.num_kv_blocks * info.block_size / workload.working_set_tokens(),
             "cpu_kv_blocks": info.num_cpu_kv_blocks, "cpu_max_rows": info.cpu_max_rows,
         }
-        ordered = sorted(flags.policies, key=POLICIES.index)  # gpu-only first: apex's target may come from it
+        ordered = sorted(flags.policies, key=POLICIES.index)  # gpu-only first: apex's objective may come from it
         for policy in ordered:
-            target = flags.apex_tpot_target_ms if policy == "apex" else 0.0
-            if policy == "apex" and flags.apex_tpot_from_gpu_only and "tpot_p99_ms" in rows.get("gpu-only", {}):
-                target = flags.apex_tpot_from_gpu_only * rows["gpu-only"]["tpot_p99_ms"]
+            slo = flags.apex_tpot_slo_ms if policy == "apex" else 0.0
+            if policy == "apex" and flags.apex_tpot_slo_from_gpu_only and "tpot_p99_ms" in rows.get("gpu-only", {}):
+                slo = flags.apex_tpot_slo_from_gpu_only * rows["gpu-only"]["tpot_p99_ms"]
             logger.info("%s: %s (device KV %d blocks)", workload.name, policy, info.num_kv_blocks)
             try:
-                rows[policy] = run_policy(stack, workload, policy, preset, flags, target)
+                rows[policy] = run_policy(stack, workload, policy, preset, flags, slo)
             except (grpc.RpcError, TimeoutError, RuntimeError) as exc:
                 logger.exception("%s / %s failed", workload.name, policy)
                 rows[policy] = {"policy": policy, "error": f"{type(exc).__name__}: {exc}"}
@@ -204,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arrival-rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at once")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals")
     parser.add_argument("--device-kv-fraction", type=float, default=0.1, help="device KV pool over the working set")
-    parser.add_argument("--apex-tpot-target-ms", type=float, default=0.0, help="apex's --tpot-slo-ms; 0: none")
-    parser.add_argument("--apex-tpot-from-gpu-only", type=float, default=0.0, metavar="FACTOR",
-                        help="apex's TPOT target: FACTOR x gpu-only's p99 TPOT on the same workload (0: unset)")
+    parser.add_argument("--apex-tpot-slo-ms", type=float, default=0.0, help="apex's --tpot-slo-ms; 0: none")
+    parser.add_argument("--apex-tpot-slo-from-gpu-only", type=float, default=0.0, metavar="FACTOR",
+                        help="apex's --tpot-slo-ms: FACTOR x gpu-only's p99 TPOT on the same workload (0: unset)")
     parser.add_argument("--profile-dir", default=None, help="reuse profiles stored here (default: a fresh one)")
     parser.add_argument("--out", default="bench_results/policies.json")
     args = parser.parse_args(argv)
@@ -216,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--policies: each must be one of {POLICIES}, got {args.policies!r}")
     if not 0 < args.device_kv_fraction <= 1:
         parser.error(f"--device-kv-fraction: must be in (0, 1], got {args.device_kv_fraction}")
-    if min(args.arrival_rate, args.apex_tpot_target_ms, args.apex_tpot_from_gpu_only) < 0:
-        parser.error("--arrival-rate, --apex-tpot-target-ms and --apex-tpot-from-gpu-only must be >= 0")
-    if args.apex_tpot_from_gpu_only and (args.apex_tpot_target_ms or "gpu-only" not in policies):
-        parser.error("--apex-tpot-from-gpu-only: needs gpu-only among --policies and no --apex-tpot-target-ms")
-    flags = Flags(policies, args.arrival_rate, args.seed, args.device_kv_fraction, args.apex_tpot_target_ms,
-                  args.apex_tpot_from_gpu_only)
+    if min(args.arrival_rate, args.apex_tpot_slo_ms, args.apex_tpot_slo_from_gpu_only) < 0:
+        parser.error("--arrival-rate, --apex-tpot-slo-ms and --apex-tpot-slo-from-gpu-only must be >= 0")
+    if args.apex_tpot_slo_from_gpu_only and (args.apex_tpot_slo_ms or "gpu-only" not in policies):
+        parser.error("--apex-tpot-slo-from-gpu-only: needs gpu-only among --policies and no --apex-tpot-slo-ms")
+    flags = Flags(policies, args.arrival_rate, args.seed, args.device_kv_fraction, args.apex_tpot_slo_ms,
+                  args.apex_tpot_slo_from_gpu_only)
     preset = PRESETS["quick" if args.quick else "tiny" if args.tiny else "full"]
     result = run(preset, flags, args.profile_dir)
     logger.info("policies side by side (tok/s over gpu-only; TPOT/TTFT in ms)\n%s", report(result))

@@ -1,7 +1,7 @@
-"""The serving stack the bench-policies and bench-tracing benchmarks run: a random LLaMA on a gpu_worker pinned to the
-first core (torch on one thread, exclusive), the cpu_attention_worker, the profiler, the schedulers and the client on
-the second; its workloads and presets, where its services run, the profile cut to the workloads, Submit streams with
-per-token arrival times, and the latency and throughput of a run."""
+"""The serving stack the bench-policies, bench-goodput and bench-tracing benchmarks run: a random LLaMA on a gpu_worker
+pinned to the first core (torch on one thread, exclusive), the cpu_attention_worker, the profiler, the schedulers and
+the client on the second; its workloads and presets, where its services run, the profile cut to the workloads, Submit
+streams with per-token arrival times, a scheduler serving them, and the latency and throughput of a run."""
 
 import asyncio
 import logging
@@ -249,12 +249,21 @@ def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
     return offsets
 
 
+def request_latencies(result: dict) -> tuple[float | None, float | None]:
+    """(TTFT ms, TPOT ms) of one request's record: TTFT = first token - submit, TPOT = (last token - first token) /
+    (tokens - 1); None where the request got too few tokens to have it."""
+    stamps = result["token_ns"]
+    ttft = (stamps[0] - result["submit_ns"]) / 1e6 if stamps else None
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) / 1e6 if len(stamps) > 1 else None
+    return ttft, tpot
+
+
 def metrics(start_ns: int, results: list[dict], expected: list[int]) -> dict:
     received = [len(r["token_ns"]) for r in results]
     last = max(stamp for r in results for stamp in r["token_ns"])
-    tpot = [(r["token_ns"][-1] - r["token_ns"][0]) / (len(r["token_ns"]) - 1) / 1e6
-            for r in results if len(r["token_ns"]) > 1]
-    ttft = [(r["token_ns"][0] - r["submit_ns"]) / 1e6 for r in results if r["token_ns"]]
+    latencies = [request_latencies(r) for r in results]
+    ttft = [t for t, _ in latencies if t is not None]
+    tpot = [t for _, t in latencies if t is not None]
     return {
         "output_tokens": sum(received),
         "elapsed_s": (last - start_ns) / 1e9,
@@ -265,6 +274,38 @@ def metrics(start_ns: int, results: list[dict], expected: list[int]) -> dict:
         "finish_reasons": sorted({str(r["finish_reason"]) for r in results}),
         "lengths_ok": received == expected,
     }
+
+
+def serve(stack: BenchStack, preset: Preset, policy: str, run_id: str, requests: list[tuple[list[int], int]],
+          offsets_s: list[float], tpot_slo_ms: float = 0.0, ttft_slo_ms: float = 0.0) -> tuple[int, list[dict], dict]:
+    """A fresh scheduler under policy against the stack's gpu_worker (only neo and apex get the profiler's address;
+    an objective of 0 is not passed), every request submitted at its offset, then its GetStats; the scheduler is
+    stopped (SIGTERM: it drops whatever it still held from the gpu_worker, so the next run finds the worker holding
+    no request). (first submit ns, per-request records as submit_all returns them, stats)."""
+    address = stack.address("scheduler")
+    args = ["--worker-address", stack.address("gpu"), "--policy", policy, "--max-num-seqs", str(preset.max_num_seqs)]
+    if policy != "gpu-only":
+        args += ["--profiler-address", stack.address("profiler")]
+    if tpot_slo_ms > 0:
+        args += ["--tpot-slo-ms", str(tpot_slo_ms)]
+    if ttft_slo_ms > 0:
+        args += ["--ttft-slo-ms", str(ttft_slo_ms)]
+    scheduler = stack.start("scheduler_service", "scheduler", args)
+    try:
+        start_ns, results = asyncio.run(submit_all(address, run_id, requests, offsets_s))
+        stats = scheduler_stats(address)
+        if stats.get("num_running") or stats.get("num_waiting"):
+            logger.warning("%s: the scheduler still holds %s running and %s waiting requests after every stream "
+                           "ended", run_id, stats.get("num_running"), stats.get("num_waiting"))
+    finally:
+        stack.services.stop(scheduler)
+    return start_ns, results, stats
+
+
+def layout_mix(stats: dict) -> str:
+    """Iterations with CPU rows by overlap layout, as "fused 12, split 3" ("-" when none ran)."""
+    by_layout = stats.get("iterations_by_layout") or {}
+    return ", ".join(f"{k} {n}" for k, n in sorted(by_layout.items()) if n) or "-"
 
 
 @contextmanager
