@@ -30,7 +30,7 @@ class IterationLog:
 
     def __init__(self, keep: int) -> None:
         self.by_mode: Counter[ExecutionMode] = Counter()
-        self.by_layout: Counter[OverlapLayout] = Counter()  # iterations with CPU rows
+        self.by_layout: Counter[OverlapLayout] = Counter()  # iterations with CPU rows, either hybrid mode
         self.recent: deque[IterationRecord] = deque(maxlen=keep)
 
     def add(self, record: IterationRecord | None) -> None:
