@@ -5,7 +5,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.forward import Forward
-from gpu_worker.grammar import GrammarCompiler, GrammarMask, grammar_mask
+from gpu_worker.grammar import GrammarCompiler, grammar_mask
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.lm_head import StepLogits
 from gpu_worker.model_config import ModelConfig, load_model_config
@@ -93,8 +92,6 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
         self.grammars = GrammarCompiler(config.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
-        # the grammar masks of a step are computed here while its forward runs (llguidance releases the GIL)
-        self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # held by a step while it runs; the CPU pool's bridge changes only under it
         self._info = WorkerInfo(
@@ -190,12 +187,10 @@ class ModelRunner:
                 start_unix_ns=start_unix_ns,
             )
             return StepOutput(step_id=plan.step_id, timings=timings)
-        sampling_ids = _sampling_ids(sub_batches)
-        masks = self._start_masks(sampling_ids)
         step_logits = self._forward(plan, sub_batches, clock)
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(sampling_ids, step_logits.logits, masks)
+        sampled, logprobs = self._sample(_sampling_ids(sub_batches), step_logits.logits)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -241,10 +236,9 @@ class ModelRunner:
         return dropped
 
     def close(self) -> None:
-        """Stop re-attaching, detach from the cpu_attention_worker's shared memory, stop the mask thread."""
+        """Stop re-attaching and detach from the cpu_attention_worker's shared memory."""
         if self.cpu_pool is not None:
             self.cpu_pool.close()
-        self._masks.shutdown(wait=True)
 
     def _forward(self, plan: StepPlan, sub_batches: list[SubBatch], clock: StepClock) -> StepLogits:
         """The forward's logits [num_sampling, vocab] and prompt logprobs; CpuPoolLost when the cpu_attention_worker
@@ -270,27 +264,16 @@ class ModelRunner:
                        "%s s", address, plan.step_id, cause, dropped, self.config.cpu_reattach_interval_s)
         return CpuPoolLost(f"step {plan.step_id} lost the cpu_attention_worker at {address}: {cause}")
 
-    def _start_masks(self, request_ids: list[str]) -> "Future[GrammarMask | None] | None":
-        """The grammar mask of the step's sampling rows, computed beside the forward; None when no row has a grammar.
-        The matchers are not advanced until the step's tokens are sampled, so the mask is the one sampling needs."""
-        grammars = [self._requests[rid].grammar for rid in request_ids]
-        if all(g is None for g in grammars):
-            return None
-        return self._masks.submit(grammar_mask, grammars, self.grammars.num_words)
-
     def _sample(
-        self, request_ids: list[str], logits: torch.Tensor, masks: "Future[GrammarMask | None] | None" = None
+        self, request_ids: list[str], logits: torch.Tensor
     ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
         """Tokens of logits [num_sampling, vocab] (a request with a structured_grammar within its grammar's mask,
-        which then consumes the token), and logprobs of the requests that ask for them. masks: the rows' grammar
-        mask computed beside the forward (_start_masks); computed here when not given."""
+        which then consumes the token), and logprobs of the requests that ask for them."""
         if not request_ids:
             return {}, {}
         requests = [self._requests[rid] for rid in request_ids]
         params = [r.sampling for r in requests]
-        if masks is None:
-            masks = self._start_masks(request_ids)
-        grammar = None if masks is None else masks.result()
+        grammar = grammar_mask([r.grammar for r in requests], self.grammars.num_words)
         tokens = self.sampler.sample(
             logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests], grammar
         )
