@@ -1,6 +1,6 @@
-"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker, one stack of
-the default model shared by the modules that only send it requests (and its clients); the tiers' markers; waiting
-for a condition with a time limit."""
+"""Shared fixtures: small random LLaMA directories written once per session, a real cpu_attention_worker, a stack of
+the default model for each module that only sends it requests (and its clients); the tiers' markers; waiting for a
+condition with a time limit."""
 
 import asyncio
 import inspect
@@ -143,22 +143,23 @@ def running_stack(model_dir: Path, **overrides: object) -> Iterator[Stack]:
     assert not Path(config.run_dir).exists(), "the stack left its socket directory behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(default_model_dir: Path) -> Iterator[Stack]:
-    """`apex-serve up` of the default model with its defaults, shared by the modules that only send it requests: a
-    module that needs other flags, or stops or kills a service, starts its own."""
+    """`apex-serve up` of the default model with its defaults, for a module that only sends it requests (a module
+    that needs other flags, or stops or kills a service, defines its own). Per module: a stack kept for the whole
+    session would be a live child of the test process while the supervision tests count the processes left."""
     with running_stack(default_model_dir) as s:
         yield s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(stack: Stack) -> Iterator[openai.OpenAI]:
-    """The official `openai` client on the shared stack's HTTP API, without retries."""
+    """The official `openai` client on the module's stack's HTTP API, without retries."""
     with openai.OpenAI(base_url=f"http://{stack.config.http_address}/v1", api_key="unused", max_retries=0) as c:
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def model(stack: Stack) -> str:
-    """The name the shared stack serves its model under."""
+    """The name the module's stack serves its model under."""
     return Path(stack.config.model_dir).name

@@ -1,8 +1,9 @@
 """The TPOT objective (--tpot-slo-ms) on the whole stack under apex, with a device KV pool of one request so that the
 others decode from the CPU pool. The requests are sent one after the other, each once the one before it has its
 first token, so the iterations run from 1 to 7 CPU rows. With a loose objective hybrid iterations run at every
-count. The binding objective is the median, over the CPU row counts, of the loose run's predicted step time at that
-count: iterations with the most CPU rows were predicted above it, those with the fewest under it. With it, hybrid
+count. The binding objective is the highest, over the CPU row counts, of the loose run's median predicted step time at
+that count: a steady decode step of every CPU request fits under it (so apex still places requests on the CPU pool),
+while the loose run's longest hybrid iterations (those with a prefill) were predicted above it. With it, hybrid
 iterations still run, every iteration that runs CPU rows is predicted at or under it, and every request is served to
 its length. Read from the scheduler's GetStats (recent_iterations: cpu_rows, predicted_ns); nothing here depends on
 wall-clock time.
@@ -89,8 +90,9 @@ def test_every_hybrid_iteration_is_predicted_within_a_binding_tpot_objective(
             by_rows[it.cpu_rows].append(it.predicted_ns)
     assert len(by_rows) > 1, f"the loose run's hybrid iterations ran {sorted(by_rows)} CPU rows"
     per_count = {k: statistics.median(v) for k, v in sorted(by_rows.items())}
-    objective_ns = statistics.median(per_count.values())
-    assert max(per_count.values()) > objective_ns, f"the objective would not bind: {per_count}"
+    objective_ns = max(per_count.values())
+    longest = max(max(v) for v in by_rows.values())
+    assert longest > objective_ns, f"the objective would not bind: {per_count}, longest {longest / 1e6:.3f} ms"
 
     records, stats = _run(default_model_dir, objective_ns / 1e6)
 
