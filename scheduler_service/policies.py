@@ -138,7 +138,7 @@ class _Predicting:
             predicted = m.predict(shape)
             return Choice(mode, cpu_rows, in_sub_batch_1, shape, predicted.total_ns, predicted.exposed_wait_ns, layout)
         composed = compose(m.costs, m.model, shape, m.factors)
-        residual = m.residual_factor(mode, layout if shape.num_cpu_rows else OverlapLayout.FUSED)
+        residual = m.residual_factor(mode, shape.run_layout)
         return Choice(mode, cpu_rows, in_sub_batch_1, shape, composed.total_ns * residual,
                       composed.exposed_wait_ns * residual, layout)
 
@@ -273,7 +273,7 @@ def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
 class NeoPolicy(_Predicting):
     name = "neo"
     uses_cpu = True
-    layout = OverlapLayout.FUSED  # NEO's sub-batches compute QKV for all their rows at once
+    layout = PIPELINE_LAYOUT  # NEO's sub-batches compute QKV for all their rows at once: FUSED
 
     def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = NO_OBJECTIVE) -> None:
         super().__init__(cost_model, objective)
@@ -306,9 +306,9 @@ class NeoPolicy(_Predicting):
         k0 = _largest(lambda k: catt(k1, k) <= dev1, 0, limit0)
         return max(k0, min(c.forced - k1, limit0)), k1
 
-    def pipeline(self, c: Candidates, layout: OverlapLayout | None = None) -> Choice | None:
+    def pipeline(self, c: Candidates) -> Choice | None:
         k0, k1 = self.pipeline_rows(c)
-        return self.asym_pipeline(c, k0, k1, layout or self.layout) if k0 + k1 else None
+        return self.asym_pipeline(c, k0, k1, self.layout) if k0 + k1 else None
 
     def _within_step(self, c: Candidates, piped: Choice) -> Choice:
         """The pipeline cut to the most rows (NEO's sub-batch 1 first, at least the forced ones) whose step keeps the
@@ -399,8 +399,8 @@ class ApexPolicy(NeoPolicy):
             if tpot_ns and options[-1].estimate_ns > tpot_ns:
                 k = _largest(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns, low, limit)
                 options.append(self.async_overlap(c, k, layout))
-            if k0 + k1 and layout is PIPELINE_LAYOUT:
-                options.append(self.asym_pipeline(c, k0, k1, layout))
+        if k0 + k1:
+            options.append(self.asym_pipeline(c, k0, k1, self.layout))
         return options
 
     def best(self, c: Candidates) -> Choice:
@@ -423,7 +423,7 @@ class ApexPolicy(NeoPolicy):
         options = [self.gpu_only(steady)]
         for layout in OverlapLayout if limit else ():
             options.append(self.async_overlap(steady, limit, layout))
-        piped = self.pipeline(steady, PIPELINE_LAYOUT) if limit else None
+        piped = self.pipeline(steady) if limit else None
         if piped is not None:
             options.append(piped)
         return options

@@ -223,11 +223,6 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
     )
 
 
-def _layout(shape: IterationShape) -> OverlapLayout:
-    """The layout a shape runs: the one it names where it has CPU rows, else FUSED (without CPU rows both are one)."""
-    return shape.layout if shape.num_cpu_rows else OverlapLayout.FUSED
-
-
 def pipelining_beats_gpu_only(t_lin: float, t_gatt: float, n_g: float, n_c: float) -> bool:
     """APEX eq. 6: asymmetric pipelining outruns GPU-only iff N_G / N_C < 2 T_lin / T_gatt + 3 + T_gatt / T_lin,
     with N_G, N_C the GPU's and the CPU's attention throughput and T_lin, T_gatt per-layer times of the batch."""
@@ -282,7 +277,7 @@ class ComposedCostModel:
                        "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
         factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
         composed = compose(self.costs, self.model, shape, factors)
-        residual = self._residual_fit(shape.mode, _layout(shape))
+        residual = self._residual_fit(shape.mode, shape.run_layout)
         return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
 
     def observe(self, shape: IterationShape, predicted: Prediction, timings: StepTimings) -> None:
@@ -306,7 +301,7 @@ class ComposedCostModel:
                 fit.update(profiled, measured)
         explained = compose(self.costs, self.model, shape, SubtaskFactors(**ratios)).total_ns
         if explained > 0:
-            key = (shape.mode, _layout(shape))
+            key = (shape.mode, shape.run_layout)
             self._residual.setdefault(key, AffineFit(self.alpha)).update(explained, timings.total_ns)
         tracker = self._errors.setdefault(shape.mode, ErrorTracker(self.alpha))
         tracker.add(

@@ -163,3 +163,8 @@ class IterationShape:
     @property
     def num_cpu_rows(self) -> int:
         return sum(sb.cpu_rows for sb in self.sub_batches)
+
+    @property
+    def run_layout(self) -> OverlapLayout:
+        """The layout the iteration runs: the one it names where it has CPU rows, else FUSED (both are one then)."""
+        return self.layout if self.num_cpu_rows else OverlapLayout.FUSED
