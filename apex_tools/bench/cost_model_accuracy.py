@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=300,
                         help="iterations per mode (a hybrid mode's steps alternate fused and split)")
     parser.add_argument("--full-profile", action="store_true", help="the full grid (default: the quick one)")
+    parser.add_argument("--profile-dir", default=None, help="reuse profiles stored here (default: a fresh one)")
     parser.add_argument("--out", default="bench_results/cost_model.json")
     args = parser.parse_args(argv)
     configure_logging("bench-cost-model")
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_args = ["--model-dir", str(model_dir), "--address", gpu, "--device", "cpu", "--num-threads", "1",
                     "--cpu-worker-address", cpu]
         prof_args = ["--address", prof, "--gpu-worker-address", gpu, "--cpu-worker-address", cpu,
-                     "--profile-dir", str(run_dir / "profiles")]
+                     "--profile-dir", args.profile_dir or str(run_dir / "profiles")]
         started = [services.spawn("cpu_attention_worker", cpu, cpu_args, worker_cpus),
                    services.spawn("gpu_worker", gpu, gpu_args, device_cpus),
                    services.spawn("profiler_service", prof, prof_args)]

@@ -37,7 +37,6 @@ import logging
 import math
 import random
 import statistics
-import string
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -47,7 +46,6 @@ import grpc
 import numpy as np
 
 from apex_serve.logs import configure_logging
-from apex_serve.types import SamplingParams
 from apex_serve.v1 import gateway_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.bench.faults import (
@@ -67,6 +65,7 @@ from apex_tools.bench.faults import (
     worker_info,
 )
 from apex_tools.bench.soak_report import passed, report, rss_growth
+from apex_tools.bench.soak_workload import Request, Workload, outcome
 from apex_tools.launcher import Stack, StackConfig
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,6 @@ PROGRESS_EVERY_S = 10.0
 RECOVERY_POLL_S = 0.1
 KILL_AIM_S = 5.0  # a kill waits up to this long for requests on the CPU pool
 KILL_AIM_POLL_S = 0.05
-NAMED_FAILURES = frozenset(c.name for c in grpc.StatusCode) - {"OK", "UNKNOWN", "DEADLINE_EXCEEDED"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class SoakConfig:
     profile_dir: str = StackConfig.profile_dir
 
     def __post_init__(self) -> None:
-        if not 0 < self.load_fraction:
+        if self.load_fraction <= 0:
             raise ValueError(f"load_fraction: must be > 0, got {self.load_fraction}")
         if not 0 <= self.cancel_fraction <= 1:
             raise ValueError(f"cancel_fraction: must be in [0, 1], got {self.cancel_fraction}")
@@ -134,57 +132,13 @@ class SoakConfig:
         return max(self.max_num_seqs * halfway // 8, largest)
 
 
-@dataclass(frozen=True)
-class Request:
-    prompt: str
-    max_tokens: int
-    cancel_after: int  # tokens after which the client cancels; 0: never
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, ignore_eos=True)
-
-
-class Workload:
-    """The requests, drawn from a seeded generator."""
-
-    def __init__(self, config: SoakConfig, seed: int, cancel_fraction: float) -> None:
-        self._config = config
-        self._rng = random.Random(seed)
-        self._cancel_fraction = cancel_fraction
-
-    def next(self) -> Request:
-        c, rng = self._config, self._rng
-        prompt = "".join(rng.choices(string.ascii_lowercase + " ", k=rng.randint(*c.prompt_bytes)))
-        max_tokens = rng.randint(*c.output_tokens)
-        cancel = rng.random() < self._cancel_fraction
-        return Request(prompt, max_tokens, rng.randint(1, max_tokens - 1) if cancel else 0)
-
-
-def outcome(request: Request, record: StreamRecord | None) -> tuple[str, str]:
-    """(completed | cancelled | failed | lost, the error or the reason it was lost) of a request whose stream ended
-    as record says (None: it was still running at the end)."""
-    if record is None:
-        return "lost", "running at the end"
-    if record.cancelled:
-        return "cancelled", ""
-    if record.error_code in NAMED_FAILURES:
-        return "failed", f"{record.error_code}/{record.error_kind}" if record.error_kind else record.error_code
-    if record.error_code:
-        return "lost", "hung past its deadline" if record.error_code == "DEADLINE_EXCEEDED" else record.error_code
-    if not record.completed:
-        return "lost", "ended without its final message"
-    if not record.completion_tokens == len(record.token_ids) == request.max_tokens:
-        return "lost", "fewer tokens than max_tokens"
-    return "completed", ""
-
-
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
 async def measure_capacity(stack: Stack, config: SoakConfig) -> dict:
     """Closed loop: max_num_seqs clients, back to back, for capacity_s; requests and tokens completed per second."""
-    workload = Workload(config, config.seed + 1, 0.0)
+    workload = Workload(config.prompt_bytes, config.output_tokens, config.seed + 1, 0.0)
     records: list[tuple[Request, StreamRecord]] = []
     async with grpc.aio.insecure_channel(stack.config.gateway_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -247,7 +201,8 @@ class Soak:
 
     async def _arrivals(self, stub: gateway_pb2_grpc.GatewayStub) -> None:
         """Poisson arrivals at rate until duration_s."""
-        workload = Workload(self.config, self.config.seed, self.config.cancel_fraction)
+        workload = Workload(self.config.prompt_bytes, self.config.output_tokens, self.config.seed,
+                            self.config.cancel_fraction)
         arrivals = random.Random(self.config.seed + 2)
         at = 0.0
         while True:

@@ -3,20 +3,17 @@ request to its length, the long prompt's timeline shows it split into chunks und
 one step under the large one, and the JSON, markdown table and PNG are written."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from apex_tools.bench.chunking import SETUPS
+from apex_tools.bench.chunking import SETUPS, main
 
 
 def test_chunking_bench_tiny_serves_every_request_and_chunks_only_under_the_small_budget(tmp_path: Path) -> None:
     out = tmp_path / "chunking.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "apex_tools", "bench-chunking", "--", "--tiny", "--out", str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    code = main(["--tiny", "--out", str(out)])
+
+    assert code == 0
     result = json.loads(out.read_text())
     setup = SETUPS["tiny"]
     assert set(result["runs"]) == {"chunked", "whole"}
