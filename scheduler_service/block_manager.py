@@ -44,6 +44,14 @@ class BlockManager:
         self._used.difference_update(ids)
         self._free.extend(ids)
 
+    def take_one(self) -> int:
+        """One block id from the free list (a decode slot's next block)."""
+        if not self._free:
+            raise ValueError(f"asked for 1 block, 0 free of {self._num_blocks}")
+        block = self._free.popleft()
+        self._used.add(block)
+        return block
+
     def _take(self, n: int) -> list[int]:
         if n > len(self._free):
             raise ValueError(f"asked for {n} blocks, {len(self._free)} free of {self._num_blocks}")

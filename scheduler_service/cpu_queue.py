@@ -5,13 +5,16 @@ bound, which of them fit a room (the accelerator's free blocks, for swap-ins), a
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from itertools import accumulate
+from operator import attrgetter
 
 from scheduler_service.request import Request
+
+_num_tokens = attrgetter("num_tokens")
 
 
 def prefix_contexts(requests: Iterable[Request]) -> list[int]:
     """Prefix sums of the requests' decode contexts (a row's context: its KV and its token)."""
-    return [0, *accumulate(r.num_tokens for r in requests)]
+    return list(accumulate(map(_num_tokens, requests), initial=0))
 
 
 def sat_out(requests: Iterable[Request], next_step_id: int) -> tuple[int, ...]:

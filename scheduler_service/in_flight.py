@@ -95,22 +95,16 @@ class InFlightStep:
         does not reach the end of its request's tokens samples nothing)."""
         sampling = self.sampling()
         live = [r for r in sampling if r.status is RequestStatus.RUNNING]
-        missing = [r.request_id for r in live if r.request_id not in output.sampled]
-        unplanned = sorted(output.sampled.keys() - {r.request_id for r in sampling})
-        if missing or unplanned:
-            raise ValueError(f"sampled: step {self.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
-        no_logprobs = [
-            r.request_id for r in live if r.sampling.logprobs is not None and r.request_id not in output.logprobs
-        ]
-        if no_logprobs:
-            raise ValueError(f"logprobs: step {self.step_id} lacks the logprobs of {no_logprobs}")
-        short = [
-            r.request_id for r in live if r.sampling.prompt_logprobs is not None and r.num_output_tokens == 0
-            and len(r.prompt_logprobs) + len(output.prompt_logprobs.get(r.request_id, ())) != r.num_prompt_tokens - 1
-        ]
-        if short:
-            raise ValueError(f"prompt_logprobs: step {self.step_id} ends the prefill of {short} without the logprobs "
-                             "of every prompt token after the first")
+        sampled = output.sampled
+        missing = [r.request_id for r in live if r.request_id not in sampled]
+        # the plan's ids are distinct: with none missing, a token of another request makes sampled larger than live
+        if missing or len(sampled) != len(live):
+            unplanned = sorted(sampled.keys() - {r.request_id for r in sampling})
+            if missing or unplanned:
+                raise ValueError(f"sampled: step {self.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
+        asking = [r for r in live if r.sampling.logprobs is not None or r.sampling.prompt_logprobs is not None]
+        if asking:
+            _check_logprobs(self.step_id, asking, output)
         return live
 
     def gather_prompt_logprobs(self, output: StepOutput) -> None:
@@ -140,3 +134,20 @@ class InFlightStep:
                      record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
                      measured)
         return record
+
+
+def _check_logprobs(step_id: int, asking: list[Request], output: StepOutput) -> None:
+    """ValueError unless each request that asked for logprobs has its token's, and each that asked for prompt
+    logprobs and ends its prefill has those of every prompt token after the first."""
+    no_logprobs = [
+        r.request_id for r in asking if r.sampling.logprobs is not None and r.request_id not in output.logprobs
+    ]
+    if no_logprobs:
+        raise ValueError(f"logprobs: step {step_id} lacks the logprobs of {no_logprobs}")
+    short = [
+        r.request_id for r in asking if r.sampling.prompt_logprobs is not None and r.num_output_tokens == 0
+        and len(r.prompt_logprobs) + len(output.prompt_logprobs.get(r.request_id, ())) != r.num_prompt_tokens - 1
+    ]
+    if short:
+        raise ValueError(f"prompt_logprobs: step {step_id} ends the prefill of {short} without the logprobs of every "
+                         "prompt token after the first")

@@ -62,20 +62,22 @@ class KVManager:
         if request.block_ids:
             raise ValueError(f"{request.request_id}: holds {len(request.block_ids)} blocks already")
         request.block_ids = self._existing(placement).allocate(n_tokens)
+        request.kv_slots = len(request.block_ids) * self.block_size
         request.placement = placement
         self._track(request, 1)
 
     def needs_block(self, request: Request) -> bool:
         """Whether decoding its next token (KV slot kv_len) takes a new block."""
-        return request.num_tokens > len(request.block_ids) * self.block_size
+        return request.num_tokens > request.kv_slots
 
     def grow(self, request: Request) -> list[int]:
         """The new block (or none) for the slot of its next token, from its own pool."""
-        if not self.needs_block(request):
+        if request.num_tokens <= request.kv_slots:
             return []
-        new = self._existing(request.placement).allocate(1)
-        request.block_ids.extend(new)
-        return new
+        block = self._existing(request.placement).take_one()
+        request.block_ids.append(block)
+        request.kv_slots += self.block_size
+        return [block]
 
     def swap(self, request: Request) -> SwapData:
         """Move its cached tokens' blocks to the other pool; the source blocks are free once the swap is planned."""
@@ -84,6 +86,7 @@ class KVManager:
         self._existing(request.placement).free(request.block_ids)
         self._track(request, -1)
         request.block_ids, request.placement = new, target
+        request.kv_slots = len(new) * self.block_size
         self._track(request, 1)
         return SwapData(request.request_id, tuple(new))
 
@@ -91,6 +94,7 @@ class KVManager:
         self._existing(request.placement).free(request.block_ids)
         self._track(request, -1)
         request.block_ids = []
+        request.kv_slots = 0
 
     def _existing(self, placement: Placement) -> BlockManager:
         pool = self._pool(placement)

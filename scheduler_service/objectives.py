@@ -26,6 +26,7 @@ it under: where even that misses it, the choice of this iteration cannot help it
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from scheduler_service.config import SchedulerConfig
 
@@ -49,8 +50,8 @@ class LatencyObjective:
     def ttft_ns(self) -> float:
         return self.ttft_ms * 1e6
 
-    @property
-    def any(self) -> bool:
+    @cached_property
+    def any(self) -> bool:  # cached: every option of every decision asks
         return bool(self.tpot_ms or self.ttft_ms)
 
     def due(self, cpu_sat_out: tuple[int, ...], step_ns: float) -> int:

@@ -36,11 +36,11 @@ i.e. exposed_wait <= MAX_IDLE_SHARE x GPU_ONLY's step; without accelerator rows 
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.cost.model import ComposedCostModel, compose, pipelining_beats_gpu_only, sub_batch_costs
+from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 from scheduler_service.objectives import NO_OBJECTIVE, LatencyObjective
 
@@ -51,6 +51,7 @@ MAX_IDLE_SHARE = 0.25  # no objective: apex's exposed wait at most this share of
 # ASYM_PIPELINE runs FUSED only: SPLIT's second QKV pass lengthens a sub-batch's device work by x and hides at most x
 # more of the other sub-batch's CPU attention, so priced as executed it never beats FUSED (nor did it measured here).
 PIPELINE_LAYOUT = OverlapLayout.FUSED
+_LAYOUTS = tuple(OverlapLayout)  # iterating the Enum class runs Python code each time
 
 
 @dataclass
@@ -65,13 +66,23 @@ class Candidates:
     max_cpu_rows: int  # CPU rows one sub-batch can stage
     prefill_contexts: tuple[int, ...] = ()  # per prefill: tokens computed before its chunk; (): all whole prompts
     prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
-    cpu_sat_out: tuple[int, ...] = ()  # per CPU candidate: iterations since its last token; (): all 0
+    cpu_sat_out: tuple[int, ...] = ()  # per CPU candidate: iterations since its last token (the TPOT rule's); (): 0
     first_token_waits: tuple[tuple[float, int], ...] = ()  # per request without its first token: (ns waited so far,
     #   iterations until its first token at the earliest, this one included)
+    _gpu_parts: dict[int, SubBatchShape | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_cpu(self) -> int:
         return len(self.cpu_context) - 1
+
+    def gpu_part(self, k: int = 0) -> SubBatchShape | None:
+        """The sub-batch of the prefills and the accelerator rows with the first k CPU candidates (None if empty):
+        GPU_ONLY's and NEO's sub-batch 0 for k = 0, ASYNC_OVERLAP's with k rows. Built once per k: a decision prices
+        each under several options and probes."""
+        parts = self._gpu_parts
+        if k not in parts:
+            parts[k] = _gpu_part(self, k, self.cpu_context[k])
+        return parts[k]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,7 @@ class Policy(Protocol):
 
 
 def _gpu_part(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> SubBatchShape | None:
+    """The sub-batch of c's prefills and accelerator rows with cpu_rows CPU rows of cpu_context tokens."""
     if not (c.prefill_lens or c.gpu_rows or cpu_rows):
         return None
     return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_rows * c.gpu_longest, cpu_rows, cpu_context,
@@ -137,22 +149,22 @@ class _Predicting:
         if self.objective.any:  # the objectives hold for the prediction the iteration's record carries
             predicted = m.predict(shape)
             return Choice(mode, cpu_rows, in_sub_batch_1, shape, predicted.total_ns, predicted.exposed_wait_ns, layout)
-        composed = compose(m.costs, m.model, shape, m.factors)
+        composed = m.composed(shape)
         residual = m.residual_factor(mode, shape.run_layout)
         return Choice(mode, cpu_rows, in_sub_batch_1, shape, composed.total_ns * residual,
                       composed.exposed_wait_ns * residual, layout)
 
     def gpu_only(self, c: Candidates) -> Choice:
-        return self._estimated(ExecutionMode.GPU_ONLY, [_gpu_part(c)])
+        return self._estimated(ExecutionMode.GPU_ONLY, [c.gpu_part()])
 
     def async_overlap(self, c: Candidates, k: int, layout: OverlapLayout = OverlapLayout.FUSED) -> Choice:
-        return self._estimated(ExecutionMode.ASYNC_OVERLAP, [_gpu_part(c, k, c.cpu_context[k])], k, 0, layout)
+        return self._estimated(ExecutionMode.ASYNC_OVERLAP, [c.gpu_part(k)], k, 0, layout)
 
     def asym_pipeline(self, c: Candidates, k0: int, k1: int, layout: OverlapLayout = OverlapLayout.FUSED) -> Choice:
         """k1 CPU rows (the first candidates) in sub-batch 1, the next k0 with the accelerator's work in sub-batch 0."""
         ctx = c.cpu_context
         b = SubBatchShape((), 0, 0, k1, ctx[k1]) if k1 else None
-        a = _gpu_part(c, k0, ctx[k1 + k0] - ctx[k1])
+        a = _gpu_part(c, k0, ctx[k1 + k0] - ctx[k1]) if k0 else c.gpu_part()
         if a is None or b is None:
             return self.async_overlap(c, k0 + k1, layout)
         return self._estimated(ExecutionMode.ASYM_PIPELINE, [a, b], k0 + k1, k1, layout)
@@ -169,21 +181,24 @@ class _Predicting:
         tpot = objective.keeps_tpot(o.estimate_ns, o.cpu_rows, c.cpu_sat_out if sit_out else ())
         return tpot and objective.keeps_ttft(o.estimate_ns, shortest_ns, c.first_token_waits)
 
-    def _decide(self, c: Candidates, options_of: Callable[[Candidates], list[Choice]], score: Callable[[Choice], float],
-                allowed: Callable[[Choice, Choice], bool] = lambda o, plain: True) -> Choice:
+    def _decide(self, c: Candidates, options_of: Callable[[Candidates, Choice], list[Choice]],
+                score: Callable[[Choice], float], allowed: Callable[[Choice, Choice], bool] = lambda o, plain: True
+                ) -> Choice:
         """The best-scored option that keeps the objectives and `allowed` (of it and GPU_ONLY's option). Where none
         keeps the objectives with the candidates the TPOT rule makes due forced in, those wait (the step bounds every
         running request's interval, a sit-out one CPU request's; max_sit_out still binds); where none keeps them even
         so, GPU_ONLY, or with rows forced by max_sit_out the shortest step. Of those that keep them, where none is
-        allowed (forced rows), the one of the least exposed wait."""
+        allowed (forced rows), the one of the least exposed wait. GPU_ONLY's option is built once and handed to
+        options_of: forcing candidates in does not change it."""
         plain = self.gpu_only(c)
         due = self._with_due(c, plain.estimate_ns)
-        options = [o for o in options_of(due) if o.shape is not None]
+        options = [o for o in options_of(due, plain) if o.shape is not None]
         if not options:
             return plain
-        kept = [o for o in options if self._keeps(o, due, plain.estimate_ns)]
+        # with no objective set, every option keeps them
+        kept = [o for o in options if self._keeps(o, due, plain.estimate_ns)] if self.objective.any else options
         if not kept and due is not c:
-            options = [o for o in options_of(c) if o.shape is not None]
+            options = [o for o in options_of(c, plain) if o.shape is not None]
             kept = [o for o in options if self._keeps(o, c, plain.estimate_ns, False)]
         if not kept:  # GPU_ONLY unless rows are forced: CPU rows cannot bring such a step under the objective
             return plain if c.forced == 0 else min(options, key=lambda o: o.estimate_ns)
@@ -207,15 +222,6 @@ class _Predicting:
 
     def _steady_options(self, steady: Candidates) -> list[Choice]:
         return [self.gpu_only(steady)]
-
-
-def _device_attention(m: ComposedCostModel, c: Candidates) -> float:
-    """The accelerator's attention of one layer: the prefills' and the accelerator rows', at the fitted factor."""
-    costs = m.costs
-    gatt = costs.t_gatt(c.gpu_rows, c.gpu_rows * c.gpu_longest) if c.gpu_rows else 0.0
-    contexts = c.prefill_contexts or (0,) * len(c.prefill_lens)
-    pref = sum(costs.t_pref(n, p) for n, p in zip(c.prefill_lens, contexts))
-    return m.factors.device_attention * (pref + gatt)
 
 
 def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
@@ -281,29 +287,30 @@ class NeoPolicy(_Predicting):
 
     def pipeline_rows(self, c: Candidates) -> tuple[int, int]:
         """NEO's greedy fill: (k0, k1) CPU rows of sub-batches 0 and 1, each hidden under the other's device work;
-        without accelerator work, the candidates split evenly (each sub-batch's linear work hides the other's)."""
+        without accelerator work, the candidates split evenly (each sub-batch's linear work hides the other's). The
+        device work is the cost model's price of each sub-batch (ComposedCostModel.priced; sub-batch 0's without the
+        staging of its CPU-placed prefills' context), the CPU work of k rows its SubBatchCosts.hidden."""
         m = self.model
-        f = m.factors
-        costs = m.costs
         limit = min(c.num_cpu, c.max_cpu_rows)
-        if not (c.prefill_lens or c.gpu_rows):
+        gpu = c.gpu_part()
+        if gpu is None:
             k = min(c.num_cpu, 2 * c.max_cpu_rows)
             return k // 2, k - k // 2
-        sync = costs.t_sync(0)
-        tokens = sum(c.prefill_lens) + c.gpu_rows
-        dev0 = f.linear * costs.t_lin(tokens) + _device_attention(m, c)
+        accelerator = m.priced(gpu, self.layout)
+        dev0 = accelerator.linear + accelerator.attention
+        costs, sync, cpu_factor = m.costs, m.costs.t_sync(0), m.factors.cpu_attention
         ctx = c.cpu_context
 
-        def catt(start: int, k: int) -> float:
-            return f.cpu_attention * costs.t_catt(k, ctx[start + k] - ctx[start]) + sync if k else 0.0
+        def hidden(start: int, k: int) -> float:
+            return cpu_factor * costs.t_catt(k, ctx[start + k] - ctx[start]) + sync if k else 0.0
 
-        k1 = _largest(lambda k: catt(0, k) <= dev0, 0, limit)
+        k1 = _largest(lambda k: hidden(0, k) <= dev0, 0, limit)
         k1 = max(k1, min(c.forced, limit))
         if k1 == 0:
             return 0, 0
-        dev1 = f.linear * costs.t_lin(k1) + f.staging * costs.t_xfer(k1 * m.model.bytes_per_cpu_row)
+        dev1 = m.priced(SubBatchShape((), 0, 0, k1, ctx[k1]), self.layout).device
         limit0 = min(c.num_cpu - k1, c.max_cpu_rows)
-        k0 = _largest(lambda k: catt(k1, k) <= dev1, 0, limit0)
+        k0 = _largest(lambda k: hidden(k1, k) <= dev1, 0, limit0)
         return max(k0, min(c.forced - k1, limit0)), k1
 
     def pipeline(self, c: Candidates) -> Choice | None:
@@ -327,8 +334,7 @@ class NeoPolicy(_Predicting):
         keep the objectives (the pipeline cut to keep the TPOT step where it would break it)."""
         return self._decide(c, self._neo_options, tokens_per_s)
 
-    def _neo_options(self, c: Candidates) -> list[Choice]:
-        plain = self.gpu_only(c)
+    def _neo_options(self, c: Candidates, plain: Choice) -> list[Choice]:
         piped = self.pipeline(c) if c.num_cpu else None
         if piped is None:
             return [plain]
@@ -364,8 +370,8 @@ class ApexPolicy(NeoPolicy):
         m = self.model
 
         def fits(k: int) -> bool:
-            sb = _gpu_part(c, k, c.cpu_context[k])
-            return sb is None or sub_batch_costs(m.costs, m.model, sb, layout, m.factors).exposed_wait <= 0.0
+            sb = c.gpu_part(k)
+            return sb is None or m.priced(sb, layout).exposed_wait <= 0.0
 
         return limit if fits(limit) else _largest(fits, 0, limit - 1)
 
@@ -382,20 +388,20 @@ class ApexPolicy(NeoPolicy):
             return True
         return pipelining_beats_gpu_only(t_lin, t_gatt, gpu_kv / t_gatt, c.cpu_context[limit] / t_catt)
 
-    def options(self, c: Candidates) -> list[Choice]:
-        """The options apex weighs (c's forced candidates in each): GPU_ONLY unless rows are forced; per layout,
-        ASYNC_OVERLAP sized to the window and at the limit (and, where that breaks the TPOT step, at the most rows
-        that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT."""
-        options = [] if c.forced else [self.gpu_only(c)]
+    def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
+        """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)
+        unless rows are forced; per layout, ASYNC_OVERLAP sized to the window and at the limit (and, where that breaks
+        the TPOT step, at the most rows that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT."""
+        options = [] if c.forced else [self.gpu_only(c) if plain is None else plain]
         limit = min(c.num_cpu, c.max_cpu_rows)
         if not limit:
             return options
         low = max(1, min(c.forced, limit))
         k0, k1 = self.pipeline_rows(c) if self._gate(c, limit) else (0, 0)
         tpot_ns = self.objective.tpot_ns
-        for layout in OverlapLayout:
+        for layout in _LAYOUTS:
             sized = max(low, self.window_rows(c, limit, layout))
-            options += [self.async_overlap(c, k, layout) for k in sorted({sized, limit})]
+            options += [self.async_overlap(c, k, layout) for k in ((sized,) if sized == limit else (sized, limit))]
             if tpot_ns and options[-1].estimate_ns > tpot_ns:
                 k = _largest(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns, low, limit)
                 options.append(self.async_overlap(c, k, layout))
@@ -421,7 +427,7 @@ class ApexPolicy(NeoPolicy):
     def _steady_options(self, steady: Candidates) -> list[Choice]:
         limit = min(steady.num_cpu, steady.max_cpu_rows)
         options = [self.gpu_only(steady)]
-        for layout in OverlapLayout if limit else ():
+        for layout in _LAYOUTS if limit else ():
             options.append(self.async_overlap(steady, limit, layout))
         piped = self.pipeline(steady) if limit else None
         if piped is not None:

@@ -58,6 +58,8 @@ class ChunkShape:
 
     @classmethod
     def of(cls, chunks: Sequence[Chunk]) -> "ChunkShape":
+        if not chunks:  # most steps: decodes only
+            return cls([], (), 0)
         contexts = tuple(c.context for c in chunks)
         return cls([c.tokens for c in chunks], contexts if any(contexts) else (),
                    sum(c.loaded_tokens for c in chunks))

@@ -52,7 +52,8 @@ class RequestLimits:
             )
 
     def finish_reason(self, request: Request, token: int) -> FinishReason | None:
-        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before)."""
+        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before); LENGTH once
+        its tokens pass its peak (new_request's: max_tokens output tokens, or the context length)."""
         if token in request.stop_token_ids:
             if request.num_output_tokens > request.sampling.min_tokens:
                 return FinishReason.STOP
@@ -60,6 +61,6 @@ class RequestLimits:
                 "%s: stop token %d as output token %d of min_tokens %d does not finish it",
                 request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
             )
-        if request.num_output_tokens >= request.sampling.max_tokens or request.num_tokens >= self.max_model_len:
+        if request.num_tokens > request.peak_tokens:
             return FinishReason.LENGTH
         return None

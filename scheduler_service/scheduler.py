@@ -1,6 +1,7 @@
 """The scheduler core: pure Python, no tensors, no gRPC. schedule() plans one iteration, the worker runs it,
 update_from_output() takes its tokens. A policy (scheduler_service.policies) picks each iteration's execution mode and
-CPU decode rows; this module keeps the queues and both KV pools (scheduler_service.kv_manager) consistent.
+CPU decode rows; this module keeps the queues and both KV pools (scheduler_service.kv_manager) consistent, and
+scheduler_service.decode_slots gives each decoding request its slot.
 
 An iteration computes at most max_num_batched_tokens tokens: a decode row counts one, a prefill chunk its tokens
 (scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
@@ -42,7 +43,6 @@ from operator import attrgetter
 from apex_serve.engine_stats import IterationRecord, SchedulerStats
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import (
-    CachedRequestData,
     Placement,
     SamplingParams,
     StepOutput,
@@ -56,6 +56,7 @@ from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
 from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
+from scheduler_service.decode_slots import grow_cpu_rows, grow_gpu_rows
 from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.latency_clock import PredictedClock
@@ -88,7 +89,8 @@ class Scheduler:
         name = "the accelerator's" if pool is Placement.GPU else "the CPU's"
         self.limits = RequestLimits(
             worker.vocab_size, worker.max_model_len, self._kv.num_total(pool) * worker.block_size,
-            f"{name} ({self._kv.num_total(pool)} blocks of {worker.block_size} tokens)", frozenset(worker.eos_token_ids),
+            f"{name} ({self._kv.num_total(pool)} blocks of {worker.block_size} tokens)",
+            frozenset(worker.eos_token_ids),
         )
         self._requests: dict[str, Request] = {}  # waiting and running, by id
         self._waiting: deque[Request] = deque()
@@ -179,7 +181,7 @@ class Scheduler:
         preemptions = self._num_preemptions
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
-        gpu_rows, cached, gpu_longest = self._grow_gpu_rows(swap_out)
+        gpu_rows, cached, gpu_longest = grow_gpu_rows(self._kv, self._gpu_running, lambda r: self._evict(r, swap_out))
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
         budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
         continuing = self._prefilling.continuing(budget)
@@ -187,25 +189,30 @@ class Scheduler:
                                          self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
         context = prefix_contexts(cpu_candidates)
         forced = must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id)
-        chunks = ChunkShape.of(admitted + continuing)
+        prefills = admitted + continuing
+        chunks = ChunkShape.of(prefills)
+        # the sit-outs and the waits only for the objective that weighs them
         choice = self.policy.choose(Candidates(
             chunks.lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows, chunks.contexts,
-            chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id),
-            self._clock.first_token_waits(admitted + continuing, self._waiting) if self.config.ttft_slo_ms else ()))
+            chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id) if self.config.tpot_slo_ms else (),
+            self._clock.first_token_waits(prefills, self._waiting) if self.config.ttft_slo_ms else ()))
         self._clock.advance(choice.estimate_ns)
         cached += [c.delta() for c in continuing]  # sub-batch 0, with the accelerator rows
-        cpu_rows = self._grow_cpu_rows(cpu_candidates[: choice.cpu_rows], choice.cpu_rows_in_sub_batch_1, cached)
+        chosen = cpu_candidates[: choice.cpu_rows]
+        cpu_rows = grow_cpu_rows(self._kv, chosen, choice.cpu_rows_in_sub_batch_1, self._next_step_id, cached,
+                                 self._preempt)
+        to_back(self._cpu_queue, cpu_rows, len(chosen))  # the rotation: those that decoded go to the back
         joined = self._prefilled(continuing + admitted)  # in order of admission
         step_id = self._next_step_id
         scheduled = [c.request for c in admitted] + gpu_rows + [c.request for c in continuing] + cpu_rows
-        cpu_chunks = sum(c.request.placement is Placement.CPU for c in admitted + continuing)
+        cpu_chunks = sum(c.request.placement is Placement.CPU for c in prefills)
         record = IterationRecord(
             step_id=step_id, mode=choice.mode, num_prefills=len(admitted) + len(continuing), gpu_rows=len(gpu_rows),
             cpu_rows=len(cpu_rows), cpu_sat_out=len(self._cpu_queue) - len(cpu_rows) - joined,
             swaps_out=len(swap_out), swaps_in=len(swap_in), preemptions=self._num_preemptions - preemptions,
             prefill_tokens=sum(chunks.lens), layout=choice.layout,
         ) if scheduled else None
-        partial = frozenset(c.request for c in admitted + continuing if not c.last)
+        partial = frozenset(c.request for c in prefills if not c.last)
         flight = self._start(scheduled, choice, record, partial)
         return StepPlan(
             step_id=step_id,
@@ -282,14 +289,15 @@ class Scheduler:
             self._iterations.recent[-1] = record
         self._in_flight = None
         outputs = []
+        add_output, finish_reason = outputs.append, self.limits.finish_reason
+        sampled, logprobs = output.sampled, output.logprobs
         for request in live:
-            token = output.sampled[request.request_id]
-            logprob = output.logprobs.get(request.request_id)
+            token = sampled[request.request_id]
             request.append_token(token)
-            reason = self.limits.finish_reason(request, token)
+            reason = finish_reason(request, token)
             if reason is not None:
                 self._finish(request)
-            outputs.append(request.output(token, reason, logprob))
+            add_output(request.output(token, reason, logprobs.get(request.request_id) if logprobs else None))
         return StepResult(tuple(outputs), record)
 
     def _swap_in(self) -> list[SwapData]:
@@ -307,39 +315,6 @@ class Scheduler:
         self._num_swaps += len(chosen)
         return [self._kv.swap(r) for r in chosen]
 
-    def _grow_gpu_rows(self, swap_out: list[SwapData]) -> tuple[list[Request], list[CachedRequestData], int]:
-        """A decode slot for every accelerator request that keeps its place, oldest first (step 2): the requests,
-        their plan entries, and the longest context among them."""
-        pending = self._gpu_running[:]  # [i, end) not yet given a slot; victims come from the end
-        rows: list[Request] = []
-        entries: list[CachedRequestData] = []
-        add_row, add_entry = rows.append, entries.append
-        longest = 0
-        block_size = self._kv.block_size
-        i, end = 0, len(pending)
-        while i < end:
-            request = pending[i]
-            i += 1
-            tokens = request.num_tokens
-            if tokens <= len(request.block_ids) * block_size:  # its next slot is in a block it holds
-                entry = request.unchanged_entry  # Request.entry((), 0) inlined: this loop runs for every row
-                add_entry(entry if entry is not None and entry.sub_batch == 0 else request.entry((), 0))
-            else:
-                while self._kv.num_free(Placement.GPU) == 0:
-                    if end > i:
-                        end -= 1
-                        self._evict(pending[end], swap_out)
-                    else:
-                        self._evict(request, swap_out)
-                        break
-                if request.placement is not Placement.GPU or request.status is not RequestStatus.RUNNING:
-                    continue
-                add_entry(request.entry(self._kv.grow(request), 0))
-            add_row(request)
-            if tokens > longest:
-                longest = tokens
-        return rows, entries, longest
-
     def _evict(self, request: Request, swap_out: list[SwapData]) -> None:
         """Make room on the accelerator: swap the request out where the CPU has room for it and the policy gains from
         one more CPU row, else preempt it."""
@@ -352,28 +327,6 @@ class Scheduler:
             logger.debug("swapped %s out at %d tokens", request.request_id, request.num_tokens)
         else:
             self._preempt(request)
-
-    def _grow_cpu_rows(self, chosen: list[Request], in_b: int, entries: list[CachedRequestData]) -> list[Request]:
-        """The chosen CPU requests' decode slots and plan entries (appended to entries; a request whose slot the CPU
-        pool cannot give is preempted), and the rotation: those that decode go to the back of the CPU queue."""
-        rows = []
-        block_size = self._kv.block_size
-        step = self._next_step_id
-        for i, request in enumerate(chosen):
-            sub_batch = 1 if i < in_b else 0
-            if request.num_tokens <= len(request.block_ids) * block_size:  # as in _grow_gpu_rows, inlined
-                entry = request.unchanged_entry
-                entries.append(entry if entry is not None and entry.sub_batch == sub_batch
-                               else request.entry((), sub_batch))
-            elif self._kv.num_free(Placement.CPU) == 0:
-                self._preempt(request)
-                continue
-            else:
-                entries.append(request.entry(self._kv.grow(request), sub_batch))
-            request.last_step = step
-            rows.append(request)
-        to_back(self._cpu_queue, rows, len(chosen))
-        return rows
 
     def _prefilled(self, chunks: list[Chunk]) -> int:
         """The requests whose chunk reaches the end of their tokens join their pool's decode requests (they decode

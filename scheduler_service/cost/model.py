@@ -49,8 +49,8 @@ Which StepTimings field feeds which factor:
 sync, step overhead and the exposed wait have no factor of their own: they are derived or not timed apart.
 """
 
-from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Protocol
 
 from apex_serve.engine_stats import ErrorStats
 from apex_serve.types import ExecutionMode, OverlapLayout, StepTimings
@@ -80,7 +80,9 @@ class Prediction:
     def with_residual(self, factor: float) -> "Prediction":
         """The total scaled by factor, the difference booked as residual."""
         composed = self.total_ns - self.residual_ns
-        return replace(self, residual_ns=(factor - 1.0) * composed, total_ns=factor * composed)
+        return Prediction(self.linear_ns, self.device_attention_ns, self.cpu_attention_ns, self.staging_ns,
+                          self.sync_ns, self.exposed_wait_ns, self.step_overhead_ns, (factor - 1.0) * composed,
+                          factor * composed)
 
 
 class CostModel(Protocol):
@@ -125,16 +127,17 @@ class SubtaskFactors:
 
 
 _AS_PROFILED = SubtaskFactors()
+MAX_PRICES = 1024  # sub-batch prices a ComposedCostModel memoises (one decision prices a few dozen at most)
 _SUBTASKS = tuple(f.name for f in fields(SubtaskFactors))
 
 
-@dataclass(frozen=True)
-class SubBatchCosts:
+class SubBatchCosts(NamedTuple):
     """One layer of one sub-batch under a layout, in ns (the composition rules of this module's docstring).
 
     device = linear + attention + staging is the accelerator's work; window is the part of it that does not wait for
     the sub-batch's CPU rows; hidden = cpu_attention + sync must hide behind it (or behind the other sub-batch's
-    device work in ASYM_PIPELINE); last_layer_saving is what the last layer's kept-rows O-proj and MLP save."""
+    device work in ASYM_PIPELINE); last_layer_saving is what the last layer's kept-rows O-proj and MLP save.
+    Immutable, and a named tuple rather than a frozen dataclass: a decision builds several, at a third of the cost."""
 
     linear: float
     attention: float
@@ -158,41 +161,41 @@ class SubBatchCosts:
         return max(0.0, self.hidden - self.window)
 
 
-def _calls(costs: LayerCosts, factor: float, *rows: float) -> float:
-    """Linear time of one GEMM call per entry of rows, each a whole pass over the weights (no call for 0 rows)."""
-    return sum(factor * costs.t_lin(n) for n in rows if n > 0)
+def _call(costs: LayerCosts, factor: float, rows: float) -> float:
+    """Linear time of one GEMM call over `rows` rows, a whole pass over the weights (no call for 0 rows)."""
+    return factor * costs.t_lin(rows) if rows > 0 else 0.0
 
 
 def sub_batch_costs(costs: LayerCosts, model: ModelShape, sb: SubBatchShape, layout: OverlapLayout,
                     factors: SubtaskFactors = _AS_PROFILED) -> SubBatchCosts:
     """One layer of sub-batch sb executed in `layout` (ignored without CPU rows: one call over all rows), its
     subtasks scaled by factors: the per-sub-batch rule of this module's docstring."""
+    gpu_rows, cpu_rows = sb.gpu_rows, sb.cpu_rows
     prefill = sb.num_prefill_tokens
-    tokens = sb.num_tokens
     attention = factors.device_attention * sum(costs.t_pref(n, p) for n, p in sb.prefills) if prefill else 0.0
-    if sb.gpu_rows:
-        attention += factors.device_attention * costs.t_gatt(sb.gpu_rows, sb.gpu_kv_tokens)
+    if gpu_rows:
+        attention += factors.device_attention * costs.t_gatt(gpu_rows, sb.gpu_kv_tokens)
     staging = 0.0
     if sb.prefill_loaded_tokens:  # the prefill context's load comes before the chunk's attention: in the window
         staging = factors.staging * costs.t_xfer(sb.prefill_loaded_tokens * model.kv_bytes_per_token)
     window = attention + staging
-    qkv, kept_prefill = model.qkv_fraction, len(sb.prefill_lens)
+    qkv, kept_prefill, linear_factor = model.qkv_fraction, len(sb.prefill_lens), factors.linear
     cpu_attention = sync = 0.0
-    if sb.cpu_rows:
-        cpu_attention = factors.cpu_attention * costs.t_catt(sb.cpu_rows, sb.cpu_kv_tokens)
-        staging += factors.staging * costs.t_xfer(sb.cpu_rows * model.bytes_per_cpu_row)
+    if cpu_rows:
+        cpu_attention = factors.cpu_attention * costs.t_catt(cpu_rows, sb.cpu_kv_tokens)
+        staging += factors.staging * costs.t_xfer(cpu_rows * model.bytes_per_cpu_row)
         sync = costs.t_sync(0)
-    decode = sb.gpu_rows + sb.cpu_rows
-    if sb.cpu_rows and layout is OverlapLayout.SPLIT:
-        others_qkv = qkv * _calls(costs, factors.linear, prefill + sb.gpu_rows)
-        prefill_post = (1.0 - qkv) * _calls(costs, factors.linear, prefill)
-        linear = qkv * _calls(costs, factors.linear, sb.cpu_rows) + others_qkv + prefill_post
-        linear += (1.0 - qkv) * _calls(costs, factors.linear, decode)
+    decode = gpu_rows + cpu_rows
+    if cpu_rows and layout is OverlapLayout.SPLIT:
+        others_qkv = qkv * _call(costs, linear_factor, prefill + gpu_rows)
+        prefill_post = (1.0 - qkv) * _call(costs, linear_factor, prefill)
+        linear = qkv * _call(costs, linear_factor, cpu_rows) + others_qkv + prefill_post
+        linear += (1.0 - qkv) * _call(costs, linear_factor, decode)
         window += others_qkv + prefill_post
-        saving = prefill_post - (1.0 - qkv) * _calls(costs, factors.linear, kept_prefill)
+        saving = prefill_post - (1.0 - qkv) * _call(costs, linear_factor, kept_prefill)
     else:
-        linear = _calls(costs, factors.linear, tokens)
-        saving = (1.0 - qkv) * (linear - _calls(costs, factors.linear, kept_prefill + decode)) if prefill else 0.0
+        linear = _call(costs, linear_factor, prefill + decode)
+        saving = (1.0 - qkv) * (linear - _call(costs, linear_factor, kept_prefill + decode)) if prefill else 0.0
     return SubBatchCosts(linear, attention, staging, cpu_attention, sync, window, max(0.0, saving))
 
 
@@ -200,27 +203,30 @@ def compose(costs: LayerCosts, model: ModelShape, shape: IterationShape,
             factors: SubtaskFactors = _AS_PROFILED) -> Prediction:
     """The iteration's predicted time by the composition rules of this module's docstring, the subtasks scaled by
     factors (no residual: Prediction.with_residual adds it)."""
-    parts = [sub_batch_costs(costs, model, sb, shape.layout, factors) for sb in shape.sub_batches]
-    if len(parts) == 2:  # ASYM_PIPELINE: each sub-batch's CPU attention hides behind the other's device work
-        exposed = max(0.0, parts[1].hidden - parts[0].device) + max(0.0, parts[0].hidden - parts[1].device)
-    else:
-        exposed = parts[0].exposed_wait
+    return _combine(costs, model, shape, [sub_batch_costs(costs, model, sb, shape.layout, factors)
+                                          for sb in shape.sub_batches])
+
+
+def _combine(costs: LayerCosts, model: ModelShape, shape: IterationShape, parts: list[SubBatchCosts]) -> Prediction:
+    """The iteration's prediction from its sub-batches' per-layer costs (parts, in the order of shape.sub_batches)."""
     layers = model.num_layers
-    linear = sum(layers * p.linear - p.last_layer_saving for p in parts)
-    attention = layers * sum(p.attention for p in parts)
-    staging = layers * sum(p.staging for p in parts)
+    if len(parts) == 2:  # ASYM_PIPELINE: each sub-batch's CPU attention hides behind the other's device work
+        a, b = parts
+        exposed = max(0.0, b.hidden - a.device) + max(0.0, a.hidden - b.device)
+        linear = (layers * a.linear - a.last_layer_saving) + (layers * b.linear - b.last_layer_saving)
+        attention, staging = layers * (a.attention + b.attention), layers * (a.staging + b.staging)
+        cpu_attention, sync = layers * (a.cpu_attention + b.cpu_attention), layers * (a.sync + b.sync)
+    else:
+        (a,) = parts
+        exposed = a.exposed_wait
+        linear = layers * a.linear - a.last_layer_saving
+        attention, staging = layers * a.attention, layers * a.staging
+        cpu_attention, sync = layers * a.cpu_attention, layers * a.sync
     exposed_wait, step = layers * exposed, costs.t_step(shape.num_requests)
-    return Prediction(
-        linear_ns=linear,
-        device_attention_ns=attention,
-        cpu_attention_ns=layers * sum(p.cpu_attention for p in parts),
-        staging_ns=staging,
-        sync_ns=layers * sum(p.sync for p in parts),
-        exposed_wait_ns=exposed_wait,
-        step_overhead_ns=step,
-        residual_ns=0.0,
-        total_ns=linear + attention + staging + exposed_wait + step,
-    )
+    # positional, in the field order (linear, device attention, CPU attention, staging, sync, exposed wait, step
+    # overhead, residual, total): a decision composes each option it weighs
+    return Prediction(linear, attention, cpu_attention, staging, sync, exposed_wait, step, 0.0,
+                      linear + attention + staging + exposed_wait + step)
 
 
 def pipelining_beats_gpu_only(t_lin: float, t_gatt: float, n_g: float, n_c: float) -> bool:
@@ -245,12 +251,18 @@ class ComposedCostModel:
         self._residual: dict[tuple[ExecutionMode, OverlapLayout], AffineFit] = {}
         self._errors: dict[ExecutionMode, ErrorTracker] = {}
         self._factors: SubtaskFactors | None = None
+        self._resolved: dict[tuple[ExecutionMode, OverlapLayout], AffineFit | None] = {}  # by _residual_fit
+        self._latest_raw: tuple[IterationShape, Prediction] | None = None
+        # at the fitted factors, by sub-batch, or by (sub-batch, layout) for one with CPU rows
+        self._prices: dict[SubBatchShape | tuple[SubBatchShape, OverlapLayout], SubBatchCosts] = {}
 
     @property
     def factors(self) -> SubtaskFactors:
         """Each subtask's measured / profiled ratio (of the weighted means); kept until the next observe()."""
         if self._factors is None:
-            self._factors = SubtaskFactors(**{name: fit.value for name, fit in self._subtasks.items()})
+            fits = self._subtasks
+            self._factors = SubtaskFactors(linear=fits["linear"].value, device_attention=fits["device_attention"].value,
+                                           cpu_attention=fits["cpu_attention"].value, staging=fits["staging"].value)
         return self._factors
 
     def residual_factor(self, mode: ExecutionMode, layout: OverlapLayout = OverlapLayout.FUSED) -> float:
@@ -260,23 +272,54 @@ class ComposedCostModel:
     def _residual_fit(self, mode: ExecutionMode, layout: OverlapLayout) -> AffineFit | None:
         """The residual fit of (mode, layout); one not run yet borrows the same mode's other layout, then the most
         observed fit: the tables' error common to every mode (step overhead, a slower machine) should not make an
-        untried mode or layout look better or worse."""
-        fit = self._residual.get((mode, layout))
+        untried mode or layout look better or worse. Which fit that is holds until the next observe()."""
+        key = (mode, layout)
+        resolved = self._resolved
+        if key in resolved:
+            return resolved[key]
+        fit = self._residual.get(key)
         if fit is None:
             same_mode = [f for (m, _), f in self._residual.items() if m is mode]
             fit = max(same_mode or self._residual.values(), key=lambda f: f.count, default=None)
+        resolved[key] = fit
         return fit
 
+    def priced(self, sb: SubBatchShape, layout: OverlapLayout) -> SubBatchCosts:
+        """sub_batch_costs() of sb in `layout` at the fitted factors, memoised: one decision prices the same sub-batch
+        under several options (GPU_ONLY's accelerator part is ASYM_PIPELINE's sub-batch 0 and NEO's fill reads it, a
+        window probe is the option it sizes). observe() clears the memo (it moves the fitted factors), and so does
+        reaching MAX_PRICES entries."""
+        key = (sb, layout) if sb.cpu_rows else sb  # the layout matters only with CPU rows
+        costs = self._prices.get(key)
+        if costs is None:
+            if len(self._prices) >= MAX_PRICES:
+                self._prices.clear()
+            costs = self._prices[key] = sub_batch_costs(self.costs, self.model, sb, layout, self.factors)
+        return costs
+
+    def composed(self, shape: IterationShape) -> Prediction:
+        """compose() at the fitted factors, its sub-batches priced through the memo (priced())."""
+        return _combine(self.costs, self.model, shape, [self.priced(sb, shape.layout) for sb in shape.sub_batches])
+
     def predict_raw(self, shape: IterationShape) -> Prediction:
-        """The prediction of the costs alone, without online correction."""
-        return compose(self.costs, self.model, shape)
+        """The prediction of the costs alone, without online correction; the latest is kept, for observe() asks
+        again of the step predict() was asked of."""
+        latest = self._latest_raw
+        if latest is None or latest[0] is not shape:
+            latest = self._latest_raw = (shape, compose(self.costs, self.model, shape))
+        return latest[1]
 
     def predict(self, shape: IterationShape) -> Prediction:
-        raw = self.predict_raw(shape)
-        as_profiled = {"linear": raw.linear_ns, "device_attention": raw.device_attention_ns,
-                       "cpu_attention": raw.cpu_attention_ns, "staging": raw.staging_ns}
-        factors = SubtaskFactors(**{name: self._subtasks[name].factor_at(as_profiled[name]) for name in _SUBTASKS})
-        composed = compose(self.costs, self.model, shape, factors)
+        fits = self._subtasks
+        if all(fit.flat for fit in fits.values()):  # their factor at any as-profiled cost is the fitted one
+            composed = self.composed(shape)  # priced as the decision priced it
+        else:
+            raw = self.predict_raw(shape)
+            factors = SubtaskFactors(linear=fits["linear"].factor_at(raw.linear_ns),
+                                     device_attention=fits["device_attention"].factor_at(raw.device_attention_ns),
+                                     cpu_attention=fits["cpu_attention"].factor_at(raw.cpu_attention_ns),
+                                     staging=fits["staging"].factor_at(raw.staging_ns))
+            composed = compose(self.costs, self.model, shape, factors)
         residual = self._residual_fit(shape.mode, shape.run_layout)
         return composed if residual is None else composed.with_residual(residual.factor_at(composed.total_ns))
 
@@ -285,7 +328,6 @@ class ComposedCostModel:
         predicted for the step) and of the uncorrected prediction."""
         if timings.total_ns <= 0:
             return
-        self._factors = None
         raw = self.predict_raw(shape)
         pairs = {  # subtask: (measured, as profiled), ns over the step
             "linear": (timings.device_linear_ns * self.model.layers_linear_share, raw.linear_ns),
@@ -303,6 +345,10 @@ class ComposedCostModel:
         if explained > 0:
             key = (shape.mode, shape.run_layout)
             self._residual.setdefault(key, AffineFit(self.alpha)).update(explained, timings.total_ns)
+        # the fits moved: what was derived from them is derived again on asking
+        self._factors = None
+        self._prices.clear()
+        self._resolved.clear()
         tracker = self._errors.setdefault(shape.mode, ErrorTracker(self.alpha))
         tracker.add(
             (raw.total_ns - timings.total_ns) / timings.total_ns,

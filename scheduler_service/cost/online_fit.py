@@ -46,14 +46,21 @@ class AffineFit:
         """The ratio of the weighted means: the factor where the predictions do not vary."""
         return self.sy / self.sx if self.sx > 0 else 1.0
 
+    @property
+    def flat(self) -> bool:
+        """Whether the fit has no slope yet (nothing fitted, under 3 samples, or predictions that hardly vary):
+        factor_at is then the ratio of the weighted means (value) at every prediction."""
+        if self.sx <= 0 or self.count < 3:
+            return True
+        mean_x = self.sx / self.w
+        return self.sxx / self.w - mean_x * mean_x <= (0.05 * mean_x) ** 2
+
     def factor_at(self, predicted: float) -> float:
         """The fitted measured / predicted at this prediction."""
-        if self.sx <= 0 or predicted <= 0:
+        if predicted <= 0 or self.flat:
             return self.value
         mean_x, mean_y = self.sx / self.w, self.sy / self.w
         variance = self.sxx / self.w - mean_x * mean_x
-        if self.count < 3 or variance <= (0.05 * mean_x) ** 2:
-            return self.value
         slope = min(max((self.sxy / self.w - mean_x * mean_y) / variance, 0.1), 10.0)
         fitted = mean_y + slope * (predicted - mean_x)
         return max(fitted, 0.1 * predicted) / predicted

@@ -91,6 +91,11 @@ def model_shape_from_config(config: dict[str, Any], kv_bytes_per_element: int | 
     )
 
 
+def _rows_error(side: str, rows: int, kv_tokens: int) -> ValueError:
+    return ValueError(f"{side}_kv_tokens: need {side}_rows >= 0 and {side}_rows <= {side}_kv_tokens (0 without rows), "
+                      f"got {rows} rows and {kv_tokens} tokens")
+
+
 @dataclass(frozen=True)
 class SubBatchShape:
     """What one sub-batch runs: prefill requests (on the accelerator; a whole prompt or a chunk of one) and decode rows
@@ -105,20 +110,19 @@ class SubBatchShape:
     prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
 
     def __post_init__(self) -> None:
-        if any(n < 1 for n in self.prefill_lens):
-            raise ValueError(f"prefill_lens: must all be >= 1, got {self.prefill_lens}")
-        if self.prefill_contexts and (len(self.prefill_contexts) != len(self.prefill_lens)
-                                      or any(p < 0 for p in self.prefill_contexts)):
-            raise ValueError(f"prefill_contexts: one value >= 0 per prefill request, got {self.prefill_contexts}")
-        if not 0 <= self.prefill_loaded_tokens <= sum(self.prefill_contexts):
-            raise ValueError(f"prefill_loaded_tokens: must be in [0, the contexts' sum], got "
-                             f"{self.prefill_loaded_tokens}")
-        for side in ("gpu", "cpu"):
-            rows, kv = getattr(self, f"{side}_rows"), getattr(self, f"{side}_kv_tokens")
-            if rows < 0 or kv < rows or (rows == 0 and kv):
-                raise ValueError(f"{side}_kv_tokens: need {side}_rows >= 0 and {side}_rows <= {side}_kv_tokens "
-                                 f"(0 without rows), got {rows} rows and {kv} tokens")
-        if not self.num_requests:
+        lens, contexts, loaded = self.prefill_lens, self.prefill_contexts, self.prefill_loaded_tokens
+        if lens and min(lens) < 1:
+            raise ValueError(f"prefill_lens: must all be >= 1, got {lens}")
+        if contexts and (len(contexts) != len(lens) or min(contexts) < 0):
+            raise ValueError(f"prefill_contexts: one value >= 0 per prefill request, got {contexts}")
+        if loaded and not 0 <= loaded <= sum(contexts):  # 0 always fits: the contexts are >= 0
+            raise ValueError(f"prefill_loaded_tokens: must be in [0, the contexts' sum], got {loaded}")
+        gpu_rows, gpu_kv, cpu_rows, cpu_kv = self.gpu_rows, self.gpu_kv_tokens, self.cpu_rows, self.cpu_kv_tokens
+        if gpu_rows < 0 or gpu_kv < gpu_rows or (gpu_rows == 0 and gpu_kv):
+            raise _rows_error("gpu", gpu_rows, gpu_kv)
+        if cpu_rows < 0 or cpu_kv < cpu_rows or (cpu_rows == 0 and cpu_kv):
+            raise _rows_error("cpu", cpu_rows, cpu_kv)
+        if not (lens or gpu_rows or cpu_rows):
             raise ValueError("sub-batch: must hold at least one request")
 
     @property
@@ -154,7 +158,10 @@ class IterationShape:
 
     @property
     def num_requests(self) -> int:
-        return sum(sb.num_requests for sb in self.sub_batches)
+        n = 0  # a loop: over one or two sub-batches it costs half of sum() over a generator, and a decision asks often
+        for sb in self.sub_batches:
+            n += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
+        return n
 
     @property
     def num_tokens(self) -> int:
@@ -162,7 +169,10 @@ class IterationShape:
 
     @property
     def num_cpu_rows(self) -> int:
-        return sum(sb.cpu_rows for sb in self.sub_batches)
+        n = 0
+        for sb in self.sub_batches:
+            n += sb.cpu_rows
+        return n
 
     @property
     def run_layout(self) -> OverlapLayout:

@@ -413,6 +413,20 @@ def test_abort_mid_flight_frees_blocks_at_once_and_drops_its_token() -> None:
     assert sched.schedule().freed_request_ids == ("a",)
 
 
+def test_a_token_of_a_request_the_plan_never_ran_is_refused_beside_an_aborted_ones() -> None:
+    sched = make()
+    sched.add_request("a", [1] * 9, sp())
+    sched.add_request("b", [1] * 4, sp())
+    plan = sched.schedule()
+    assert sched.abort("a")
+    with pytest.raises(ValueError, match=r"has tokens of \['x'\]"):  # as many tokens as the plan ran requests
+        sched.update_from_output(plan, StepOutput(plan.step_id, {"b": TOKEN, "x": TOKEN}))
+    with pytest.raises(ValueError, match=r"lacks tokens of \['b'\]"):
+        sched.update_from_output(plan, StepOutput(plan.step_id, {"a": TOKEN}))
+    outputs = sched.update_from_output(plan, StepOutput(plan.step_id, {"a": TOKEN, "b": TOKEN})).outputs
+    assert [(o.request_id, o.new_token_ids) for o in outputs] == [("b", (TOKEN,))]
+
+
 def test_abort_returns_false_for_unknown_repeated_or_finished_requests() -> None:
     sched = make()
     sched.add_request("a", [1], sp(1))

@@ -1,0 +1,99 @@
+"""What makes a decision cheap must not change it: the cost model memoises sub-batch prices within a decision, the
+policies share sub-batches between options, and NEO's fill reads the same prices the composition does."""
+
+import pytest
+
+from apex_serve.types import ExecutionMode, StepTimings
+from scheduler_service.cost.analytic import T4, AnalyticCostModel
+from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
+from scheduler_service.cost.shape import ModelShape
+from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, idle_aware_tokens_per_s
+
+LLAMA_7B = ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_q_heads=32, num_kv_heads=32,
+                      head_dim=128, vocab_size=32000)
+TINY = ModelShape(num_layers=4, hidden_size=256, intermediate_size=512, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                  vocab_size=1000)
+
+
+def analytic() -> AnalyticCostModel:
+    return AnalyticCostModel(T4, LLAMA_7B)
+
+
+def candidates(gpu_rows: int, cpu: int, context: int, prefill: tuple[int, ...] = (), prefill_contexts: tuple[int, ...]
+               = (), max_cpu_rows: int = 64) -> Candidates:
+    return Candidates(list(prefill), gpu_rows, context, [i * context for i in range(cpu + 1)], 0, max_cpu_rows,
+                      prefill_contexts)
+
+
+# decode-only, decode with whole prompts, and decode with later chunks of prompts
+STATES = [candidates(96, 48, 700), candidates(32, 40, 900, prefill=(300, 64)),
+          candidates(8, 24, 400, prefill=(128,), prefill_contexts=(512,))]
+
+
+def observed(model: ComposedCostModel, c: Candidates) -> None:
+    """One measured ASYNC_OVERLAP step of c with 8 CPU rows, slower than profiled, the CPU's attention twice."""
+    shape = ApexPolicy(model).async_overlap(c, 8).shape
+    raw = model.predict_raw(shape)
+    model.observe(shape, model.predict(shape), StepTimings(
+        total_ns=int(1.4 * raw.total_ns), device_linear_ns=int(1.2 * raw.linear_ns / LLAMA_7B.layers_linear_share),
+        device_attention_ns=int(1.3 * raw.device_attention_ns), cpu_attention_ns=int(2.0 * raw.cpu_attention_ns)))
+
+
+@pytest.mark.parametrize("policy_type", [NeoPolicy, ApexPolicy])
+def test_a_decision_is_the_same_whatever_the_cost_model_priced_before_it(policy_type: type[NeoPolicy]) -> None:
+    busy, fresh = analytic(), analytic()
+    busy_policy = policy_type(busy)
+    for c in STATES:  # fills the memo with other decisions' prices
+        busy_policy.choose(c)
+    for c in STATES:
+        assert busy_policy.choose(c) == policy_type(fresh).choose(c) == busy_policy.choose(c)
+
+
+def test_every_option_apex_weighs_is_priced_as_its_shape_composes() -> None:
+    # options of one decision share sub-batches (GPU_ONLY's is the pipeline's sub-batch 0) and differ in layout only
+    # for the same rows: each is still priced as a composition of its own shape would be
+    model = analytic()
+    policy = ApexPolicy(model)
+    for c in STATES:
+        for o in policy.options(c):
+            composed = compose(model.costs, model.model, o.shape, model.factors)
+            residual = model.residual_factor(o.mode, o.shape.run_layout)
+            assert (o.estimate_ns, o.exposed_wait_ns) == (composed.total_ns * residual,
+                                                          composed.exposed_wait_ns * residual)
+
+
+@pytest.mark.parametrize("policy_type", [NeoPolicy, ApexPolicy])
+def test_a_decision_after_a_measured_step_uses_the_factors_that_step_fitted(policy_type: type[NeoPolicy]) -> None:
+    # the busy model priced every state before the step moved its factors: none of those prices may be re-used
+    busy, fresh = analytic(), analytic()
+    for c in STATES:
+        policy_type(busy).choose(c)
+    observed(busy, STATES[0])
+    observed(fresh, STATES[0])
+    assert busy.factors.cpu_attention > 1.0  # the step moved the factors the decisions price with
+    for c in STATES:
+        assert policy_type(busy).choose(c) == policy_type(fresh).choose(c)
+
+
+def test_apex_takes_the_best_scored_of_the_options_it_weighs_and_takes_it_again() -> None:
+    policy = ApexPolicy(ConstantCostModel(ConstantCosts(lin_ns=1_000_000.0, lin_ns_per_token=1_000.0,
+                                                        gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=1.0,
+                                                        sync_ns=1_000.0, step_ns=100_000.0), TINY))
+    c = candidates(16, 24, 100)
+    options = policy.options(c)
+    assert {o.mode for o in options} == set(ExecutionMode)  # all three weighed, none over the idle bound here
+    choice = policy.choose(c)
+    assert choice == max(options, key=idle_aware_tokens_per_s)
+    assert policy.choose(c) == choice
+
+
+@pytest.mark.parametrize("c", STATES)
+def test_neo_fills_its_pipeline_with_rows_whose_wait_the_composition_hides(c: Candidates) -> None:
+    # NEO sizes both sub-batches by the cost model's own prices, so the composed pipeline exposes no wait, at the
+    # profiled factors and after a step that found the CPU's attention twice as slow
+    model = analytic()
+    for _ in range(2):
+        piped = NeoPolicy(model).pipeline(c)
+        assert piped is not None and piped.mode is ExecutionMode.ASYM_PIPELINE and piped.cpu_rows_in_sub_batch_1
+        assert compose(model.costs, model.model, piped.shape, model.factors).exposed_wait_ns == 0.0
+        observed(model, c)
