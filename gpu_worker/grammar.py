@@ -7,6 +7,7 @@ schema), and the copy shares the compiled lexer, so its first mask costs about 7
 """
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ class GrammarError(ValueError):
 
 
 class GrammarCompiler:
-    """Matchers for grammar strings. The llguidance tokenizer is built from the model directory's tokenizer.json on
-    first use (workers that serve no constrained request never build it), with the model's EOS ids, which a complete
-    grammar lets through."""
+    """Matchers for grammar strings. The llguidance tokenizer is built from the model directory's tokenizer.json,
+    with the model's EOS ids, which a complete grammar lets through: in the background once warm_up is called, else
+    on first use."""
 
     def __init__(self, model_dir: str, vocab_size: int, eos_token_ids: Sequence[int],
                  cache_size: int = GRAMMAR_CACHE_SIZE) -> None:
@@ -50,23 +51,40 @@ class GrammarCompiler:
         self.eos_token_ids = tuple(t for t in eos_token_ids if t < vocab_size)
         self.cache_size = cache_size
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # grammar -> matcher at its start
+
+    def warm_up(self) -> None:
+        """Build the tokenizer on a background thread (about a second for a 128k vocabulary), so that the step of the
+        first constrained request does not wait for it; a tokenizer that cannot be built is logged, and each
+        constrained request then ends as without one."""
+        def build() -> None:
+            try:
+                _ = self.tokenizer
+            except GrammarError as exc:
+                logger.warning("structured outputs unavailable: %s", exc)
+
+        threading.Thread(target=build, name="llguidance-tokenizer", daemon=True).start()
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tokenizer is None:
-            path = Path(self.model_dir) / "tokenizer.json"
-            try:
-                text = path.read_text()
-                size = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
-                # n_vocab: the model's rows, or more when the tokenizer has tokens past them (never sampled)
-                self._tokenizer = llguidance.LLTokenizer(
-                    text, n_vocab=max(self.vocab_size, size), eos_token=list(self.eos_token_ids)
-                )
-            except (OSError, ValueError, RuntimeError, TypeError) as exc:
-                raise GrammarError(f"no llguidance tokenizer from {path}: {exc}") from exc
-            logger.info("llguidance tokenizer of %d tokens built from %s", self._tokenizer.vocab_size, path)
-        return self._tokenizer
+        with self._tokenizer_lock:
+            return self._tokenizer if self._tokenizer is not None else self._build_tokenizer()
+
+    def _build_tokenizer(self) -> llguidance.LLTokenizer:
+        path = Path(self.model_dir) / "tokenizer.json"
+        try:
+            text = path.read_text()
+            size = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+            # n_vocab: the model's rows, or more when the tokenizer has tokens past them (never sampled)
+            tokenizer = llguidance.LLTokenizer(
+                text, n_vocab=max(self.vocab_size, size), eos_token=list(self.eos_token_ids)
+            )
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise GrammarError(f"no llguidance tokenizer from {path}: {exc}") from exc
+        logger.info("llguidance tokenizer of %d tokens built from %s", tokenizer.vocab_size, path)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     @property
     def num_words(self) -> int:

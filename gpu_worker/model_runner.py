@@ -19,7 +19,7 @@ from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.forward import Forward
-from gpu_worker.grammar import GrammarCompiler, grammar_mask
+from gpu_worker.grammar import GrammarCompiler, GrammarMask, grammar_mask
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.lm_head import StepLogits
 from gpu_worker.model_config import ModelConfig, load_model_config
@@ -92,6 +92,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed, self.device, self.model_config.eos_token_ids)
         self.grammars = GrammarCompiler(config.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.grammars.warm_up()
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # held by a step while it runs; the CPU pool's bridge changes only under it
         self._info = WorkerInfo(
@@ -188,9 +189,11 @@ class ModelRunner:
             )
             return StepOutput(step_id=plan.step_id, timings=timings)
         step_logits = self._forward(plan, sub_batches, clock)
+        request_ids = _sampling_ids(sub_batches)
+        grammar = self._grammar_mask(request_ids)  # host work: on CUDA it runs while the device computes the forward
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(_sampling_ids(sub_batches), step_logits.logits)
+        sampled, logprobs = self._sample(request_ids, step_logits.logits, grammar)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -225,7 +228,8 @@ class ModelRunner:
         """Sample from compute_logits' output and append each token to its request, as execute does;
         logprobs reach only execute's StepOutput."""
         with self._lock:
-            return self._sample(list(logits), torch.stack(list(logits.values())))[0]
+            request_ids = list(logits)
+            return self._sample(request_ids, torch.stack(list(logits.values())), self._grammar_mask(request_ids))[0]
 
     def reset(self) -> int:
         """Drop the state of every request (a scheduler starting anew); how many were dropped."""
@@ -264,16 +268,20 @@ class ModelRunner:
                        "%s s", address, plan.step_id, cause, dropped, self.config.cpu_reattach_interval_s)
         return CpuPoolLost(f"step {plan.step_id} lost the cpu_attention_worker at {address}: {cause}")
 
+    def _grammar_mask(self, request_ids: list[str]) -> GrammarMask | None:
+        """The next-token mask of the requests among request_ids that have a structured_grammar, in their order."""
+        return grammar_mask([self._requests[rid].grammar for rid in request_ids], self.grammars.num_words)
+
     def _sample(
-        self, request_ids: list[str], logits: torch.Tensor
+        self, request_ids: list[str], logits: torch.Tensor, grammar: GrammarMask | None
     ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Tokens of logits [num_sampling, vocab] (a request with a structured_grammar within its grammar's mask,
-        which then consumes the token), and logprobs of the requests that ask for them."""
+        """Tokens of logits [num_sampling, vocab] (a request with a structured_grammar within grammar, the mask of
+        request_ids' constrained rows, and the token then consumed by its matcher), and logprobs of the requests that
+        ask for them."""
         if not request_ids:
             return {}, {}
         requests = [self._requests[rid] for rid in request_ids]
         params = [r.sampling for r in requests]
-        grammar = grammar_mask([r.grammar for r in requests], self.grammars.num_words)
         tokens = self.sampler.sample(
             logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests], grammar
         )

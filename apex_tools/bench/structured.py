@@ -11,9 +11,13 @@ Loads, each a set of streamed requests submitted at once (the scheduler runs max
 - cost: M unconstrained completions (temperature 1, ignore_eos, fixed length) measured alone, beside M unconstrained
   chat requests (the anchor), and beside M json requests, in one run, the three arms in rotating order, `repeats`
   times. The anchor's partners are the json requests without their grammar, each held (ignore_eos) to the length
-  the same request and seed produced in the json load, so the two "beside" arms differ only in the grammar.
+  the same request and seed produced in the json load, so the two "beside" arms differ only in the grammar. The
+  partners are not streamed: a streamed json reply arrives in about 1.7 times the chunks of its unconstrained twin
+  (random bytes are held back until they form characters), and on a machine of two cores the gateway's and the
+  clients' work for those chunks would slow the rows as much as the grammar does.
   Throughput (the rows' output tokens over their span) and TPOT p50/p99 (per row, last chunk minus first chunk over
-  tokens - 1) are the medians over the repeats; the mask's cost is beside-json over the anchor.
+  tokens - 1) are the medians over the repeats, beside the gpu_worker's own median step time while every row decodes
+  (the engine's share, free of the gateway and the clients); the mask's cost is beside-json over the anchor.
 --tiny runs a few requests of each load on the apex stack alone (start-up and profiling are most of its time).
 
 The random model samples every allowed token at comparable odds, so its outputs exercise far more of each grammar
@@ -156,10 +160,37 @@ def stream(http_address: str, path: str, body: dict, timeout_s: float = REQUEST_
     return reply
 
 
-def run_all(http_address: str, requests: Sequence[tuple[str, dict]]) -> list[Reply]:
-    """Every (path, body) streamed at once, one thread each; the replies in order."""
-    with ThreadPoolExecutor(max_workers=max(1, len(requests))) as pool:
-        return list(pool.map(lambda request: stream(http_address, *request), requests))
+def post(http_address: str, path: str, body: dict, timeout_s: float = REQUEST_TIMEOUT_S) -> Reply:
+    """POST body with stream off: the whole reply at once (its last_ns is when it arrived)."""
+    host, port = http_address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    reply = Reply(submit_ns=time.perf_counter_ns())
+    try:
+        conn.request("POST", path, json.dumps(body | {"stream": False}), {"content-type": "application/json"})
+        response = conn.getresponse()
+        reply.status = response.status
+        payload = response.read().decode(errors="replace")
+        reply.last_ns = time.perf_counter_ns()
+        if response.status != 200:
+            reply.error = payload
+            return reply
+        document = json.loads(payload)
+        choice = document["choices"][0]
+        reply.text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+        reply.finish_reason = choice.get("finish_reason")
+        reply.completion_tokens = document["usage"]["completion_tokens"]
+    finally:
+        conn.close()
+    return reply
+
+
+def run_all(http_address: str, requests: Sequence[tuple[str, dict]], whole: Sequence[tuple[str, dict]] = ()
+            ) -> list[Reply]:
+    """Every (path, body) of requests streamed and of whole not streamed, all at once, one thread each; the replies
+    in order, requests' first."""
+    calls = [(stream, *r) for r in requests] + [(post, *r) for r in whole]
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        return list(pool.map(lambda call: call[0](http_address, *call[1:]), calls))
 
 
 def json_request(model: str, i: int, max_tokens: int) -> tuple[str, dict]:
@@ -288,6 +319,15 @@ def row_metrics(replies: list[Reply]) -> dict:
     }
 
 
+def engine_step_ms(stack: Stack, before: scheduler_pb2.SchedulerStats, rows: int) -> float:
+    """The median time the gpu_worker measured for a decode step of all rows since before (from the scheduler's
+    latest 256 iterations): the engine's share of the cost, without the gateway and the clients."""
+    first = before.last_iteration.step_id
+    steps = [it.measured_ns / 1e6 for it in _stats(stack).recent_iterations
+             if it.step_id > first and it.num_prefills == 0 and it.gpu_rows + it.cpu_rows == rows and it.measured_ns]
+    return statistics.median(steps) if steps else float("nan")
+
+
 ARMS = ("alone", "beside_unconstrained", "beside_json")
 
 
@@ -306,9 +346,12 @@ def cost_arms(stack: Stack, setup: Setup, partner_tokens: list[int]) -> dict:
     for repeat in range(setup.repeats):
         for k in range(len(ARMS)):
             arm = ARMS[(repeat + k) % len(ARMS)]
-            replies = run_all(address, rows + partners[arm])
-            runs[arm].append(row_metrics(replies[: setup.rows]))
-    keys = ("tokens_per_s", "tpot_p50_ms", "tpot_p99_ms")
+            before = _stats(stack)
+            replies = run_all(address, rows, partners[arm])
+            runs[arm].append(row_metrics(replies[: setup.rows])
+                             | {"partner_tokens": [r.completion_tokens for r in replies[setup.rows:]],
+                                "engine_step_ms": engine_step_ms(stack, before, len(rows + partners[arm]))})
+    keys = ("tokens_per_s", "tpot_p50_ms", "tpot_p99_ms", "engine_step_ms")
     median = {arm: {k: statistics.median(run[k] for run in runs[arm]) for k in keys} for arm in ARMS}
     anchor = median["beside_unconstrained"]
     return {"runs": runs, "median": median,
@@ -370,16 +413,16 @@ def markdown(result: dict) -> str:
          f"(temperature 1, ignore_eos) alone, beside {s['rows']} unconstrained chat requests of the json load's "
          f"lengths, and beside {s['rows']} json requests; medians of {s['repeats']} runs in rotating order."),
         "",
-        "| rows | tokens/s | TPOT p50 ms | TPOT p99 ms |",
-        "|---|---|---|---|",
+        "| rows | tokens/s | TPOT p50 ms | TPOT p99 ms | engine step ms (all rows decoding) |",
+        "|---|---|---|---|---|",
     ]
     for arm in ARMS:
         m = cost["median"][arm]
         lines.append(f"| {arm.replace('_', ' ')} | {m['tokens_per_s']:.1f} | {m['tpot_p50_ms']:.2f} | "
-                     f"{m['tpot_p99_ms']:.2f} |")
+                     f"{m['tpot_p99_ms']:.2f} | {m['engine_step_ms']:.2f} |")
     r = cost["json_over_anchor"]
     lines.append(f"| beside json / beside unconstrained | {r['tokens_per_s']:.3f} | {r['tpot_p50_ms']:.3f} | "
-                 f"{r['tpot_p99_ms']:.3f} |")
+                 f"{r['tpot_p99_ms']:.3f} | {r['engine_step_ms']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

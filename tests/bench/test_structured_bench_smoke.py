@@ -1,24 +1,22 @@
 """The structured outputs benchmark (`apex-serve bench-structured`) runs its tiny setup end to end on its one stack
 (apex with a small device pool): every json_schema and guided_choice reply holds to its grammar, the scheduler ran
-hybrid iterations, every cost arm measured its rows to their length, and the JSON and markdown table are written. It
-keeps its profile where the suite's stacks keep theirs, so the suite profiles the default model once."""
+hybrid iterations, every cost arm measured its rows to their length and the worker's step time, and the JSON and
+markdown table are written. It keeps its profile where the suite's stacks keep theirs, so the suite profiles the
+default model once."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from apex_tools.bench.structured import ARMS, SETUPS
+from apex_tools.bench.structured import ARMS, SETUPS, main
 from apex_tools.launcher import StackConfig
 
 
 def test_structured_bench_tiny_validates_every_reply_and_measures_every_cost_arm(tmp_path: Path) -> None:
     out = tmp_path / "structured.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "apex_tools", "bench-structured", "--", "--tiny", "--out", str(out), "--profile-dir", StackConfig.profile_dir],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    code = main(["--tiny", "--out", str(out), "--profile-dir", StackConfig.profile_dir])
+
+    assert code == 0
     result = json.loads(out.read_text())
     setup = SETUPS["tiny"]
     assert setup.pools == ("cpu_pool",)
@@ -32,4 +30,5 @@ def test_structured_bench_tiny_validates_every_reply_and_measures_every_cost_arm
         runs = result["cost"]["runs"][arm]
         assert len(runs) == setup.repeats and not any(run["errors"] for run in runs), (arm, runs)
         assert all(run["output_tokens"] == setup.rows * setup.row_tokens for run in runs), (arm, runs)
+        assert all(run["engine_step_ms"] > 0 for run in runs), f"{arm}: no step of every row decoding measured"
     assert "beside json / beside unconstrained" in out.with_suffix(".md").read_text()
