@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{', '.join(POLICIES)}; repeatable or comma-separated (default all)")
     parser.add_argument("--requests", type=int, default=1000, help="requests per workload")
     parser.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals in requests/s; 0: all at once")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the workload's draw")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="draws of each workload, seeds --seed, --seed + 1, ...; with more than one, a summary "
+                             "gives each policy's median throughput and its median and lowest ratio over the draws")
     parser.add_argument("--grid-prompt-len", type=int, default=512, help="prompt tokens of the grid workload")
     parser.add_argument("--grid-output-len", type=int, default=512, help="output tokens of the grid workload")
     parser.add_argument("--tpot-slo-ms", type=float, default=0.0, help="apex's and neo's TPOT objective; 0: none")
@@ -97,9 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = _flatten(args.policies, list(POLICIES))
     if "this-machine" in hardware and not (args.profile and args.model_config):
         parser.error("--hardware this-machine needs --profile and --model-config")
+    if args.seeds < 1:
+        parser.error(f"--seeds: must be >= 1, got {args.seeds}")
     try:
-        specs = [WorkloadSpec(kind, args.requests, args.rate, args.seed, args.grid_prompt_len, args.grid_output_len)
-                 for kind in workloads]
+        specs = [WorkloadSpec(kind, args.requests, args.rate, seed, args.grid_prompt_len, args.grid_output_len)
+                 for kind in workloads for seed in range(args.seed, args.seed + args.seeds)]
         configs = {policy: SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                            max_num_batched_tokens=args.max_num_batched_tokens, policy=policy,
                                            tpot_slo_ms=args.tpot_slo_ms, ttft_slo_ms=args.ttft_slo_ms)
@@ -113,14 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for setup in setups:
         logger.info("%s", setup.describe())
     runs = [(setup, spec, policy) for setup in setups for spec in specs for policy in policies]
-    requests = {spec.kind: generate(spec) for spec in specs}
+    requests = {spec: generate(spec) for spec in specs}
     results: list[RunResult] = []
     for setup, spec, policy in tqdm(runs, desc="simulating", unit="run"):
         pool_tokens = setup.worker.num_kv_blocks * setup.worker.block_size
-        fitted = fit_to(requests[spec.kind], pool_tokens) if args.fit_to_accelerator else requests[spec.kind]
-        results.append(Simulation(setup, fitted, configs[policy], spec.kind).run())
+        fitted = fit_to(requests[spec], pool_tokens) if args.fit_to_accelerator else requests[spec]
+        result = Simulation(setup, fitted, configs[policy], spec.kind).run()
+        results.append(dataclasses.replace(result, seed=spec.seed))
     logger.info("simulated %d requests per workload (rate %s)\n%s", args.requests,
                 f"{args.rate:g} req/s" if args.rate else "all at once", report.table(results))
+    if args.seeds > 1:
+        logger.info("over %d draws of each workload\n%s", args.seeds, report.summary(results))
     out = Path(args.out_dir)
     write_result(str(out / "simulate.json"), {
         "args": vars(args),

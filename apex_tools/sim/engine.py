@@ -61,6 +61,7 @@ class RunResult:
     swaps: int
     swap_time_share: float  # of the virtual time spent stepping
     wall_s: float  # of the simulation itself
+    seed: int = 0  # of the workload's draw
 
 
 @dataclass

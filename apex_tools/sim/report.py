@@ -1,8 +1,9 @@
-"""The simulator's outputs: a text table per run (throughput against gpu-only and neo in the same setup and workload,
-latency percentiles, modes, the overlap layouts of the iterations with CPU rows), a PNG of throughput and TPOT p99
-per policy, and the JSON result."""
+"""The simulator's outputs: a text table per run (throughput against gpu-only and neo in the same setup, workload and
+draw, latency percentiles, modes, the overlap layouts of the iterations with CPU rows), over several draws of each
+workload a summary of the medians, a PNG of throughput and TPOT p99 per policy, and the JSON result."""
 
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +16,11 @@ _LAYOUT_LETTERS = {"fused": "F", "split": "S"}
 
 def _group(result: RunResult) -> str:
     return f"{result.hardware}/{result.model}/{result.workload}"
+
+
+def _draw(result: RunResult, seeds: set[int]) -> str:
+    """The run's group, with its workload seed where the results hold more than one draw."""
+    return _group(result) + (f"#{result.seed}" if len(seeds) > 1 else "")
 
 
 def _ratio(result: RunResult, baseline: RunResult | None) -> str:
@@ -46,8 +52,9 @@ def layout_mix(result: RunResult) -> str:
 def table(results: list[RunResult]) -> str:
     """One line per run, grouped by hardware/model/workload, ratios against that group's gpu-only and neo runs."""
     by_group: dict[str, dict[str, RunResult]] = defaultdict(dict)
+    seeds = {r.seed for r in results}
     for r in results:
-        by_group[_group(r)][r.policy] = r
+        by_group[_draw(r, seeds)][r.policy] = r
     width = max(len("setup/workload"), *(len(group) for group in by_group)) + 2
     header = (f"{'setup/workload':<{width}}{'policy':<10}{'served':>11}{'tok/s':>9}{'vs gpu':>9}{'vs neo':>9}"
               f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'preempt':>8}"
@@ -67,6 +74,35 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[RunResult]) -> str:
+    """Per hardware/model/workload and policy, over the workload's draws: the median throughput and TPOT p99, and the
+    median and lowest of the per-draw throughput ratios against gpu-only and neo."""
+    runs = {(_group(r), r.seed, r.policy): r for r in results}
+    groups = list(dict.fromkeys(_group(r) for r in results))
+    policies = list(dict.fromkeys(r.policy for r in results))
+    seeds = sorted({r.seed for r in results})
+    width = max(len("setup/workload"), *(len(group) for group in groups)) + 2
+    header = (f"{'setup/workload':<{width}}{'policy':<10}{'draws':>6}{'tok/s':>9}{'TPOT p99 ms':>12}"
+              f"{'vs gpu med':>11}{'min':>7}{'vs neo med':>11}{'min':>7}")
+    lines = [header, "-" * len(header)]
+    for group in groups:
+        for policy in policies:
+            mine = [runs[group, seed, policy] for seed in seeds if (group, seed, policy) in runs]
+            if not mine:
+                continue
+            cells = []
+            for baseline in ("gpu-only", "neo"):
+                ratios = [r.throughput_tok_s / b.throughput_tok_s for r in mine
+                          if (b := runs.get((group, r.seed, baseline))) is not None and b.throughput_tok_s > 0]
+                cells += ([f"{statistics.median(ratios):.3f}x", f"{min(ratios):.3f}x"] if ratios else ["-", "-"])
+            tpot = [r.tpot_p99_ms for r in mine if not math.isnan(r.tpot_p99_ms)]
+            lines.append(
+                f"{group:<{width}}{policy:<10}{len(mine):>6}{statistics.median(r.throughput_tok_s for r in mine):>9.1f}"
+                f"{_num(statistics.median(tpot) if tpot else math.nan, '.1f'):>12}"
+                f"{cells[0]:>11}{cells[1]:>7}{cells[2]:>11}{cells[3]:>7}")
+    return "\n".join(lines)
+
+
 def plot(results: list[RunResult], path: Path) -> Path:
     """Bars per policy for each hardware/model/workload: throughput (top) and TPOT p99 (bottom)."""
     import matplotlib
@@ -74,9 +110,10 @@ def plot(results: list[RunResult], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(_group(r) for r in results))
+    seeds = {r.seed for r in results}
+    groups = list(dict.fromkeys(_draw(r, seeds) for r in results))
     policies = list(dict.fromkeys(r.policy for r in results))
-    value = {(_group(r), r.policy): r for r in results}
+    value = {(_draw(r, seeds), r.policy): r for r in results}
     width = 0.8 / len(policies)
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.8 * len(groups) + 2), 7), sharex=True)
     for p, policy in enumerate(policies):
