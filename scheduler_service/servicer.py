@@ -8,7 +8,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client.registry import Collector
 
-from apex_serve import convert, errors, metric_families
+from apex_serve import convert, convert_stats, errors, metric_families
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.engine_loop import EngineLoop
 
@@ -47,7 +47,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetStats(
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SchedulerStats:
-        return convert.scheduler_stats_to_pb(self._loop.scheduler.stats(), self._loop.observer.stats())
+        return convert_stats.scheduler_stats_to_pb(self._loop.scheduler.stats(), self._loop.observer.stats())
 
     async def GetWorkerInfo(
         self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
