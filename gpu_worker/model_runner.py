@@ -190,10 +190,11 @@ class ModelRunner:
             return StepOutput(step_id=plan.step_id, timings=timings)
         step_logits = self._forward(plan, sub_batches, clock)
         request_ids = _sampling_ids(sub_batches)
-        grammar = self._grammar_mask(request_ids)  # host work: on CUDA it runs while the device computes the forward
+        requests = [self._requests[rid] for rid in request_ids]
+        grammar = self._grammar_mask(requests)  # host work: on CUDA it runs while the device computes the forward
         self._synchronize()
         forwarded = time.perf_counter_ns()
-        sampled, logprobs = self._sample(request_ids, step_logits.logits, grammar)
+        sampled, logprobs = self._sample(request_ids, requests, step_logits.logits, grammar)
         done = time.perf_counter_ns()
         timings = StepTimings(
             prepare_ns=prepared - start,
@@ -229,7 +230,9 @@ class ModelRunner:
         logprobs reach only execute's StepOutput."""
         with self._lock:
             request_ids = list(logits)
-            return self._sample(request_ids, torch.stack(list(logits.values())), self._grammar_mask(request_ids))[0]
+            requests = [self._requests[rid] for rid in request_ids]
+            stacked = torch.stack(list(logits.values()))  # [num_sampling, vocab]
+            return self._sample(request_ids, requests, stacked, self._grammar_mask(requests))[0]
 
     def reset(self) -> int:
         """Drop the state of every request (a scheduler starting anew); how many were dropped."""
@@ -268,19 +271,18 @@ class ModelRunner:
                        "%s s", address, plan.step_id, cause, dropped, self.config.cpu_reattach_interval_s)
         return CpuPoolLost(f"step {plan.step_id} lost the cpu_attention_worker at {address}: {cause}")
 
-    def _grammar_mask(self, request_ids: list[str]) -> GrammarMask | None:
-        """The next-token mask of the requests among request_ids that have a structured_grammar, in their order."""
-        return grammar_mask([self._requests[rid].grammar for rid in request_ids], self.grammars.num_words)
+    def _grammar_mask(self, requests: list[RequestState]) -> GrammarMask | None:
+        """The next-token mask of the requests that have a structured_grammar, in their order."""
+        return grammar_mask([r.grammar for r in requests], self.grammars.num_words)
 
     def _sample(
-        self, request_ids: list[str], logits: torch.Tensor, grammar: GrammarMask | None
+        self, request_ids: list[str], requests: list[RequestState], logits: torch.Tensor, grammar: GrammarMask | None
     ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Tokens of logits [num_sampling, vocab] (a request with a structured_grammar within grammar, the mask of
-        request_ids' constrained rows, and the token then consumed by its matcher), and logprobs of the requests that
-        ask for them."""
+        """Tokens of logits [num_sampling, vocab] for requests (the states of request_ids; one with a
+        structured_grammar within grammar, the mask of their constrained rows, and the token then consumed by its
+        matcher), and logprobs of the requests that ask for them."""
         if not request_ids:
             return {}, {}
-        requests = [self._requests[rid] for rid in request_ids]
         params = [r.sampling for r in requests]
         tokens = self.sampler.sample(
             logits, params, [r.num_output_tokens for r in requests], [r.token_ids for r in requests], grammar

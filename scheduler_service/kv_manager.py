@@ -66,12 +66,8 @@ class KVManager:
         request.placement = placement
         self._track(request, 1)
 
-    def needs_block(self, request: Request) -> bool:
-        """Whether decoding its next token (KV slot kv_len) takes a new block."""
-        return request.num_tokens > request.kv_slots
-
     def grow(self, request: Request) -> list[int]:
-        """The new block (or none) for the slot of its next token, from its own pool."""
+        """The new block (or none) for the slot of its next token (KV slot kv_len), from its own pool."""
         if request.num_tokens <= request.kv_slots:
             return []
         block = self._existing(request.placement).take_one()

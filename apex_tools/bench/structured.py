@@ -264,7 +264,7 @@ def cost_arms(stack: Stack, setup: Setup, partner_tokens: list[int]) -> dict:
             replies = run_all(address, rows, partners[arm])
             runs[arm].append(row_metrics(replies[: setup.rows])
                              | {"partner_tokens": [r.completion_tokens for r in replies[setup.rows:]],
-                                "engine_step_ms": engine_step_ms(stack, before, len(rows + partners[arm]))})
+                                "engine_step_ms": engine_step_ms(stack, before, len(rows) + len(partners[arm]))})
     keys = ("tokens_per_s", "tpot_p50_ms", "tpot_p99_ms", "engine_step_ms")
     median = {arm: {k: statistics.median(run[k] for run in runs[arm]) for k in keys} for arm in ARMS}
     anchor = median["beside_unconstrained"]

@@ -160,7 +160,7 @@ class IterationShape:
     def num_requests(self) -> int:
         n = 0  # a loop: over one or two sub-batches it costs half of sum() over a generator, and a decision asks often
         for sb in self.sub_batches:
-            n += len(sb.prefill_lens) + sb.gpu_rows + sb.cpu_rows
+            n += sb.num_requests
         return n
 
     @property
