@@ -250,6 +250,7 @@ def plan_to_pb(plan: types.StepPlan) -> gpu_worker_pb2.StepRequest:
         swap_in=[gpu_worker_pb2.Swap(request_id=s.request_id, block_ids=s.block_ids) for s in plan.swap_in],
         record_subtasks=plan.record_subtasks,
         cpu_wait_timeout_s=plan.cpu_wait_timeout_s,
+        planned_ahead=plan.planned_ahead,
     )
 
 
@@ -283,6 +284,7 @@ def plan_from_pb(msg: gpu_worker_pb2.StepRequest) -> types.StepPlan:
         swap_in=tuple(types.SwapData(s.request_id, tuple(s.block_ids)) for s in msg.swap_in),
         record_subtasks=msg.record_subtasks,
         cpu_wait_timeout_s=msg.cpu_wait_timeout_s,
+        planned_ahead=msg.planned_ahead,
     )
 
 

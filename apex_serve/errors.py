@@ -40,3 +40,10 @@ class CpuPoolLost(Unavailable):
     rows."""
 
     kind = "cpu-pool-lost"
+
+
+class StepRefused(FailedPrecondition):
+    """The gpu_worker refused a plan made ahead of the step before it (StepPlan.planned_ahead) because that step
+    failed: the plan assumed its output. The worker's state is as that failed step left it."""
+
+    kind = "step-refused"

@@ -227,6 +227,8 @@ class StepPlan:
     # seconds each layer of the CPU rows may take before the cpu_attention_worker counts as lost; 0: the worker's
     # configured timeout
     cpu_wait_timeout_s: float = 0.0
+    # made while the plan sent before it ran, without that step's output: the worker refuses it if that step failed
+    planned_ahead: bool = False
 
     @property
     def is_empty(self) -> bool:

@@ -62,6 +62,9 @@ class StackConfig:
     ttft_slo_ms: float = option(
         0.0, help="apex and neo: keep waiting requests' predicted time to first token under this, in ms; 0: none"
     )
+    async_scheduling: bool = option(
+        True, help="the scheduler plans each iteration while the gpu_worker runs the one before (off: one at a time)"
+    )
     metrics_port: int = option(9400, help="port of the scheduler's Prometheus /metrics; 0: off")
     sample_layers_every: int = option(
         16, help="every Nth iteration records per-layer timings (dashboard, traces); 0: never"
@@ -164,7 +167,8 @@ class Stack:
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
               "--tpot-slo-ms", str(c.tpot_slo_ms), "--ttft-slo-ms", str(c.ttft_slo_ms), "--sample-layers-every", str(c.sample_layers_every),
-              "--metrics-address", c.metrics_address, *scheduler_budget]),
+              "--metrics-address", c.metrics_address, *scheduler_budget,
+              *([] if c.async_scheduling else ["--no-async-scheduling"])]),
             ("gateway", c.gateway_address, gateway_args),
         ]
 

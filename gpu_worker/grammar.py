@@ -148,8 +148,9 @@ class RequestGrammar:
         bitmask[row] = token_bitmask(self.eos_token_ids, bitmask.shape[-1])
 
     def consume(self, token: int) -> None:
-        """Advance past a sampled token; one the grammar refuses puts the request in error."""
-        if self.error or self.matcher is None:
+        """Advance past a sampled token; one the grammar refuses puts the request in error. A stopped matcher (its
+        grammar complete) takes nothing more: a token sampled after the request ended is dropped by the scheduler."""
+        if self.error or self.matcher is None or self.matcher.is_stopped():
             return
         if not self.matcher.consume_token(token):
             self.fail(f"token {token} refused: {self.matcher.get_error()}")

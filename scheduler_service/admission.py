@@ -49,7 +49,8 @@ class Admission:
         (longest context gpu_longest) already take their part of the step. A request placed on the CPU pool is
         admitted only where the policy admits it (its latency objective). While the CPU pool is lost, a request that
         can run only there keeps its place and lets the others pass: it would otherwise hold up the whole queue
-        until the pool returns."""
+        until the pool returns. A request preempted while a step that samples for it runs waits for that token (the
+        queue behind it too): its recompute starts from every token it has."""
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
@@ -68,6 +69,8 @@ class Admission:
         i = 0
         while i < len(waiting) and running < self.max_num_seqs and budget > 0:
             request = waiting[i]
+            if request.num_pending:  # preempted with a token in flight: admitted once that token is known
+                break
             if cpu_lost and self._cpu.must_take(request):
                 i += 1
                 continue

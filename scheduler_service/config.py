@@ -41,6 +41,11 @@ class SchedulerConfig:
         0.0, help="apex and neo: iterations chosen so waiting requests' predicted time to first token stays under "
         "this, in ms; 0: no objective"
     )
+    async_scheduling: bool = option(
+        True, help="plan each iteration while the gpu_worker runs the one before and send it before that one ends, "
+        "so no iteration waits on a round trip or on the scheduler's bookkeeping (a token a finished request gets in "
+        "the iteration planned ahead is dropped)"
+    )
     max_swaps_per_step: int = option(
         2, help="swap-ins of one step (swap-outs that make room for growth are not capped)"
     )

@@ -52,8 +52,8 @@ def fitting(requests: Iterable[Request], need: Callable[[Request], int], room: i
 
 
 def to_back(queue: deque[Request], decoded: Sequence[Request], chosen: int) -> None:
-    """The requests that decoded go to the back of the queue: the chosen were its front, `decoded` all of them unless
-    one left the queue (preempted)."""
+    """The requests that decoded go to the back of the queue: the chosen were its front (chosen -1: they were not),
+    `decoded` all of them unless one left the queue (preempted)."""
     if len(decoded) == chosen:
         queue.rotate(-len(decoded))
         return

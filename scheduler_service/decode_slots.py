@@ -10,12 +10,12 @@ from scheduler_service.kv_manager import KVManager
 from scheduler_service.request import Request, RequestStatus
 
 
-def grow_gpu_rows(kv: KVManager, gpu_running: list[Request], evict: Callable[[Request], None]
+def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request], None]
                   ) -> tuple[list[Request], list[CachedRequestData], int]:
-    """A decode slot for every accelerator request that keeps its place, oldest first: one that needs a block when
-    the pool is empty has evict() make room, taking the youngest first (itself when it is the youngest left). The
-    requests that decode, their plan entries (sub-batch 0), and the longest context among them."""
-    rows = gpu_running[:]  # evict() takes victims from its end
+    """A decode slot for every accelerator request of rows (a list of the caller's, oldest first, taken over) that
+    keeps its place: one that needs a block when the pool is empty has evict() make room, taking the youngest first
+    (itself when it is the youngest left). The requests that decode, their plan entries (sub-batch 0), and the
+    longest context among them."""
     entries: list[CachedRequestData] = []
     add_entry = entries.append
     longest = 0

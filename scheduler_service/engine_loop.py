@@ -1,4 +1,10 @@
-"""The engine loop: schedule, one Step on the gpu_worker, update, stream. One iteration at a time.
+"""The engine loop: schedule, one Step on the gpu_worker, update, stream.
+
+With asynchronous scheduling (SchedulerConfig.async_scheduling, the default) the loop plans step N+1 while the worker
+runs step N and sends it as soon as the worker has queued N, so the worker starts N+1 when N ends, without waiting for
+a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken (tokens
+streamed, finishes found) while N+1 runs, and what it finishes reaches the worker with N+2. Without it, one step at a
+time.
 
 The worker may fail it in three ways. A step fails: its requests fail, the loop serves on. The worker loses its CPU pool
 in a step (errors.CpuPoolLost): the scheduler requeues what lived there, the step's accelerator part runs again at once
@@ -10,15 +16,17 @@ pools, the loop stops the service (WorkerReplaced in `failure`): the scheduler m
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry.trace import SpanContext
 
 from apex_serve import errors
-from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepPlan, WorkerInfo
+from apex_serve.types import FinishReason, RequestOutput, SamplingParams, StepOutput, StepPlan, WorkerInfo
 from scheduler_service.cpu_pool_watch import CpuPoolWatch
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.telemetry.observer import EngineObserver
+from scheduler_service.telemetry.spans import IterationSpan
 from scheduler_service.worker_port import GpuWorkerLost, WorkerPort, WorkerReplaced, replacement
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ class EngineLoop:
     def __init__(self, scheduler: Scheduler, worker: WorkerPort, observer: EngineObserver | None = None,
                  service: Service | None = None, watch: CpuPoolWatch | None = None) -> None:
         self._scheduler = scheduler
+        self._ahead = scheduler.config.async_scheduling
         self._worker = worker
         self.observer = observer or EngineObserver()
         self._service = service
@@ -108,7 +117,10 @@ class EngineLoop:
                     except TimeoutError:
                         pass
                     continue
-                await self._iterate(plan)
+                if self._ahead:
+                    await self._pipeline(plan)
+                else:
+                    await self._iterate(plan)
             except GpuWorkerLost as lost:
                 if not await self._reconnect(lost):
                     return
@@ -118,28 +130,100 @@ class EngineLoop:
         flight = self._scheduler.in_flight
         span = self.observer.begin(plan, None if flight is None else flight.record)
         try:
-            output = await self._worker.step(plan)
+            with self.observer.current(span):
+                output = await self._worker.step(plan)
             result = self._scheduler.update_from_output(plan, output)
         except asyncio.CancelledError:  # stop() during the step
             self.observer.fail(span, None)
             raise
         except Exception as exc:
             self.observer.fail(span, exc)
-            if isinstance(exc, GpuWorkerLost):
-                raise
-            if isinstance(exc, errors.CpuPoolLost) and not retry:
-                logger.warning("the gpu_worker lost its CPU pool in step %d (%s): its requests are recomputed on the "
-                               "accelerator, which alone serves until the pool is back", plan.step_id, exc)
-                self._watch.lost()
-                await self._iterate(self._scheduler.cpu_pool_lost(plan), retry=True)
-                return
-            logger.exception("step %d failed", plan.step_id)  # fail what was in the step, keep serving
-            for request_id in [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]:
-                self._drop(request_id, exc)
+            await self._failed(plan, exc, retry)
             return
         self.observer.end(span, plan, output, result)
         for out in result.outputs:
             self._deliver(out)
+
+    async def _pipeline(self, plan: StepPlan) -> None:
+        """Steps back to back while there is work, each planned and sent while the one before runs; returns when a
+        plan made ahead is empty, or after a failed step."""
+        running: _Sent | None = await self._send(plan)
+        ahead: _Sent | None = None
+        try:
+            while running is not None:
+                if self._scheduler.has_work():
+                    await self._watch.poll()
+                    following = self._scheduler.schedule()
+                    if not following.is_empty or following.freed_request_ids:
+                        ahead = await self._send(following)
+                if not await self._take(running, ahead):
+                    return
+                running, ahead = ahead, None
+        except asyncio.CancelledError:  # stop(): the worker's answers are not awaited
+            for sent in (running, ahead):
+                if sent is not None:
+                    sent.output.cancel()
+            raise
+
+    async def _send(self, plan: StepPlan) -> "_Sent":
+        """The plan sent and queued by the worker, with its iteration's span begun."""
+        flight = self._scheduler.in_flight
+        span = self.observer.begin(plan, None if flight is None else flight.record)
+        try:
+            with self.observer.current(span):
+                output = await self._worker.submit(plan)
+        except BaseException as exc:
+            self.observer.fail(span, exc if isinstance(exc, Exception) else None)
+            raise
+        return _Sent(plan, span, output)
+
+    async def _take(self, sent: "_Sent", ahead: "_Sent | None") -> bool:
+        """Take a sent step's output: update, end its span, deliver. If the step failed, the plan sent ahead of it is
+        withdrawn (its requests requeued: the worker refuses it, or ran it on a state the scheduler no longer has) and
+        the failure handled as _iterate handles it; False then."""
+        try:
+            output = await sent.output
+            result = self._scheduler.update_from_output(sent.plan, output)
+        except asyncio.CancelledError:  # stop() during the step
+            self.observer.fail(sent.span, None)
+            raise
+        except Exception as exc:
+            self.observer.fail(sent.span, exc)
+            if ahead is not None:
+                await self._withdraw(ahead)
+            await self._failed(sent.plan, exc)
+            return False
+        self.observer.end(sent.span, sent.plan, output, result)
+        for out in result.outputs:
+            self._deliver(out)
+        return True
+
+    async def _withdraw(self, sent: "_Sent") -> None:
+        """The plan sent ahead of a failed step: its outcome awaited (a refusal, normally), then withdrawn."""
+        try:
+            await sent.output
+        except GpuWorkerLost:
+            raise
+        except Exception as exc:  # errors.StepRefused, or a failure of its own
+            self.observer.fail(sent.span, exc)
+        else:
+            self.observer.fail(sent.span, None)
+        self._scheduler.withdraw(sent.plan)
+
+    async def _failed(self, plan: StepPlan, exc: Exception, retry: bool = False) -> None:
+        """The plan's step failed (no plan is in flight after it): a lost worker is raised; a lost CPU pool has the
+        step's accelerator part run again at once (unless this was that retry); else the step's requests fail."""
+        if isinstance(exc, GpuWorkerLost):
+            raise exc
+        if isinstance(exc, errors.CpuPoolLost) and not retry:
+            logger.warning("the gpu_worker lost its CPU pool in step %d (%s): its requests are recomputed on the "
+                           "accelerator, which alone serves until the pool is back", plan.step_id, exc)
+            self._watch.lost()
+            await self._iterate(self._scheduler.cpu_pool_lost(plan), retry=True)
+            return
+        logger.error("step %d failed", plan.step_id, exc_info=exc)  # fail what was in the step, keep serving
+        for request_id in [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]:
+            self._drop(request_id, exc)
 
     async def _reconnect(self, lost: GpuWorkerLost) -> bool:
         """The worker went away: fail every request with UNAVAILABLE, report NOT_SERVING, and wait for the worker.
@@ -203,6 +287,15 @@ class EngineLoop:
         if queue is not None:
             queue.put_nowait(outcome)
         return held
+
+
+@dataclass
+class _Sent:
+    """A plan the worker has queued: its iteration's span and the task that awaits its output."""
+
+    plan: StepPlan
+    span: IterationSpan | None
+    output: "asyncio.Task[StepOutput]"
 
 
 def _aborted(request_id: str) -> RequestOutput:

@@ -40,6 +40,14 @@ class IterationLog:
                 self.by_layout[record.layout] += 1
             self.recent.append(record)
 
+    def replace(self, old: IterationRecord, new: IterationRecord) -> None:
+        """Put a step's measured record in place of the one made with its plan (one of the latest)."""
+        recent = self.recent
+        for i in range(len(recent) - 1, -1, -1):
+            if recent[i] is old:
+                recent[i] = new
+                return
+
     def withdraw(self, record: IterationRecord | None) -> int:
         """Take back the latest record (a plan that did not run: its retry is recorded instead); its preemptions."""
         if record is None:
@@ -79,6 +87,18 @@ class InFlightStep:
             self._prediction = None if shape is None else self._cost_model.predict(shape)
         return self._prediction
 
+    def hold(self) -> None:
+        """Count the token each sampling request will get from the step before it is known (Request.expect_token)."""
+        for request in self.sampling():
+            request.expect_token()
+
+    def release(self) -> None:
+        """Forget those tokens again (the step failed and will not give them)."""
+        for request in self.sampling():
+            if request.num_pending:
+                request.num_tokens -= 1
+                request.num_pending -= 1
+
     def is_running(self) -> bool:
         """Whether a request of the plan still runs: its step's output is owed before the next plan."""
         return any(r.status is RequestStatus.RUNNING for r in self.requests)
@@ -89,12 +109,13 @@ class InFlightStep:
         return [r for r in self.requests if r not in partial] if partial else self.requests
 
     def live_requests(self, output: StepOutput) -> list[Request]:
-        """The plan's sampling requests that still run, checked against the step's output: ValueError if a token or a
-        requested logprob is missing, a first token comes without the logprobs of every prompt token after the first
-        where they were asked for, or a token belongs to a request the plan did not schedule to sample (a chunk that
-        does not reach the end of its request's tokens samples nothing)."""
+        """The plan's sampling requests not finished or aborted since (one requeued since, preempted by a plan made
+        ahead of this step's output, takes its token too: it was computed), checked against the step's output:
+        ValueError if a token or a requested logprob is missing, a first token comes without the logprobs of every
+        prompt token after the first where they were asked for, or a token belongs to a request the plan did not
+        schedule to sample (a chunk that does not reach the end of its request's tokens samples nothing)."""
         sampling = self.sampling()
-        live = [r for r in sampling if r.status is RequestStatus.RUNNING]
+        live = [r for r in sampling if r.status is not RequestStatus.FINISHED]
         sampled = output.sampled
         missing = [r.request_id for r in live if r.request_id not in sampled]
         # the plan's ids are distinct: with none missing, a token of another request makes sampled larger than live
@@ -114,7 +135,7 @@ class InFlightStep:
             return
         for request in self.requests:
             logprobs = output.prompt_logprobs.get(request.request_id)
-            if logprobs and request.status is RequestStatus.RUNNING:
+            if logprobs and request.status is not RequestStatus.FINISHED:
                 request.prompt_logprobs.extend(logprobs)
 
     def measured(self, output: StepOutput) -> IterationRecord | None:

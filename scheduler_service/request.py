@@ -43,14 +43,39 @@ class Request:
     num_computed_tokens: int = 0  # while prefilling: the tokens of token_ids whose prefill plans have scheduled
     # asked for, until its first output carries them: those of the prompt tokens its computed chunks predicted
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_tokens: int = field(init=False)  # prompt and output tokens
+    num_pending: int = 0  # tokens plans in flight will sample for it, not yet in output_token_ids
+    num_tokens: int = field(init=False)  # prompt and output tokens, the pending ones counted
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def append_token(self, token: int) -> None:
-        self.output_token_ids.append(token)
+    def expect_token(self) -> None:
+        """A plan that samples it went in flight: its next token counts before it is known."""
         self.num_tokens += 1
+        self.num_pending += 1
+
+    def append_token(self, token: int) -> None:
+        """Its next token, the oldest pending one if any."""
+        self.output_token_ids.append(token)
+        if self.num_pending:
+            self.num_pending -= 1
+        else:
+            self.num_tokens += 1
+
+    def drop_pending(self) -> None:
+        """Forget the tokens of plans in flight (it is requeued: they will never be taken)."""
+        self.num_tokens -= self.num_pending
+        self.num_pending = 0
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens, without the pending ones."""
+        return self.num_tokens - self.num_pending
+
+    @property
+    def done_when_known(self) -> bool:
+        """Its pending token reaches its peak: that token's output finishes it, so no plan schedules it again."""
+        return self.num_tokens > self.peak_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -67,12 +67,17 @@ from scheduler_service.request_limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 RECENT_ITERATIONS = 256
+MAX_FLIGHTS = 4  # the step that runs, the plan made ahead of it, and stale ones
 SWAP_IN_LOOKAHEAD = 8
 
 
 class Scheduler:
-    """One plan may be in flight: update it, or abort its requests if the step failed (or answer cpu_pool_lost() if
-    the worker lost its CPU pool in it), before the next schedule()."""
+    """Two plans may be in flight: the one whose step runs and one planned ahead of its output (asynchronous
+    scheduling). Each is updated with its step's output in order, or, if its step failed, its requests are aborted
+    (or cpu_pool_lost() answered if the worker lost its CPU pool in it), the plan made ahead of it withdrawn first.
+    A plan made ahead counts each token the step before samples as pending (Request.expect_token): the blocks it grows
+    hold that token, and a request whose pending token reaches its peak is left out (that token finishes it).
+    Finishes, stops and aborts found in a step's output reach the worker in the next plan made after it."""
 
     def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
                  ) -> None:
@@ -97,7 +102,8 @@ class Scheduler:
         self._gpu_running: list[Request] = []  # accelerator-resident running requests, the most recently placed last
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
-        self._in_flight: InFlightStep | None = None
+        self._flights: deque[InFlightStep] = deque(maxlen=MAX_FLIGHTS)  # oldest first; those before a step's own
+        # are dropped when its output is taken (steps that failed, plans never sent)
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
@@ -114,7 +120,7 @@ class Scheduler:
     @property
     def in_flight(self) -> InFlightStep | None:
         """The latest plan until update_from_output() takes its step's output."""
-        return self._in_flight
+        return self._flights[-1] if self._flights else None
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the queues, both KV pools and the iteration counts."""
@@ -176,19 +182,27 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """The next iteration (see the module docstring). A request preempted here is not re-admitted in the same
         step: it needs at least the blocks it freed, and the request that preempted it took one of them."""
-        if self._in_flight is not None and self._in_flight.is_running():
-            raise RuntimeError(f"step {self._in_flight.step_id} is in flight: call update_from_output() first")
+        running = [f for f in self._flights if f.is_running()]
+        if len(running) > 1:
+            raise RuntimeError(f"steps {running[0].step_id} and {running[1].step_id} are in flight: call "
+                               "update_from_output() first")
+        ahead = bool(running)  # planned before that step's output is known
         preemptions = self._num_preemptions
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
-        gpu_rows, cached, gpu_longest = grow_gpu_rows(self._kv, self._gpu_running, lambda r: self._evict(r, swap_out))
+        gpu = [r for r in self._gpu_running if not r.done_when_known] if ahead else self._gpu_running[:]
+        gpu_rows, cached, gpu_longest = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out))
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
+        front = len(cpu_candidates)
+        if ahead:
+            cpu_candidates = [r for r in cpu_candidates if not r.done_when_known]
         budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
         continuing = self._prefilling.continuing(budget)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
                                          self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
         context = prefix_contexts(cpu_candidates)
-        forced = must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id)
+        forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
+                     len(cpu_candidates))
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
@@ -201,7 +215,8 @@ class Scheduler:
         chosen = cpu_candidates[: choice.cpu_rows]
         cpu_rows = grow_cpu_rows(self._kv, chosen, choice.cpu_rows_in_sub_batch_1, self._next_step_id, cached,
                                  self._preempt)
-        to_back(self._cpu_queue, cpu_rows, len(chosen))  # the rotation: those that decoded go to the back
+        # the rotation: those that decoded go to the back (the chosen were the queue's front unless some were left out)
+        to_back(self._cpu_queue, cpu_rows, len(chosen) if len(cpu_candidates) == front else -1)
         joined = self._prefilled(continuing + admitted)  # in order of admission
         step_id = self._next_step_id
         scheduled = [c.request for c in admitted] + gpu_rows + [c.request for c in continuing] + cpu_rows
@@ -214,7 +229,7 @@ class Scheduler:
         ) if scheduled else None
         partial = frozenset(c.request for c in prefills if not c.last)
         flight = self._start(scheduled, choice, record, partial)
-        return StepPlan(
+        plan = StepPlan(
             step_id=step_id,
             new_requests=tuple(c.new_data() for c in admitted),
             cached_requests=tuple(cached),
@@ -226,7 +241,10 @@ class Scheduler:
             record_subtasks=self._sampled(step_id, scheduled),
             # predicted only for a step with CPU work: the prediction is off the decision path otherwise
             cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_chunks else 0.0,
+            planned_ahead=ahead,
         )
+        flight.hold()  # after the plan's entries, which are made from the tokens known
+        return plan
 
     def cpu_pool_lost(self, plan: StepPlan) -> StepPlan:
         """The gpu_worker lost its CPU pool in `plan`'s step (errors.CpuPoolLost, whose contract this keeps): the
@@ -234,9 +252,12 @@ class Scheduler:
         recompute (FCFS by arrival), the CPU pool is unusable until cpu_pool_restored(), and the returned GPU_ONLY
         plan, now in flight, runs the step's accelerator part again (an accelerator request's prefill chunk too: the
         worker did not advance it). Degraded, a request whose KV fits only the CPU pool waits; those behind it pass."""
-        flight = self._in_flight
+        flight = self.in_flight
         if flight is None or plan.step_id != flight.step_id:
-            raise ValueError(f"step_id: plan {plan.step_id} is not the one in flight")
+            raise ValueError(f"step_id: plan {plan.step_id} is not the latest in flight (withdraw() the one made "
+                             "ahead of it first)")
+        self._flights.pop()
+        flight.release()  # the retry samples those tokens again
         requeued = lost_with_cpu_pool(plan, self._gpu_running, [*self._cpu_queue, *self._prefilling.on(Placement.CPU)])
         for request in requeued:
             self._requeue(request)
@@ -246,11 +267,13 @@ class Scheduler:
         preemptions = len(requeued) + self._iterations.withdraw(flight.record)  # the retry's record replaces it
         retry = Retry.of(plan, flight.requests, flight.partial)
         step_id = self._next_step_id
-        self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
-                    retry.record(step_id, preemptions), retry.partial)
+        retried = self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
+                              retry.record(step_id, preemptions), retry.partial)
         logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
                     len(requeued), len(retry.requests), step_id)
-        return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
+        retry_plan = retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
+        retried.hold()
+        return retry_plan
 
     def cpu_pool_restored(self, info: WorkerInfo, cost_model: ComposedCostModel | None = None) -> None:
         """The gpu_worker attached a CPU pool again (info): its blocks, all free, take requests again. cost_model: one
@@ -266,7 +289,7 @@ class Scheduler:
         if self._requests:
             raise ValueError(f"{len(self._requests)} requests are waiting or running: abort them first")
         self._freed_ids = []
-        self._in_flight = None
+        self._flights.clear()
         if self.policy.uses_cpu:
             self._detach_cpu_pool()
 
@@ -278,16 +301,19 @@ class Scheduler:
         gets its token's in RequestOutput.logprobs, one that asked for prompt logprobs those of its prompt in its
         first RequestOutput.
         """
-        flight = self._in_flight
+        flights = self._flights
+        while flights and flights[0].step_id < plan.step_id:  # failed, or never sent
+            flights.popleft()
+        flight = flights[0] if flights else None
         if flight is None or plan.step_id != flight.step_id or output.step_id != plan.step_id:
             raise ValueError(f"step_id: output {output.step_id} of plan {plan.step_id}, but step "
-                             f"{None if flight is None else flight.step_id} is in flight")
+                             f"{None if flight is None else flight.step_id} is the oldest in flight")
         live = flight.live_requests(output)
         flight.gather_prompt_logprobs(output)
         record = flight.measured(output)
-        if record is not flight.record:  # the in-flight plan's record is the latest
-            self._iterations.recent[-1] = record
-        self._in_flight = None
+        if record is not flight.record:
+            self._iterations.replace(flight.record, record)
+        flights.popleft()
         outputs = []
         add_output, finish_reason = outputs.append, self.limits.finish_reason
         sampled, logprobs = output.sampled, output.logprobs
@@ -299,6 +325,25 @@ class Scheduler:
                 self._finish(request)
             add_output(request.output(token, reason, logprobs.get(request.request_id) if logprobs else None))
         return StepResult(tuple(outputs), record)
+
+    def withdraw(self, plan: StepPlan) -> int:
+        """The latest plan, made ahead of a step that failed (or whose output could not be taken), will not run as
+        planned (the worker refused it, or it ran on a state the scheduler no longer has): each of its requests that
+        still runs is requeued for recompute (FCFS by arrival) and its worker state dropped by the next plan; how
+        many."""
+        flight = self.in_flight
+        if flight is None or plan.step_id != flight.step_id:
+            raise ValueError(f"step_id: plan {plan.step_id} is not the latest in flight")
+        self._flights.pop()
+        self._iterations.withdraw(flight.record)
+        requeued = [r for r in flight.requests if r.status is RequestStatus.RUNNING]
+        for request in requeued:
+            self._requeue(request)
+        for request in flight.requests:  # neither this step's tokens nor those of the failed step before it come
+            request.drop_pending()
+        self._waiting = deque(sorted([*requeued, *self._waiting], key=attrgetter("arrival")))
+        logger.info("step %d withdrawn: %d requests requeued for recompute", plan.step_id, len(requeued))
+        return len(requeued)
 
     def _swap_in(self) -> list[SwapData]:
         """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring)."""
@@ -356,7 +401,8 @@ class Scheduler:
         logger.debug("preempted %s at %d tokens", request.request_id, request.num_tokens)
 
     def _requeue(self, request: Request) -> None:
-        """Free its blocks and its state on the worker: admitted again, it recomputes its prompt and tokens so far."""
+        """Free its blocks and its state on the worker: admitted again, it recomputes its prompt and tokens so far
+        (with the token of a step in flight that samples for it, once that step's output is taken)."""
         self._leave_running(request)
         self._kv.free(request)
         request.status = RequestStatus.WAITING
@@ -404,11 +450,12 @@ class Scheduler:
     def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None,
                partial: frozenset[Request]) -> InFlightStep:
         """Step _next_step_id goes in flight (partial: its requests whose chunk samples nothing); its record, if it
-        runs a request, is counted."""
+        runs a request, is counted. The caller holds its tokens (InFlightStep.hold) once its plan is made."""
         self._iterations.add(record)
-        self._in_flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
+        flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
+        self._flights.append(flight)
         self._next_step_id += 1
-        return self._in_flight
+        return flight
 
     def _take_freed(self) -> tuple[str, ...]:
         freed, self._freed_ids = tuple(self._freed_ids), []

@@ -1,6 +1,8 @@
 """The scheduler's client of the gpu_worker: domain types in, domain types out, and the worker's failures as
 domain errors (scheduler_service.worker_port)."""
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -34,6 +36,24 @@ class WorkerClient:
         """errors.CpuPoolLost if the worker lost its CPU pool in the step, GpuWorkerLost if the worker is gone."""
         return convert.step_output_from_pb(await self._call(self._stub.Step(convert.plan_to_pb(plan))))
 
+    async def submit(self, plan: StepPlan) -> "asyncio.Task[StepOutput]":
+        """Send the plan; returns once the worker has queued it behind the plans sent before, with the task that
+        awaits its output (the errors of step())."""
+        call = self._stub.Step(convert.plan_to_pb(plan))
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the call failed: the task raises its error as step() does
+            await call.initial_metadata()
+        return asyncio.create_task(self._output(call))
+
+    async def _output(self, call: Awaitable[gpu_worker_pb2.StepResponse]) -> StepOutput:
+        try:
+            return convert.step_output_from_pb(await self._call(call))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the caller cancelled it
+                raise
+            # its channel was closed under it: another call found the worker gone
+            raise GpuWorkerLost(f"gpu_worker at {self._address}: the step's call ended with its channel") from None
+
     async def reset(self) -> int:
         """Drop the state of every request on the worker; how many it held."""
         return (await self._call(self._stub.Reset(gpu_worker_pb2.ResetRequest()))).num_dropped
@@ -46,8 +66,11 @@ class WorkerClient:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            if rpc.error_kind(exc) == errors.CpuPoolLost.kind:
+            kind = rpc.error_kind(exc)
+            if kind == errors.CpuPoolLost.kind:
                 raise errors.CpuPoolLost(exc.details() or "the CPU pool was lost") from exc
+            if kind == errors.StepRefused.kind:
+                raise errors.StepRefused(exc.details() or "the step was refused") from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 old = self._channel
                 self._open()

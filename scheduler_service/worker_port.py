@@ -1,6 +1,7 @@
 """What the engine loop needs of the gpu_worker (scheduler_service.worker_client over gRPC, fakes in tests), and the
 ways the worker fails it beyond a failed step."""
 
+import asyncio
 from typing import Protocol
 
 from apex_serve import errors
@@ -19,6 +20,12 @@ class WorkerReplaced(errors.FailedPrecondition):
 class WorkerPort(Protocol):
     async def step(self, plan: StepPlan) -> StepOutput:
         """Run one plan; errors.CpuPoolLost if the CPU pool was lost in it, GpuWorkerLost if the worker is gone."""
+        ...
+
+    async def submit(self, plan: StepPlan) -> "asyncio.Task[StepOutput]":
+        """Send a plan; returns once the worker has queued it behind the plans sent before (so the next may be sent),
+        with the task that awaits its output: step()'s errors, and errors.StepRefused for a plan made ahead of a
+        step that failed."""
         ...
 
     async def info(self) -> WorkerInfo:

@@ -1,5 +1,6 @@
 """Stack overhead benchmark: decode tokens/s of the full service stack against the same engine called
-in-process (the service overhead ratio) and against `transformers` generate at batch 1.
+in-process (the service overhead ratio) and against `transformers` generate at batch 1. The stack runs twice, with
+the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once.
 
 Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
 so prefill is excluded the same way on all three paths; each is the median of --repeats runs in
@@ -12,6 +13,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -118,19 +121,23 @@ def run(
                 model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run",
                 worker_threads=threads, pin_cpus=pin_cpus, metrics_port=0,
             )
-            with Stack(config) as stack:
+            unplanned = replace(config, port=rpc.free_tcp_port(), run_dir=f"{tmp}/run-sync", async_scheduling=False)
+            with ExitStack() as stacks:
+                addresses = [stacks.enter_context(Stack(c)).config.gateway_address for c in (config, unplanned)]
                 for batch in batches:
-                    asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens))  # warm-up
-                    local_runs, served_runs = [], []
-                    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-                        local_runs.append(bench_in_process(engine, prompt_ids, batch, new_tokens))
-                        served_runs.append(asyncio.run(bench_stack(stack.config.gateway_address, batch, new_tokens)))
-                    local, served = statistics.median(local_runs), statistics.median(served_runs)
+                    runs: list[list[float]] = [[], [], []]  # in-process, stack, stack without async scheduling
+                    for address in addresses:
+                        asyncio.run(bench_stack(address, batch, new_tokens))  # warm-up
+                    for _ in range(repeats):  # interleaved, so drift on a shared machine hits all alike
+                        runs[0].append(bench_in_process(engine, prompt_ids, batch, new_tokens))
+                        for arm, address in enumerate(addresses, 1):
+                            runs[arm].append(asyncio.run(bench_stack(address, batch, new_tokens)))
+                    local, served, served_sync = (statistics.median(r) for r in runs)
                     rows.append(dict(
                         model=spec.name, batch=batch, threads=threads, new_tokens=new_tokens,
-                        stack_tok_s=served, in_process_tok_s=local,
+                        stack_tok_s=served, stack_sync_tok_s=served_sync, in_process_tok_s=local,
                         transformers_tok_s=hf if batch == 1 else None,
-                        stack_over_in_process=served / local,
+                        stack_over_in_process=served / local, stack_sync_over_in_process=served_sync / local,
                         in_process_over_transformers=local / hf if batch == 1 else None,
                     ))
     return rows
@@ -147,13 +154,14 @@ def _fmt(value: float | None) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    head = (f"{'model':<18}{'batch':>6}{'stack tok/s':>13}{'in-proc tok/s':>15}{'HF tok/s':>10}{'stack/in-proc':>15}"
-            f"{'in-proc/HF':>12}")
+    head = (f"{'model':<18}{'batch':>6}{'stack tok/s':>13}{'sync tok/s':>12}{'in-proc tok/s':>15}{'HF tok/s':>10}"
+            f"{'stack/in-proc':>15}{'sync/in-proc':>14}{'in-proc/HF':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<18}{r['batch']:>6}{_fmt(r['stack_tok_s']):>13}{_fmt(r['in_process_tok_s']):>15}"
-            f"{_fmt(r['transformers_tok_s']):>10}{_fmt(r['stack_over_in_process']):>15}"
+            f"{r['model']:<18}{r['batch']:>6}{_fmt(r['stack_tok_s']):>13}{_fmt(r['stack_sync_tok_s']):>12}"
+            f"{_fmt(r['in_process_tok_s']):>15}{_fmt(r['transformers_tok_s']):>10}"
+            f"{_fmt(r['stack_over_in_process']):>15}{_fmt(r['stack_sync_over_in_process']):>14}"
             f"{_fmt(r['in_process_over_transformers']):>12}"
         )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ spans. Pure bookkeeping beside the loop; metrics and tracing are optional."""
 
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
@@ -68,6 +69,11 @@ class EngineObserver:
             return None
         contexts = [self._requests[r].trace_context for r in _request_ids(plan) if r in self._requests]
         return self._spans.start(plan, record, contexts)
+
+    @staticmethod
+    def current(span: IterationSpan | None) -> AbstractContextManager[object]:
+        """The iteration's span as the current one while its plan is sent (nothing without tracing)."""
+        return nullcontext() if span is None else span.current()
 
     def fail(self, span: IterationSpan | None, error: Exception | None) -> None:
         """The step or the update raised `error`, or the loop was cancelled during them (None)."""

@@ -5,9 +5,9 @@ child span per layer and subtask, with the times both workers recorded. Names: a
 
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
@@ -41,10 +41,14 @@ def _overlap_attributes(o: overlap.Overlap) -> dict[str, int | float]:
 
 @dataclass(frozen=True)
 class IterationSpan:
-    """An open iteration span and the context token that made it current."""
+    """An open iteration span. Two may be open at once (a step and the one planned ahead of it), so none is made
+    current for longer than the call that sends its plan (current())."""
 
     span: trace.Span
-    token: object
+
+    def current(self) -> AbstractContextManager[trace.Span]:
+        """The span as the current one while its plan is sent: the Step call's client span is its child."""
+        return trace.use_span(self.span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
 
 class IterationSpans:
@@ -52,17 +56,16 @@ class IterationSpans:
         self._tracer = tracer
 
     def start(self, plan: StepPlan, record: IterationRecord | None, requests: Iterable[SpanContext]) -> IterationSpan:
-        """Opens the plan's span and makes it current; end() or fail() closes it, in the same task."""
+        """Opens the plan's span; end() or fail() closes it."""
         links = [Link(context) for context in requests if context.is_valid]
         span = self._tracer.start_span(
             attr.ITERATION_SPAN, kind=SpanKind.INTERNAL, links=links, attributes=_record_attributes(plan, record),
             start_time=time.time_ns(),
         )
-        return IterationSpan(span, otel_context.attach(trace.set_span_in_context(span)))
+        return IterationSpan(span)
 
     def end(self, iteration: IterationSpan, output: StepOutput, record: IterationRecord | None) -> None:
         """Closes the span with the step's measured time and overlap, and its per-layer children when sampled."""
-        otel_context.detach(iteration.token)
         span = iteration.span
         if record is not None and record.overlap is not None:
             span.set_attributes(_overlap_attributes(record.overlap))
@@ -72,7 +75,6 @@ class IterationSpans:
 
     def fail(self, iteration: IterationSpan, error: Exception | None) -> None:
         """Closes the span of a step that raised `error` (recorded, status ERROR) or was cancelled (None)."""
-        otel_context.detach(iteration.token)
         span = iteration.span
         if error is not None:
             span.record_exception(error)

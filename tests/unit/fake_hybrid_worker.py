@@ -10,6 +10,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from queued_steps import QueuedSteps
+
 from apex_serve.errors import CpuPoolLost, FailedPrecondition
 from apex_serve.types import ExecutionMode, Placement, StepOutput, StepPlan, TokenLogprob, WorkerInfo
 from scheduler_service.worker_port import GpuWorkerLost
@@ -159,7 +161,7 @@ class HybridWorker:
         assert not shared, f"step {plan.step_id}: blocks held twice: {shared}"
 
 
-class AsyncHybridWorker(HybridWorker):
+class AsyncHybridWorker(QueuedSteps, HybridWorker):
     """The engine loop's worker port of the fake: away (GpuWorkerLost on every call) while `gone`."""
 
     def __init__(self, info: WorkerInfo, lose_when: Callable[[StepPlan], bool] = lambda plan: False) -> None:

@@ -3,6 +3,8 @@
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from queued_steps import QueuedSteps
+
 from apex_serve.types import FinishReason, Placement, SamplingParams, StepOutput, StepPlan, WorkerInfo
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
@@ -11,7 +13,7 @@ from scheduler_service.scheduler import Scheduler
 INFO = WorkerInfo("fake", 1, 50, 256, (0,), 4, 32, "cpu", "float32")
 
 
-class Port:
+class Port(QueuedSteps):
     """A worker port around a step function: its info is INFO, and Reset finds nothing to drop."""
 
     def __init__(self, step: Callable[[StepPlan], Awaitable[StepOutput]]) -> None:
@@ -37,7 +39,7 @@ class Worker(Port):
         if plan.step_id in self.fail_steps:
             raise ConnectionError("worker went away")
         ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
-        return StepOutput(plan.step_id, {rid: 7 for rid in ids})
+        return StepOutput(plan.step_id, dict.fromkeys(ids, 7))
 
 
 def all_blocks_free(loop: EngineLoop) -> bool:

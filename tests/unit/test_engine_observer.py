@@ -159,7 +159,9 @@ async def test_a_failed_step_ends_its_span_with_the_error_and_later_spans_are_no
     assert isinstance((await _drain(loop.submit("first", [1, 2], SamplingParams(max_tokens=3))))[-1], ConnectionError)
     await _drain(loop.submit("second", [1, 2], SamplingParams(max_tokens=3)))
     await loop.stop()
-    failed, *served = [s for s in exporter.get_finished_spans() if s.name == "apex.iteration"]
+    failed, refused, *served = [s for s in exporter.get_finished_spans() if s.name == "apex.iteration"]
     assert failed.attributes["apex.iteration.step_id"] == 0 and not failed.status.is_ok
     assert [e.name for e in failed.events] == ["exception"]
+    # step 1 was planned ahead of step 0's output (asynchronous scheduling): the worker refused it
+    assert refused.attributes["apex.iteration.step_id"] == 1 and not refused.status.is_ok
     assert len(served) == 3 and all(s.parent is None and s.status.is_ok for s in served)

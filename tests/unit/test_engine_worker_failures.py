@@ -137,7 +137,7 @@ async def test_the_failed_iteration_span_records_the_lost_cpu_pool_and_the_retry
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    s = make()
+    s = make(async_scheduling=False)
     w = AsyncHybridWorker(s.worker_info, once(cpu_admission))
     loop = engine(s, w, spans=IterationSpans(provider.get_tracer("test")))
     await asyncio.gather(*(_drain(submit(loop, f"r{i}", 5)) for i in range(8)))
@@ -149,6 +149,29 @@ async def test_the_failed_iteration_span_records_the_lost_cpu_pool_and_the_retry
     assert not failed.status.is_ok and [e.attributes["exception.type"] for e in failed.events] == [
         "apex_serve.errors.CpuPoolLost"]
     assert retry.status.is_ok and retry.attributes["apex.iteration.mode"] == ExecutionMode.GPU_ONLY.value
+
+
+async def test_with_async_scheduling_the_step_planned_ahead_of_a_lost_cpu_pool_is_refused_and_its_requests_requeued(
+        ) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = make()
+    w = AsyncHybridWorker(s.worker_info, once(cpu_admission))
+    loop = engine(s, w, spans=IterationSpans(provider.get_tracer("test")))
+    outs = await asyncio.gather(*(_drain(submit(loop, f"r{i}", 5)) for i in range(8)))
+    await loop.stop()
+    spans = {span.attributes["apex.iteration.step_id"]: span for span in exporter.get_finished_spans()
+             if span.name == "apex.iteration"}
+    lost_step = w.losses[0].plan.step_id
+    refused = spans[lost_step + 1]
+    assert refused.attributes.get("apex.iteration.step_id") == lost_step + 1
+    assert [e.attributes["exception.type"] for e in refused.events] == ["apex_serve.errors.StepRefused"]
+    # nobody failed, every request got its 5 tokens, the accelerator's pool is whole again
+    for i, out in enumerate(outs):
+        assert [t for o in out for t in o.new_token_ids] == [token_for(f"r{i}", PROMPT + n) for n in range(5)]
+        assert out[-1].finish_reason is FinishReason.LENGTH
+    assert s.stats().free_blocks[Placement.GPU] == s.stats().total_blocks[Placement.GPU]
 
 
 async def test_a_lost_gpu_worker_fails_every_request_at_once_and_serving_resumes_after_a_reset(

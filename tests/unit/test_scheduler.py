@@ -477,10 +477,11 @@ def test_failed_step_recovers_after_its_requests_are_aborted() -> None:
 # --- misuse ------------------------------------------------------------------------------------
 
 
-def test_schedule_while_a_plan_is_in_flight_raises() -> None:
+def test_a_plan_may_be_made_ahead_of_one_in_flight_but_not_of_two() -> None:
     sched = make()
     sched.add_request("a", [1], sp())
-    sched.schedule()
+    assert not sched.schedule().planned_ahead
+    assert sched.schedule().planned_ahead
     with pytest.raises(RuntimeError, match="in flight"):
         sched.schedule()
 
