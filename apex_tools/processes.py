@@ -3,6 +3,7 @@ waited for until SERVING, replaced by a fresh process of the same command, stopp
 split of this machine's cores between the device side and the rest (DESIGN §6)."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -34,16 +35,23 @@ def split_cores(device: int = 1, host: int | None = None) -> tuple[set[int] | No
 
 @contextmanager
 def pinned(cpus: set[int] | None) -> Iterator[None]:
-    """This process on cpus for the block (None: left as it is), its affinity restored after."""
+    """This process, every thread of it (gRPC's pollers too), on cpus for the block (None: left as it is), its
+    affinity restored after."""
     if cpus is None:
         yield
         return
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    _pin_threads(cpus)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        _pin_threads(before)
+
+
+def _pin_threads(cpus: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 class StopRequested(Exception):

@@ -1,9 +1,8 @@
-"""gRPC edge of the gpu_worker: one Step per engine iteration, run in the order the calls arrive.
-
-A Step call answers its initial metadata as soon as it holds its place in that order, so a scheduler that plans ahead
-(StepPlan.planned_ahead) may send the next plan the moment the worker has queued this one: the next step starts as
-soon as this one ends, with no round trip between them. A plan made ahead of a step that failed is refused
-(errors.StepRefused): it assumed that step's output."""
+"""gRPC edge of the gpu_worker: one Step per engine iteration, run one at a time in the order the calls arrive, or
+right after the step a call names (after_step_id, whichever call reaches the worker first): a scheduler that plans
+ahead sends the next plan while this one runs, so the next step starts as soon as this one ends, with no round trip
+between them. A plan made ahead (StepPlan.planned_ahead) of a step that failed is refused (errors.StepRefused): it
+assumed that step's output."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
@@ -18,19 +17,44 @@ from gpu_worker.model_runner import ModelRunner
 from gpu_worker.profiling import LayerProfiler
 
 T = TypeVar("T")
+AFTER_TIMEOUT_S = 30.0  # how long a step sent after another waits for that one's call
 
 
 class Turns:
-    """The worker's calls in order of arrival: each waits for the one before it to end and learns whether the state
-    that one left is the state a plan made ahead of it assumed (the step ran)."""
+    """The worker's calls in order: each waits for the one before it to end and learns whether the state that one
+    left is the state a plan made ahead of it assumed (the step ran)."""
 
     def __init__(self) -> None:
         self._last: asyncio.Future[bool] | None = None
+        self._last_step: int | None = None  # the step of the latest call to take a turn (None: not a step)
+        self._after: dict[int, asyncio.Future[None]] = {}  # calls waiting for a step's turn, by that step
 
-    def take(self) -> tuple["asyncio.Future[bool] | None", "asyncio.Future[bool]"]:
+    def take(self, step_id: int | None = None) -> tuple["asyncio.Future[bool] | None", "asyncio.Future[bool]"]:
         """The turn before this one (None: no call came before) and this one's, to be resolved when it ends."""
         previous, self._last = self._last, asyncio.get_running_loop().create_future()
+        self._last_step = step_id
+        waiting = self._after.pop(step_id, None) if step_id is not None else None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         return previous, self._last
+
+    async def take_after(self, after_step_id: int, step_id: int, timeout_s: float = AFTER_TIMEOUT_S
+                         ) -> tuple["asyncio.Future[bool] | None", "asyncio.Future[bool]"]:
+        """take(step_id) right after step after_step_id took its turn, waiting for that call if it has not come yet;
+        StepRefused if it does not come within timeout_s, or another call took a turn after it."""
+        if self._last_step != after_step_id:
+            waiting = self._after.setdefault(after_step_id, asyncio.get_running_loop().create_future())
+            try:
+                await asyncio.wait_for(waiting, timeout_s)
+            except TimeoutError:
+                raise errors.StepRefused(f"step {step_id} was sent after step {after_step_id}, which did not come "
+                                         f"within {timeout_s} s") from None
+            finally:
+                self._after.pop(after_step_id, None)
+            if self._last_step != after_step_id:
+                raise errors.StepRefused(f"step {step_id} was sent after step {after_step_id}, but another call "
+                                         "came between them")
+        return self.take(step_id)
 
 
 async def _ended(previous: "asyncio.Future[bool] | None") -> bool:
@@ -68,12 +92,10 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self, request: gpu_worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.StepResponse:
         plan = convert.plan_from_pb(request)
-        previous, turn = self._turns.take()
-        try:
-            await context.send_initial_metadata(())  # queued: the client may send the next plan
-        except BaseException:
-            turn.set_result(False)
-            raise
+        if request.HasField("after_step_id"):
+            previous, turn = await self._turns.take_after(request.after_step_id, plan.step_id)
+        else:
+            previous, turn = self._turns.take(plan.step_id)
         # In a thread, so the event loop keeps answering health checks during a prefill.
         output = await step_in_turn(previous, turn, plan, lambda p: asyncio.to_thread(self._runner.execute, p))
         return convert.step_output_to_pb(output)

@@ -1,8 +1,8 @@
 """The engine loop: schedule, one Step on the gpu_worker, update, stream.
 
 With asynchronous scheduling (SchedulerConfig.async_scheduling, the default) the loop plans step N+1 while the worker
-runs step N and sends it as soon as the worker has queued N, so the worker starts N+1 when N ends, without waiting for
-a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken (tokens
+runs step N and sends it at once, to run right after N (after_step_id), so the worker starts N+1 when N ends, without
+waiting for a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken (tokens
 streamed, finishes found) while N+1 runs, and what it finishes reaches the worker with N+2. Without it, one step at a
 time.
 
@@ -147,7 +147,7 @@ class EngineLoop:
     async def _pipeline(self, plan: StepPlan) -> None:
         """Steps back to back while there is work, each planned and sent while the one before runs; returns when a
         plan made ahead is empty, or after a failed step."""
-        running: _Sent | None = await self._send(plan)
+        running: _Sent | None = self._send(plan)
         ahead: _Sent | None = None
         try:
             while running is not None:
@@ -155,7 +155,7 @@ class EngineLoop:
                     await self._watch.poll()
                     following = self._scheduler.schedule()
                     if not following.is_empty or following.freed_request_ids:
-                        ahead = await self._send(following)
+                        ahead = self._send(following, running.plan.step_id)
                 if not await self._take(running, ahead):
                     return
                 running, ahead = ahead, None
@@ -165,16 +165,12 @@ class EngineLoop:
                     sent.output.cancel()
             raise
 
-    async def _send(self, plan: StepPlan) -> "_Sent":
-        """The plan sent and queued by the worker, with its iteration's span begun."""
+    def _send(self, plan: StepPlan, after_step_id: int | None = None) -> "_Sent":
+        """The plan sent (to run right after step after_step_id), with its iteration's span begun."""
         flight = self._scheduler.in_flight
         span = self.observer.begin(plan, None if flight is None else flight.record)
-        try:
-            with self.observer.current(span):
-                output = await self._worker.submit(plan)
-        except BaseException as exc:
-            self.observer.fail(span, exc if isinstance(exc, Exception) else None)
-            raise
+        with self.observer.current(span):
+            output = self._worker.submit(plan, after_step_id)
         return _Sent(plan, span, output)
 
     async def _take(self, sent: "_Sent", ahead: "_Sent | None") -> bool:

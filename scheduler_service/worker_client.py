@@ -2,7 +2,6 @@
 domain errors (scheduler_service.worker_port)."""
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -36,13 +35,13 @@ class WorkerClient:
         """errors.CpuPoolLost if the worker lost its CPU pool in the step, GpuWorkerLost if the worker is gone."""
         return convert.step_output_from_pb(await self._call(self._stub.Step(convert.plan_to_pb(plan))))
 
-    async def submit(self, plan: StepPlan) -> "asyncio.Task[StepOutput]":
-        """Send the plan; returns once the worker has queued it behind the plans sent before, with the task that
-        awaits its output (the errors of step())."""
-        call = self._stub.Step(convert.plan_to_pb(plan))
-        with contextlib.suppress(grpc.aio.AioRpcError):  # the call failed: the task raises its error as step() does
-            await call.initial_metadata()
-        return asyncio.create_task(self._output(call))
+    def submit(self, plan: StepPlan, after_step_id: int | None = None) -> "asyncio.Task[StepOutput]":
+        """Send the plan, to run right after step after_step_id (None: in order of arrival); the task that awaits
+        its output (the errors of step())."""
+        request = convert.plan_to_pb(plan)
+        if after_step_id is not None:
+            request.after_step_id = after_step_id
+        return asyncio.create_task(self._output(self._stub.Step(request)))
 
     async def _output(self, call: Awaitable[gpu_worker_pb2.StepResponse]) -> StepOutput:
         try:

@@ -22,10 +22,9 @@ class WorkerPort(Protocol):
         """Run one plan; errors.CpuPoolLost if the CPU pool was lost in it, GpuWorkerLost if the worker is gone."""
         ...
 
-    async def submit(self, plan: StepPlan) -> "asyncio.Task[StepOutput]":
-        """Send a plan; returns once the worker has queued it behind the plans sent before (so the next may be sent),
-        with the task that awaits its output: step()'s errors, and errors.StepRefused for a plan made ahead of a
-        step that failed."""
+    def submit(self, plan: StepPlan, after_step_id: int | None = None) -> "asyncio.Task[StepOutput]":
+        """Send a plan, to run right after step after_step_id (None: after what was sent before it); the task that
+        awaits its output: step()'s errors, and errors.StepRefused for a plan made ahead of a step that failed."""
         ...
 
     async def info(self) -> WorkerInfo:

@@ -1,6 +1,8 @@
 """Stack overhead benchmark: decode tokens/s of the full service stack against the same engine called
 in-process (the service overhead ratio) and against `transformers` generate at batch 1. The stack runs twice, with
-the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once.
+the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once. With
+--pin-cpus the in-process engine runs on the gpu_worker's cores and this process's stack clients on the others, as the
+stack's services are pinned: neither path shares its engine's cores with the client.
 
 Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
 so prefill is excluded the same way on all three paths; each is the median of --repeats runs in
@@ -26,6 +28,7 @@ from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.default_model import BENCH_SPEC, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 from apex_tools.launcher import Stack, StackConfig
+from apex_tools.processes import pinned, split_cores
 from apex_tools.local_engine import LocalEngine
 from gpu_worker.config import GpuWorkerConfig
 
@@ -122,16 +125,20 @@ def run(
                 worker_threads=threads, pin_cpus=pin_cpus, metrics_port=0,
             )
             unplanned = replace(config, port=rpc.free_tcp_port(), run_dir=f"{tmp}/run-sync", async_scheduling=False)
+            device_cpus, host_cpus = split_cores(threads) if pin_cpus else (None, None)
             with ExitStack() as stacks:
                 addresses = [stacks.enter_context(Stack(c)).config.gateway_address for c in (config, unplanned)]
                 for batch in batches:
                     runs: list[list[float]] = [[], [], []]  # in-process, stack, stack without async scheduling
-                    for address in addresses:
-                        asyncio.run(bench_stack(address, batch, new_tokens))  # warm-up
+                    with pinned(host_cpus):
+                        for address in addresses:
+                            asyncio.run(bench_stack(address, batch, new_tokens))  # warm-up
                     for _ in range(repeats):  # interleaved, so drift on a shared machine hits all alike
-                        runs[0].append(bench_in_process(engine, prompt_ids, batch, new_tokens))
-                        for arm, address in enumerate(addresses, 1):
-                            runs[arm].append(asyncio.run(bench_stack(address, batch, new_tokens)))
+                        with pinned(device_cpus):
+                            runs[0].append(bench_in_process(engine, prompt_ids, batch, new_tokens))
+                        with pinned(host_cpus):
+                            for arm, address in enumerate(addresses, 1):
+                                runs[arm].append(asyncio.run(bench_stack(address, batch, new_tokens)))
                     local, served, served_sync = (statistics.median(r) for r in runs)
                     rows.append(dict(
                         model=spec.name, batch=batch, threads=threads, new_tokens=new_tokens,

@@ -14,8 +14,14 @@ class QueuedSteps:
     step: Callable[[StepPlan], Awaitable[StepOutput]]
     _turns: Turns | None = None
 
-    async def submit(self, plan: StepPlan) -> "asyncio.Task[StepOutput]":
+    def submit(self, plan: StepPlan, after_step_id: int | None = None) -> "asyncio.Task[StepOutput]":
         if self._turns is None:
             self._turns = Turns()
-        previous, turn = self._turns.take()
-        return asyncio.create_task(step_in_turn(previous, turn, plan, self.step))
+        return asyncio.create_task(self._in_turn(plan, after_step_id))
+
+    async def _in_turn(self, plan: StepPlan, after_step_id: int | None) -> StepOutput:
+        if after_step_id is None:
+            previous, turn = self._turns.take(plan.step_id)
+        else:
+            previous, turn = await self._turns.take_after(after_step_id, plan.step_id)
+        return await step_in_turn(previous, turn, plan, self.step)
