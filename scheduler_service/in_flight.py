@@ -71,6 +71,7 @@ class InFlightStep:
         self._choice = choice
         self._cost_model = cost_model
         self._prediction: Prediction | None = None
+        self.held = False  # its sampling requests count its tokens as pending (hold())
 
     @property
     def shape(self) -> IterationShape | None:
@@ -88,12 +89,19 @@ class InFlightStep:
         return self._prediction
 
     def hold(self) -> None:
-        """Count the token each sampling request will get from the step before it is known (Request.expect_token)."""
+        """Count the token each sampling request will get from the step before it is known (Request.expect_token),
+        once: a plan made ahead of the step's output does so first; without one, update_from_output counts it."""
+        if self.held:
+            return
+        self.held = True
         for request in self.sampling():
             request.expect_token()
 
     def release(self) -> None:
         """Forget those tokens again (the step failed and will not give them)."""
+        if not self.held:
+            return
+        self.held = False
         for request in self.sampling():
             if request.num_pending:
                 request.num_tokens -= 1

@@ -68,11 +68,6 @@ class Request:
         self.num_pending = 0
 
     @property
-    def num_known_tokens(self) -> int:
-        """Prompt and output tokens, without the pending ones."""
-        return self.num_tokens - self.num_pending
-
-    @property
     def done_when_known(self) -> bool:
         """Its pending token reaches its peak: that token's output finishes it, so no plan schedules it again."""
         return self.num_tokens > self.peak_tokens

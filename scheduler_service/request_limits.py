@@ -61,6 +61,6 @@ class RequestLimits:
                 "%s: stop token %d as output token %d of min_tokens %d does not finish it",
                 request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
             )
-        if request.num_known_tokens > request.peak_tokens:
+        if request.num_tokens - request.num_pending > request.peak_tokens:  # the tokens known
             return FinishReason.LENGTH
         return None

@@ -75,8 +75,8 @@ class Scheduler:
     """Two plans may be in flight: the one whose step runs and one planned ahead of its output (asynchronous
     scheduling). Each is updated with its step's output in order, or, if its step failed, its requests are aborted
     (or cpu_pool_lost() answered if the worker lost its CPU pool in it), the plan made ahead of it withdrawn first.
-    A plan made ahead counts each token the step before samples as pending (Request.expect_token): the blocks it grows
-    hold that token, and a request whose pending token reaches its peak is left out (that token finishes it).
+    A plan made ahead first counts each token the step before samples as pending (InFlightStep.hold): the blocks it
+    grows hold that token, and a request whose pending token reaches its peak is left out (that token finishes it).
     Finishes, stops and aborts found in a step's output reach the worker in the next plan made after it."""
 
     def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
@@ -187,6 +187,8 @@ class Scheduler:
             raise RuntimeError(f"steps {running[0].step_id} and {running[1].step_id} are in flight: call "
                                "update_from_output() first")
         ahead = bool(running)  # planned before that step's output is known
+        for flight in running:
+            flight.hold()  # its tokens count from now on: the blocks grown here hold them
         preemptions = self._num_preemptions
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
@@ -243,7 +245,6 @@ class Scheduler:
             cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_chunks else 0.0,
             planned_ahead=ahead,
         )
-        flight.hold()  # after the plan's entries, which are made from the tokens known
         return plan
 
     def cpu_pool_lost(self, plan: StepPlan) -> StepPlan:
@@ -267,13 +268,11 @@ class Scheduler:
         preemptions = len(requeued) + self._iterations.withdraw(flight.record)  # the retry's record replaces it
         retry = Retry.of(plan, flight.requests, flight.partial)
         step_id = self._next_step_id
-        retried = self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
+        self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
                               retry.record(step_id, preemptions), retry.partial)
         logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
                     len(requeued), len(retry.requests), step_id)
-        retry_plan = retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
-        retried.hold()
-        return retry_plan
+        return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
 
     def cpu_pool_restored(self, info: WorkerInfo, cost_model: ComposedCostModel | None = None) -> None:
         """The gpu_worker attached a CPU pool again (info): its blocks, all free, take requests again. cost_model: one
@@ -450,7 +449,7 @@ class Scheduler:
     def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None,
                partial: frozenset[Request]) -> InFlightStep:
         """Step _next_step_id goes in flight (partial: its requests whose chunk samples nothing); its record, if it
-        runs a request, is counted. The caller holds its tokens (InFlightStep.hold) once its plan is made."""
+        runs a request, is counted."""
         self._iterations.add(record)
         flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
         self._flights.append(flight)
