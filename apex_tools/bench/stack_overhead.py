@@ -28,8 +28,8 @@ from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc
 from apex_tools.bench.common import write_result
 from apex_tools.default_model import BENCH_SPEC, DEFAULT_SPEC, RandomLlamaSpec, write_random_llama
 from apex_tools.launcher import Stack, StackConfig
-from apex_tools.processes import pinned, split_cores
 from apex_tools.local_engine import LocalEngine
+from apex_tools.processes import pinned, split_cores
 from gpu_worker.config import GpuWorkerConfig
 
 logger = logging.getLogger(__name__)
