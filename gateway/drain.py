@@ -3,7 +3,7 @@ end turns into its own error (an error event then [DONE] on HTTP, UNAVAILABLE on
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from apex_serve.errors import Unavailable
@@ -11,6 +11,7 @@ from apex_serve.errors import Unavailable
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_CUT = "the server is shutting down: the drain ended before this request finished"
 CUT_GRACE_S = 1.0  # after the cut, how long the front end's server waits for the cut streams' last messages
 
 
@@ -22,6 +23,7 @@ class Drain:
         self._idle = asyncio.Event()
         self._idle.set()
         self._active = 0
+        self._cutters: set[Callable[[], None]] = set()  # one per running stream: interrupts its wait for an item
 
     async def cut_after(self, drain_timeout_s: float) -> None:
         """Cuts the streams still running drain_timeout_s from now (and any started later); cancel it to spare them."""
@@ -29,33 +31,48 @@ class Drain:
         if self._active:
             logger.warning("drain of %.1fs over: cutting %d stream(s) still running", drain_timeout_s, self._active)
         self._cut.set()
+        for cut in list(self._cutters):
+            cut()
 
     async def idle(self) -> None:
         """Returns once no stream runs."""
         await self._idle.wait()
 
     async def until_cut(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
-        """The items until the drain cuts them (then Unavailable is raised); closing it, or the cut, closes items."""
-        cut = asyncio.ensure_future(self._cut.wait())
-        item: asyncio.Future[T] | None = None
+        """The items until the drain cuts them (then Unavailable is raised); closing it, or the cut, closes items.
+        The cut interrupts a wait for the next item by cancelling the task that waits (and only that wait): nothing
+        is allocated per item."""
+        waiter: asyncio.Task[object] | None = None  # the task while it waits for the next item
+        cut_here = False
+
+        def cut() -> None:
+            nonlocal cut_here
+            if waiter is not None:
+                cut_here = True
+                waiter.cancel()
+
+        self._cutters.add(cut)
         self._active += 1
         self._idle.clear()
         try:
             while True:
-                item = asyncio.ensure_future(anext(items))
-                await asyncio.wait((item, cut), return_when=asyncio.FIRST_COMPLETED)
-                if not item.done():
-                    raise Unavailable("the server is shutting down: the drain ended before this request finished")
+                if self._cut.is_set():
+                    raise Unavailable(_CUT)
+                waiter = asyncio.current_task()
                 try:
-                    value = item.result()
+                    value = await anext(items)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if not cut_here or waiter is None:
+                        raise
+                    waiter.uncancel()
+                    raise Unavailable(_CUT) from None
+                finally:
+                    waiter = None
                 yield value
         finally:
-            cut.cancel()
-            if item is not None and not item.done():
-                item.cancel()
-                await asyncio.wait((item,))
+            self._cutters.discard(cut)
             await items.aclose()
             self._active -= 1
             if not self._active:

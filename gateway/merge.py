@@ -9,7 +9,12 @@ T = TypeVar("T")
 
 async def merge(streams: Sequence[AsyncIterable[T]]) -> AsyncIterator[tuple[int, T]]:
     """Each stream is read by a task of its own; the first one to fail ends the merge with its error. Closing the
-    merge early cancels the readers (the streams themselves are the caller's to close)."""
+    merge early cancels the readers (the streams themselves are the caller's to close). A single stream is read in
+    place, without a task or a queue per event."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
     queue: asyncio.Queue[tuple[int, T | asyncio.Task[None]]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterable[T]) -> None:
