@@ -1,28 +1,30 @@
 """Times synthetic work of one layer on this worker's own hardware and weights (DESIGN §5): the profiler asks for a
 table and its points, and gets the median ns of each point after warm-up. Tables here: t_lin (tokens), t_pref
 (prefill tokens of one request, context tokens computed before them), t_gatt (decode rows, KV tokens over the rows),
-t_xfer (bytes staged per layer), t_sync (doorbell round trip), t_step (requests: the step's layout, embedding, final
-norm, lm head, sampling; per iteration).
+t_xfer (bytes staged per layer), t_sync (doorbell round trip), t_step (requests: a whole decode step of the worker
+without its layers: the plan's checks and state, the layout, embedding, final norm, lm head, sampling and the output;
+per iteration).
 Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
 memory as in a real step instead of staying in cache. Requests live in the pool between steps: the blocks a
 measurement writes are saved before and put back after it. t_pref writes scratch KV space of the pool's layout
 instead, so a pool of a few blocks profiles prompts up to max_model_len."""
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument
 from apex_serve.measurement import check_measure, median_ns
-from apex_serve.types import Placement, SamplingParams
+from apex_serve.types import CachedRequestData, Placement, SamplingParams, StepPlan
 from gpu_worker.attention import AttentionMetadata, PagedAttention, causal_attention, chunk_attention, chunk_mask
 from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.forward import Forward
 from gpu_worker.kv_cache import PagedKVCache
-from gpu_worker.layers import post_attention, pre_attention, rms_norm
+from gpu_worker.layers import post_attention, pre_attention
 from gpu_worker.model_runner import ModelRunner
-from gpu_worker.step_batch import RequestState, layout_sub_batch, schedule
+from gpu_worker.step_batch import RequestState
 
 GPU_TABLES = ("t_lin", "t_pref", "t_gatt", "t_xfer", "t_sync", "t_step")
 _OVER_LAYERS = ("t_lin", "t_gatt")  # timed over every layer, reported per layer
@@ -35,6 +37,7 @@ class LayerProfiler:
         self.layer = runner.weights.layers[0]
         self.generator = torch.Generator(device="cpu").manual_seed(0)
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (blocks, k, v) to put back
+        self._undo: list[Callable[[], None]] = []  # the runner's state to put back after a measurement
 
     def measure(self, table: str, points: list[tuple[int, int]], warmup: int, repeats: int) -> list[float]:
         """Median ns of each point of table; InvalidArgument for an unknown table or a point out of range."""
@@ -57,6 +60,8 @@ class LayerProfiler:
         self._saved.append((blocks, pool.k[:, blocks].clone(), pool.v[:, blocks].clone()))
 
     def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
         pool = self.runner.kv_cache
         while self._saved:
             blocks, k, v = self._saved.pop()
@@ -165,28 +170,36 @@ class LayerProfiler:
         return lambda: bridge.client.wait(bridge.client.ring(0, 0), self.runner.config.cpu_wait_timeout_s)
 
     def _t_step(self, requests: int, _: int) -> Callable[[], object]:
+        """The worker's own step (ModelRunner.execute) on a plan of `requests` decode rows of 64 tokens, run by a
+        forward without layers: everything a step does once per iteration, nothing it does per layer."""
+        runner = self.runner
         self._positive("x", requests, 4096)
-        weights = self.runner.weights
-        vocab = self.runner.model_config.vocab_size
-        ids = torch.randint(0, vocab, (requests,), generator=self.generator).to(self.runner.device)
-        hidden = self._random(requests, self.runner.model_config.hidden_size)
-        sampler = self.runner.sampler
-        params = [_GREEDY] * requests
-        histories = [[0]] * requests
-        block_size = self.runner.config.block_size
-        states = {  # decode rows of 64 tokens, for the step's layout (part of its preparation)
-            f"p{i}": RequestState([1] * 64, 63, _GREEDY, [i % self.runner.kv_cache.num_blocks] * 4, Placement.GPU,
-                                  num_computed_tokens=63)
+        block_size, num_blocks = runner.config.block_size, runner.kv_cache.num_blocks
+        per_row = -(-64 // block_size)
+        states = {
+            f"apex-profile-{i}": RequestState([1] * 64, 63, _GREEDY, [(i * per_row + b) % num_blocks
+                                                                      for b in range(per_row)], Placement.GPU,
+                                              num_computed_tokens=63)
             for i in range(requests)
         }
-        scheduled = [schedule(rid, state, 0, new=False) for rid, state in states.items()]
+        plan = StepPlan(step_id=0, cached_requests=tuple(CachedRequestData(rid) for rid in states))
+        forward = runner.forward
+        runner.forward = Forward(replace(runner.weights, layers=()), runner.kv_cache, None,
+                                 runner.model_config.rms_norm_eps)
+        runner._requests.update(states)
 
-        def work() -> list[int]:
-            layout_sub_batch(0, scheduled, states, block_size, self.runner.max_blocks_per_row, self.runner.device)
-            F.embedding(ids, weights.embed_tokens)
-            normed = rms_norm(hidden, weights.final_norm, self.runner.model_config.rms_norm_eps)
-            logits = F.linear(normed, weights.lm_head).float()  # [requests, vocab]
-            return sampler.sample(logits, params, [0] * requests, histories)
+        def undo() -> None:
+            runner.forward = forward
+            for rid in states:
+                runner._requests.pop(rid, None)
+
+        self._undo.append(undo)
+
+        def work() -> object:
+            for state in states.values():  # each run decodes position 63 again
+                del state.token_ids[64:]
+                state.num_computed_tokens = 63
+            return runner.execute(plan)
 
         return work
 
