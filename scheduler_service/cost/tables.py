@@ -105,7 +105,7 @@ _TABLE_KINDS: dict[str, type[Table1D] | type[Table2D]] = {
     "t_catt": Table2D,  # CPU decode rows, CPU KV tokens over the rows -> ns per layer
     "t_xfer": Table1D,  # bytes staged per layer (q, k, v out and o back) -> ns per layer
     "t_sync": Table1D,  # one point at x = 0: doorbell round trip, ns per layer
-    "t_step": Table1D,  # requests in the iteration -> ns per iteration (embedding, head, sampling, prepare)
+    "t_step": Table1D,  # requests in the iteration -> ns per iteration (the worker's step without its layers)
 }
 
 
