@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from apex_serve.measurement import TABLE_VERSION
 from apex_serve.types import ExecutionMode, StepTimings
 from scheduler_service.cost.analytic import (
     A10,
@@ -118,7 +119,7 @@ def test_malformed_tables_are_rejected(make):
 
 def tables_json(num_layers: int = 2) -> dict:
     return {
-        "version": 2,
+        "version": TABLE_VERSION,
         "key": {"device": "test", "model": "tiny", "dtype": "float16"},
         "num_layers": num_layers,
         "tables": {

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from apex_serve.measurement import TABLE_VERSION
 from apex_serve.types import Placement
 from apex_tools.sim.cli import main
 from apex_tools.sim.engine import Simulation
@@ -127,7 +128,7 @@ def test_apex_beats_gpu_only_and_neo_on_a10_llama2_chat() -> None:
 def test_this_machine_runs_on_a_profile_and_its_model_config(tmp_path) -> None:
     line = {"xs": [1, 64], "ys": [1000.0, 3000.0]}
     grid = {"xs": [1, 16], "ys": [16, 4096], "zs": [[500.0, 4000.0], [800.0, 8000.0]]}
-    profile = {"version": 2, "key": {}, "num_layers": 2, "tables": {
+    profile = {"version": TABLE_VERSION, "key": {}, "num_layers": 2, "tables": {
         "t_lin": line, "t_pref": {"xs": [16, 256], "ys": [0, 256], "zs": [[200.0, 400.0], [4000.0, 8000.0]]}, "t_gatt": grid, "t_catt": grid,
         "t_xfer": {"xs": [1000, 100000], "ys": [100.0, 10000.0]}, "t_sync": {"xs": [0], "ys": [5000.0]},
         "t_step": line}}
