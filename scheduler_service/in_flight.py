@@ -7,13 +7,14 @@ from dataclasses import dataclass, replace
 
 from apex_serve import overlap
 from apex_serve.engine_stats import IterationRecord
-from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput
+from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput, StepPlan
 from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.cost.shape import IterationShape
 from scheduler_service.policies import Choice
 from scheduler_service.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+MAX_FLIGHTS = 4  # the step that runs, the plan made ahead of it, and stale ones
 
 
 @dataclass(frozen=True)
@@ -180,3 +181,47 @@ def _check_logprobs(step_id: int, asking: list[Request], output: StepOutput) -> 
     if short:
         raise ValueError(f"prompt_logprobs: step {step_id} ends the prefill of {short} without the logprobs of every "
                          "prompt token after the first")
+
+
+class Flights:
+    """The plans in flight, oldest first: the step that runs, the plan made ahead of it (asynchronous scheduling), and
+    stale ones (steps that failed, plans never sent), dropped when a later step's output is taken."""
+
+    def __init__(self) -> None:
+        self._flights: deque[InFlightStep] = deque(maxlen=MAX_FLIGHTS)
+
+    @property
+    def latest(self) -> InFlightStep | None:
+        return self._flights[-1] if self._flights else None
+
+    def add(self, flight: InFlightStep) -> None:
+        self._flights.append(flight)
+
+    def running(self) -> list[InFlightStep]:
+        """Those whose output is owed before the next plan but one (InFlightStep.is_running)."""
+        return [f for f in self._flights if f.is_running()]
+
+    def oldest(self, plan: StepPlan, output: StepOutput) -> InFlightStep:
+        """The plan's flight, whose step's output this is, once the stale ones before it are dropped; ValueError if
+        it is not the oldest left. It stays in flight until taken (take_oldest)."""
+        flights = self._flights
+        while flights and flights[0].step_id < plan.step_id:
+            flights.popleft()
+        flight = flights[0] if flights else None
+        if flight is None or plan.step_id != flight.step_id or output.step_id != plan.step_id:
+            raise ValueError(f"step_id: output {output.step_id} of plan {plan.step_id}, but step "
+                             f"{None if flight is None else flight.step_id} is the oldest in flight")
+        return flight
+
+    def take_oldest(self) -> None:
+        self._flights.popleft()
+
+    def take_latest(self, plan: StepPlan, hint: str = "") -> InFlightStep:
+        """The plan's flight out of flight; ValueError unless it is the latest."""
+        flight = self.latest
+        if flight is None or plan.step_id != flight.step_id:
+            raise ValueError(f"step_id: plan {plan.step_id} is not the latest in flight{hint}")
+        return self._flights.pop()
+
+    def clear(self) -> None:
+        self._flights.clear()

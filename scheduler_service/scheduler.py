@@ -57,7 +57,7 @@ from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
 from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
 from scheduler_service.decode_slots import grow_cpu_rows, grow_gpu_rows
-from scheduler_service.in_flight import InFlightStep, IterationLog, StepResult
+from scheduler_service.in_flight import Flights, InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.latency_clock import PredictedClock
 from scheduler_service.policies import Candidates, Choice, LatencyObjective, make_policy
@@ -67,7 +67,6 @@ from scheduler_service.request_limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 RECENT_ITERATIONS = 256
-MAX_FLIGHTS = 4  # the step that runs, the plan made ahead of it, and stale ones
 SWAP_IN_LOOKAHEAD = 8
 
 
@@ -102,8 +101,7 @@ class Scheduler:
         self._gpu_running: list[Request] = []  # accelerator-resident running requests, the most recently placed last
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
-        self._flights: deque[InFlightStep] = deque(maxlen=MAX_FLIGHTS)  # oldest first; those before a step's own
-        # are dropped when its output is taken (steps that failed, plans never sent)
+        self._flights = Flights()
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
@@ -120,7 +118,7 @@ class Scheduler:
     @property
     def in_flight(self) -> InFlightStep | None:
         """The latest plan until update_from_output() takes its step's output."""
-        return self._flights[-1] if self._flights else None
+        return self._flights.latest
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the queues, both KV pools and the iteration counts."""
@@ -182,7 +180,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """The next iteration (see the module docstring). A request preempted here is not re-admitted in the same
         step: it needs at least the blocks it freed, and the request that preempted it took one of them."""
-        running = [f for f in self._flights if f.is_running()]
+        running = self._flights.running()
         if len(running) > 1:
             raise RuntimeError(f"steps {running[0].step_id} and {running[1].step_id} are in flight: call "
                                "update_from_output() first")
@@ -196,8 +194,7 @@ class Scheduler:
         gpu_rows, cached, gpu_longest = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out))
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
         front = len(cpu_candidates)
-        if ahead:
-            cpu_candidates = [r for r in cpu_candidates if not r.done_when_known]
+        cpu_candidates = [r for r in cpu_candidates if not r.done_when_known] if ahead else cpu_candidates
         budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
         continuing = self._prefilling.continuing(budget)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
@@ -231,7 +228,7 @@ class Scheduler:
         ) if scheduled else None
         partial = frozenset(c.request for c in prefills if not c.last)
         flight = self._start(scheduled, choice, record, partial)
-        plan = StepPlan(
+        return StepPlan(
             step_id=step_id,
             new_requests=tuple(c.new_data() for c in admitted),
             cached_requests=tuple(cached),
@@ -245,7 +242,6 @@ class Scheduler:
             cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_chunks else 0.0,
             planned_ahead=ahead,
         )
-        return plan
 
     def cpu_pool_lost(self, plan: StepPlan) -> StepPlan:
         """The gpu_worker lost its CPU pool in `plan`'s step (errors.CpuPoolLost, whose contract this keeps): the
@@ -253,11 +249,7 @@ class Scheduler:
         recompute (FCFS by arrival), the CPU pool is unusable until cpu_pool_restored(), and the returned GPU_ONLY
         plan, now in flight, runs the step's accelerator part again (an accelerator request's prefill chunk too: the
         worker did not advance it). Degraded, a request whose KV fits only the CPU pool waits; those behind it pass."""
-        flight = self.in_flight
-        if flight is None or plan.step_id != flight.step_id:
-            raise ValueError(f"step_id: plan {plan.step_id} is not the latest in flight (withdraw() the one made "
-                             "ahead of it first)")
-        self._flights.pop()
+        flight = self._flights.take_latest(plan, " (withdraw() the one made ahead of it first)")
         flight.release()  # the retry samples those tokens again
         requeued = lost_with_cpu_pool(plan, self._gpu_running, [*self._cpu_queue, *self._prefilling.on(Placement.CPU)])
         for request in requeued:
@@ -269,7 +261,7 @@ class Scheduler:
         retry = Retry.of(plan, flight.requests, flight.partial)
         step_id = self._next_step_id
         self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
-                              retry.record(step_id, preemptions), retry.partial)
+                    retry.record(step_id, preemptions), retry.partial)
         logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
                     len(requeued), len(retry.requests), step_id)
         return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
@@ -300,19 +292,13 @@ class Scheduler:
         gets its token's in RequestOutput.logprobs, one that asked for prompt logprobs those of its prompt in its
         first RequestOutput.
         """
-        flights = self._flights
-        while flights and flights[0].step_id < plan.step_id:  # failed, or never sent
-            flights.popleft()
-        flight = flights[0] if flights else None
-        if flight is None or plan.step_id != flight.step_id or output.step_id != plan.step_id:
-            raise ValueError(f"step_id: output {output.step_id} of plan {plan.step_id}, but step "
-                             f"{None if flight is None else flight.step_id} is the oldest in flight")
+        flight = self._flights.oldest(plan, output)
         live = flight.live_requests(output)
         flight.gather_prompt_logprobs(output)
         record = flight.measured(output)
         if record is not flight.record:
             self._iterations.replace(flight.record, record)
-        flights.popleft()
+        self._flights.take_oldest()
         outputs = []
         add_output, finish_reason = outputs.append, self.limits.finish_reason
         sampled, logprobs = output.sampled, output.logprobs
@@ -326,14 +312,9 @@ class Scheduler:
         return StepResult(tuple(outputs), record)
 
     def withdraw(self, plan: StepPlan) -> int:
-        """The latest plan, made ahead of a step that failed (or whose output could not be taken), will not run as
-        planned (the worker refused it, or it ran on a state the scheduler no longer has): each of its requests that
-        still runs is requeued for recompute (FCFS by arrival) and its worker state dropped by the next plan; how
-        many."""
-        flight = self.in_flight
-        if flight is None or plan.step_id != flight.step_id:
-            raise ValueError(f"step_id: plan {plan.step_id} is not the latest in flight")
-        self._flights.pop()
+        """The latest plan, made ahead of a step that failed, will not run as planned: each of its requests that still
+        runs is requeued for recompute (FCFS by arrival), its worker state dropped by the next plan; how many."""
+        flight = self._flights.take_latest(plan)
         self._iterations.withdraw(flight.record)
         requeued = [r for r in flight.requests if r.status is RequestStatus.RUNNING]
         for request in requeued:
@@ -452,7 +433,7 @@ class Scheduler:
         runs a request, is counted."""
         self._iterations.add(record)
         flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
-        self._flights.append(flight)
+        self._flights.add(flight)
         self._next_step_id += 1
         return flight
 
