@@ -1,6 +1,7 @@
 """Stack overhead benchmark: decode tokens/s of the full service stack against the same engine called
 in-process (the service overhead ratio) and against `transformers` generate at batch 1. The stack runs twice, with
-the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once. With
+the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once, under the
+in-process engine's policy (gpu-only). With
 --pin-cpus the in-process engine runs on the gpu_worker's cores and this process's stack clients on the others, as the
 stack's services are pinned: neither path shares its engine's cores with the client.
 
@@ -120,9 +121,9 @@ def run(
             hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             hf = statistics.median(bench_transformers(hf_model, prompt_ids, new_tokens) for _ in range(repeats))
             del hf_model
-            config = StackConfig(
+            config = StackConfig(  # the in-process engine's policy: the two paths differ only by the services
                 model_dir=str(model_dir), port=rpc.free_tcp_port(), http_port=0, run_dir=f"{tmp}/run",
-                worker_threads=threads, pin_cpus=pin_cpus, metrics_port=0,
+                worker_threads=threads, pin_cpus=pin_cpus, metrics_port=0, policy="gpu-only",
             )
             unplanned = replace(config, port=rpc.free_tcp_port(), run_dir=f"{tmp}/run-sync", async_scheduling=False)
             device_cpus, host_cpus = split_cores(threads) if pin_cpus else (None, None)
