@@ -2,9 +2,9 @@
 
 With asynchronous scheduling (SchedulerConfig.async_scheduling, the default) the loop plans step N+1 while the worker
 runs step N and sends it at once, to run right after N (after_step_id), so the worker starts N+1 when N ends, without
-waiting for a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken (tokens
-streamed, finishes found) while N+1 runs, and what it finishes reaches the worker with N+2. Without it, one step at a
-time.
+waiting for a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken
+(tokens streamed, finishes found) while N+1 runs, and what it finishes reaches the worker with N+2. Without it, one
+step at a time.
 
 The worker may fail it in three ways. A step fails: its requests fail, the loop serves on. The worker loses its CPU pool
 in a step (errors.CpuPoolLost): the scheduler requeues what lived there, the step's accelerator part runs again at once
@@ -117,41 +117,20 @@ class EngineLoop:
                     except TimeoutError:
                         pass
                     continue
-                if self._ahead:
-                    await self._pipeline(plan)
-                else:
-                    await self._iterate(plan)
+                await self._pipeline(plan)
             except GpuWorkerLost as lost:
                 if not await self._reconnect(lost):
                     return
 
-    async def _iterate(self, plan: StepPlan, retry: bool = False) -> None:
-        """One step of the plan; when the worker lost its CPU pool in it, the retry's step at once."""
-        flight = self._scheduler.in_flight
-        span = self.observer.begin(plan, None if flight is None else flight.record)
-        try:
-            with self.observer.current(span):
-                output = await self._worker.step(plan)
-            result = self._scheduler.update_from_output(plan, output)
-        except asyncio.CancelledError:  # stop() during the step
-            self.observer.fail(span, None)
-            raise
-        except Exception as exc:
-            self.observer.fail(span, exc)
-            await self._failed(plan, exc, retry)
-            return
-        self.observer.end(span, plan, output, result)
-        for out in result.outputs:
-            self._deliver(out)
-
     async def _pipeline(self, plan: StepPlan) -> None:
-        """Steps back to back while there is work, each planned and sent while the one before runs; returns when a
-        plan made ahead is empty, or after a failed step."""
+        """The plan's step; with asynchronous scheduling, steps back to back while there is work, each planned and
+        sent while the one before runs. Returns when no plan was made ahead (or it was empty), or after a failed
+        step."""
         running: _Sent | None = self._send(plan)
         ahead: _Sent | None = None
         try:
             while running is not None:
-                if self._scheduler.has_work():
+                if self._ahead and self._scheduler.has_work():
                     await self._watch.poll()
                     following = self._scheduler.schedule()
                     if not following.is_empty or following.freed_request_ids:
@@ -173,10 +152,10 @@ class EngineLoop:
             output = self._worker.submit(plan, after_step_id)
         return _Sent(plan, span, output)
 
-    async def _take(self, sent: "_Sent", ahead: "_Sent | None") -> bool:
+    async def _take(self, sent: "_Sent", ahead: "_Sent | None", retry: bool = False) -> bool:
         """Take a sent step's output: update, end its span, deliver. If the step failed, the plan sent ahead of it is
         withdrawn (its requests requeued: the worker refuses it, or ran it on a state the scheduler no longer has) and
-        the failure handled as _iterate handles it; False then."""
+        the failure handled (_failed; retry: the step was a lost CPU pool's retry); False then."""
         try:
             output = await sent.output
             result = self._scheduler.update_from_output(sent.plan, output)
@@ -187,7 +166,7 @@ class EngineLoop:
             self.observer.fail(sent.span, exc)
             if ahead is not None:
                 await self._withdraw(ahead)
-            await self._failed(sent.plan, exc)
+            await self._failed(sent.plan, exc, retry)
             return False
         self.observer.end(sent.span, sent.plan, output, result)
         for out in result.outputs:
@@ -215,7 +194,7 @@ class EngineLoop:
             logger.warning("the gpu_worker lost its CPU pool in step %d (%s): its requests are recomputed on the "
                            "accelerator, which alone serves until the pool is back", plan.step_id, exc)
             self._watch.lost()
-            await self._iterate(self._scheduler.cpu_pool_lost(plan), retry=True)
+            await self._take(self._send(self._scheduler.cpu_pool_lost(plan)), None, retry=True)
             return
         logger.error("step %d failed", plan.step_id, exc_info=exc)  # fail what was in the step, keep serving
         for request_id in [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]:

@@ -105,8 +105,7 @@ class InFlightStep:
         self.held = False
         for request in self.sampling():
             if request.num_pending:
-                request.num_tokens -= 1
-                request.num_pending -= 1
+                request.forget_token()
 
     def is_running(self) -> bool:
         """Whether a request of the plan still runs: its step's output is owed before the next plan."""

@@ -62,6 +62,11 @@ class Request:
         else:
             self.num_tokens += 1
 
+    def forget_token(self) -> None:
+        """Its oldest pending token will not come (the step that was to sample it failed)."""
+        self.num_tokens -= 1
+        self.num_pending -= 1
+
     def drop_pending(self) -> None:
         """Forget the tokens of plans in flight (it is requeued: they will never be taken)."""
         self.num_tokens -= self.num_pending

@@ -1,9 +1,9 @@
 """Stack overhead benchmark: decode tokens/s of the full service stack against the same engine called
 in-process (the service overhead ratio) and against `transformers` generate at batch 1. The stack runs twice, with
 the scheduler's asynchronous scheduling on (the default) and off (--no-async-scheduling), both up at once, under the
-in-process engine's policy (gpu-only). With
---pin-cpus the in-process engine runs on the gpu_worker's cores and this process's stack clients on the others, as the
-stack's services are pinned: neither path shares its engine's cores with the client.
+in-process engine's policy (gpu-only). With --pin-cpus the in-process engine runs on the gpu_worker's cores and this
+process's stack clients on the others, as the stack's services are pinned: neither path shares its engine's cores
+with the client.
 
 Every figure is decode throughput, (tokens - 1) / (time of last token - time of first token),
 so prefill is excluded the same way on all three paths; each is the median of --repeats runs in

@@ -4,17 +4,14 @@ planned (its token there is never emitted), max_tokens, an abort mid-stream, and
 
 import asyncio
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
-from apex_serve import rpc
+from worker_server import worker_server
+
 from apex_serve.types import FinishReason, Placement, RequestOutput, SamplingParams
-from apex_serve.v1 import gpu_worker_pb2_grpc
 from conftest import wait_until_async
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
-from gpu_worker.servicer import GpuWorkerServicer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
@@ -29,46 +26,44 @@ async def serve(model_dir: Path, async_scheduling: bool, stops: dict[str, int]
                 ) -> dict[str, tuple[list[int], FinishReason | None]]:
     """Every request's tokens and finish reason; r1 is aborted once it has ABORT_AFTER tokens."""
     runner = ModelRunner(GpuWorkerConfig(model_dir=str(model_dir), device="cpu", block_size=4, num_kv_blocks=40))
-    server = rpc.create_server()
-    gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server(GpuWorkerServicer(runner), server)
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")  # short: a socket path has a length limit
-    address = rpc.bind(server, rpc.unix_address(run_dir, "gpu_worker"))
-    await server.start()
-    client = WorkerClient(address)
-    try:
-        scheduler = Scheduler(SchedulerConfig(async_scheduling=async_scheduling, sample_layers_every=0),
-                              await client.info())
-        loop = EngineLoop(scheduler, client)
-        loop.start()
-        rng = random.Random(5)
+    async with worker_server(runner) as address:
+        client = WorkerClient(address)
+        try:
+            return await _serve(runner, client, async_scheduling, stops)
+        finally:
+            await client.close()
 
-        async def run(i: int) -> tuple[list[int], FinishReason | None]:
-            request_id = f"r{i}"
-            prompt = [256] + [rng.randrange(256) for _ in range(PROMPT_LENS[i] - 1)]
-            stop = (stops[request_id],) if request_id in stops else ()
-            queue = loop.submit(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i],
-                                                                   ignore_eos=True, stop_token_ids=stop))
-            tokens: list[int] = []
-            while True:
-                out = await asyncio.wait_for(queue.get(), 60)
-                assert isinstance(out, RequestOutput), out
-                tokens += out.new_token_ids
-                if out.finished:
-                    return tokens, out.finish_reason
-                if request_id == ABORTED and len(tokens) == ABORT_AFTER:
-                    assert loop.abort(request_id)
 
-        results = await asyncio.gather(*(run(i) for i in range(len(PROMPT_LENS))))
-        await wait_until_async(lambda: not runner._requests, 10, "the worker to drop every finished request")
-        await loop.stop()
-        stats = scheduler.stats()
-        assert stats.free_blocks[Placement.GPU] == stats.total_blocks[Placement.GPU]
-        return {f"r{i}": result for i, result in enumerate(results)}
-    finally:
-        await client.close()
-        await server.stop(None)
-        runner.close()
-        shutil.rmtree(run_dir)
+async def _serve(runner: ModelRunner, client: WorkerClient, async_scheduling: bool, stops: dict[str, int]
+                 ) -> dict[str, tuple[list[int], FinishReason | None]]:
+    scheduler = Scheduler(SchedulerConfig(async_scheduling=async_scheduling, sample_layers_every=0),
+                          await client.info())
+    loop = EngineLoop(scheduler, client)
+    loop.start()
+    rng = random.Random(5)
+
+    async def run(i: int) -> tuple[list[int], FinishReason | None]:
+        request_id = f"r{i}"
+        prompt = [256] + [rng.randrange(256) for _ in range(PROMPT_LENS[i] - 1)]
+        stop = (stops[request_id],) if request_id in stops else ()
+        queue = loop.submit(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i],
+                                                               ignore_eos=True, stop_token_ids=stop))
+        tokens: list[int] = []
+        while True:
+            out = await asyncio.wait_for(queue.get(), 60)
+            assert isinstance(out, RequestOutput), out
+            tokens += out.new_token_ids
+            if out.finished:
+                return tokens, out.finish_reason
+            if request_id == ABORTED and len(tokens) == ABORT_AFTER:
+                assert loop.abort(request_id)
+
+    results = await asyncio.gather(*(run(i) for i in range(len(PROMPT_LENS))))
+    await wait_until_async(lambda: not runner._requests, 10, "the worker to drop every finished request")
+    await loop.stop()
+    stats = scheduler.stats()
+    assert stats.free_blocks[Placement.GPU] == stats.total_blocks[Placement.GPU]
+    return {f"r{i}": result for i, result in enumerate(results)}
 
 
 async def test_async_scheduling_emits_the_tokens_of_one_step_at_a_time_and_stops_and_aborts_on_time(

@@ -1,20 +1,18 @@
 """The gpu_worker's gRPC edge in-process over a Unix socket: a Step with an enum value this build does not know
 answers INVALID_ARGUMENT naming the field, and leaves the worker serving."""
 
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from worker_server import worker_server
 
 from apex_serve import convert, rpc
 from apex_serve.types import NewRequestData, SamplingParams, StepPlan
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
-from gpu_worker.servicer import GpuWorkerServicer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -22,18 +20,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.fixture
 async def stub(mha_model_dir: Path) -> AsyncIterator[gpu_worker_pb2_grpc.GpuWorkerStub]:
     runner = ModelRunner(GpuWorkerConfig(model_dir=str(mha_model_dir), device="cpu", block_size=4, num_kv_blocks=16))
-    server = rpc.create_server()
-    gpu_worker_pb2_grpc.add_GpuWorkerServicer_to_server(GpuWorkerServicer(runner), server)
-    run_dir = tempfile.mkdtemp(prefix="apex-", dir="/tmp")  # short: a socket path has a length limit
-    address = rpc.bind(server, rpc.unix_address(run_dir, "gpu_worker"))
-    await server.start()
-    try:
-        async with rpc.channel(address) as channel:
-            yield gpu_worker_pb2_grpc.GpuWorkerStub(channel)
-    finally:
-        await server.stop(None)
-        runner.close()
-        shutil.rmtree(run_dir)
+    async with worker_server(runner) as address, rpc.channel(address) as channel:
+        yield gpu_worker_pb2_grpc.GpuWorkerStub(channel)
 
 
 def _plan(step_id: int) -> gpu_worker_pb2.StepRequest:
