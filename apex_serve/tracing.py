@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 _UNTRACED_SERVICES = (
     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection",
 )
+# a stream that lives as long as its gateway: the requests on it carry their own context and get their own spans
+_UNTRACED_METHODS = ("/apex_serve.v1.Scheduler/Attach",)
 _state: dict[str, bool] = {}
 # service.name per module (OTEL_SERVICE_NAME overrides it); compose and the manifests set the same names
 SERVICE_NAMES = {
@@ -99,7 +101,8 @@ def tracer(name: str) -> trace.Tracer | None:
 def _traced_filter():  # type: ignore[no-untyped-def]
     from opentelemetry.instrumentation.grpc import filters
 
-    return filters.negate(filters.any_of(*(filters.service_name(s) for s in _UNTRACED_SERVICES)))
+    return filters.negate(filters.any_of(*(filters.service_name(s) for s in _UNTRACED_SERVICES),
+                                         *(filters.full_method_name(m) for m in _UNTRACED_METHODS)))
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:

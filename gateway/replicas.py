@@ -1,11 +1,11 @@
 """The scheduler replicas behind one gateway (DESIGN §9): each new request goes to the SERVING replica
 with the fewest requests this gateway has in flight on it (exact counts, no polling), ties broken
-round-robin; a Submit that fails UNAVAILABLE before its first token is retried at once on another SERVING replica, and
-otherwise (or should that fail too) waits for a SERVING replica within unavailable_retry_s of the first failure (a
-restarted scheduler, say) and is submitted there again; a request sent when none is SERVING waits the same way.
-Abort goes to the replica that holds the request. Each replica's GetStats feeds the dashboard, the readiness (a
-replica whose engine stopped stepping with requests running is not ready) and the degraded state (its CPU pool is
-lost), its GetMetrics the gateway's /metrics."""
+round-robin, and travels on the gateway's Attach stream to that replica (gateway/attached.py); a request that fails
+UNAVAILABLE before its first token is retried at once on another SERVING replica, and otherwise (or should that fail
+too) waits for a SERVING replica within unavailable_retry_s of the first failure (a restarted scheduler, say) and is
+submitted there again; a request sent when none is SERVING waits the same way. Abort goes to the replica that holds
+the request. Each replica's GetStats feeds the dashboard, the readiness (a replica whose engine stopped stepping with
+requests running is not ready) and the degraded state (its CPU pool is lost), its GetMetrics the gateway's /metrics."""
 
 import asyncio
 import logging
@@ -22,10 +22,10 @@ from apex_serve import convert, metric_families, rpc, tracing
 from apex_serve.errors import Unavailable
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gateway.attached import AttachedCall, AttachedScheduler
 
 logger = logging.getLogger(__name__)
 
-CLOSE_WAIT_S = 1.0  # how long the end of a Submit stream is awaited after its last message
 HEALTH_RETRY_S = 0.5  # between attempts to re-open the health watch of a replica that went away
 # before a request is submitted again after a failure with no other replica to go to: the failed replica's health
 # watch notices its loss meanwhile, and a replica that stays SERVING but fails every Submit is not hammered
@@ -45,7 +45,7 @@ class Replica:
     """One scheduler replica, and what this gateway knows of it without asking it."""
 
     address: str
-    scheduler: scheduler_pb2_grpc.SchedulerStub
+    scheduler: AttachedScheduler  # a stub whose Submit rides the gateway's Attach stream to the replica
     health: health_pb2_grpc.HealthStub | None = None  # None: never watched, `serving` is set by its owner
     serving: bool = True
     in_flight: int = 0  # requests of this gateway running there now
@@ -103,6 +103,7 @@ class Replicas:
         self._cursor = 0  # round-robin start among equally loaded replicas
         self._holders: dict[str, Replica] = {}  # request id -> the replica running it
         self._channels: list[grpc.aio.Channel] = []
+        self._attached: list[AttachedScheduler] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._serving_again = asyncio.Event()  # set, then replaced, each time a replica turns SERVING
 
@@ -117,12 +118,13 @@ class Replicas:
             grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS, interceptors=tracing.client_interceptors())
             for a in addresses
         ]
+        attached = [AttachedScheduler(scheduler_pb2_grpc.SchedulerStub(c)) for c in channels]
         replicas = [
-            Replica(a, scheduler_pb2_grpc.SchedulerStub(c), health_pb2_grpc.HealthStub(c))
-            for a, c in zip(addresses, channels, strict=True)
+            Replica(a, s, health_pb2_grpc.HealthStub(c)) for a, s, c in zip(addresses, attached, channels, strict=True)
         ]
         routed = cls(replicas, unavailable_retry_s)
         routed._channels = channels
+        routed._attached = attached
         try:
             replies = await asyncio.gather(
                 *(r.scheduler.GetWorkerInfo(gpu_worker_pb2.GetWorkerInfoRequest()) for r in replicas)
@@ -317,28 +319,14 @@ class Replicas:
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        for attached in self._attached:
+            attached.close()
         await asyncio.gather(*(c.close() for c in self._channels))
-        self._watchers, self._channels = [], []
+        self._watchers, self._channels, self._attached = [], [], []
 
 
 def _none_serving(replicas: Sequence[Replica]) -> Unavailable:
     return Unavailable(f"no scheduler replica is SERVING ({', '.join(r.address for r in replicas)})")
-
-
-async def _read_to_end_after_last(
-    msg: scheduler_pb2.SubmitResponse, messages: AsyncIterator[scheduler_pb2.SubmitResponse]
-) -> scheduler_pb2.SubmitResponse:
-    """The scheduler closes the stream right after a request's last message. Reading to that close before handing the
-    last message on lets the call complete with OK instead of being cancelled by a caller that stops reading: its
-    trace span ends, and the scheduler's handler returns rather than being interrupted."""
-    if msg.finished:
-        try:
-            async with asyncio.timeout(CLOSE_WAIT_S):
-                async for _ in messages:
-                    pass
-        except TimeoutError:
-            logger.warning("a scheduler kept a stream open %.1f s past its last message", CLOSE_WAIT_S)
-    return msg
 
 
 class RoutedCall:
@@ -355,7 +343,7 @@ class RoutedCall:
         self._trace_context = trace_context
         self._released = True
         self.replica = replica
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._call: AttachedCall | None = None
         if replica is not None:
             self._start(replica)
 
@@ -363,7 +351,7 @@ class RoutedCall:
         self.replica = replica
         self._replicas.hold(self._request.request_id, replica)
         self._released = False
-        # the tracing interceptor reads the context when the call is made: a retry is the request span's child too
+        # the submit carries the context current when it is made: a retry is the request span's child too
         token = None if self._trace_context is None else otel_context.attach(self._trace_context)
         try:
             self._call = replica.scheduler.Submit(self._request)
@@ -422,9 +410,9 @@ class RoutedCall:
             first, messages = await self._first()
             if first is None:
                 return
-            yield await _read_to_end_after_last(first, messages)
+            yield first
             async for msg in messages:
-                yield await _read_to_end_after_last(msg, messages)
+                yield msg
         finally:
             self._release()
 

@@ -31,6 +31,12 @@ from scheduler_service.worker_port import GpuWorkerLost, WorkerPort, WorkerRepla
 
 logger = logging.getLogger(__name__)
 Outcome = RequestOutput | Exception
+
+
+class OutcomeSink(Protocol):
+    """Where a request's outputs go, then its end (a finished output or an exception); an asyncio.Queue is one."""
+
+    def put_nowait(self, item: Outcome) -> None: ...
 RECONNECT_FIRST_S = 0.2  # the first wait for a lost worker, doubled after each failed try
 RECONNECT_MAX_S = 2.0
 
@@ -57,7 +63,7 @@ class EngineLoop:
         self._watch = watch or CpuPoolWatch(scheduler, worker)
         self._lost: GpuWorkerLost | None = None  # while the worker is away
         self.failure: WorkerReplaced | None = None  # why the loop stopped serving for good
-        self._streams: dict[str, asyncio.Queue[Outcome]] = {}
+        self._streams: dict[str, OutcomeSink] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -86,18 +92,19 @@ class EngineLoop:
 
     def submit(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-        trace_context: SpanContext | None = None,
-    ) -> asyncio.Queue[Outcome]:
-        """Queues a request; raises InvalidArgument / ResourceExhausted from the scheduler, Unavailable while the
-        worker is away. The iterations that serve it link to trace_context (the caller's span) when tracing is on."""
+        trace_context: SpanContext | None = None, sink: OutcomeSink | None = None,
+    ) -> OutcomeSink:
+        """Queues a request whose outcomes go to `sink` (a new asyncio.Queue when None), which it returns; raises
+        InvalidArgument / ResourceExhausted from the scheduler, Unavailable while the worker is away. The iterations
+        that serve it link to trace_context (the caller's span) when tracing is on."""
         if self._lost is not None or self.failure is not None:
             raise errors.Unavailable(f"the gpu_worker is away ({self.failure or self._lost}): retry later")
         self._scheduler.add_request(request_id, prompt_token_ids, sampling)
         self.observer.submitted(request_id, len(prompt_token_ids), trace_context)
-        queue: asyncio.Queue[Outcome] = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream: OutcomeSink = asyncio.Queue() if sink is None else sink
+        self._streams[request_id] = stream
         self._wake.set()
-        return queue
+        return stream
 
     def abort(self, request_id: str) -> bool:
         """Frees the request's blocks at once and ends its stream with FinishReason.ABORT."""

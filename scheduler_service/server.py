@@ -46,7 +46,7 @@ async def serve(config: SchedulerConfig) -> None:
     service = rpc.ServiceRunner(server, [SERVICE_NAME])
     loop = EngineLoop(scheduler, worker, observer, service)
     loop.start()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, metrics.registry), server)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(loop, metrics.registry, tracer), server)
     logger.info("listening on %s (policy %s)", rpc.bind(server, config.address), config.policy)
 
     async def on_stop() -> None:

@@ -1,6 +1,6 @@
-"""gRPC edge of the scheduler: Submit streams a request's tokens (UNAVAILABLE while the gpu_worker is away); Abort
-frees it at once; GetWorkerInfo answers the worker as the scheduler uses it now; GetMetrics answers the engine's
-Prometheus families."""
+"""gRPC edge of the scheduler: Submit streams a request's tokens (UNAVAILABLE while the gpu_worker is away); Attach
+carries many requests on one stream, their outputs batched per step; Abort frees a request at once; GetWorkerInfo
+answers the worker as the scheduler uses it now; GetMetrics answers the engine's Prometheus families."""
 
 from collections.abc import AsyncIterator
 
@@ -10,13 +10,15 @@ from prometheus_client.registry import Collector
 
 from apex_serve import convert, convert_stats, errors, metric_families
 from apex_serve.v1 import gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_service.attach import AttachSession
 from scheduler_service.engine_loop import EngineLoop
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, loop: EngineLoop, metrics: Collector) -> None:
+    def __init__(self, loop: EngineLoop, metrics: Collector, tracer: trace.Tracer | None = None) -> None:
         self._loop = loop
         self._metrics = metrics
+        self._tracer = tracer
 
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -38,6 +40,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             if not finished:  # the client went away or cancelled: free the blocks now
                 self._loop.abort(request.request_id)
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[scheduler_pb2.AttachRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.OutputBatch]:
+        async for batch in AttachSession(self._loop, self._tracer).serve(request_iterator):
+            yield batch
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -1,7 +1,7 @@
 """Tracing across the real stack: five service processes over Unix sockets export OTLP to a real receiver in this
-process; the span tree has the gateway's GenAI request spans, the scheduler's Submit spans under them (context
-carried in gRPC metadata), iteration spans linked to those, the gpu_worker's Step spans under the iterations, and
-per-layer subtask spans on sampled iterations."""
+process; the span tree has the gateway's GenAI request spans, the scheduler's request spans under them (context
+carried in each request's Attach message), iteration spans linked to those, the gpu_worker's Step spans under the
+iterations, and per-layer subtask spans on sampled iterations."""
 
 import tempfile
 from collections.abc import Iterator
@@ -64,9 +64,9 @@ def _request_spans(spans: list[Span]) -> list[Span]:
     return [s for s in spans if s.service_name == "apex-gateway" and "gen_ai.operation.name" in s.attributes]
 
 
-def _submit_spans(spans: list[Span]) -> list[Span]:
-    """The scheduler's SERVER spans of Submit (the gateway's CLIENT spans have the same name)."""
-    return [s for s in spans if s.service_name == "apex-scheduler" and s.name.endswith("Scheduler/Submit")]
+def _scheduler_request_spans(spans: list[Span]) -> list[Span]:
+    """The scheduler's span of each request it was sent."""
+    return [s for s in spans if s.service_name == "apex-scheduler" and s.name == "apex.scheduler.request"]
 
 
 def _worker_steps(spans: list[Span]) -> list[Span]:
@@ -86,7 +86,7 @@ def _all_arrived(spans: list[Span]) -> bool:
     """Every request's spans on both sides, and spans of sampled iterations from the scheduler and the worker."""
     iterations = {s.span_id for s in spans if s.name == "apex.iteration"}
     subtask_parents = {s.parent_span_id for s in spans if s.name in SUBTASKS}
-    return (len(_request_spans(spans)) >= NUM_REQUESTS + 1 and len(_submit_spans(spans)) >= NUM_REQUESTS + 1
+    return (len(_request_spans(spans)) >= NUM_REQUESTS + 1 and len(_scheduler_request_spans(spans)) >= NUM_REQUESTS + 1
             and bool(subtask_parents) and subtask_parents <= iterations
             and iterations <= set(_iterations_of_worker_steps(spans))
             and any(s.service_name == "apex-gpu-worker" for s in spans))
@@ -117,17 +117,17 @@ def test_an_http_chat_request_has_a_chat_span_with_its_stop_sequences_and_usage(
     assert list(chat.attributes["gen_ai.response.finish_reasons"])[0] in ("stop", "length")
 
 
-def test_scheduler_submit_spans_are_descendants_of_the_gateway_request_spans(
+def test_scheduler_request_spans_are_children_of_the_gateway_request_spans(
     traced: tuple[Stack, OtlpReceiver],
 ) -> None:
     _, receiver = traced
     spans = receiver.spans
-    index = _by_id(spans)
-    submits = _submit_spans(spans)
+    submits = _scheduler_request_spans(spans)
     request_ids = {s.span_id for s in _request_spans(spans)}
     assert len(submits) >= NUM_REQUESTS
     for submit in submits:
-        assert request_ids & {a.span_id for a in _ancestors(submit, index)}, "Submit lost the gateway's context"
+        assert submit.parent_span_id in request_ids, "the scheduler's request span lost the gateway's context"
+        assert submit.attributes["apex.request_id"]
 
 
 def test_iterations_link_the_requests_they_served_and_the_worker_steps_are_their_children(
@@ -136,7 +136,7 @@ def test_iterations_link_the_requests_they_served_and_the_worker_steps_are_their
     _, receiver = traced
     spans = receiver.spans
     iterations = {s.span_id: s for s in spans if s.name == "apex.iteration"}
-    submits = {s.span_id for s in _submit_spans(spans)}
+    submits = {s.span_id for s in _scheduler_request_spans(spans)}
     linked = {link.span_id for it in iterations.values() for link in it.links}
     assert submits <= linked, "some request was served by no iteration that links to it"
     modes = {it.attributes["apex.iteration.mode"] for it in iterations.values()}

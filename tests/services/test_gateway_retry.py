@@ -21,6 +21,7 @@ from apex_serve import convert, rpc
 from apex_serve.errors import Unavailable
 from apex_serve.types import WorkerInfo
 from apex_serve.v1 import gateway_pb2, gateway_pb2_grpc, gpu_worker_pb2, scheduler_pb2, scheduler_pb2_grpc
+from attach_over_submit import attach_over_submit
 from conftest import wait_until_async
 from gateway.config import GatewayConfig
 from gateway.generation import Generator
@@ -37,9 +38,9 @@ DEGRADED_DETAIL = "CPU pool lost, serving on the accelerator only"
 
 
 class StandInScheduler(scheduler_pb2_grpc.SchedulerServicer):
-    """Answers every Submit with one token that finishes it (OneTokenScheduler); the first `fail_first` Submits fail
-    UNAVAILABLE before any token instead, and with `hang_after_token` the token does not finish the request and the
-    stream then stays open. GetStats answers `stats`."""
+    """Answers every Submit (on its own or on the Attach stream) with one token that finishes it (OneTokenScheduler);
+    the first `fail_first` Submits fail UNAVAILABLE before any token instead, and with `hang_after_token` the token
+    does not finish the request and the stream then stays open. GetStats answers `stats`."""
 
     def __init__(self, fail_first: int = 0, hang_after_token: bool = False) -> None:
         self.one_token = OneTokenScheduler()
@@ -63,6 +64,12 @@ class StandInScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 yield scheduler_pb2.SubmitResponse(token_ids=msg.token_ids)
                 await asyncio.Event().wait()
             yield msg
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[scheduler_pb2.AttachRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.OutputBatch]:
+        async for batch in attach_over_submit(self.Submit, request_iterator, context):
+            yield batch
 
     async def GetStats(
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
