@@ -265,8 +265,28 @@ class GpuOnlyPolicy(_Predicting):
         return True
 
 
-def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
-    """The largest k in [low, high] with fits(k), fits assumed monotone (true then false); low if none."""
+def _largest(fits: Callable[[int], bool], low: int, high: int, hint: int | None = None) -> int:
+    """The largest k in [low, high] with fits(k), fits assumed monotone (true then false); low if none. A hint (the
+    answer of the step before, say) changes only the probes, not the answer: the search gallops from it, two probes
+    when the answer is still the hint, about 2 log2(distance) when it moved, before bisecting what is left."""
+    if hint is not None and low < high and low <= hint <= high:
+        step = 1
+        if fits(hint):
+            low = hint
+            while low < high:
+                probe = min(low + step, high)
+                if not fits(probe):
+                    high = probe - 1
+                    break
+                low, step = probe, 2 * step
+        else:
+            high = hint - 1
+            while low < high:
+                probe = max(high - step, low)
+                if fits(probe):
+                    low = probe
+                    break
+                high, step = probe - 1, 2 * step
     while low < high:
         mid = (low + high + 1) // 2
         if fits(mid):
@@ -363,17 +383,24 @@ class NeoPolicy(_Predicting):
 class ApexPolicy(NeoPolicy):
     name = "apex"
 
+    def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = NO_OBJECTIVE) -> None:
+        super().__init__(cost_model, objective)
+        self._window_hints: dict[OverlapLayout, int] = {}  # per layout, the window found last: where a search starts
+
     def window_rows(self, c: Candidates, limit: int, layout: OverlapLayout = OverlapLayout.FUSED) -> int:
         """The most CPU rows (up to limit) whose attention and doorbell fit the ASYNC_OVERLAP window of this layout:
         the largest k whose exposed wait is 0 by the cost model's rule for one sub-batch (cost.model.sub_batch_costs,
-        at the fitted factors)."""
+        at the fitted factors). Each probe prices a sub-batch, and the window moves little from step to step, so the
+        search starts from the last one found."""
         m = self.model
 
         def fits(k: int) -> bool:
             sb = c.gpu_part(k)
             return sb is None or m.priced(sb, layout).exposed_wait <= 0.0
 
-        return limit if fits(limit) else _largest(fits, 0, limit - 1)
+        rows = limit if fits(limit) else _largest(fits, 0, limit - 1, self._window_hints.get(layout))
+        self._window_hints[layout] = rows
+        return rows
 
     def _gate(self, c: Candidates, limit: int) -> bool:
         """APEX eq. 6 on this batch: can asymmetric pipelining beat GPU_ONLY at all?"""

@@ -7,7 +7,7 @@ from apex_serve.types import ExecutionMode, StepTimings
 from scheduler_service.cost.analytic import T4, AnalyticCostModel
 from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
 from scheduler_service.cost.shape import ModelShape
-from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, idle_aware_tokens_per_s
+from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, _largest, idle_aware_tokens_per_s
 
 LLAMA_7B = ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_q_heads=32, num_kv_heads=32,
                       head_dim=128, vocab_size=32000)
@@ -97,3 +97,24 @@ def test_neo_fills_its_pipeline_with_rows_whose_wait_the_composition_hides(c: Ca
         assert piped is not None and piped.mode is ExecutionMode.ASYM_PIPELINE and piped.cpu_rows_in_sub_batch_1
         assert compose(model.costs, model.model, piped.shape, model.factors).exposed_wait_ns == 0.0
         observed(model, c)
+
+
+@pytest.mark.parametrize("hint", [None, 0, 3, 17, 18, 19, 40, 63, 64, 200, -5])
+@pytest.mark.parametrize("answer", [0, 1, 17, 18, 63, 64])
+def test_the_window_search_finds_the_same_rows_from_any_hint(answer: int, hint: int | None) -> None:
+    probes: list[int] = []
+
+    def fits(k: int) -> bool:
+        probes.append(k)
+        return k <= answer
+
+    assert _largest(fits, 0, 64, hint) == answer
+    if hint == answer and 0 < answer < 64:
+        assert len(probes) == 2, f"a window that did not move took {len(probes)} probes: {probes}"
+
+
+def test_apex_decides_the_same_with_its_window_hints_as_a_fresh_policy_on_each_step() -> None:
+    model = analytic()
+    kept = ApexPolicy(model)
+    for c in [*STATES, *STATES[::-1], candidates(96, 48, 720), candidates(64, 60, 300)]:
+        assert kept.best(c) == ApexPolicy(model).best(c)
