@@ -16,7 +16,7 @@ pools, the loop stops the service (WorkerReplaced in `failure`): the scheduler m
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from opentelemetry.trace import SpanContext
@@ -57,6 +57,7 @@ class EngineLoop:
                  service: Service | None = None, watch: CpuPoolWatch | None = None) -> None:
         self._scheduler = scheduler
         self._ahead = scheduler.config.async_scheduling
+        self._unconfirmed_frees: tuple[str, ...] = ()  # freed ids of plans stop() cancelled: maybe never applied
         self._worker = worker
         self.observer = observer or EngineObserver()
         self._service = service
@@ -84,6 +85,8 @@ class EngineLoop:
         for request_id in dict.fromkeys([*self._streams, *self._scheduler.request_ids()]):
             self._drop(request_id, _aborted(request_id))
         plan = self._scheduler.schedule()
+        if self._unconfirmed_frees:  # freeing twice is a no-op on the worker
+            plan = replace(plan, freed_request_ids=(*self._unconfirmed_frees, *plan.freed_request_ids))
         if plan.freed_request_ids:
             try:
                 await asyncio.wait_for(self._worker.step(plan), flush_timeout_s)
@@ -149,6 +152,7 @@ class EngineLoop:
             for sent in (running, ahead):
                 if sent is not None:
                     sent.output.cancel()
+                    self._unconfirmed_frees += sent.plan.freed_request_ids
             raise
 
     def _send(self, plan: StepPlan, after_step_id: int | None = None) -> "_Sent":

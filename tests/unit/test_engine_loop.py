@@ -111,3 +111,26 @@ async def test_stop_aborts_running_and_waiting_requests_and_drops_them_from_the_
     assert plans[-1].is_empty and plans[-1].freed_request_ids == ("running",)
     stats = loop.scheduler.stats()
     assert stats.num_running == stats.num_waiting == 0
+
+
+async def test_stop_during_a_step_that_frees_a_finished_request_still_drops_it_from_the_worker() -> None:
+    worker = Worker()
+    plans: list[StepPlan] = []
+    hung = asyncio.Event()
+
+    async def step(plan: StepPlan) -> StepOutput:
+        plans.append(plan)
+        if "short" in plan.freed_request_ids and not hung.is_set():
+            hung.set()
+            await asyncio.Event().wait()  # the step runs on when stop() comes; its answer is never awaited
+        return await worker.step(plan)
+
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO), Port(step))
+    loop.start()
+    short = loop.submit("short", [1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+    long = loop.submit("long", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    assert (await _drain(short))[-1].finish_reason is FinishReason.LENGTH
+    await asyncio.wait_for(hung.wait(), 30)
+    await loop.stop()
+    assert (await _drain(long))[-1].finish_reason is FinishReason.ABORT
+    assert set(plans[-1].freed_request_ids) == {"short", "long"} and plans[-1].is_empty
