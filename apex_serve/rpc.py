@@ -273,10 +273,17 @@ class ServiceRunner:
             await on_stop()
 
 
+# A service that is starting refuses connections until it listens; gRPC's default reconnect backoff (1 s, growing)
+# would then notice it up to seconds late. The health poll reconnects every _HEALTH_POLL_S instead.
+_HEALTH_POLL_S = 0.1
+_HEALTH_POLL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", 100)]
+
+
 async def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> None:
     """Polls grpc.health.v1 until SERVING; raises TimeoutError naming the address."""
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address, options=_HEALTH_POLL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -287,7 +294,7 @@ async def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "")
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(_HEALTH_POLL_S)
 
 
 def unix_address(run_dir: str | os.PathLike[str], name: str) -> str:

@@ -152,7 +152,7 @@ class ServiceGroup:
             if stop is not None and stop.is_set():
                 waiter.cancel()
                 raise StopRequested(f"stop asked for while {service.module} was starting")
-            await asyncio.sleep(0.1)
+            await asyncio.wait({waiter}, timeout=0.1)  # back at once when it answers
         try:
             waiter.result()
         except TimeoutError as exc:
