@@ -1,6 +1,7 @@
 """The scheduler's state of one request."""
 
 import enum
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ from apex_serve.types import (
     SamplingParams,
     TokenLogprob,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class RequestStatus(enum.Enum):
@@ -54,13 +57,33 @@ class Request:
         self.num_tokens += 1
         self.num_pending += 1
 
-    def append_token(self, token: int) -> None:
-        """Its next token, the oldest pending one if any."""
-        self.output_token_ids.append(token)
+    def take_token(self, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Its next token (the oldest pending one if any), and what its caller is told of it: finished with STOP on a
+        stop token or EOS only past min_tokens (the worker should not sample one before), with LENGTH once the tokens
+        known pass its peak; the first output carries the prompt logprobs gathered over its prefill. One call per
+        running request per iteration: the steps are inlined."""
+        outputs = self.output_token_ids
+        outputs.append(token)
         if self.num_pending:
             self.num_pending -= 1
         else:
             self.num_tokens += 1
+        num_output = len(outputs)
+        reason = None
+        if token in self.stop_token_ids:
+            if num_output > self.sampling.min_tokens:
+                reason = FinishReason.STOP
+            else:
+                logger.warning("%s: stop token %d as output token %d of min_tokens %d does not finish it",
+                               self.request_id, token, num_output, self.sampling.min_tokens)
+        if reason is None and self.num_tokens - self.num_pending > self.peak_tokens:
+            reason = FinishReason.LENGTH
+        prompt_logprobs: tuple[TokenLogprob, ...] = ()
+        if self.prompt_logprobs and num_output == 1:
+            prompt_logprobs, self.prompt_logprobs = tuple(self.prompt_logprobs), []
+        # positional, in RequestOutput's field order: keywords cost a third more
+        return RequestOutput(self.request_id, (token,), reason is not None, reason, len(self.prompt_token_ids),
+                             num_output, () if logprob is None else (logprob,), prompt_logprobs)
 
     def forget_token(self) -> None:
         """Its oldest pending token will not come (the step that was to sample it failed)."""
@@ -111,17 +134,6 @@ class Request:
             placement=self.placement,
             num_scheduled_tokens=num_scheduled_tokens,
         )
-
-    def output(self, token: int, reason: FinishReason | None, logprob: TokenLogprob | None) -> RequestOutput:
-        """What its caller is told of its latest token (already appended); the first one carries the prompt
-        logprobs gathered over its prefill."""
-        num_output = len(self.output_token_ids)
-        prompt_logprobs: tuple[TokenLogprob, ...] = ()
-        if self.prompt_logprobs and num_output == 1:
-            prompt_logprobs, self.prompt_logprobs = tuple(self.prompt_logprobs), []
-        # positional, in RequestOutput's field order: keywords cost a third more, and this runs for every token
-        return RequestOutput(self.request_id, (token,), reason is not None, reason, len(self.prompt_token_ids),
-                             num_output, () if logprob is None else (logprob,), prompt_logprobs)
 
     def entry(self, new_block_ids: Sequence[int], sub_batch: int) -> CachedRequestData:
         """Its decode entry in a plan: a new object only when something changed (the plan carries deltas)."""

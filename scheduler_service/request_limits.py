@@ -1,16 +1,13 @@
-"""What a request may ask of this worker and when it ends: the checks at admission (vocabulary, context length, the
-largest KV pool the policy uses) and the finish reason of each sampled token. The step's token budget does not bound a
+"""What a request may ask of this worker: the checks at admission (vocabulary, context length, the largest KV pool the
+policy uses) and the peak they give it (where Request.take_token ends it). The step's token budget does not bound a
 prompt: a longer one is prefilled in chunks."""
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from apex_serve.errors import InvalidArgument
-from apex_serve.types import FinishReason, SamplingParams
+from apex_serve.types import SamplingParams
 from scheduler_service.request import Request
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,17 +47,3 @@ class RequestLimits:
                 f"the largest KV pool, {self.largest_pool}, holds {pool}, room for max_tokens "
                 f"{max(pool + 1 - len(prompt), 0)} at most",
             )
-
-    def finish_reason(self, request: Request, token: int) -> FinishReason | None:
-        """STOP on a stop token or EOS only past min_tokens (the worker should not sample one before); LENGTH once
-        its tokens pass its peak (new_request's: max_tokens output tokens, or the context length)."""
-        if token in request.stop_token_ids:
-            if request.num_output_tokens > request.sampling.min_tokens:
-                return FinishReason.STOP
-            logger.warning(
-                "%s: stop token %d as output token %d of min_tokens %d does not finish it",
-                request.request_id, token, request.num_output_tokens, request.sampling.min_tokens,
-            )
-        if request.num_tokens - request.num_pending > request.peak_tokens:  # the tokens known
-            return FinishReason.LENGTH
-        return None

@@ -300,15 +300,14 @@ class Scheduler:
             self._iterations.replace(flight.record, record)
         self._flights.take_oldest()
         outputs = []
-        add_output, finish_reason = outputs.append, self.limits.finish_reason
+        add_output = outputs.append
         sampled, logprobs = output.sampled, output.logprobs
         for request in live:
-            token = sampled[request.request_id]
-            request.append_token(token)
-            reason = finish_reason(request, token)
-            if reason is not None:
+            request_id = request.request_id
+            out = request.take_token(sampled[request_id], logprobs.get(request_id) if logprobs else None)
+            if out.finished:
                 self._finish(request)
-            add_output(request.output(token, reason, logprobs.get(request.request_id) if logprobs else None))
+            add_output(out)
         return StepResult(tuple(outputs), record)
 
     def withdraw(self, plan: StepPlan) -> int:

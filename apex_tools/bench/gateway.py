@@ -1,8 +1,10 @@
 """Gateway benchmark: N concurrent streams through the gateway against the same streams sent to
 the scheduler directly, in one run on one stack. Reports inter-token latency p50/p99 on both
 paths (in steady decode, once every stream has its first token) and their difference: the
-latency per token the gateway adds (detokenize, stop strings, one more gRPC hop). The two
-paths alternate, --rounds times each."""
+latency per token the gateway adds (detokenize, stop strings, one more gRPC hop). The direct
+path is one Submit stream per request; the gateway reaches the scheduler over its Attach stream,
+where a step's outputs for every stream are one message, so the scheduler's side of the hop is
+cheaper on that path. The two paths alternate, --rounds times each."""
 
 import argparse
 import asyncio

@@ -142,5 +142,5 @@ def test_predicted_clock_weighs_each_request_by_its_wait_and_the_chunks_left() -
     # r0 prefills its first 100 tokens now (150 left: 2 more chunks); r1, r2 wait (one chunk each, after this step)
     assert clock.first_token_waits([Chunk(requests[0], 0, 100)], requests[1:]) == ((1_500.0, 3), (500.0, 2),
                                                                                    (500.0, 2))
-    requests[1].append_token(7)  # resumed after a preemption: its first token is out
+    requests[1].take_token(7)  # resumed after a preemption: its first token is out
     assert clock.first_token_waits([], requests[1:]) == ((500.0, 2),)
