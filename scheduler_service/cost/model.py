@@ -251,6 +251,7 @@ class ComposedCostModel:
         self._subtasks = {name: AffineFit(alpha) for name in _SUBTASKS}
         self._residual: dict[tuple[ExecutionMode, OverlapLayout], AffineFit] = {}
         self._errors: dict[ExecutionMode, ErrorTracker] = {}
+        self.num_observed = 0  # steps whose timings refined the fits: a decision made on fewer is stale
         self._factors: SubtaskFactors | None = None
         self._resolved: dict[tuple[ExecutionMode, OverlapLayout], AffineFit | None] = {}  # by _residual_fit
         self._latest_raw: tuple[IterationShape, Prediction] | None = None
@@ -329,6 +330,7 @@ class ComposedCostModel:
         predicted for the step) and of the uncorrected prediction."""
         if timings.total_ns <= 0:
             return
+        self.num_observed += 1
         raw = self.predict_raw(shape)
         pairs = {  # subtask: (measured, as profiled), ns over the step
             "linear": (timings.device_linear_ns * self.model.layers_linear_share, raw.linear_ns),

@@ -1,9 +1,9 @@
 """The TPOT objective (--tpot-slo-ms) on the whole stack under apex, with a device KV pool of one request so that the
 others decode from the CPU pool. The requests are sent one after the other, each once the one before it has its
 first token, so the iterations run from 1 to 7 CPU rows. With a loose objective hybrid iterations run at every
-count. The binding objective is the highest, over the CPU row counts, of the loose run's median predicted step time at
-that count: a steady decode step of every CPU request fits under it (so apex still places requests on the CPU pool),
-while the loose run's longest hybrid iterations (those with a prefill) were predicted above it. With it, hybrid
+count. The binding objective is DECODE_MARGIN above the loose run's longest predicted decode step with CPU rows (no
+prefill in it): a steady decode step of every CPU request fits under it (so apex still places requests on the CPU
+pool), while the loose run's longest hybrid iterations (those with a prefill) were predicted above it. With it, hybrid
 iterations still run, every iteration that runs CPU rows is predicted at or under it, and every request is served to
 its length. Read from the scheduler's GetStats (recent_iterations: cpu_rows, predicted_ns); nothing here depends on
 wall-clock time.
@@ -12,7 +12,6 @@ The stacks keep their profile where the suite's stacks keep theirs (StackConfig.
 profiled once per suite."""
 
 import asyncio
-import statistics
 from collections import defaultdict
 
 import grpc
@@ -31,6 +30,10 @@ PROMPTS = [f"request {i}: the quick brown fox" for i in range(NUM_REQUESTS)]  # 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 LOOSE_TPOT_SLO_MS = 60_000.0
 STREAM_TIMEOUT_S = 120.0
+# The online correction starts afresh in each run, so the binding run predicts the first decode steps with CPU rows
+# (those its admissions onto the CPU pool price) somewhat differently from the loose run: the objective keeps this
+# margin above the loose run's decode predictions.
+DECODE_MARGIN = 1.1
 
 
 async def _serve(stack: Stack) -> tuple[list[StreamRecord], scheduler_pb2.SchedulerStats]:
@@ -84,14 +87,14 @@ def test_every_hybrid_iteration_is_predicted_within_a_binding_tpot_objective(
     default_model_dir: object, loose_run: tuple[list[StreamRecord], scheduler_pb2.SchedulerStats],
 ) -> None:
     _, loose_stats = loose_run
-    by_rows: dict[int, list[float]] = defaultdict(list)
+    by_rows: dict[int, list[float]] = defaultdict(list)  # decode iterations only
     for it in loose_stats.recent_iterations:
-        if it.cpu_rows:
+        if it.cpu_rows and not it.num_prefills:
             by_rows[it.cpu_rows].append(it.predicted_ns)
-    assert len(by_rows) > 1, f"the loose run's hybrid iterations ran {sorted(by_rows)} CPU rows"
-    per_count = {k: statistics.median(v) for k, v in sorted(by_rows.items())}
-    objective_ns = max(per_count.values())
-    longest = max(max(v) for v in by_rows.values())
+    assert len(by_rows) > 1, f"the loose run's decode iterations ran {sorted(by_rows)} CPU rows"
+    per_count = {k: max(v) for k, v in sorted(by_rows.items())}
+    objective_ns = DECODE_MARGIN * max(per_count.values())
+    longest = max(it.predicted_ns for it in loose_stats.recent_iterations if it.cpu_rows)
     assert longest > objective_ns, f"the objective would not bind: {per_count}, longest {longest / 1e6:.3f} ms"
 
     records, stats = _run(default_model_dir, objective_ns / 1e6)
@@ -100,7 +103,7 @@ def test_every_hybrid_iteration_is_predicted_within_a_binding_tpot_objective(
     _assert_served(records, what)
     hybrid = [it for it in stats.recent_iterations if it.cpu_rows]
     loose_ms = {k: round(v / 1e6, 3) for k, v in per_count.items()}
-    assert hybrid, f"apex ran no CPU rows under {what}, above the loose run's predictions at {loose_ms} CPU rows"
+    assert hybrid, f"apex ran no CPU rows under {what}, above the loose run's longest decode at {loose_ms} CPU rows"
     over = [(it.step_id, it.cpu_rows, round(it.predicted_ns / 1e6, 3))
             for it in hybrid if it.predicted_ns > objective_ns]
     assert not over, f"iterations (step, CPU rows, predicted ms) with CPU rows predicted over {what}: {over}"

@@ -1,13 +1,17 @@
 """What makes a decision cheap must not change it: the cost model memoises sub-batch prices within a decision, the
-policies share sub-batches between options, and NEO's fill reads the same prices the composition does."""
+policies share sub-batches between options, NEO's fill reads the same prices the composition does, apex's window
+search starts from the last window, and a refused CPU row is not asked again until the requests or the fit change."""
 
 import pytest
 
-from apex_serve.types import ExecutionMode, StepTimings
+from apex_serve.types import ExecutionMode, SamplingParams, StepTimings
 from scheduler_service.cost.analytic import T4, AnalyticCostModel
 from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
 from scheduler_service.cost.shape import ModelShape
+from scheduler_service.cpu_placement import CpuPlacement
+from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, _largest, idle_aware_tokens_per_s
+from scheduler_service.request import Request
 
 LLAMA_7B = ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_q_heads=32, num_kv_heads=32,
                       head_dim=128, vocab_size=32000)
@@ -118,3 +122,32 @@ def test_apex_decides_the_same_with_its_window_hints_as_a_fresh_policy_on_each_s
     kept = ApexPolicy(model)
     for c in [*STATES, *STATES[::-1], candidates(96, 48, 720), candidates(64, 60, 300)]:
         assert kept.best(c) == ApexPolicy(model).best(c)
+
+
+class CountingPolicy:
+    """Grants a CPU row when `gains` says so, counting the times it was asked."""
+
+    name, uses_cpu = "counting", True
+
+    def __init__(self) -> None:
+        self.gains, self.asked = False, 0
+
+    def gains_from_cpu_rows(self, steady: Candidates, contexts: list[int]) -> bool:
+        self.asked += 1
+        return self.gains
+
+
+def test_a_refused_cpu_row_is_asked_again_once_the_cost_model_has_observed_a_step() -> None:
+    model = analytic()
+    policy = CountingPolicy()
+    kv = KVManager(8, 0, 16)
+    kv.set_cpu_pool(64)
+    placement = CpuPlacement(policy, kv, max_rows=4, max_sit_out=4, cost_model=model)  # type: ignore[arg-type]
+    gpu = [Request(f"g{i}", (1,) * 40, SamplingParams(max_tokens=8), 47) for i in range(2)]
+    new = Request("new", (1,) * 40, SamplingParams(max_tokens=8), 47)
+    assert not placement.takes(new, gpu, [], [0], 0)
+    assert not placement.takes(new, gpu, [], [0], 0) and policy.asked == 1  # nothing changed: the refusal holds
+    shape = ApexPolicy(model).gpu_only(STATES[0]).shape
+    model.observe(shape, model.predict(shape), StepTimings(total_ns=int(2 * model.predict(shape).total_ns)))
+    policy.gains = True
+    assert placement.takes(new, gpu, [], [0], 0) and policy.asked == 2
