@@ -330,9 +330,9 @@ def _none_serving(replicas: Sequence[Replica]) -> Unavailable:
 
 
 class RoutedCall:
-    """One Submit stream on the replica it was routed to (None: none was SERVING; iterating waits for one). Iterate
-    it for the scheduler's messages; cancel() ends it (a no-op when it is done) and frees its place in the replica's
-    count. A waiting iteration ends early when its task is cancelled (the client went away)."""
+    """One request on the replica it was routed to, over its Attach stream (None: none was SERVING; iterating waits
+    for one). Iterate it for the scheduler's messages; cancel() ends it (a no-op when it is done) and frees its place
+    in the replica's count. A waiting iteration ends early when its task is cancelled (the client went away)."""
 
     def __init__(
         self, replicas: Replicas, request: scheduler_pb2.SubmitRequest, replica: Replica | None,

@@ -31,14 +31,14 @@ from scheduler_service.worker_port import GpuWorkerLost, WorkerPort, WorkerRepla
 
 logger = logging.getLogger(__name__)
 Outcome = RequestOutput | Exception
+RECONNECT_FIRST_S = 0.2  # the first wait for a lost worker, doubled after each failed try
+RECONNECT_MAX_S = 2.0
 
 
 class OutcomeSink(Protocol):
     """Where a request's outputs go, then its end (a finished output or an exception); an asyncio.Queue is one."""
 
     def put_nowait(self, item: Outcome) -> None: ...
-RECONNECT_FIRST_S = 0.2  # the first wait for a lost worker, doubled after each failed try
-RECONNECT_MAX_S = 2.0
 
 
 class Service(Protocol):
