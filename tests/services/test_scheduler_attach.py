@@ -1,6 +1,7 @@
 """The scheduler's Attach stream against a real gpu_worker: the requests on one stream get transformers' greedy tokens,
-one batch carries every request's output of a step, a bad request fails alone with the status that names its field,
-an abort ends a request with ABORT, and a stream that goes away aborts its requests and frees their blocks."""
+one batch carries every request's output of a step (or of several, when the reader falls behind), a bad request fails
+alone with the status that names its field, an abort ends a request with ABORT, and a stream that goes away aborts
+its requests and frees their blocks."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -103,7 +104,9 @@ async def test_requests_on_one_stream_get_transformers_tokens_with_one_batch_per
     assert finished == dict.fromkeys(PROMPTS, common_pb2.FINISH_REASON_LENGTH)
     for request_id, prompt in PROMPTS.items():
         assert tokens[request_id] == _reference(mha_model_dir, prompt, NEW_TOKENS), request_id
-    assert max(batch_sizes) == len(PROMPTS), f"the decode steps' outputs came one request at a time: {batch_sizes}"
+    # a step's outputs go in one batch (the steps a slower reader lets pile up, in one too)
+    assert max(batch_sizes) >= len(PROMPTS) and len(batch_sizes) < sum(batch_sizes) / 2, (
+        f"the decode steps' outputs came one request at a time: {batch_sizes}")
 
 
 async def test_a_bad_request_fails_alone_an_abort_ends_one_and_a_closed_stream_frees_the_rest(
