@@ -387,14 +387,26 @@ def submit_request_to_pb(
 
 
 def request_output_to_pb(out: types.RequestOutput) -> scheduler_pb2.SubmitResponse:
-    return scheduler_pb2.SubmitResponse(
-        token_ids=out.new_token_ids,
-        finished=out.finished,
-        finish_reason=finish_reason_to_pb(out.finish_reason),
-        usage=usage_to_pb(out.num_prompt_tokens, out.num_output_tokens),
-        logprobs=[logprob_to_pb(lp) for lp in out.logprobs],
-        prompt_logprobs=[logprob_to_pb(lp) for lp in out.prompt_logprobs],
-    )
+    msg = scheduler_pb2.SubmitResponse()
+    fill_request_output_pb(msg, out)
+    return msg
+
+
+def fill_request_output_pb(msg: scheduler_pb2.SubmitResponse, out: types.RequestOutput) -> None:
+    """out written into an empty msg, which may be nested in another message (building one and passing it to the
+    outer one's constructor would copy it: this runs per request per token)."""
+    msg.token_ids.extend(out.new_token_ids)
+    msg.finished = out.finished
+    msg.finish_reason = finish_reason_to_pb(out.finish_reason)
+    usage = msg.usage
+    usage.SetInParent()
+    usage.prompt_tokens = out.num_prompt_tokens
+    usage.completion_tokens = out.num_output_tokens
+    usage.total_tokens = out.num_prompt_tokens + out.num_output_tokens
+    if out.logprobs:
+        msg.logprobs.extend(logprob_to_pb(lp) for lp in out.logprobs)
+    if out.prompt_logprobs:
+        msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
 
 
 def request_output_from_pb(request_id: str, msg: scheduler_pb2.SubmitResponse) -> types.RequestOutput:

@@ -49,6 +49,16 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """The status code, details and ApexError kind (empty when none) a call that failed with exc answers with."""
+    return status_for(exc), _details(exc), getattr(exc, "kind", "")
+
+
+def error_trailers(kind: str) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that names an ApexError's kind to the caller (none for an error without one)."""
+    return ((ERROR_KIND_KEY, kind),) if kind else ()
+
+
 def error_kind(exc: grpc.aio.AioRpcError) -> str:
     """The ApexError kind the server named in the call's trailing metadata ("" when none)."""
     for key, value in exc.trailing_metadata() or ():
@@ -121,13 +131,12 @@ async def _refuse_undecodable(context: grpc.aio.ServicerContext, method: str, re
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-    code = status_for(exc)
+    code, details, kind = error_status(exc)
     if code == grpc.StatusCode.INTERNAL:
         logger.exception("%s failed", method)
     elif code == grpc.StatusCode.UNIMPLEMENTED:
         logger.info("%s: not implemented", method)
-    kind = getattr(exc, "kind", "")
-    await context.abort(code, _details(exc), ((ERROR_KIND_KEY, kind),) if kind else ())
+    await context.abort(code, details, error_trailers(kind))
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:

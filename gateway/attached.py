@@ -20,8 +20,7 @@ _Item = scheduler_pb2.RequestUpdate | grpc.aio.AioRpcError
 
 
 def _rpc_error(code: grpc.StatusCode, details: str, kind: str = "") -> grpc.aio.AioRpcError:
-    trailing = grpc.aio.Metadata((rpc.ERROR_KIND_KEY, kind)) if kind else grpc.aio.Metadata()
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*rpc.error_trailers(kind)), details)
 
 
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

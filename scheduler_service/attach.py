@@ -58,8 +58,8 @@ class AttachSession:
             self._check_new(request_id)
             sampling = convert.sampling_from_pb(request.sampling)
             self._live[request_id] = span
-            self._loop.submit(request_id, list(request.prompt_token_ids), sampling,
-                              None if span is None else span.get_span_context(), _Sink(self, request_id))
+            self._loop.submit_to(_Sink(self, request_id), request_id, list(request.prompt_token_ids), sampling,
+                                 None if span is None else span.get_span_context())
         except Exception as exc:  # whatever it is, one request's failure stays its own
             self._live.pop(request_id, None)
             self._fail(request_id, exc, span)
@@ -72,19 +72,20 @@ class AttachSession:
 
     def deliver(self, request_id: str, outcome: Outcome) -> None:
         if isinstance(outcome, RequestOutput):
-            self._push(scheduler_pb2.RequestUpdate(request_id=request_id,
-                                                   output=convert.request_output_to_pb(outcome)))
+            update = scheduler_pb2.RequestUpdate(request_id=request_id)
+            convert.fill_request_output_pb(update.output, outcome)  # in place: no copy of a nested message
+            self._push(update)
             if outcome.finished:
                 _end(self._live.pop(request_id, None))
         else:
             self._fail(request_id, outcome, self._live.pop(request_id, None))
 
     def _fail(self, request_id: str, exc: Exception, span: trace.Span | None) -> None:
-        code = rpc.status_for(exc)
+        code, details, kind = rpc.error_status(exc)
         if code == grpc.StatusCode.INTERNAL:
             logger.error("request %s failed", request_id, exc_info=exc)
-        self._push(scheduler_pb2.RequestUpdate(request_id=request_id, error_code=code.value[0],
-                                               error_message=str(exc), error_kind=getattr(exc, "kind", "")))
+        self._push(scheduler_pb2.RequestUpdate(request_id=request_id, error_code=code.value[0], error_message=details,
+                                               error_kind=kind))
         if span is not None:
             span.record_exception(exc)
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from itertools import islice
 
 from apex_serve.types import Placement
-from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.policies import Candidates, Policy
 from scheduler_service.request import Request
@@ -15,10 +14,8 @@ from scheduler_service.request import Request
 class CpuPlacement:
     """The CPU test of one policy on one CPU pool (made anew when either changes)."""
 
-    def __init__(self, policy: Policy, kv: KVManager, max_rows: int, max_sit_out: int,
-                 cost_model: ComposedCostModel | None = None) -> None:
+    def __init__(self, policy: Policy, kv: KVManager, max_rows: int, max_sit_out: int) -> None:
         self.policy = policy
-        self._cost_model = cost_model  # the policy's: a refusal holds only while its fit has not moved
         self.max_rows = max_rows  # CPU decode rows one sub-batch can stage
         self.max_requests = max_rows * (max_sit_out + 1)  # CPU-resident requests at once: each runs within max_sit_out
         self._kv = kv
@@ -52,7 +49,8 @@ class CpuPlacement:
         running = len(gpu_running) + num_cpu
         if not running:  # the pools are idle: a request that fits must run somewhere
             return True
-        key = (running, len(cpu_context), 0 if self._cost_model is None else self._cost_model.num_observed)
+        model = self.policy.cost_model
+        key = (running, len(cpu_context), 0 if model is None else model.num_observed)
         if key == self._refused:  # nothing changed since the policy last refused a CPU row: requests, or the fit
             return False
         lifetime = [r.lifetime_context for r in gpu_running if r is not leaving]

@@ -95,19 +95,26 @@ class EngineLoop:
 
     def submit(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-        trace_context: SpanContext | None = None, sink: OutcomeSink | None = None,
-    ) -> OutcomeSink:
-        """Queues a request whose outcomes go to `sink` (a new asyncio.Queue when None), which it returns; raises
-        InvalidArgument / ResourceExhausted from the scheduler, Unavailable while the worker is away. The iterations
-        that serve it link to trace_context (the caller's span) when tracing is on."""
+        trace_context: SpanContext | None = None,
+    ) -> asyncio.Queue[Outcome]:
+        """submit_to() a new queue, returned."""
+        queue: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.submit_to(queue, request_id, prompt_token_ids, sampling, trace_context)
+        return queue
+
+    def submit_to(
+        self, sink: OutcomeSink, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+        trace_context: SpanContext | None = None,
+    ) -> None:
+        """Queues a request whose outcomes go to sink; raises InvalidArgument / ResourceExhausted from the scheduler,
+        Unavailable while the worker is away. The iterations that serve it link to trace_context (the caller's span)
+        when tracing is on."""
         if self._lost is not None or self.failure is not None:
             raise errors.Unavailable(f"the gpu_worker is away ({self.failure or self._lost}): retry later")
         self._scheduler.add_request(request_id, prompt_token_ids, sampling)
         self.observer.submitted(request_id, len(prompt_token_ids), trace_context)
-        stream: OutcomeSink = asyncio.Queue() if sink is None else sink
-        self._streams[request_id] = stream
+        self._streams[request_id] = sink
         self._wake.set()
-        return stream
 
     def abort(self, request_id: str) -> bool:
         """Frees the request's blocks at once and ends its stream with FinishReason.ABORT."""

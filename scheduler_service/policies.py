@@ -43,6 +43,7 @@ from apex_serve.types import ExecutionMode, OverlapLayout
 from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 from scheduler_service.objectives import NO_OBJECTIVE, LatencyObjective
+from scheduler_service.row_search import largest_fitting
 
 __all__ = ["MAX_IDLE_SHARE", "ApexPolicy", "Candidates", "Choice", "GpuOnlyPolicy", "LatencyObjective", "NeoPolicy",
            "Policy", "idle_aware_tokens_per_s", "make_policy", "tokens_per_s"]
@@ -105,6 +106,7 @@ class Choice:
 class Policy(Protocol):
     name: str
     uses_cpu: bool
+    cost_model: ComposedCostModel | None  # what it predicts with (None: gpu-only without a profile)
 
     def choose(self, c: Candidates) -> Choice: ...
 
@@ -265,37 +267,6 @@ class GpuOnlyPolicy(_Predicting):
         return True
 
 
-def _largest(fits: Callable[[int], bool], low: int, high: int, hint: int | None = None) -> int:
-    """The largest k in [low, high] with fits(k), fits assumed monotone (true then false); low if none. A hint (the
-    answer of the step before, say) changes only the probes, not the answer: the search gallops from it, two probes
-    when the answer is still the hint, about 2 log2(distance) when it moved, before bisecting what is left."""
-    if hint is not None and low < high and low <= hint <= high:
-        step = 1
-        if fits(hint):
-            low = hint
-            while low < high:
-                probe = min(low + step, high)
-                if not fits(probe):
-                    high = probe - 1
-                    break
-                low, step = probe, 2 * step
-        else:
-            high = hint - 1
-            while low < high:
-                probe = max(high - step, low)
-                if fits(probe):
-                    low = probe
-                    break
-                high, step = probe - 1, 2 * step
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
 class NeoPolicy(_Predicting):
     name = "neo"
     uses_cpu = True
@@ -324,13 +295,13 @@ class NeoPolicy(_Predicting):
         def hidden(start: int, k: int) -> float:
             return cpu_factor * costs.t_catt(k, ctx[start + k] - ctx[start]) + sync if k else 0.0
 
-        k1 = _largest(lambda k: hidden(0, k) <= dev0, 0, limit)
+        k1 = largest_fitting(lambda k: hidden(0, k) <= dev0, 0, limit)
         k1 = max(k1, min(c.forced, limit))
         if k1 == 0:
             return 0, 0
         dev1 = m.priced(SubBatchShape((), 0, 0, k1, ctx[k1]), self.layout).device
         limit0 = min(c.num_cpu - k1, c.max_cpu_rows)
-        k0 = _largest(lambda k: hidden(k1, k) <= dev1, 0, limit0)
+        k0 = largest_fitting(lambda k: hidden(k1, k) <= dev1, 0, limit0)
         return max(k0, min(c.forced - k1, limit0)), k1
 
     def pipeline(self, c: Candidates) -> Choice | None:
@@ -346,7 +317,7 @@ class NeoPolicy(_Predicting):
         def cut(n: int) -> Choice:
             return self.asym_pipeline(c, n - min(k1_full, n), min(k1_full, n), layout)
 
-        n = _largest(lambda n: cut(n).estimate_ns <= self.objective.tpot_ns, max(1, c.forced), piped.cpu_rows)
+        n = largest_fitting(lambda n: cut(n).estimate_ns <= self.objective.tpot_ns, max(1, c.forced), piped.cpu_rows)
         return cut(n)
 
     def best(self, c: Candidates) -> Choice:
@@ -398,7 +369,7 @@ class ApexPolicy(NeoPolicy):
             sb = c.gpu_part(k)
             return sb is None or m.priced(sb, layout).exposed_wait <= 0.0
 
-        rows = limit if fits(limit) else _largest(fits, 0, limit - 1, self._window_hints.get(layout))
+        rows = limit if fits(limit) else largest_fitting(fits, 0, limit - 1, self._window_hints.get(layout))
         self._window_hints[layout] = rows
         return rows
 
@@ -430,7 +401,8 @@ class ApexPolicy(NeoPolicy):
             sized = max(low, self.window_rows(c, limit, layout))
             options += [self.async_overlap(c, k, layout) for k in ((sized,) if sized == limit else (sized, limit))]
             if tpot_ns and options[-1].estimate_ns > tpot_ns:
-                k = _largest(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns, low, limit)
+                k = largest_fitting(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns,
+                                    low, limit)
                 options.append(self.async_overlap(c, k, layout))
         if k0 + k1:
             options.append(self.asym_pipeline(c, k0, k1, self.layout))

@@ -422,7 +422,7 @@ class Scheduler:
         # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
         self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
         self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
-        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out, self.cost_model)
+        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
         self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling)
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 

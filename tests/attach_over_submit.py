@@ -26,10 +26,9 @@ async def attach_over_submit(
             async for msg in submit(request, context):
                 updates.put_nowait(scheduler_pb2.RequestUpdate(request_id=request_id, output=msg))
         except errors.ApexError as exc:
+            code, details, kind = rpc.error_status(exc)
             updates.put_nowait(scheduler_pb2.RequestUpdate(
-                request_id=request_id, error_code=rpc.status_for(exc).value[0], error_message=str(exc),
-                error_kind=exc.kind,
-            ))
+                request_id=request_id, error_code=code.value[0], error_message=details, error_kind=kind))
 
     async def read() -> None:
         async for message in messages:

@@ -10,8 +10,9 @@ from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, C
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, _largest, idle_aware_tokens_per_s
+from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, idle_aware_tokens_per_s
 from scheduler_service.request import Request
+from scheduler_service.row_search import largest_fitting
 
 LLAMA_7B = ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_q_heads=32, num_kv_heads=32,
                       head_dim=128, vocab_size=32000)
@@ -112,7 +113,7 @@ def test_the_window_search_finds_the_same_rows_from_any_hint(answer: int, hint: 
         probes.append(k)
         return k <= answer
 
-    assert _largest(fits, 0, 64, hint) == answer
+    assert largest_fitting(fits, 0, 64, hint) == answer
     if hint == answer and 0 < answer < 64:
         assert len(probes) == 2, f"a window that did not move took {len(probes)} probes: {probes}"
 
@@ -129,7 +130,8 @@ class CountingPolicy:
 
     name, uses_cpu = "counting", True
 
-    def __init__(self) -> None:
+    def __init__(self, cost_model: ComposedCostModel) -> None:
+        self.cost_model = cost_model
         self.gains, self.asked = False, 0
 
     def gains_from_cpu_rows(self, steady: Candidates, contexts: list[int]) -> bool:
@@ -139,10 +141,10 @@ class CountingPolicy:
 
 def test_a_refused_cpu_row_is_asked_again_once_the_cost_model_has_observed_a_step() -> None:
     model = analytic()
-    policy = CountingPolicy()
+    policy = CountingPolicy(model)
     kv = KVManager(8, 0, 16)
     kv.set_cpu_pool(64)
-    placement = CpuPlacement(policy, kv, max_rows=4, max_sit_out=4, cost_model=model)  # type: ignore[arg-type]
+    placement = CpuPlacement(policy, kv, max_rows=4, max_sit_out=4)  # type: ignore[arg-type]
     gpu = [Request(f"g{i}", (1,) * 40, SamplingParams(max_tokens=8), 47) for i in range(2)]
     new = Request("new", (1,) * 40, SamplingParams(max_tokens=8), 47)
     assert not placement.takes(new, gpu, [], [0], 0)
