@@ -59,6 +59,9 @@ class StackConfig:
     tpot_slo_ms: float = option(
         0.0, help="apex and neo: keep the running requests' predicted p99 TPOT under this, in ms; 0: no objective"
     )
+    max_sit_out: int = option(
+        4, help="apex and neo: iterations a CPU-resident request may go without decoding before it must run"
+    )
     ttft_slo_ms: float = option(
         0.0, help="apex and neo: keep waiting requests' predicted time to first token under this, in ms; 0: none"
     )
@@ -166,7 +169,8 @@ class Stack:
             ("scheduler_service", scheduler,
              ["--address", scheduler, "--worker-address", worker, "--max-num-seqs", str(c.max_num_seqs),
               "--policy", c.policy, "--profiler-address", self._address("profiler"),
-              "--tpot-slo-ms", str(c.tpot_slo_ms), "--ttft-slo-ms", str(c.ttft_slo_ms), "--sample-layers-every", str(c.sample_layers_every),
+              "--tpot-slo-ms", str(c.tpot_slo_ms), "--ttft-slo-ms", str(c.ttft_slo_ms),
+              "--max-sit-out", str(c.max_sit_out), "--sample-layers-every", str(c.sample_layers_every),
               "--metrics-address", c.metrics_address, *scheduler_budget,
               *([] if c.async_scheduling else ["--no-async-scheduling"])]),
             ("gateway", c.gateway_address, gateway_args),

@@ -34,6 +34,9 @@ STREAM_TIMEOUT_S = 120.0
 # (those its admissions onto the CPU pool price) somewhat differently from the loose run: the objective keeps this
 # margin above the loose run's decode predictions.
 DECODE_MARGIN = 1.1
+# Past the run's length: only the objective decides when a CPU request runs (rows that max_sit_out forces in run even
+# where no option keeps the objective, scheduler_service/objectives.py)
+MAX_SIT_OUT = 1000
 
 
 async def _serve(stack: Stack) -> tuple[list[StreamRecord], scheduler_pb2.SchedulerStats]:
@@ -55,8 +58,8 @@ async def _serve(stack: Stack) -> tuple[list[StreamRecord], scheduler_pb2.Schedu
 
 
 def _run(default_model_dir: object, tpot_slo_ms: float) -> tuple[list[StreamRecord], scheduler_pb2.SchedulerStats]:
-    with running_stack(default_model_dir, policy="apex", num_kv_blocks=DEVICE_BLOCKS,
-                       tpot_slo_ms=tpot_slo_ms) as stack:
+    with running_stack(default_model_dir, policy="apex", num_kv_blocks=DEVICE_BLOCKS, tpot_slo_ms=tpot_slo_ms,
+                       max_sit_out=MAX_SIT_OUT) as stack:
         return asyncio.run(_serve(stack))
 
 
