@@ -52,7 +52,7 @@ class SchedulerConfig:
     sample_layers_every: int = option(16, help="every Nth iteration records per-layer subtask intervals; 0: never")
     metrics_address: str = option("", help="Prometheus /metrics address (host:port); empty: off")
     cpu_deadline_factor: float = option(
-        20.0, help="a step with CPU work gives each layer of its CPU rows this many times the step's predicted time "
+        20.0, help="a step with CPU work gives each layer of its CPU rows this many times the step's estimated time "
         "before the cpu_attention_worker counts as lost (within cpu_deadline_min_s and cpu_deadline_max_s)"
     )
     cpu_deadline_min_s: float = option(1.0, help="the least time a layer of the CPU rows is given, in seconds")

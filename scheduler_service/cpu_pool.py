@@ -7,18 +7,19 @@ from dataclasses import dataclass
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.types import CachedRequestData, ExecutionMode, NewRequestData, StepPlan
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.cost.model import Prediction
 from scheduler_service.policies import Candidates
 from scheduler_service.prefill import Chunk, ChunkShape
 from scheduler_service.request import Request, RequestStatus
 
 
-def cpu_deadline_s(config: SchedulerConfig, prediction: Prediction | None) -> float:
+def cpu_deadline_s(config: SchedulerConfig, estimate_ns: float) -> float:
     """Seconds each layer of a step's CPU rows may take (StepPlan.cpu_wait_timeout_s): cpu_deadline_factor times the
-    step's predicted time, within [cpu_deadline_min_s, cpu_deadline_max_s]; the maximum without a prediction."""
-    if prediction is None:
+    step's time as the policy estimated it (Choice.estimate_ns), within [cpu_deadline_min_s, cpu_deadline_max_s]; the
+    maximum without an estimate (0). The estimate, not the corrected prediction: the factor leaves room for either,
+    and the prediction is made off the decision path (InFlightStep.prediction)."""
+    if estimate_ns <= 0:
         return config.cpu_deadline_max_s
-    seconds = config.cpu_deadline_factor * prediction.total_ns / 1e9
+    seconds = config.cpu_deadline_factor * estimate_ns / 1e9
     return min(max(seconds, config.cpu_deadline_min_s), config.cpu_deadline_max_s)
 
 

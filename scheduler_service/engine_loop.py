@@ -4,7 +4,8 @@ With asynchronous scheduling (SchedulerConfig.async_scheduling, the default) the
 runs step N and sends it at once, to run right after N (after_step_id), so the worker starts N+1 when N ends, without
 waiting for a round trip or for the scheduler's bookkeeping of N. Two steps are then in flight; N's output is taken
 (tokens streamed, finishes found) while N+1 runs, and what it finishes reaches the worker with N+2. Without it, one
-step at a time.
+step at a time. Either way the cost model's online correction from a step's timings is fitted once the next step is
+sent (Scheduler.refine), not between a step's output and its tokens or the next plan.
 
 The worker may fail it in three ways. A step fails: its requests fail, the loop serves on. The worker loses its CPU pool
 in a step (errors.CpuPoolLost): the scheduler requeues what lived there, the step's accelerator part runs again at once
@@ -152,6 +153,7 @@ class EngineLoop:
                     following = self._scheduler.schedule()
                     if not following.is_empty or following.freed_request_ids:
                         ahead = self._send(following, running.plan.step_id)
+                self._scheduler.refine()  # while the worker runs the step
                 if not await self._take(running, ahead):
                     return
                 running, ahead = ahead, None
@@ -176,7 +178,7 @@ class EngineLoop:
         the failure handled (_failed; retry: the step was a lost CPU pool's retry); False then."""
         try:
             output = await sent.output
-            result = self._scheduler.update_from_output(sent.plan, output)
+            result = self._scheduler.update_from_output(sent.plan, output, fit_later=True)
         except asyncio.CancelledError:  # stop() during the step
             self.observer.fail(sent.span, None)
             raise

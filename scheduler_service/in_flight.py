@@ -3,11 +3,11 @@ what update_from_output checks and measures against them; and the log of the rec
 
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from apex_serve import overlap
 from apex_serve.engine_stats import IterationRecord
-from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput, StepPlan
+from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput, StepPlan, StepTimings
 from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.cost.shape import IterationShape
 from scheduler_service.policies import Choice
@@ -69,7 +69,7 @@ class InFlightStep:
         self.requests = requests  # every request the plan scheduled, in plan order
         self.partial = partial  # those whose prefill chunk does not reach the end of their tokens: they sample nothing
         self.record = record  # None for a plan that runs no request
-        self._choice = choice
+        self.choice = choice  # the policy's, as it estimated the step
         self._cost_model = cost_model
         self._prediction: Prediction | None = None
         self.held = False  # its sampling requests count its tokens as pending (hold())
@@ -77,7 +77,7 @@ class InFlightStep:
     @property
     def shape(self) -> IterationShape | None:
         """The iteration in the cost model's terms (None for an empty plan)."""
-        return self._choice.shape
+        return self.choice.shape
 
     def prediction(self) -> Prediction | None:
         """The cost model's corrected prediction of the iteration (None without a cost model or for an empty plan),
@@ -116,25 +116,29 @@ class InFlightStep:
         partial = self.partial
         return [r for r in self.requests if r not in partial] if partial else self.requests
 
-    def live_requests(self, output: StepOutput) -> list[Request]:
+    def live_tokens(self, output: StepOutput) -> tuple[list[Request], list[int]]:
         """The plan's sampling requests not finished or aborted since (one requeued since, preempted by a plan made
-        ahead of this step's output, takes its token too: it was computed), checked against the step's output:
-        ValueError if a token or a requested logprob is missing, a first token comes without the logprobs of every
-        prompt token after the first where they were asked for, or a token belongs to a request the plan did not
+        ahead of this step's output, takes its token too: it was computed) and their tokens, checked against the step's
+        output: ValueError if a token or a requested logprob is missing, a first token comes without the logprobs of
+        every prompt token after the first where they were asked for, or a token belongs to a request the plan did not
         schedule to sample (a chunk that does not reach the end of its request's tokens samples nothing)."""
         sampling = self.sampling()
         live = [r for r in sampling if r.status is not RequestStatus.FINISHED]
         sampled = output.sampled
-        missing = [r.request_id for r in live if r.request_id not in sampled]
+        try:
+            tokens = [sampled[r.request_id] for r in live]
+        except KeyError:
+            tokens = []
         # the plan's ids are distinct: with none missing, a token of another request makes sampled larger than live
-        if missing or len(sampled) != len(live):
+        if len(tokens) != len(live) or len(sampled) != len(live):
+            missing = [r.request_id for r in live if r.request_id not in sampled]
             unplanned = sorted(sampled.keys() - {r.request_id for r in sampling})
             if missing or unplanned:
                 raise ValueError(f"sampled: step {self.step_id} lacks tokens of {missing}, has tokens of {unplanned}")
-        asking = [r for r in live if r.sampling.logprobs is not None or r.sampling.prompt_logprobs is not None]
+        asking = [r for r in live if r.asks_logprobs]
         if asking:
             _check_logprobs(self.step_id, asking, output)
-        return live
+        return live, tokens
 
     def gather_prompt_logprobs(self, output: StepOutput) -> None:
         """Add the step's prompt logprobs to those of the plan's requests that still run (a request aborted since the
@@ -147,22 +151,26 @@ class InFlightStep:
                 request.prompt_logprobs.extend(logprobs)
 
     def measured(self, output: StepOutput) -> IterationRecord | None:
-        """The record with the step's measured time, its overlap and the prediction; the measured time goes into the
-        cost model's online correction. A step without timings leaves the record as it was."""
+        """The record with the step's measured time, its overlap and the prediction (what fit() corrects the cost model
+        with). A step without timings leaves the record as it was."""
         record = self.record
         measured = output.timings.total_ns
         if record is None or measured <= 0:
             return record
         prediction = self.prediction()
-        record = replace(record, predicted_ns=None if prediction is None else prediction.total_ns,
-                         measured_ns=float(measured), overlap=overlap.from_timings(output.timings))
-        shape = self.shape
-        if self._cost_model is not None and shape is not None and prediction is not None:
-            self._cost_model.observe(shape, prediction, output.timings)
-        logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", self.step_id,
-                     record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
-                     measured)
+        record = record.measured(None if prediction is None else prediction.total_ns, float(measured),
+                                 overlap.from_timings(output.timings))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", self.step_id,
+                         record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,
+                         measured)
         return record
+
+    def fit(self, timings: StepTimings) -> None:
+        """The cost model's online correction from the step's timings, once measured() made its prediction."""
+        shape, prediction = self.shape, self._prediction
+        if self._cost_model is not None and shape is not None and prediction is not None and timings.total_ns > 0:
+            self._cost_model.observe(shape, prediction, timings)
 
 
 def _check_logprobs(step_id: int, asking: list[Request], output: StepOutput) -> None:

@@ -37,7 +37,7 @@ i.e. exposed_wait <= MAX_IDLE_SHARE x GPU_ONLY's step; without accelerator rows 
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from apex_serve.types import ExecutionMode, OverlapLayout
 from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
@@ -86,13 +86,12 @@ class Candidates:
         return parts[k]
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(NamedTuple):
     """The mode; the first cpu_rows candidates decode, the first cpu_rows_in_sub_batch_1 of them in sub-batch 1
     (ASYM_PIPELINE; the rest in sub-batch 0). estimate_ns ranks the options: without a latency objective, one
     composition at the fitted mean factors (the cost model's full corrected prediction of the chosen one is made off
     the decision path, by InFlightStep.prediction); with one, that full prediction itself, so the objective holds for
-    the predicted_ns the iteration's record carries."""
+    the predicted_ns the iteration's record carries. A named tuple: a decision builds one per option it weighs."""
 
     mode: ExecutionMode
     cpu_rows: int = 0
@@ -275,12 +274,14 @@ class NeoPolicy(_Predicting):
     def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = NO_OBJECTIVE) -> None:
         super().__init__(cost_model, objective)
         self.model = cost_model
+        self._fill_hints: list[int | None] = [None, None]  # the sub-batches' fills found last: where a search starts
 
     def pipeline_rows(self, c: Candidates) -> tuple[int, int]:
         """NEO's greedy fill: (k0, k1) CPU rows of sub-batches 0 and 1, each hidden under the other's device work;
         without accelerator work, the candidates split evenly (each sub-batch's linear work hides the other's). The
         device work is the cost model's price of each sub-batch (ComposedCostModel.priced; sub-batch 0's without the
-        staging of its CPU-placed prefills' context), the CPU work of k rows its SubBatchCosts.hidden."""
+        staging of its CPU-placed prefills' context), the CPU work of k rows its SubBatchCosts.hidden. Like apex's
+        window, each fill moves little from step to step: its search starts from the last one found."""
         m = self.model
         limit = min(c.num_cpu, c.max_cpu_rows)
         gpu = c.gpu_part()
@@ -295,13 +296,14 @@ class NeoPolicy(_Predicting):
         def hidden(start: int, k: int) -> float:
             return cpu_factor * costs.t_catt(k, ctx[start + k] - ctx[start]) + sync if k else 0.0
 
-        k1 = largest_fitting(lambda k: hidden(0, k) <= dev0, 0, limit)
+        hints = self._fill_hints
+        k1 = hints[1] = largest_fitting(lambda k: hidden(0, k) <= dev0, 0, limit, hints[1])
         k1 = max(k1, min(c.forced, limit))
         if k1 == 0:
             return 0, 0
         dev1 = m.priced(SubBatchShape((), 0, 0, k1, ctx[k1]), self.layout).device
         limit0 = min(c.num_cpu - k1, c.max_cpu_rows)
-        k0 = largest_fitting(lambda k: hidden(k1, k) <= dev1, 0, limit0)
+        k0 = hints[0] = largest_fitting(lambda k: hidden(k1, k) <= dev1, 0, limit0, hints[0])
         return max(k0, min(c.forced - k1, limit0)), k1
 
     def pipeline(self, c: Candidates) -> Choice | None:
@@ -389,7 +391,8 @@ class ApexPolicy(NeoPolicy):
     def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
         """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)
         unless rows are forced; per layout, ASYNC_OVERLAP sized to the window and at the limit (and, where that breaks
-        the TPOT step, at the most rows that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT."""
+        the TPOT step, at the most rows that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT; an
+        option FUSED at the limit dominates is left out (_fused_dominates)."""
         options = [] if c.forced else [self.gpu_only(c) if plain is None else plain]
         limit = min(c.num_cpu, c.max_cpu_rows)
         if not limit:
@@ -397,16 +400,36 @@ class ApexPolicy(NeoPolicy):
         low = max(1, min(c.forced, limit))
         k0, k1 = self.pipeline_rows(c) if self._gate(c, limit) else (0, 0)
         tpot_ns = self.objective.tpot_ns
-        for layout in _LAYOUTS:
-            sized = max(low, self.window_rows(c, limit, layout))
+        fused_window = 0
+        for layout in _LAYOUTS:  # FUSED first
+            if layout is OverlapLayout.SPLIT and fused_window == limit and self._fused_dominates(
+                    ExecutionMode.ASYNC_OVERLAP, layout):
+                continue
+            window = self.window_rows(c, limit, layout)
+            fused_window = window if layout is OverlapLayout.FUSED else fused_window
+            sized = max(low, window)
             options += [self.async_overlap(c, k, layout) for k in ((sized,) if sized == limit else (sized, limit))]
             if tpot_ns and options[-1].estimate_ns > tpot_ns:
                 k = largest_fitting(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns,
                                     low, limit)
                 options.append(self.async_overlap(c, k, layout))
-        if k0 + k1:
+        if k0 + k1 and not (k0 + k1 == limit == fused_window and self._fused_dominates(
+                ExecutionMode.ASYM_PIPELINE, self.layout)):
             options.append(self.asym_pipeline(c, k0, k1, self.layout))
         return options
+
+    def _fused_dominates(self, mode: ExecutionMode, layout: OverlapLayout) -> bool:
+        """Where FUSED's window holds every row up to the limit (its exposed wait is 0), whether no option of this mode
+        and layout with as many rows can outscore ASYNC_OVERLAP FUSED at the limit. SPLIT runs the same rows with a
+        second pass over the QKV weights and ASYM_PIPELINE with a second pass over all of them (one GEMM call over
+        a + b rows costs no more than two calls over a and b), with the same attention and staging and no less wait:
+        either wins only with a lower residual factor. Only without an objective: with one, options are ranked by
+        their full predictions, whose correction is not one factor per mode and layout. Where scores tie, FUSED's
+        option comes first and is taken all the same."""
+        if self.objective.any:
+            return False
+        m = self.model
+        return m.residual_factor(mode, layout) >= m.residual_factor(ExecutionMode.ASYNC_OVERLAP, OverlapLayout.FUSED)
 
     def best(self, c: Candidates) -> Choice:
         """The option of the best idle-aware score (the module docstring) among those that keep the objectives and,

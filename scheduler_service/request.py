@@ -48,9 +48,13 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_pending: int = 0  # tokens plans in flight will sample for it, not yet in output_token_ids
     num_tokens: int = field(init=False)  # prompt and output tokens, the pending ones counted
+    num_prompt_tokens: int = field(init=False)
+    asks_logprobs: bool = field(init=False)  # for its tokens' or its prompt's
 
     def __post_init__(self) -> None:
-        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.asks_logprobs = self.sampling.logprobs is not None or self.sampling.prompt_logprobs is not None
+        self.num_tokens = self.num_prompt_tokens + len(self.output_token_ids)
 
     def expect_token(self) -> None:
         """A plan that samples it went in flight: its next token counts before it is known."""
@@ -61,29 +65,36 @@ class Request:
         """Its next token (the oldest pending one if any), and what its caller is told of it: finished with STOP on a
         stop token or EOS only past min_tokens (the worker should not sample one before), with LENGTH once the tokens
         known pass its peak; the first output carries the prompt logprobs gathered over its prefill. One call per
-        running request per iteration: the steps are inlined."""
+        running request per iteration: the steps are inlined, and an output without logprobs is built with the fields
+        before them only."""
         outputs = self.output_token_ids
         outputs.append(token)
+        num_output = len(outputs)
         if self.num_pending:
             self.num_pending -= 1
+            known = self.num_tokens - self.num_pending
         else:
-            self.num_tokens += 1
-        num_output = len(outputs)
-        reason = None
-        if token in self.stop_token_ids:
-            if num_output > self.sampling.min_tokens:
-                reason = FinishReason.STOP
-            else:
-                logger.warning("%s: stop token %d as output token %d of min_tokens %d does not finish it",
-                               self.request_id, token, num_output, self.sampling.min_tokens)
-        if reason is None and self.num_tokens - self.num_pending > self.peak_tokens:
+            known = self.num_tokens = self.num_tokens + 1
+        reason = self._stop_reason(token, num_output) if token in self.stop_token_ids else None
+        if reason is None and known > self.peak_tokens:
             reason = FinishReason.LENGTH
+        # positional, in RequestOutput's field order: keywords cost a third more
+        if logprob is None and not self.prompt_logprobs:
+            return RequestOutput(self.request_id, (token,), reason is not None, reason, self.num_prompt_tokens,
+                                 num_output)
         prompt_logprobs: tuple[TokenLogprob, ...] = ()
         if self.prompt_logprobs and num_output == 1:
             prompt_logprobs, self.prompt_logprobs = tuple(self.prompt_logprobs), []
-        # positional, in RequestOutput's field order: keywords cost a third more
-        return RequestOutput(self.request_id, (token,), reason is not None, reason, len(self.prompt_token_ids),
-                             num_output, () if logprob is None else (logprob,), prompt_logprobs)
+        return RequestOutput(self.request_id, (token,), reason is not None, reason, self.num_prompt_tokens, num_output,
+                             () if logprob is None else (logprob,), prompt_logprobs)
+
+    def _stop_reason(self, token: int, num_output: int) -> FinishReason | None:
+        """STOP for a stop token past min_tokens; None (with a warning) for one the worker sampled before."""
+        if num_output > self.sampling.min_tokens:
+            return FinishReason.STOP
+        logger.warning("%s: stop token %d as output token %d of min_tokens %d does not finish it", self.request_id,
+                       token, num_output, self.sampling.min_tokens)
+        return None
 
     def forget_token(self) -> None:
         """Its oldest pending token will not come (the step that was to sample it failed)."""
@@ -99,10 +110,6 @@ class Request:
     def done_when_known(self) -> bool:
         """Its pending token reaches its peak: that token's output finishes it, so no plan schedules it again."""
         return self.num_tokens > self.peak_tokens
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

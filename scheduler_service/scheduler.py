@@ -47,6 +47,7 @@ from apex_serve.types import (
     SamplingParams,
     StepOutput,
     StepPlan,
+    StepTimings,
     SwapData,
     WorkerInfo,
 )
@@ -102,6 +103,7 @@ class Scheduler:
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
         self._flights = Flights()
+        self._unfitted: list[tuple[InFlightStep, StepTimings]] = []  # steps taken with fit_later, for refine()
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
@@ -227,7 +229,7 @@ class Scheduler:
             prefill_tokens=sum(chunks.lens), layout=choice.layout,
         ) if scheduled else None
         partial = frozenset(c.request for c in prefills if not c.last)
-        flight = self._start(scheduled, choice, record, partial)
+        self._start(scheduled, choice, record, partial)
         return StepPlan(
             step_id=step_id,
             new_requests=tuple(c.new_data() for c in admitted),
@@ -238,8 +240,7 @@ class Scheduler:
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
             record_subtasks=self._sampled(step_id, scheduled),
-            # predicted only for a step with CPU work: the prediction is off the decision path otherwise
-            cpu_wait_timeout_s=cpu_deadline_s(self.config, flight.prediction()) if cpu_rows or cpu_chunks else 0.0,
+            cpu_wait_timeout_s=cpu_deadline_s(self.config, choice.estimate_ns) if cpu_rows or cpu_chunks else 0.0,
             planned_ahead=ahead,
         )
 
@@ -284,31 +285,42 @@ class Scheduler:
         if self.policy.uses_cpu:
             self._detach_cpu_pool()
 
-    def update_from_output(self, plan: StepPlan, output: StepOutput) -> StepResult:
+    def update_from_output(self, plan: StepPlan, output: StepOutput, fit_later: bool = False) -> StepResult:
         """Append each sampled token, finish requests on a stop token or a length limit, report per request, and
-        complete the iteration's record with the step's timings (which also refine the cost model).
+        complete the iteration's record with the step's timings, which also refine the cost model: here, or with
+        fit_later at the next refine().
 
         Tokens of requests aborted since the plan was made are dropped. A request that asked for logprobs
         gets its token's in RequestOutput.logprobs, one that asked for prompt logprobs those of its prompt in its
         first RequestOutput.
         """
         flight = self._flights.oldest(plan, output)
-        live = flight.live_requests(output)
+        live, tokens = flight.live_tokens(output)
         flight.gather_prompt_logprobs(output)
         record = flight.measured(output)
         if record is not flight.record:
             self._iterations.replace(flight.record, record)
+        if fit_later:
+            self._unfitted.append((flight, output.timings))
+        else:
+            flight.fit(output.timings)
         self._flights.take_oldest()
         outputs = []
         add_output = outputs.append
-        sampled, logprobs = output.sampled, output.logprobs
-        for request in live:
-            request_id = request.request_id
-            out = request.take_token(sampled[request_id], logprobs.get(request_id) if logprobs else None)
+        logprobs = output.logprobs
+        for request, token in zip(live, tokens):
+            out = request.take_token(token, logprobs.get(request.request_id) if logprobs else None)
             if out.finished:
                 self._finish(request)
             add_output(out)
         return StepResult(tuple(outputs), record)
+
+    def refine(self) -> None:
+        """Fit the cost model to the steps update_from_output(fit_later=True) took since the last call, in order: the
+        engine loop calls it while the worker runs the next step, off the path of the tokens and of the plans."""
+        unfitted, self._unfitted = self._unfitted, []
+        for flight, timings in unfitted:
+            flight.fit(timings)
 
     def withdraw(self, plan: StepPlan) -> int:
         """The latest plan, made ahead of a step that failed, will not run as planned: each of its requests that still
@@ -427,14 +439,13 @@ class Scheduler:
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 
     def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None,
-               partial: frozenset[Request]) -> InFlightStep:
+               partial: frozenset[Request]) -> None:
         """Step _next_step_id goes in flight (partial: its requests whose chunk samples nothing); its record, if it
         runs a request, is counted."""
         self._iterations.add(record)
         flight = InFlightStep(self._next_step_id, scheduled, choice, record, self.cost_model, partial)
         self._flights.add(flight)
         self._next_step_id += 1
-        return flight
 
     def _take_freed(self) -> tuple[str, ...]:
         freed, self._freed_ids = tuple(self._freed_ids), []

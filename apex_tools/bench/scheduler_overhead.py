@@ -5,8 +5,9 @@ all 256 requests, half of them on the CPU (the pools are sized so; gpu-only gets
 the CPU candidates exceed what one iteration stages, so rotation, row sizing and the eq. 6 gate all run. Fabricated
 step results: every scheduled request gets one token; requests run long enough that none finishes during the
 measurement, so each iteration sees the same 256 running (block growth, new-block deltas, evictions and rotation
-still happen). update_from_output() includes the cost model's corrected prediction of the step (made off the
-decision path) and its online correction."""
+still happen). Each iteration runs as the engine loop runs it: schedule(), update_from_output() with the cost
+model's fit left for later (it includes the corrected prediction of the step, made off the decision path), and
+refine(), which the engine loop calls once the next step is sent: the fit, in its own column."""
 
 import argparse
 import logging
@@ -46,18 +47,22 @@ def measure(policy: str, running: int, prompt_len: int, iterations: int, warmup:
     sampling = SamplingParams(temperature=0.0, max_tokens=warmup + iterations + 1, ignore_eos=True)
     for i in range(running):
         scheduler.add_request(f"r{i}", [7] * prompt_len, sampling)
-    schedule_ns, update_ns = [], []
+    schedule_ns, update_ns, fit_ns = [], [], []
     for step in range(warmup + iterations):
         t0 = time.perf_counter_ns()
         plan = scheduler.schedule()
         t1 = time.perf_counter_ns()
         sampled = {r.request_id: 7 for r in scheduler.in_flight.sampling()}
         t2 = time.perf_counter_ns()
-        scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=50_000_000)))
+        output = StepOutput(plan.step_id, sampled, StepTimings(total_ns=50_000_000))
+        scheduler.update_from_output(plan, output, fit_later=True)
         t3 = time.perf_counter_ns()
+        scheduler.refine()
+        t4 = time.perf_counter_ns()
         if step >= warmup:
             schedule_ns.append(t1 - t0)
             update_ns.append(t3 - t2)
+            fit_ns.append(t4 - t3)
     stats = scheduler.stats()
     if stats.num_running != running:
         raise RuntimeError(f"{policy}: {stats.num_running} running at the end, expected {running}")
@@ -68,18 +73,20 @@ def measure(policy: str, running: int, prompt_len: int, iterations: int, warmup:
         "schedule_us_p99": float(np.percentile(schedule_ns, 99)) / 1e3,
         "update_us_p50": float(np.percentile(update_ns, 50)) / 1e3,
         "update_us_p99": float(np.percentile(update_ns, 99)) / 1e3,
+        "fit_us_p50": float(np.percentile(fit_ns, 50)) / 1e3,
         "modes": modes,
         "last_iteration_rows": {"gpu": last.gpu_rows, "cpu": last.cpu_rows},
     }
 
 
 def report(result: dict) -> str:
-    lines = [f"{'policy':<10}{'schedule p50 us':>16}{'p99':>8}{'update p50 us':>15}{'p99':>8}  rows gpu+cpu  modes"]
+    lines = [f"{'policy':<10}{'schedule p50 us':>16}{'p99':>8}{'update p50 us':>15}{'p99':>8}{'fit p50 us':>12}"
+             "  rows gpu+cpu  modes"]
     for policy, row in result["policies"].items():
         rows = row["last_iteration_rows"]
         lines.append(f"{policy:<10}{row['schedule_us_p50']:>16.1f}{row['schedule_us_p99']:>8.1f}"
-                     f"{row['update_us_p50']:>15.1f}{row['update_us_p99']:>8.1f}  {rows['gpu']:>4}+{rows['cpu']:<8}"
-                     f"{row['modes']}")
+                     f"{row['update_us_p50']:>15.1f}{row['update_us_p99']:>8.1f}{row['fit_us_p50']:>12.1f}"
+                     f"  {rows['gpu']:>4}+{rows['cpu']:<8}{row['modes']}")
     return "\n".join(lines)
 
 

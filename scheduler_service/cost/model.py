@@ -60,13 +60,13 @@ from scheduler_service.cost.shape import IterationShape, ModelShape, SubBatchSha
 from scheduler_service.cost.tables import PerformanceTables
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
     """Predicted ns of one whole iteration (summed over layers) by subtask.
 
     total_ns = linear + device_attention + staging + exposed_wait + step_overhead + residual; cpu_attention and sync
     run beside the accelerator and count only through exposed_wait; residual is the correction's share (per mode and
-    layout)."""
+    layout). Immutable, and a named tuple rather than a frozen dataclass: a decision composes every option it weighs,
+    and a named tuple builds in half the time."""
 
     linear_ns: float
     device_attention_ns: float

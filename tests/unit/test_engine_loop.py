@@ -1,12 +1,15 @@
-"""The engine loop: streams, aborts that free blocks at once, and a failing worker step."""
+"""The engine loop: streams, aborts that free blocks at once, a failing worker step, and the cost model's fit."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from queued_steps import QueuedSteps
 
-from apex_serve.types import FinishReason, Placement, SamplingParams, StepOutput, StepPlan, WorkerInfo
+from apex_serve.types import FinishReason, Placement, SamplingParams, StepOutput, StepPlan, StepTimings, WorkerInfo
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
+from scheduler_service.cost.shape import ModelShape
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
 
@@ -134,3 +137,25 @@ async def test_stop_during_a_step_that_frees_a_finished_request_still_drops_it_f
     await loop.stop()
     assert (await _drain(long))[-1].finish_reason is FinishReason.ABORT
     assert set(plans[-1].freed_request_ids) == {"short", "long"} and plans[-1].is_empty
+
+
+class TimedWorker(Worker):
+    """A Worker whose steps report 1 ms."""
+
+    async def _step(self, plan: StepPlan) -> StepOutput:
+        return replace(await super()._step(plan), timings=StepTimings(total_ns=1_000_000))
+
+
+async def test_the_loop_fits_the_cost_model_to_every_step_but_at_most_the_latest() -> None:
+    model = ConstantCostModel(ConstantCosts(lin_ns=100_000.0, step_ns=50_000.0), ModelShape(
+        num_layers=1, hidden_size=64, intermediate_size=128, num_q_heads=2, num_kv_heads=2, head_dim=32,
+        vocab_size=50))
+    loop = EngineLoop(Scheduler(SchedulerConfig(), INFO, model), TimedWorker())
+    loop.start()
+    await _drain(loop.submit("a", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True)))
+    steps = sum(loop.scheduler.stats().iterations_by_mode.values())
+    assert steps >= 6 and steps - 1 <= model.num_observed <= steps  # a step is fitted once the next one is sent
+    await _drain(loop.submit("b", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True)))
+    await loop.stop()
+    steps = sum(loop.scheduler.stats().iterations_by_mode.values())
+    assert steps >= 12 and steps - 1 <= model.num_observed <= steps

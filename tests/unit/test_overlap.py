@@ -1,7 +1,11 @@
-"""The overlap arithmetic: hidden CPU attention and idle time from summed step timings and from subtask intervals."""
+"""The overlap arithmetic: hidden CPU attention and idle time from summed step timings and from subtask intervals; the
+iteration record that carries it."""
+
+from dataclasses import fields, replace
 
 from apex_serve import overlap
-from apex_serve.types import StepTimings, Subtask, SubtaskKind
+from apex_serve.engine_stats import IterationRecord
+from apex_serve.types import ExecutionMode, OverlapLayout, StepTimings, Subtask, SubtaskKind
 
 MS = 1_000_000
 
@@ -104,3 +108,13 @@ def test_subtask_gaps_sort_subtasks_by_kind_and_gap_totals_sum_per_cause() -> No
     assert [(g.start_ns, g.end_ns, g.cause) for g in found] == [
         (0, 1 * MS, OVERHEAD), (1 * MS, 2 * MS, STAGING), (5 * MS, 7 * MS, WAIT), (8 * MS, 10 * MS, OVERHEAD)]
     assert overlap.gap_totals(found) == {WAIT: 2 * MS, STAGING: 1 * MS, HOST: 0, OVERHEAD: 3 * MS}
+
+
+def test_a_measured_iteration_record_keeps_every_field_its_plan_gave_it() -> None:
+    planned = IterationRecord(step_id=7, mode=ExecutionMode.ASYNC_OVERLAP, num_prefills=2, gpu_rows=3, cpu_rows=4,
+                              cpu_sat_out=5, swaps_out=6, swaps_in=8, preemptions=9, prefill_tokens=10,
+                              layout=OverlapLayout.SPLIT)
+    unset = [f.name for f in fields(IterationRecord) if getattr(planned, f.name) == f.default]
+    assert unset == ["predicted_ns", "measured_ns", "overlap"], "a new field: give it a value here"
+    o = overlap.from_timings(StepTimings(forward_ns=20 * MS, wait_ns=3 * MS, cpu_attention_ns=12 * MS))
+    assert planned.measured(11.0, 12.0, o) == replace(planned, predicted_ns=11.0, measured_ns=12.0, overlap=o)

@@ -1,10 +1,14 @@
 """What makes a decision cheap must not change it: the cost model memoises sub-batch prices within a decision, the
 policies share sub-batches between options, NEO's fill reads the same prices the composition does, apex's window
-search starts from the last window, and a refused CPU row is not asked again until the requests or the fit change."""
+search and NEO's fill start from the last ones found, apex leaves out options FUSED dominates, and a refused CPU row
+is not asked again until the requests or the fit change."""
+
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 
-from apex_serve.types import ExecutionMode, SamplingParams, StepTimings
+from apex_serve.types import ExecutionMode, OverlapLayout, SamplingParams, StepTimings
 from scheduler_service.cost.analytic import T4, AnalyticCostModel
 from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
 from scheduler_service.cost.shape import ModelShape
@@ -81,8 +85,9 @@ def test_a_decision_after_a_measured_step_uses_the_factors_that_step_fitted(poli
 
 
 def test_apex_takes_the_best_scored_of_the_options_it_weighs_and_takes_it_again() -> None:
+    # CPU attention longer than FUSED's window: no option is dominated
     policy = ApexPolicy(ConstantCostModel(ConstantCosts(lin_ns=1_000_000.0, lin_ns_per_token=1_000.0,
-                                                        gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=1.0,
+                                                        gatt_ns_per_kv_token=10.0, catt_ns_per_kv_token=10.0,
                                                         sync_ns=1_000.0, step_ns=100_000.0), TINY))
     c = candidates(16, 24, 100)
     options = policy.options(c)
@@ -153,3 +158,46 @@ def test_a_refused_cpu_row_is_asked_again_once_the_cost_model_has_observed_a_ste
     model.observe(shape, model.predict(shape), StepTimings(total_ns=int(2 * model.predict(shape).total_ns)))
     policy.gains = True
     assert placement.takes(new, gpu, [], [0], 0) and policy.asked == 2
+
+
+def test_neo_fills_the_same_with_its_hints_as_a_fresh_policy_on_each_step() -> None:
+    model = analytic()
+    kept = NeoPolicy(model)
+    for c in [*STATES, *STATES[::-1], candidates(96, 48, 720), candidates(64, 60, 300), candidates(0, 40, 500)]:
+        assert kept.pipeline_rows(c) == NeoPolicy(model).pipeline_rows(c)
+        assert kept.best(c) == NeoPolicy(model).best(c)
+
+
+class EveryOptionApex(ApexPolicy):
+    """apex weighing SPLIT and ASYM_PIPELINE on every decision."""
+
+    def _fused_dominates(self, mode: ExecutionMode, layout: OverlapLayout) -> bool:
+        return False
+
+
+def observed_at(model: ComposedCostModel, c: Candidates, layout: OverlapLayout, ratio: float) -> None:
+    """One measured ASYNC_OVERLAP step of c in `layout` at `ratio` times its raw prediction (that layout's residual)."""
+    shape = ApexPolicy(model).async_overlap(c, 8, layout).shape
+    model.observe(shape, model.predict(shape), StepTimings(total_ns=int(ratio * model.predict_raw(shape).total_ns)))
+
+
+@pytest.mark.parametrize("split_ratio", [0.5, 1.0, 2.0])
+def test_apex_leaves_out_only_options_that_cannot_outscore_fused(split_ratio: float) -> None:
+    # a host fast enough that FUSED's window holds every CPU row of some states; SPLIT's steps measured below, at and
+    # above their prediction, FUSED's at it (ASYM_PIPELINE borrows a fit): an option is left out only where its
+    # residual factor is not the lower one, and never changes the choice
+    fast_host = AnalyticCostModel(replace(T4, host_dram_bytes_per_s=40 * T4.host_dram_bytes_per_s), LLAMA_7B)
+    states = [*STATES, candidates(128, 128, 700, max_cpu_rows=128), candidates(4, 64, 300),
+              candidates(128, 256, 700, max_cpu_rows=128), candidates(16, 48, 300, max_cpu_rows=16)]
+    left_out: Counter[tuple[ExecutionMode, OverlapLayout]] = Counter()
+    for model in (analytic(), fast_host):
+        observed_at(model, STATES[0], OverlapLayout.FUSED, 1.0)
+        observed_at(model, STATES[0], OverlapLayout.SPLIT, split_ratio)
+        for c in states:
+            apex, every = ApexPolicy(model), EveryOptionApex(model)
+            weighed = {(o.mode, o.layout) for o in apex.options(c)}
+            left_out.update((o.mode, o.layout) for o in every.options(c) if (o.mode, o.layout) not in weighed)
+            assert apex.best(c) == every.best(c)
+    assert (left_out[ExecutionMode.ASYNC_OVERLAP, OverlapLayout.SPLIT] > 0) == (split_ratio >= 1.0), left_out
+    if split_ratio == 1.0:
+        assert left_out[ExecutionMode.ASYM_PIPELINE, OverlapLayout.FUSED] > 0, left_out

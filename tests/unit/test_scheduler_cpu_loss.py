@@ -259,7 +259,7 @@ def test_losses_at_random_hybrid_steps_and_at_swap_ins_leak_no_block_and_change_
     assert_all_free(s, w)
 
 
-def test_a_step_with_cpu_work_gives_its_cpu_rows_its_predicted_time_times_the_factor_within_the_bounds() -> None:
+def test_a_step_with_cpu_work_gives_its_cpu_rows_its_estimated_time_times_the_factor_within_the_bounds() -> None:
     def first_hybrid_plan(s: Scheduler) -> StepPlan:
         w = HybridWorker(s.worker_info)
         for i in range(6):
@@ -273,15 +273,16 @@ def test_a_step_with_cpu_work_gives_its_cpu_rows_its_predicted_time_times_the_fa
 
     s = make(cpu_deadline_factor=20.0, cpu_deadline_min_s=1e-6, cpu_deadline_max_s=100.0)
     plan = first_hybrid_plan(s)
-    predicted_s = s.in_flight.prediction().total_ns / 1e9
-    assert plan.cpu_wait_timeout_s == pytest.approx(20.0 * predicted_s)
+    estimated_s = s.in_flight.choice.estimate_ns / 1e9
+    assert estimated_s > 0
+    assert plan.cpu_wait_timeout_s == pytest.approx(20.0 * estimated_s)
     assert first_hybrid_plan(make(cpu_deadline_min_s=50.0, cpu_deadline_max_s=60.0)).cpu_wait_timeout_s == 50.0
     assert first_hybrid_plan(make(cpu_deadline_min_s=1e-6, cpu_deadline_max_s=1e-5)).cpu_wait_timeout_s == 1e-5
 
 
-def test_without_a_prediction_the_cpu_rows_get_the_longest_deadline() -> None:
+def test_without_an_estimate_the_cpu_rows_get_the_longest_deadline() -> None:
     config = SchedulerConfig(cpu_deadline_max_s=12.0)
-    assert cpu_deadline_s(config, None) == 12.0
+    assert cpu_deadline_s(config, 0.0) == 12.0
 
 
 def test_cpu_deadline_bounds_out_of_order_are_refused_naming_them() -> None:

@@ -53,12 +53,12 @@ def check_blocks(s: Scheduler) -> None:
         assert len(ids) + free == total, f"{placement.value} blocks leaked"
 
 
-def step(s: Scheduler, plan: StepPlan, rng: random.Random) -> StepResult:
+def step(s: Scheduler, plan: StepPlan, rng: random.Random, fit_later: bool = False) -> StepResult:
     ids = [r.request_id for r in s.in_flight.sampling()]  # a prefill chunk short of its request's end samples nothing
     sampled = {rid: (2 if rng.random() < 0.03 else 7) for rid in ids}  # token 2 is EOS
     prediction = s.in_flight.prediction()
     measured = 1_000_000 if prediction is None else int(prediction.total_ns * 1.1)  # the tables 10% optimistic
-    return s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=measured)))
+    return s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=measured)), fit_later)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -196,3 +196,25 @@ async def test_the_service_refuses_a_hybrid_policy_without_a_profiler_and_runs_g
     with pytest.raises(ValueError, match="^profiler_address: policy 'apex'"):
         await load_cost_model(SchedulerConfig(policy="apex"), worker())
     assert await load_cost_model(SchedulerConfig(policy="gpu-only"), worker()) is None
+
+
+@pytest.mark.parametrize("policy", ("neo", "apex"))
+def test_a_fit_left_for_refine_corrects_the_cost_model_as_one_made_with_the_update(policy: str) -> None:
+    at_once, later = scheduler(policy), scheduler(policy)
+    rngs = random.Random(3), random.Random(3)
+    for s in (at_once, later):
+        for i in range(10):
+            s.add_request(f"r{i}", [5] * 30, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in range(30):
+        plan = at_once.schedule()
+        assert later.schedule() == plan
+        step(at_once, plan, rngs[0])
+        observed = later.cost_model.num_observed
+        step(later, plan, rngs[1], fit_later=True)
+        assert later.cost_model.num_observed == observed, "the fit was made in update_from_output"
+        later.refine()
+        assert later.cost_model.num_observed == at_once.cost_model.num_observed
+    assert later.cost_model.factors == at_once.cost_model.factors
+    assert later.cost_model.error_stats() == at_once.cost_model.error_stats()
+    assert later.stats().recent_iterations == at_once.stats().recent_iterations
+    assert at_once.cost_model.num_observed >= 25
