@@ -1,11 +1,13 @@
 """gRPC edge of the gpu_worker: one Step per engine iteration, run one at a time in the order the calls arrive, or
 right after the step a call names (after_step_id, whichever call reaches the worker first): a scheduler that plans
-ahead sends the next plan while this one runs, so the next step starts as soon as this one ends, with no round trip
-between them. A plan made ahead (StepPlan.planned_ahead) of a step that failed is refused (errors.StepRefused): it
-assumed that step's output."""
+ahead sends the next plan while this one runs, so the next step starts as soon as this one ends, on the same thread,
+with no round trip and no hop through the event loop between them. A plan made ahead (StepPlan.planned_ahead) of a
+step that did not run is refused (errors.StepRefused): it assumed that step's output."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -21,25 +23,20 @@ AFTER_TIMEOUT_S = 30.0  # how long a step sent after another waits for that one'
 
 
 class Turns:
-    """The worker's calls in order: each waits for the one before it to end and learns whether the state that one
-    left is the state a plan made ahead of it assumed (the step ran)."""
+    """The order of the worker's calls: each takes its turn as it arrives, or right after the step it names."""
 
     def __init__(self) -> None:
-        self._last: asyncio.Future[bool] | None = None
         self._last_step: int | None = None  # the step of the latest call to take a turn (None: not a step)
         self._after: dict[int, asyncio.Future[None]] = {}  # calls waiting for a step's turn, by that step
 
-    def take(self, step_id: int | None = None) -> tuple["asyncio.Future[bool] | None", "asyncio.Future[bool]"]:
-        """The turn before this one (None: no call came before) and this one's, to be resolved when it ends."""
-        previous, self._last = self._last, asyncio.get_running_loop().create_future()
+    def take(self, step_id: int | None = None) -> None:
+        """The next turn, for step step_id (None: a call that is not a step)."""
         self._last_step = step_id
         waiting = self._after.pop(step_id, None) if step_id is not None else None
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
-        return previous, self._last
 
-    async def take_after(self, after_step_id: int, step_id: int, timeout_s: float = AFTER_TIMEOUT_S
-                         ) -> tuple["asyncio.Future[bool] | None", "asyncio.Future[bool]"]:
+    async def take_after(self, after_step_id: int, step_id: int, timeout_s: float = AFTER_TIMEOUT_S) -> None:
         """take(step_id) right after step after_step_id took its turn, waiting for that call if it has not come yet;
         StepRefused if it does not come within timeout_s, or another call took a turn after it."""
         if self._last_step != after_step_id:
@@ -54,27 +51,52 @@ class Turns:
             if self._last_step != after_step_id:
                 raise errors.StepRefused(f"step {step_id} was sent after step {after_step_id}, but another call "
                                          "came between them")
-        return self.take(step_id)
+        self.take(step_id)
 
 
-async def _ended(previous: "asyncio.Future[bool] | None") -> bool:
-    """Wait for the turn before (shielded: a cancelled call must not cancel it); whether its step ran."""
-    return True if previous is None else await asyncio.shield(previous)
+class StepLine:
+    """The worker's calls, run one at a time on a thread of their own in the order they are put on the line (the
+    order of their turns: a caller puts a call on as it takes its turn, with no await between): a call put on while
+    another runs starts as soon as that one ends. The event loop stays free to answer health checks meanwhile."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steps")
+        self._ran = True  # whether the latest call ran its step (True before the first)
+
+    async def run(self, work: Callable[[bool], tuple[T, bool]]) -> T:
+        """work(whether the call before it ran its step) -> (its result, whether it ran its step), run in turn; what
+        work raises is raised, its step not run. A call cancelled before its turn does not run, and counts as a step
+        that did not."""
+        cancelled = threading.Event()
+
+        def call() -> T:
+            ran, self._ran = self._ran, False
+            if cancelled.is_set():
+                raise asyncio.CancelledError
+            result, self._ran = work(ran)
+            return result
+
+        future = asyncio.wrap_future(self._thread.submit(call))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled.set()
+            future.add_done_callback(_outcome_dropped)
+            raise
 
 
-async def step_in_turn(previous: "asyncio.Future[bool] | None", turn: "asyncio.Future[bool]", plan: StepPlan,
-                       execute: Callable[[StepPlan], Awaitable[T]]) -> T:
-    """Run the plan once the turn before ended (Turns.take), refused (errors.StepRefused) if it was made ahead of
-    a step that failed; the turn ends with whether it ran."""
-    ran = False
-    try:
-        if not await _ended(previous) and plan.planned_ahead:
-            raise errors.StepRefused(f"step {plan.step_id} was planned ahead of a step that failed")
-        output = await execute(plan)
-        ran = True
-        return output
-    finally:
-        turn.set_result(ran)
+def _outcome_dropped(future: "asyncio.Future[object]") -> None:
+    """A cancelled call's outcome, which nobody awaits: retrieved so that asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
+def in_turn(plan: StepPlan, previous_ran: bool) -> StepPlan:
+    """The plan, to run after a call that ran its step or not; StepRefused if it was made ahead of one that did
+    not."""
+    if not previous_ran and plan.planned_ahead:
+        raise errors.StepRefused(f"step {plan.step_id} was planned ahead of a step that failed")
+    return plan
 
 
 class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
@@ -82,6 +104,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self._runner = runner
         self._profiler = LayerProfiler(runner)
         self._turns = Turns()  # the runner's state advances one call at a time, in order of arrival
+        self._line = StepLine()
 
     async def GetWorkerInfo(
         self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -93,32 +116,24 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     ) -> gpu_worker_pb2.StepResponse:
         plan = convert.plan_from_pb(request)
         if request.HasField("after_step_id"):
-            previous, turn = await self._turns.take_after(request.after_step_id, plan.step_id)
+            await self._turns.take_after(request.after_step_id, plan.step_id)
         else:
-            previous, turn = self._turns.take(plan.step_id)
-        # In a thread, so the event loop keeps answering health checks during a prefill.
-        output = await step_in_turn(previous, turn, plan, lambda p: asyncio.to_thread(self._runner.execute, p))
+            self._turns.take(plan.step_id)
+        output = await self._line.run(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
         return convert.step_output_to_pb(output)
 
     async def Reset(
         self, request: gpu_worker_pb2.ResetRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.ResetResponse:
-        previous, turn = self._turns.take()
-        try:
-            await _ended(previous)
-            return gpu_worker_pb2.ResetResponse(num_dropped=self._runner.reset())
-        finally:
-            turn.set_result(False)  # nothing made ahead of a reset holds
+        self._turns.take()
+        # nothing made ahead of a reset holds
+        return gpu_worker_pb2.ResetResponse(num_dropped=await self._line.run(lambda ran: (self._runner.reset(), False)))
 
     async def Measure(
         self, request: common_pb2.MeasureRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.MeasureResponse:
         points = convert.measure_points_from_pb(request)
-        previous, turn = self._turns.take()
-        ran = False
-        try:
-            ran = await _ended(previous)  # the requests' state is as the step before left it
-            ns = await asyncio.to_thread(self._profiler.measure, request.table, points, request.warmup, request.repeats)
-        finally:
-            turn.set_result(ran)
+        self._turns.take()
+        ns = await self._line.run(  # the requests' state is as the step before left it
+            lambda ran: (self._profiler.measure(request.table, points, request.warmup, request.repeats), ran))
         return common_pb2.MeasureResponse(median_ns=ns)
