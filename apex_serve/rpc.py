@@ -59,6 +59,17 @@ def error_trailers(kind: str) -> tuple[tuple[str, str], ...]:
     return ((ERROR_KIND_KEY, kind),) if kind else ()
 
 
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def rpc_error(code: grpc.StatusCode | int, details: str, kind: str = "") -> grpc.aio.AioRpcError:
+    """The error a call that failed so raises (code as a StatusCode or its number), for a failure a stream's message
+    reports: the same code, details and apex-error-kind trailing metadata."""
+    if isinstance(code, int):
+        code = _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*error_trailers(kind)), details)
+
+
 def error_kind(exc: grpc.aio.AioRpcError) -> str:
     """The ApexError kind the server named in the call's trailing metadata ("" when none)."""
     for key, value in exc.trailing_metadata() or ():

@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 _UNTRACED_SERVICES = (
     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection",
 )
-# a stream that lives as long as its gateway: the requests on it carry their own context and get their own spans
-_UNTRACED_METHODS = ("/apex_serve.v1.Scheduler/Attach",)
+# streams that live as long as their gateway or scheduler: the requests or steps on them carry their own context and
+# get their own spans
+_UNTRACED_METHODS = ("/apex_serve.v1.Scheduler/Attach", "/apex_serve.v1.GpuWorker/Steps")
+STEP_SPAN = "apex_serve.v1.GpuWorker/Step"  # the gpu_worker's span of a step, by call or on the Steps stream
 _state: dict[str, bool] = {}
 # service.name per module (OTEL_SERVICE_NAME overrides it); compose and the manifests set the same names
 SERVICE_NAMES = {

@@ -19,13 +19,6 @@ logger = logging.getLogger(__name__)
 _Item = scheduler_pb2.RequestUpdate | grpc.aio.AioRpcError
 
 
-def _rpc_error(code: grpc.StatusCode, details: str, kind: str = "") -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*rpc.error_trailers(kind)), details)
-
-
-_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
-
 class _Stream:
     """One Attach call and the requests on it."""
 
@@ -43,7 +36,7 @@ class _Stream:
         self._outbox.put_nowait(message)
 
     async def _read(self) -> None:
-        ended = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the Attach stream")
+        ended = rpc.rpc_error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the Attach stream")
         try:
             async for batch in self._call:
                 for update in batch.updates:
@@ -82,8 +75,7 @@ class AttachedCall:
                 raise item
             if item.error_code:
                 self._ended = True
-                raise _rpc_error(_STATUS_BY_VALUE.get(item.error_code, grpc.StatusCode.UNKNOWN), item.error_message,
-                                 item.error_kind)
+                raise rpc.rpc_error(item.error_code, item.error_message, item.error_kind)
             self._ended = item.output.finished
             yield item.output
 
@@ -109,8 +101,8 @@ class AttachedScheduler:
             self._stream = _Stream(self._stub)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         if request.request_id in self._stream.calls:
-            queue.put_nowait(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"request_id: {request.request_id!r} is already running"))
+            queue.put_nowait(rpc.rpc_error(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"request_id: {request.request_id!r} is already running"))
             return AttachedCall(self._stream, request.request_id, queue)
         self._stream.calls[request.request_id] = queue
         carrier: dict[str, str] = {}

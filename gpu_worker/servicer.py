@@ -6,14 +6,16 @@ step that did not run is refused (errors.StepRefused): it assumed that step's ou
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
 
-from apex_serve import convert, errors
-from apex_serve.types import StepPlan
+from apex_serve import convert, errors, rpc, tracing
+from apex_serve.types import StepOutput, StepPlan
 from apex_serve.v1 import common_pb2, gpu_worker_pb2, gpu_worker_pb2_grpc
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.profiling import LayerProfiler
@@ -63,20 +65,25 @@ class StepLine:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steps")
         self._ran = True  # whether the latest call ran its step (True before the first)
 
-    async def run(self, work: Callable[[bool], tuple[T, bool]]) -> T:
-        """work(whether the call before it ran its step) -> (its result, whether it ran its step), run in turn; what
-        work raises is raised, its step not run. A call cancelled before its turn does not run, and counts as a step
-        that did not."""
-        cancelled = threading.Event()
+    def put(self, work: Callable[[bool], tuple[T, bool]], cancelled: threading.Event | None = None
+            ) -> "asyncio.Future[T]":
+        """work(whether the call before it ran its step) -> (its result, whether it ran its step), put on the line now;
+        its result, or what it raised (its step not run). Where `cancelled` is set before its turn, it does not run
+        and counts as a step that did not."""
 
         def call() -> T:
             ran, self._ran = self._ran, False
-            if cancelled.is_set():
+            if cancelled is not None and cancelled.is_set():
                 raise asyncio.CancelledError
             result, self._ran = work(ran)
             return result
 
-        future = asyncio.wrap_future(self._thread.submit(call))
+        return asyncio.wrap_future(self._thread.submit(call))
+
+    async def run(self, work: Callable[[bool], tuple[T, bool]]) -> T:
+        """put(work) and its result; a call cancelled before its turn does not run."""
+        cancelled = threading.Event()
+        future = self.put(work, cancelled)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -89,6 +96,14 @@ def _outcome_dropped(future: "asyncio.Future[object]") -> None:
     """A cancelled call's outcome, which nobody awaits: retrieved so that asyncio does not log it as lost."""
     if not future.cancelled():
         future.exception()
+
+
+def failed_step_reply(step_id: int, exc: BaseException) -> gpu_worker_pb2.StepResponse:
+    """The Steps reply of a step that failed with exc: the status code, details and error kind Step would have ended
+    with."""
+    code, details, kind = rpc.error_status(exc)
+    return gpu_worker_pb2.StepResponse(step_id=step_id, error_code=code.value[0], error_message=details,
+                                       error_kind=kind)
 
 
 def in_turn(plan: StepPlan, previous_ran: bool) -> StepPlan:
@@ -105,6 +120,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         self._profiler = LayerProfiler(runner)
         self._turns = Turns()  # the runner's state advances one call at a time, in order of arrival
         self._line = StepLine()
+        self._tracer = tracing.tracer(__name__)
 
     async def GetWorkerInfo(
         self, request: gpu_worker_pb2.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -114,13 +130,69 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     async def Step(
         self, request: gpu_worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.StepResponse:
+        plan = await self._take_turn(request)
+        output = await self._line.run(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
+        return convert.step_output_to_pb(output)
+
+    async def Steps(
+        self, request_iterator: AsyncIterator[gpu_worker_pb2.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gpu_worker_pb2.StepResponse]:
+        replies: asyncio.Queue[tuple[int, asyncio.Future[StepOutput], trace.Span | None] | None] = asyncio.Queue()
+
+        async def take_turns() -> None:
+            try:
+                async for request in request_iterator:
+                    span = self._span(request.trace_context)
+                    replies.put_nowait((request.step_id, await self._put_step(request), span))
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(take_turns(), name="steps")
+        try:
+            while (item := await replies.get()) is not None:
+                step_id, output, span = item
+                try:
+                    reply = convert.step_output_to_pb(await output)
+                except Exception as exc:  # every failure of a step is its reply
+                    reply = failed_step_reply(step_id, exc)
+                if span is not None:
+                    span.set_status(Status(StatusCode.ERROR if reply.error_code else StatusCode.OK))
+                    span.end()
+                yield reply
+        finally:
+            reader.cancel()
+            while not replies.empty():  # the stream ended first: nobody takes these replies
+                item = replies.get_nowait()
+                if item is not None:
+                    item[1].add_done_callback(_outcome_dropped)
+                    if item[2] is not None:
+                        item[2].end()
+
+    def _span(self, carrier: Mapping[str, str]) -> trace.Span | None:
+        """The worker's span of a step on the Steps stream, a child of the iteration whose context it carries (None:
+        tracing off, or an untraced step)."""
+        if self._tracer is None or not carrier:
+            return None
+        return self._tracer.start_span(tracing.STEP_SPAN, propagate.extract(carrier), trace.SpanKind.SERVER)
+
+    async def _take_turn(self, request: gpu_worker_pb2.StepRequest) -> StepPlan:
+        """The request's plan, its turn taken (right after the step it names, or now)."""
         plan = convert.plan_from_pb(request)
         if request.HasField("after_step_id"):
             await self._turns.take_after(request.after_step_id, plan.step_id)
         else:
             self._turns.take(plan.step_id)
-        output = await self._line.run(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
-        return convert.step_output_to_pb(output)
+        return plan
+
+    async def _put_step(self, request: gpu_worker_pb2.StepRequest) -> "asyncio.Future[StepOutput]":
+        """The request's step on the line, in its turn; a future that failed where the plan or its turn did."""
+        try:
+            plan = await self._take_turn(request)
+        except Exception as exc:  # the step's reply carries it
+            failed: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        return self._line.put(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
 
     async def Reset(
         self, request: gpu_worker_pb2.ResetRequest, context: grpc.aio.ServicerContext

@@ -74,12 +74,11 @@ def _worker_steps(spans: list[Span]) -> list[Span]:
 
 
 def _iterations_of_worker_steps(spans: list[Span]) -> list[str]:
-    """The span id of each worker Step span's grandparent: the worker's SERVER span is the child of the scheduler's
-    CLIENT span, itself the child of the iteration ("" for a plan that only frees finished requests: no iteration,
-    its CLIENT span is a root)."""
+    """The span id of each worker Step span's parent: the plans go on the Steps stream, each with its iteration's
+    context, and the worker's span of the step is that iteration's child ("" for a root)."""
     index = _by_id(spans)
     chains = [_ancestors(s, index) for s in _worker_steps(spans)]
-    return [chain[1].span_id if len(chain) > 1 else "" for chain in chains]
+    return [chain[0].span_id if chain else "" for chain in chains]
 
 
 def _all_arrived(spans: list[Span]) -> bool:
@@ -143,7 +142,7 @@ def test_iterations_link_the_requests_they_served_and_the_worker_steps_are_their
     assert modes & {"async_overlap", "asym_pipeline"}, f"the tiny pool should force CPU rows, modes: {modes}"
     under = _iterations_of_worker_steps(spans)
     assert all(i == "" or i in iterations for i in under), "a worker Step span hangs under something else"
-    assert set(iterations) <= set(under), "an iteration's Step call did not carry its context to the worker"
+    assert set(iterations) <= set(under), "an iteration's plan did not carry its context to the worker"
 
 
 def test_sampled_iterations_have_per_layer_subtask_spans_on_both_lanes(traced: tuple[Stack, OtlpReceiver]) -> None:

@@ -1,8 +1,10 @@
 """The scheduler_service against a gpu_worker that fails it, over real gRPC in process: the worker client turns the
-error kind of a lost CPU pool into CpuPoolLost and a worker that is gone into GpuWorkerLost; while the worker is gone
+error kind of a lost CPU pool into CpuPoolLost and a worker that is gone into GpuWorkerLost, for calls and for plans on
+the Steps stream; while the worker is gone
 the scheduler's health is NOT_SERVING and Submit answers UNAVAILABLE at once; once a worker answers at the address
 again the scheduler Resets it and serves."""
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +18,7 @@ from apex_serve.errors import CpuPoolLost
 from apex_serve.types import NewRequestData, SamplingParams, StepOutput, StepPlan, WorkerInfo
 from apex_serve.v1 import gpu_worker_pb2, gpu_worker_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from conftest import wait_until_async
+from gpu_worker.servicer import failed_step_reply
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.scheduler import Scheduler
@@ -35,6 +38,7 @@ class FakeGpuWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
     def __init__(self, lose_in: frozenset[int] = frozenset()) -> None:
         self.lose_in = lose_in
         self.resets = 0
+        self.hold: asyncio.Event | None = None  # set: steps wait for it
 
     async def GetWorkerInfo(self, request: gpu_worker_pb2.GetWorkerInfoRequest,
                             context: grpc.aio.ServicerContext) -> gpu_worker_pb2.WorkerInfo:
@@ -43,10 +47,20 @@ class FakeGpuWorker(gpu_worker_pb2_grpc.GpuWorkerServicer):
     async def Step(self, request: gpu_worker_pb2.StepRequest,
                    context: grpc.aio.ServicerContext) -> gpu_worker_pb2.StepResponse:
         plan = convert.plan_from_pb(request)
+        if self.hold is not None:
+            await self.hold.wait()
         if plan.step_id in self.lose_in:
             raise CpuPoolLost("the cpu_attention_worker missed its deadline")
         ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
         return convert.step_output_to_pb(StepOutput(plan.step_id, {rid: 7 for rid in ids}))
+
+    async def Steps(self, request_iterator: AsyncIterator[gpu_worker_pb2.StepRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[gpu_worker_pb2.StepResponse]:
+        async for request in request_iterator:
+            try:
+                yield await self.Step(request, context)
+            except CpuPoolLost as exc:
+                yield failed_step_reply(request.step_id, exc)
 
     async def Reset(self, request: gpu_worker_pb2.ResetRequest,
                     context: grpc.aio.ServicerContext) -> gpu_worker_pb2.ResetResponse:
@@ -102,6 +116,31 @@ async def test_the_worker_client_raises_cpu_pool_lost_for_its_error_kind_and_gpu
     finally:
         for server in servers:
             await server.stop(None)  # a no-op for one stopped already
+
+
+async def test_plans_sent_on_the_steps_stream_fail_as_their_calls_would_and_all_waiting_ones_when_the_worker_goes(
+        worker_address: str, client: WorkerClient) -> None:
+    worker = FakeGpuWorker(lose_in=frozenset({1}))
+    server = await serve_worker(worker, worker_address)
+    try:
+        admit = StepPlan(0, (NewRequestData("a", (1, 2), GREEDY, (0,)),))
+        steps = [client.submit(admit), client.submit(StepPlan(1)), client.submit(StepPlan(2))]
+        assert (await steps[0]).sampled == {"a": 7}
+        with pytest.raises(CpuPoolLost, match="missed its deadline"):
+            await steps[1]
+        assert (await steps[2]).step_id == 2  # the stream goes on after a failed step
+        worker.hold = asyncio.Event()  # the next steps wait until the worker is gone
+        waiting = [client.submit(StepPlan(3)), client.submit(StepPlan(4))]
+        await asyncio.sleep(0.1)
+        await server.stop(None)
+        for step in waiting:
+            with pytest.raises(GpuWorkerLost, match=f"^gpu_worker at {worker_address}"):
+                await step
+        server = await serve_worker(worker, worker_address)
+        worker.hold = None
+        assert (await client.submit(StepPlan(5))).step_id == 5  # a new stream, on a new channel
+    finally:
+        await server.stop(None)
 
 
 async def test_while_the_worker_is_gone_the_scheduler_is_not_serving_and_refuses_submits_then_serves_again(
