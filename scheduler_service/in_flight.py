@@ -80,13 +80,14 @@ class InFlightStep:
         return self.choice.shape
 
     def prediction(self) -> Prediction | None:
-        """The cost model's corrected prediction of the iteration (None without a cost model or for an empty plan),
-        made on first asking: off schedule()'s decision path."""
+        """The cost model's corrected prediction of the iteration (None without a cost model or for an empty plan):
+        the one the policy decided by where it made one (a latency objective holds for it), else made on first asking,
+        off schedule()'s decision path."""
         if self._cost_model is None:
             return None
         if self._prediction is None:
             shape = self.shape
-            self._prediction = None if shape is None else self._cost_model.predict(shape)
+            self._prediction = self.choice.prediction or (None if shape is None else self._cost_model.predict(shape))
         return self._prediction
 
     def hold(self) -> None:

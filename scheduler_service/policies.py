@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
+from scheduler_service.cost.model import ComposedCostModel, Prediction, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 from scheduler_service.objectives import NO_OBJECTIVE, LatencyObjective
 from scheduler_service.row_search import largest_fitting
@@ -100,6 +100,7 @@ class Choice(NamedTuple):
     estimate_ns: float = 0.0
     exposed_wait_ns: float = 0.0  # of the estimate: the accelerator waiting for the CPU
     layout: OverlapLayout = OverlapLayout.FUSED  # of the sub-batches with CPU rows
+    prediction: Prediction | None = None  # with an objective: the full prediction the estimate is (None without)
 
 
 class Policy(Protocol):
@@ -149,7 +150,8 @@ class _Predicting:
             return Choice(mode, cpu_rows, in_sub_batch_1, shape, layout=layout)
         if self.objective.any:  # the objectives hold for the prediction the iteration's record carries
             predicted = m.predict(shape)
-            return Choice(mode, cpu_rows, in_sub_batch_1, shape, predicted.total_ns, predicted.exposed_wait_ns, layout)
+            return Choice(mode, cpu_rows, in_sub_batch_1, shape, predicted.total_ns, predicted.exposed_wait_ns, layout,
+                          predicted)
         composed = m.composed(shape)
         residual = m.residual_factor(mode, shape.run_layout)
         return Choice(mode, cpu_rows, in_sub_batch_1, shape, composed.total_ns * residual,
