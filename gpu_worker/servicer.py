@@ -130,8 +130,7 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     async def Step(
         self, request: gpu_worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.StepResponse:
-        plan = await self._take_turn(request)
-        output = await self._line.run(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
+        output = await self._line.run(self._execution(await self._take_turn(request)))
         return convert.step_output_to_pb(output)
 
     async def Steps(
@@ -192,7 +191,11 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             failed: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             return failed
-        return self._line.put(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
+        return self._line.put(self._execution(plan))
+
+    def _execution(self, plan: StepPlan) -> Callable[[bool], tuple[StepOutput, bool]]:
+        """The plan's step as a call on the line: run unless it was made ahead of a step that did not run."""
+        return lambda ran: (self._runner.execute(in_turn(plan, ran)), True)
 
     async def Reset(
         self, request: gpu_worker_pb2.ResetRequest, context: grpc.aio.ServicerContext

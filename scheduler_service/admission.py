@@ -10,8 +10,8 @@ from itertools import islice
 from apex_serve.types import Placement
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_queue import prefix_contexts
+from scheduler_service.decision import Candidates
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import Candidates
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from itertools import islice
 
 from apex_serve.types import Placement
+from scheduler_service.decision import Candidates, Policy
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import Candidates, Policy
 from scheduler_service.request import Request
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.types import CachedRequestData, ExecutionMode, NewRequestData, StepPlan
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.policies import Candidates
+from scheduler_service.decision import Candidates
 from scheduler_service.prefill import Chunk, ChunkShape
 from scheduler_service.request import Request, RequestStatus
 

@@ -10,7 +10,7 @@ from apex_serve.engine_stats import IterationRecord
 from apex_serve.types import ExecutionMode, OverlapLayout, RequestOutput, StepOutput, StepPlan, StepTimings
 from scheduler_service.cost.model import ComposedCostModel, Prediction
 from scheduler_service.cost.shape import IterationShape
-from scheduler_service.policies import Choice
+from scheduler_service.decision import Choice
 from scheduler_service.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class Flights:
 
     def __init__(self) -> None:
         self._flights: deque[InFlightStep] = deque(maxlen=MAX_FLIGHTS)
+        self._unfitted: list[tuple[InFlightStep, StepTimings]] = []  # taken with fit_later, for refine()
 
     @property
     def latest(self) -> InFlightStep | None:
@@ -221,8 +222,20 @@ class Flights:
                              f"{None if flight is None else flight.step_id} is the oldest in flight")
         return flight
 
-    def take_oldest(self) -> None:
-        self._flights.popleft()
+    def take_oldest(self, timings: StepTimings, fit_later: bool = False) -> None:
+        """The oldest out of flight, its step's timings fitted into the cost model (InFlightStep.fit) now, or with
+        fit_later at the next refine()."""
+        flight = self._flights.popleft()
+        if fit_later:
+            self._unfitted.append((flight, timings))
+        else:
+            flight.fit(timings)
+
+    def refine(self) -> None:
+        """Fit the steps taken with fit_later since the last call, in order."""
+        unfitted, self._unfitted = self._unfitted, []
+        for flight, timings in unfitted:
+            flight.fit(timings)
 
     def take_latest(self, plan: StepPlan, hint: str = "") -> InFlightStep:
         """The plan's flight out of flight; ValueError unless it is the latest."""

@@ -36,99 +36,30 @@ i.e. exposed_wait <= MAX_IDLE_SHARE x GPU_ONLY's step; without accelerator rows 
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Protocol
+from dataclasses import replace
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.cost.model import ComposedCostModel, Prediction, pipelining_beats_gpu_only
+from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
+from scheduler_service.decision import (
+    Candidates,
+    Choice,
+    Policy,
+    gpu_sub_batch,
+    idle_aware_tokens_per_s,
+    tokens_per_s,
+    with_rows,
+)
 from scheduler_service.objectives import NO_OBJECTIVE, LatencyObjective
 from scheduler_service.row_search import largest_fitting
 
-__all__ = ["MAX_IDLE_SHARE", "ApexPolicy", "Candidates", "Choice", "GpuOnlyPolicy", "LatencyObjective", "NeoPolicy",
-           "Policy", "idle_aware_tokens_per_s", "make_policy", "tokens_per_s"]
+__all__ = ["MAX_IDLE_SHARE", "ApexPolicy", "GpuOnlyPolicy", "LatencyObjective", "NeoPolicy", "make_policy"]
 
 MAX_IDLE_SHARE = 0.25  # no objective: apex's exposed wait at most this share of GPU_ONLY's step for the same rows
 # ASYM_PIPELINE runs FUSED only: SPLIT's second QKV pass lengthens a sub-batch's device work by x and hides at most x
 # more of the other sub-batch's CPU attention, so priced as executed it never beats FUSED (nor did it measured here).
 PIPELINE_LAYOUT = OverlapLayout.FUSED
 _LAYOUTS = tuple(OverlapLayout)  # iterating the Enum class runs Python code each time
-
-
-@dataclass
-class Candidates:
-    """What one iteration may run, as the Scheduler hands it to the policy."""
-
-    prefill_lens: list[int]
-    gpu_rows: int
-    gpu_longest: int  # the longest accelerator row's context (the current token included)
-    cpu_context: list[int]  # prefix sums: cpu_context[k] = context tokens of the first k CPU candidates
-    forced: int  # the first `forced` CPU candidates must run
-    max_cpu_rows: int  # CPU rows one sub-batch can stage
-    prefill_contexts: tuple[int, ...] = ()  # per prefill: tokens computed before its chunk; (): all whole prompts
-    prefill_loaded_tokens: int = 0  # context tokens of CPU-placed chunks, brought from the CPU pool
-    cpu_sat_out: tuple[int, ...] = ()  # per CPU candidate: iterations since its last token (the TPOT rule's); (): 0
-    first_token_waits: tuple[tuple[float, int], ...] = ()  # per request without its first token: (ns waited so far,
-    #   iterations until its first token at the earliest, this one included)
-    _gpu_parts: dict[int, SubBatchShape | None] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def num_cpu(self) -> int:
-        return len(self.cpu_context) - 1
-
-    def gpu_part(self, k: int = 0) -> SubBatchShape | None:
-        """The sub-batch of the prefills and the accelerator rows with the first k CPU candidates (None if empty):
-        GPU_ONLY's and NEO's sub-batch 0 for k = 0, ASYNC_OVERLAP's with k rows. Built once per k: a decision prices
-        each under several options and probes."""
-        parts = self._gpu_parts
-        if k not in parts:
-            parts[k] = _gpu_part(self, k, self.cpu_context[k])
-        return parts[k]
-
-
-class Choice(NamedTuple):
-    """The mode; the first cpu_rows candidates decode, the first cpu_rows_in_sub_batch_1 of them in sub-batch 1
-    (ASYM_PIPELINE; the rest in sub-batch 0). estimate_ns ranks the options: without a latency objective, one
-    composition at the fitted mean factors (the cost model's full corrected prediction of the chosen one is made off
-    the decision path, by InFlightStep.prediction); with one, that full prediction itself, so the objective holds for
-    the predicted_ns the iteration's record carries. A named tuple: a decision builds one per option it weighs."""
-
-    mode: ExecutionMode
-    cpu_rows: int = 0
-    cpu_rows_in_sub_batch_1: int = 0
-    shape: IterationShape | None = None
-    estimate_ns: float = 0.0
-    exposed_wait_ns: float = 0.0  # of the estimate: the accelerator waiting for the CPU
-    layout: OverlapLayout = OverlapLayout.FUSED  # of the sub-batches with CPU rows
-    prediction: Prediction | None = None  # with an objective: the full prediction the estimate is (None without)
-
-
-class Policy(Protocol):
-    name: str
-    uses_cpu: bool
-    cost_model: ComposedCostModel | None  # what it predicts with (None: gpu-only without a profile)
-
-    def choose(self, c: Candidates) -> Choice: ...
-
-    def gains_from_cpu_rows(self, steady: Candidates, contexts: Sequence[int]) -> bool:
-        """Whether more CPU requests (of `contexts` tokens when they decode: the one to place and those queued behind
-        it) raise the predicted tokens/s of the decode iterations of `steady` (every running request): CPU rows must
-        pay for themselves. Several at once: pipelining pays for its second weight pass only with enough rows."""
-        ...
-
-    def admits(self, now: Candidates, steady: Candidates) -> bool:
-        """Whether placing one more request on the CPU pool keeps the policy's TPOT objective: `now` is this iteration
-        with its prefill, `steady` a decode iteration of every running request with it (all CPU candidates
-        decoding)."""
-        ...
-
-
-def _gpu_part(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> SubBatchShape | None:
-    """The sub-batch of c's prefills and accelerator rows with cpu_rows CPU rows of cpu_context tokens."""
-    if not (c.prefill_lens or c.gpu_rows or cpu_rows):
-        return None
-    return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_rows * c.gpu_longest, cpu_rows, cpu_context,
-                         c.prefill_contexts, c.prefill_loaded_tokens)
 
 
 class _Predicting:
@@ -167,7 +98,7 @@ class _Predicting:
         """k1 CPU rows (the first candidates) in sub-batch 1, the next k0 with the accelerator's work in sub-batch 0."""
         ctx = c.cpu_context
         b = SubBatchShape((), 0, 0, k1, ctx[k1]) if k1 else None
-        a = _gpu_part(c, k0, ctx[k1 + k0] - ctx[k1]) if k0 else c.gpu_part()
+        a = gpu_sub_batch(c, k0, ctx[k1 + k0] - ctx[k1]) if k0 else c.gpu_part()
         if a is None or b is None:
             return self.async_overlap(c, k0 + k1, layout)
         return self._estimated(ExecutionMode.ASYM_PIPELINE, [a, b], k0 + k1, k1, layout)
@@ -225,30 +156,6 @@ class _Predicting:
 
     def _steady_options(self, steady: Candidates) -> list[Choice]:
         return [self.gpu_only(steady)]
-
-
-def _with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
-    """c with more CPU candidates of these contexts at the back (just joined: sat out 0)."""
-    context = list(c.cpu_context)
-    for n in contexts:
-        context.append(context[-1] + n)
-    sat_out = (*c.cpu_sat_out, *(0,) * len(contexts)) if c.cpu_sat_out else ()
-    return replace(c, cpu_context=context, cpu_sat_out=sat_out)
-
-
-def tokens_per_s(choice: Choice) -> float:
-    """Tokens the iteration yields (one per request in it) per estimated second."""
-    if choice.shape is None or choice.estimate_ns <= 0:
-        return 0.0
-    return choice.shape.num_requests / choice.estimate_ns * 1e9
-
-
-def idle_aware_tokens_per_s(choice: Choice) -> float:
-    """apex's score (the module docstring): tokens over the estimated step plus its exposed wait, the accelerator's
-    idle time counted once more."""
-    if choice.shape is None or choice.estimate_ns <= 0:
-        return 0.0
-    return choice.shape.num_requests / (choice.estimate_ns + choice.exposed_wait_ns) * 1e9
 
 
 class GpuOnlyPolicy(_Predicting):
@@ -344,7 +251,7 @@ class NeoPolicy(_Predicting):
     def gains_from_cpu_rows(self, steady: Candidates, contexts: Sequence[int]) -> bool:
         """Whether the rows raise the predicted score of the steady iteration, and some option of it with them keeps
         the steady TPOT rule."""
-        more = _with_rows(steady, contexts)
+        more = with_rows(steady, contexts)
         return self._score(self.best(more)) > self._score(self.best(steady)) and self._steady_keeps(more)
 
     def _score(self, choice: Choice) -> float:
@@ -402,20 +309,21 @@ class ApexPolicy(NeoPolicy):
         low = max(1, min(c.forced, limit))
         k0, k1 = self.pipeline_rows(c) if self._gate(c, limit) else (0, 0)
         tpot_ns = self.objective.tpot_ns
-        fused_window = 0
-        for layout in _LAYOUTS:  # FUSED first
-            if layout is OverlapLayout.SPLIT and fused_window == limit and self._fused_dominates(
+        fused_holds_all = False  # FUSED's window holds every row up to the limit (FUSED comes first)
+        for layout in _LAYOUTS:
+            if layout is OverlapLayout.SPLIT and fused_holds_all and self._fused_dominates(
                     ExecutionMode.ASYNC_OVERLAP, layout):
                 continue
             window = self.window_rows(c, limit, layout)
-            fused_window = window if layout is OverlapLayout.FUSED else fused_window
+            if layout is OverlapLayout.FUSED:
+                fused_holds_all = window == limit
             sized = max(low, window)
             options += [self.async_overlap(c, k, layout) for k in ((sized,) if sized == limit else (sized, limit))]
             if tpot_ns and options[-1].estimate_ns > tpot_ns:
                 k = largest_fitting(lambda k, lo=layout: self.async_overlap(c, k, lo).estimate_ns <= tpot_ns,
                                     low, limit)
                 options.append(self.async_overlap(c, k, layout))
-        if k0 + k1 and not (k0 + k1 == limit == fused_window and self._fused_dominates(
+        if k0 + k1 and not (k0 + k1 == limit and fused_holds_all and self._fused_dominates(
                 ExecutionMode.ASYM_PIPELINE, self.layout)):
             options.append(self.asym_pipeline(c, k0, k1, self.layout))
         return options

@@ -47,7 +47,6 @@ from apex_serve.types import (
     SamplingParams,
     StepOutput,
     StepPlan,
-    StepTimings,
     SwapData,
     WorkerInfo,
 )
@@ -57,11 +56,12 @@ from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
 from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
+from scheduler_service.decision import Candidates, Choice
 from scheduler_service.decode_slots import grow_cpu_rows, grow_gpu_rows
 from scheduler_service.in_flight import Flights, InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.latency_clock import PredictedClock
-from scheduler_service.policies import Candidates, Choice, LatencyObjective, make_policy
+from scheduler_service.policies import LatencyObjective, make_policy
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
@@ -103,7 +103,6 @@ class Scheduler:
         self._cpu_queue: deque[Request] = deque()  # CPU-resident running requests, least recently decoded first
         self._freed_ids: list[str] = []  # worker state the next plan drops
         self._flights = Flights()
-        self._unfitted: list[tuple[InFlightStep, StepTimings]] = []  # steps taken with fit_later, for refine()
         self._next_step_id = 0
         self._num_preemptions = 0
         self._num_swaps = 0
@@ -300,11 +299,7 @@ class Scheduler:
         record = flight.measured(output)
         if record is not flight.record:
             self._iterations.replace(flight.record, record)
-        if fit_later:
-            self._unfitted.append((flight, output.timings))
-        else:
-            flight.fit(output.timings)
-        self._flights.take_oldest()
+        self._flights.take_oldest(output.timings, fit_later)
         outputs = []
         add_output = outputs.append
         logprobs = output.logprobs
@@ -318,9 +313,7 @@ class Scheduler:
     def refine(self) -> None:
         """Fit the cost model to the steps update_from_output(fit_later=True) took since the last call, in order: the
         engine loop calls it while the worker runs the next step, off the path of the tokens and of the plans."""
-        unfitted, self._unfitted = self._unfitted, []
-        for flight, timings in unfitted:
-            flight.fit(timings)
+        self._flights.refine()
 
     def withdraw(self, plan: StepPlan) -> int:
         """The latest plan, made ahead of a step that failed, will not run as planned: each of its requests that still

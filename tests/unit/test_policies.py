@@ -5,16 +5,14 @@ import pytest
 from apex_serve.types import ExecutionMode, OverlapLayout
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
+from scheduler_service.decision import Candidates, idle_aware_tokens_per_s, tokens_per_s
 from scheduler_service.policies import (
     MAX_IDLE_SHARE,
     ApexPolicy,
-    Candidates,
     GpuOnlyPolicy,
     LatencyObjective,
     NeoPolicy,
-    idle_aware_tokens_per_s,
     make_policy,
-    tokens_per_s,
 )
 
 MODEL = ModelShape(num_layers=4, hidden_size=256, intermediate_size=512, num_q_heads=8, num_kv_heads=2, head_dim=32,

@@ -13,8 +13,9 @@ from scheduler_service.cost.analytic import T4, AnalyticCostModel
 from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.cpu_placement import CpuPlacement
+from scheduler_service.decision import Candidates, idle_aware_tokens_per_s
 from scheduler_service.kv_manager import KVManager
-from scheduler_service.policies import ApexPolicy, Candidates, NeoPolicy, idle_aware_tokens_per_s
+from scheduler_service.policies import ApexPolicy, NeoPolicy
 from scheduler_service.request import Request
 from scheduler_service.row_search import largest_fitting
 

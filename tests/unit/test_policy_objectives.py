@@ -6,9 +6,10 @@ import pytest
 from apex_serve.types import ExecutionMode, OverlapLayout, SamplingParams
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
 from scheduler_service.cost.shape import ModelShape
+from scheduler_service.decision import Candidates
 from scheduler_service.latency_clock import PredictedClock
 from scheduler_service.objectives import LatencyObjective
-from scheduler_service.policies import MAX_IDLE_SHARE, ApexPolicy, Candidates, NeoPolicy, make_policy
+from scheduler_service.policies import MAX_IDLE_SHARE, ApexPolicy, NeoPolicy, make_policy
 from scheduler_service.prefill import Chunk
 from scheduler_service.request import Request
 
