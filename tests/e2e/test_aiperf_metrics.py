@@ -43,7 +43,7 @@ def test_aiperf_server_metrics_export_has_the_engine_families_per_replica(stack:
          "--request-timeout-seconds", "30", "--random-seed", "0",
          "--no-gpu-telemetry", "--ui", "none", "--artifact-dir", str(tmp_path)],
         check=False, capture_output=True, text=True, timeout=AIPERF_TIMEOUT_S,
-        env=_without_offline_mode(),
+        env=_without_offline_mode() | {"AIPERF_DATASET_MMAP_BASE_PATH": str(tmp_path)},  # not a folder left in /tmp
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     export = json.loads((tmp_path / "server_metrics_export.json").read_text())

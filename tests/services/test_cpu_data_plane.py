@@ -55,8 +55,8 @@ def worker() -> Iterator[Worker]:
     """The cpu_attention_worker's gRPC server on an event loop of its own thread, so that the sync
     client (as the gpu_worker uses it) can call it from the test's thread."""
     config = CpuAttentionConfig(kv_budget_bytes=2**20, spin_us=20)
-    run_dir = tempfile.mkdtemp(prefix="apex-dp-", dir="/tmp")
-    address = rpc.unix_address(run_dir, "cpu")
+    run_dir = tempfile.TemporaryDirectory(prefix="apex-dp-", dir="/tmp")  # short: a socket path has a length limit
+    address = rpc.unix_address(run_dir.name, "cpu")
     registry = DataPlaneRegistry(config)
     loop = asyncio.new_event_loop()
     started, stop = threading.Event(), threading.Event()
@@ -78,6 +78,7 @@ def worker() -> Iterator[Worker]:
     stop.set()
     thread.join(10)
     loop.close()
+    run_dir.cleanup()
     assert _own_segments() == []
 
 
@@ -302,15 +303,15 @@ def _stop(pid: int) -> None:
 
 @pytest.fixture
 def worker_process() -> Iterator[tuple[subprocess.Popen, str]]:
-    run_dir = tempfile.mkdtemp(prefix="apex-dp-", dir="/tmp")
-    address = rpc.unix_address(run_dir, "cpu")
-    try:
-        with ServiceGroup(startup_timeout_s=60.0, stop_timeout_s=1.0) as services:
-            worker = services.start("cpu_attention_worker", address,
-                                    ["--address", address, "--kv-budget-bytes", str(2**20)])
-            yield worker.process, address
-    finally:
-        shm.remove_stale()
+    with tempfile.TemporaryDirectory(prefix="apex-dp-", dir="/tmp") as run_dir:
+        address = rpc.unix_address(run_dir, "cpu")
+        try:
+            with ServiceGroup(startup_timeout_s=60.0, stop_timeout_s=1.0) as services:
+                worker = services.start("cpu_attention_worker", address,
+                                        ["--address", address, "--kv-budget-bytes", str(2**20)])
+                yield worker.process, address
+        finally:
+            shm.remove_stale()
 
 
 def test_wait_on_a_stalled_then_killed_worker_raises_instead_of_hanging(
