@@ -1,13 +1,16 @@
 """gRPC edge of the gpu_worker: one Step per engine iteration, run one at a time in the order the calls arrive, or
 right after the step a call names (after_step_id, whichever call reaches the worker first): a scheduler that plans
-ahead sends the next plan while this one runs, so the next step starts as soon as this one ends, on the same thread,
-with no round trip and no hop through the event loop between them. A plan made ahead (StepPlan.planned_ahead) of a
-step that did not run is refused (errors.StepRefused): it assumed that step's output."""
+ahead sends the next plan while this one runs, so the next step starts as soon as this one ends. A step runs on the
+event loop's own thread when nothing else is on the line (no hand-off to a thread and back, no second thread taking
+the interpreter lock in turns with it); calls that take long (Measure, Reset) run on the line's thread, so the event
+loop waits at most one step to answer a health check. A plan made ahead (StepPlan.planned_ahead) of a step that did
+not run is refused (errors.StepRefused): it assumed that step's output."""
 
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TypeVar
 
 import grpc
@@ -59,11 +62,13 @@ class Turns:
 class StepLine:
     """The worker's calls, run one at a time on a thread of their own in the order they are put on the line (the
     order of their turns: a caller puts a call on as it takes its turn, with no await between): a call put on while
-    another runs starts as soon as that one ends. The event loop stays free to answer health checks meanwhile."""
+    another runs starts as soon as that one ends. The event loop stays free to answer health checks meanwhile; a
+    short call on an empty line may run on the caller's thread instead (run_here)."""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steps")
         self._ran = True  # whether the latest call ran its step (True before the first)
+        self._on_line = 0  # calls put on the line and not yet ended
 
     def put(self, work: Callable[[bool], tuple[T, bool]], cancelled: threading.Event | None = None
             ) -> "asyncio.Future[T]":
@@ -72,13 +77,28 @@ class StepLine:
         and counts as a step that did not."""
 
         def call() -> T:
-            ran, self._ran = self._ran, False
-            if cancelled is not None and cancelled.is_set():
-                raise asyncio.CancelledError
-            result, self._ran = work(ran)
-            return result
+            try:
+                if cancelled is not None and cancelled.is_set():
+                    self._ran = False
+                    raise asyncio.CancelledError
+                return self._call(work)
+            finally:
+                self._on_line -= 1
 
+        self._on_line += 1
         return asyncio.wrap_future(self._thread.submit(call))
+
+    def _call(self, work: Callable[[bool], tuple[T, bool]]) -> T:
+        ran, self._ran = self._ran, False
+        result, self._ran = work(ran)
+        return result
+
+    async def run_here(self, work: Callable[[bool], tuple[T, bool]]) -> T:
+        """work's result, work run on the calling thread at once where the line is empty (no call put on it has
+        ended yet), else put on the line (run)."""
+        if self._on_line == 0:
+            return self._call(work)
+        return await self.run(work)
 
     async def run(self, work: Callable[[bool], tuple[T, bool]]) -> T:
         """put(work) and its result; a call cancelled before its turn does not run."""
@@ -130,42 +150,23 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
     async def Step(
         self, request: gpu_worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> gpu_worker_pb2.StepResponse:
-        output = await self._line.run(self._execution(await self._take_turn(request)))
-        return convert.step_output_to_pb(output)
+        return convert.step_output_to_pb(await self._step(request))
 
     async def Steps(
         self, request_iterator: AsyncIterator[gpu_worker_pb2.StepRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gpu_worker_pb2.StepResponse]:
-        replies: asyncio.Queue[tuple[int, asyncio.Future[StepOutput], trace.Span | None] | None] = asyncio.Queue()
-
-        async def take_turns() -> None:
-            try:
-                async for request in request_iterator:
-                    span = self._span(request.trace_context)
-                    replies.put_nowait((request.step_id, await self._put_step(request), span))
-            finally:
-                replies.put_nowait(None)
-
-        reader = asyncio.create_task(take_turns(), name="steps")
-        try:
-            while (item := await replies.get()) is not None:
-                step_id, output, span = item
+        """Each plan's reply before the next plan is read: a plan sent ahead waits in the stream's buffer meanwhile,
+        and its step starts as soon as the reply is on its way."""
+        async for request in request_iterator:
+            span = self._span(request.trace_context)
+            with nullcontext() if span is None else trace.use_span(span, end_on_exit=True):
                 try:
-                    reply = convert.step_output_to_pb(await output)
+                    reply = convert.step_output_to_pb(await self._step(request))
                 except Exception as exc:  # every failure of a step is its reply
-                    reply = failed_step_reply(step_id, exc)
+                    reply = failed_step_reply(request.step_id, exc)
                 if span is not None:
                     span.set_status(Status(StatusCode.ERROR if reply.error_code else StatusCode.OK))
-                    span.end()
-                yield reply
-        finally:
-            reader.cancel()
-            while not replies.empty():  # the stream ended first: nobody takes these replies
-                item = replies.get_nowait()
-                if item is not None:
-                    item[1].add_done_callback(_outcome_dropped)
-                    if item[2] is not None:
-                        item[2].end()
+            yield reply
 
     def _span(self, carrier: Mapping[str, str]) -> trace.Span | None:
         """The worker's span of a step on the Steps stream, a child of the iteration whose context it carries (None:
@@ -183,19 +184,11 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
             self._turns.take(plan.step_id)
         return plan
 
-    async def _put_step(self, request: gpu_worker_pb2.StepRequest) -> "asyncio.Future[StepOutput]":
-        """The request's step on the line, in its turn; a future that failed where the plan or its turn did."""
-        try:
-            plan = await self._take_turn(request)
-        except Exception as exc:  # the step's reply carries it
-            failed: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-        return self._line.put(self._execution(plan))
-
-    def _execution(self, plan: StepPlan) -> Callable[[bool], tuple[StepOutput, bool]]:
-        """The plan's step as a call on the line: run unless it was made ahead of a step that did not run."""
-        return lambda ran: (self._runner.execute(in_turn(plan, ran)), True)
+    async def _step(self, request: gpu_worker_pb2.StepRequest) -> StepOutput:
+        """The request's step, run in its turn (here where the line is empty); raises where the plan, its turn or the
+        step failed."""
+        plan = await self._take_turn(request)
+        return await self._line.run_here(lambda ran: (self._runner.execute(in_turn(plan, ran)), True))
 
     async def Reset(
         self, request: gpu_worker_pb2.ResetRequest, context: grpc.aio.ServicerContext

@@ -1,9 +1,10 @@
 """The gpu_worker's order of steps (gpu_worker.servicer's Turns and StepLine): a step sent after another runs after
 it whichever call arrives first, a step queued behind another starts as soon as it ends, a plan made ahead of a step
-that failed is refused, a call cancelled before its turn does not run, and a step whose predecessor never comes is
-refused rather than left waiting."""
+that failed is refused, a call cancelled before its turn does not run, a step whose predecessor never comes is
+refused rather than left waiting, and a step on an empty line runs on the caller's thread."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -89,3 +90,19 @@ async def test_a_call_cancelled_before_its_turn_does_not_run_and_a_plan_made_ahe
 async def test_a_step_sent_after_one_that_never_comes_is_refused() -> None:
     with pytest.raises(errors.StepRefused, match="did not come"):
         await Turns().take_after(3, 4, timeout_s=0.05)
+
+
+async def test_a_call_on_an_empty_line_runs_on_the_callers_thread_and_one_behind_another_waits_on_the_line() -> None:
+    line, ran = StepLine(), []
+
+    def work(name: str, sleep_s: float = 0.0) -> tuple[int, bool]:
+        time.sleep(sleep_s)
+        ran.append(name)
+        return threading.get_ident(), True
+
+    assert await line.run_here(lambda _: work("alone")) == threading.get_ident()
+    long_call = line.put(lambda _: work("long", 0.05))
+    behind = await line.run_here(lambda _: work("behind"))
+    assert behind != threading.get_ident() and behind == await long_call
+    assert ran == ["alone", "long", "behind"]
+    assert await line.run_here(lambda _: work("alone again")) == threading.get_ident()
