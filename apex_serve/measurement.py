@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from apex_serve.errors import InvalidArgument
 
-TABLE_VERSION = 3  # the profiler's tables JSON contract (scheduler_service.cost.tables); part of a profile's key
+TABLE_VERSION = 4  # the tables JSON contract (scheduler_service.cost.tables) and what each table times; in a profile's key
 
 
 def check_measure(table: str, known: Sequence[str], points: list[tuple[int, int]], warmup: int, repeats: int) -> None:

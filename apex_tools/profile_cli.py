@@ -24,7 +24,8 @@ TITLES = {
     "t_catt": ("KV tokens over the rows", "CPU decode attention, by decode rows"),
     "t_xfer": ("bytes staged per layer", "staging of the CPU rows (q/k/v out, o back)"),
     "t_sync": ("", "doorbell round trip"),
-    "t_step": ("requests in the iteration", "per iteration: embedding, lm head, sampling (ns per iteration)"),
+    "t_step": ("requests in the iteration",
+               "per iteration: embedding, lm head, sampling, code between subtasks (ns per iteration)"),
 }
 
 

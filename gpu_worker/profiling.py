@@ -1,26 +1,26 @@
 """Times synthetic work of one layer on this worker's own hardware and weights (DESIGN §5): the profiler asks for a
 table and its points, and gets the median ns of each point after warm-up. Tables here: t_lin (tokens), t_pref
 (prefill tokens of one request, context tokens computed before them), t_gatt (decode rows, KV tokens over the rows),
-t_xfer (bytes staged per layer), t_sync (doorbell round trip), t_step (requests: a whole decode step of the worker
-without its layers: the plan's checks and state, the layout, embedding, final norm, lm head, sampling and the output;
-per iteration).
+t_xfer (bytes staged per layer), t_sync (doorbell round trip), t_step (requests: what a whole decode step of the
+worker spends outside its layers' timed subtasks: the plan's checks and state, the layout, embedding, final norm, lm
+head, sampling, the output, and the code between the subtasks of every layer, which no per-layer table times; per
+iteration).
 Layer work runs over every layer in turn and is divided by the layer count, so the weights and KV stream from
 memory as in a real step instead of staying in cache. Requests live in the pool between steps: the blocks a
 measurement writes are saved before and put back after it. t_pref writes scratch KV space of the pool's layout
 instead, so a pool of a few blocks profiles prompts up to max_model_len."""
 
+import statistics
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 
 import torch
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument
 from apex_serve.measurement import check_measure, median_ns
-from apex_serve.types import CachedRequestData, Placement, SamplingParams, StepPlan
+from apex_serve.types import CachedRequestData, Placement, SamplingParams, StepOutput, StepPlan
 from gpu_worker.attention import AttentionMetadata, PagedAttention, causal_attention, chunk_attention, chunk_mask
 from gpu_worker.cpu_bridge import CpuAttentionBridge
-from gpu_worker.forward import Forward
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import post_attention, pre_attention
 from gpu_worker.model_runner import ModelRunner
@@ -44,13 +44,31 @@ class LayerProfiler:
         check_measure(table, GPU_TABLES, points, warmup, repeats)
         build = getattr(self, f"_{table}")
         per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
+        timed = self._outside_layers if table == "t_step" else self._timed
         with torch.inference_mode():
-            return [self._timed(partial(build, x, y), warmup, repeats) / per for x, y in points]
+            return [timed(partial(build, x, y), warmup, repeats) / per for x, y in points]
 
     def _timed(self, build: Callable[[], Callable[[], object]], warmup: int, repeats: int) -> float:
         """Median ns of the work build() makes; the pool blocks it saved are put back whatever happens."""
         try:
             return median_ns(build(), warmup, repeats, self.runner._synchronize)
+        finally:
+            self._restore()
+
+    def _outside_layers(self, build: Callable[[], Callable[[], StepOutput]], warmup: int, repeats: int) -> float:
+        """Median ns of the steps build()'s work runs, less the time of their layers' timed subtasks (the intervals
+        of layers 0..L-1 the step recorded; the final norm and lm head are timed as layer L, so they stay in)."""
+        num_layers = len(self.runner.weights.layers)
+
+        def outside(output: StepOutput) -> int:
+            inside = sum(s.end_unix_ns - s.start_unix_ns for s in output.subtasks if s.layer < num_layers)
+            return output.timings.total_ns - inside
+
+        try:
+            work = build()
+            for _ in range(warmup):
+                work()
+            return float(statistics.median(outside(work()) for _ in range(repeats)))
         finally:
             self._restore()
 
@@ -169,33 +187,31 @@ class LayerProfiler:
         bridge.client.write_no_rows(0)
         return lambda: bridge.client.wait(bridge.client.ring(0, 0), self.runner.config.cpu_wait_timeout_s)
 
-    def _t_step(self, requests: int, _: int) -> Callable[[], object]:
-        """The worker's own step (ModelRunner.execute) on a plan of `requests` decode rows of 64 tokens, run by a
-        forward without layers: everything a step does once per iteration, nothing it does per layer."""
+    def _t_step(self, requests: int, _: int) -> Callable[[], StepOutput]:
+        """The worker's own step (ModelRunner.execute) on a plan of `requests` decode rows of 64 tokens over every
+        layer, recording its subtasks (measured by _outside_layers). The rows' blocks are saved and put back: the
+        step writes the KV of position 63."""
         runner = self.runner
         self._positive("x", requests, 4096)
         block_size, num_blocks = runner.config.block_size, runner.kv_cache.num_blocks
         per_row = -(-64 // block_size)
+        tables = [[(i * per_row + b) % num_blocks for b in range(per_row)] for i in range(requests)]
         states = {
-            f"apex-profile-{i}": RequestState([1] * 64, 63, _GREEDY, [(i * per_row + b) % num_blocks
-                                                                      for b in range(per_row)], Placement.GPU,
-                                              num_computed_tokens=63)
-            for i in range(requests)
+            f"apex-profile-{i}": RequestState([1] * 64, 63, _GREEDY, table, Placement.GPU, num_computed_tokens=63)
+            for i, table in enumerate(tables)
         }
-        plan = StepPlan(step_id=0, cached_requests=tuple(CachedRequestData(rid) for rid in states))
-        forward = runner.forward
-        runner.forward = Forward(replace(runner.weights, layers=()), runner.kv_cache, None,
-                                 runner.model_config.rms_norm_eps)
+        plan = StepPlan(step_id=0, cached_requests=tuple(CachedRequestData(rid) for rid in states),
+                        record_subtasks=True)
+        self._preserve(torch.tensor(sorted({b for table in tables for b in table}), device=runner.device))
         runner._requests.update(states)
 
         def undo() -> None:
-            runner.forward = forward
             for rid in states:
                 runner._requests.pop(rid, None)
 
         self._undo.append(undo)
 
-        def work() -> object:
+        def work() -> StepOutput:
             for state in states.values():  # each run decodes position 63 again
                 del state.token_ids[64:]
                 state.num_computed_tokens = 63

@@ -39,7 +39,7 @@ LAYOUTS = {  # per mode, the layouts its steps alternate between; GPU_ONLY has n
     ExecutionMode.ASYNC_OVERLAP: (OverlapLayout.FUSED, OverlapLayout.SPLIT),
     ExecutionMode.ASYM_PIPELINE: (OverlapLayout.FUSED, OverlapLayout.SPLIT),
 }
-SUBTASKS = ("linear", "device_attention", "staging", "cpu_attention", "wait", "step", "untimed")
+SUBTASKS = ("linear", "device_attention", "staging", "cpu_attention", "wait", "step")
 
 
 def case_name(mode: ExecutionMode, layout: OverlapLayout) -> str:
@@ -48,19 +48,18 @@ def case_name(mode: ExecutionMode, layout: OverlapLayout) -> str:
 
 def subtask_pairs(raw: Prediction, timings: StepTimings, layers_linear_share: float) -> dict[str, tuple[float, float]]:
     """Per subtask (measured, raw prediction) in ns over the step: the layers' linear work, accelerator attention,
-    staging, CPU attention, the accelerator's wait for the CPU (against the predicted exposed wait), the step's work
-    outside the layers (preparation, sampling, final norm and lm head, against t_step), and the forward's time no
-    subtask timed (Python between the subtasks, which nothing predicts)."""
-    head = timings.device_linear_ns * (1.0 - layers_linear_share)
-    timed = timings.device_linear_ns + timings.device_attention_ns + timings.staging_ns + timings.wait_ns
+    staging, CPU attention, the accelerator's wait for the CPU (against the predicted exposed wait), and the step's
+    time outside the layers' timed subtasks (preparation, sampling, final norm and lm head, the code between the
+    subtasks; against t_step)."""
+    layers = timings.device_linear_ns * layers_linear_share
+    timed = layers + timings.device_attention_ns + timings.staging_ns + timings.wait_ns
     return {
-        "linear": (timings.device_linear_ns - head, raw.linear_ns),
+        "linear": (layers, raw.linear_ns),
         "device_attention": (timings.device_attention_ns, raw.device_attention_ns),
         "staging": (timings.staging_ns, raw.staging_ns),
         "cpu_attention": (timings.cpu_attention_ns, raw.cpu_attention_ns),
         "wait": (timings.wait_ns, raw.exposed_wait_ns),
-        "step": (timings.total_ns - timings.forward_ns + head, raw.step_overhead_ns),
-        "untimed": (timings.forward_ns - timed, 0.0),
+        "step": (timings.total_ns - timed, raw.step_overhead_ns),
     }
 
 

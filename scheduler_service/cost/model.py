@@ -25,9 +25,10 @@ ASYNC_OVERLAP:  layer = dev + max(0, catt + sync - window)      (the exposed laz
 ASYM_PIPELINE:  two sub-batches A and B, each priced by the layout, each with its own linear calls (the weights
                 streamed at least twice): layer = dev(A) + dev(B) + max(0, catt(B) + sync - dev(A))
                 + max(0, catt(A) + sync - dev(B)); with one sub-batch, the ASYNC_OVERLAP rule.
-total = L * layer - last-layer savings + t_step(requests)   (t_step: the worker's step without its layers: plan
-                                                             checks and state, embedding, final norm, lm head,
-                                                             sampling, the output; per iteration)
+total = L * layer - last-layer savings + t_step(requests)   (t_step: what the worker's step spends outside its
+                                                             layers' timed subtasks: plan checks and state, embedding,
+                                                             final norm, lm head, sampling, the output, and the code
+                                                             between the subtasks of each layer; per iteration)
 sub_batch_costs() gives one sub-batch's terms (the window among them) for a policy sizing its CPU rows.
 
 Online correction: per measured subtask, measured ~ a + b * as-profiled is fitted online (least squares whose weights

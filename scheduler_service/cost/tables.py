@@ -1,8 +1,8 @@
 """Measured per-layer time tables and their interpolation (DESIGN §5): piecewise-linear in one variable, bilinear on
 a grid in two, linear extrapolation from the outermost segment (cell), never below zero. A table with one point on an
-axis is constant along it. PerformanceTables is the profiler's JSON contract (version 1):
+axis is constant along it. PerformanceTables is the profiler's JSON contract (apex_serve.measurement.TABLE_VERSION):
 
-    {"version": 2, "key": {...}, "num_layers": L, "tables": {"t_lin": {"xs": [...], "ys": [...]}, ...,
+    {"version": TABLE_VERSION, "key": {...}, "num_layers": L, "tables": {"t_lin": {"xs": [...], "ys": [...]}, ...,
      "t_gatt": {"xs": [...], "ys": [...], "zs": [[...], ...]}, ...}}
 
 Evaluation is on the scheduler's hot path: one bisect per axis and a few multiplications, no allocation.

@@ -16,8 +16,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 
 def decode(runner: ModelRunner, profile_between_steps: bool) -> list[int]:
-    """Greedy tokens of one request in blocks 0-7, with t_pref and t_gatt measured between its steps (they write
-    into the pool's blocks, the request's among them)."""
+    """Greedy tokens of one request in blocks 0-7, with t_pref, t_gatt and t_step measured between its steps (they
+    write into the pool's blocks, the request's among them; t_step runs whole decode steps of requests of its own)."""
     prompt = (256, *range(40, 60))
     tokens = [runner.execute(StepPlan(0, (NewRequestData("r", prompt, GREEDY, tuple(range(8))),))).sampled["r"]]
     profiler = LayerProfiler(runner)
@@ -25,6 +25,7 @@ def decode(runner: ModelRunner, profile_between_steps: bool) -> list[int]:
         if profile_between_steps:
             profiler.measure("t_pref", [(64, 0)], warmup=0, repeats=1)
             profiler.measure("t_gatt", [(2, 32)], warmup=0, repeats=1)
+            assert profiler.measure("t_step", [(3, 0)], warmup=0, repeats=1)[0] > 0
         tokens.append(runner.execute(StepPlan(step, cached_requests=(CachedRequestData("r"),))).sampled["r"])
     return tokens
 
@@ -54,3 +55,17 @@ def test_t_pref_of_prompts_and_chunks_far_beyond_a_four_block_pool_measures_with
         profiler.measure("t_pref", [(700, 100)], warmup=0, repeats=1)
     with pytest.raises(InvalidArgument, match=r"x: 769 is outside \[1, 768\]"):
         profiler.measure("t_pref", [(769, 0)], warmup=0, repeats=1)
+
+
+def test_t_step_runs_whole_decode_steps_and_leaves_the_pool_and_the_requests_as_they_were(mha_model_dir: Path) -> None:
+    runner = ModelRunner(GpuWorkerConfig(model_dir=str(mha_model_dir), device="cpu", block_size=4, num_kv_blocks=16))
+    runner.execute(StepPlan(0, (NewRequestData("r", (256, 40, 41), GREEDY, (0,)),)))
+    pool = runner.kv_cache
+    pool.k.normal_()
+    pool.v.normal_()
+    before = pool.k.clone(), pool.v.clone()
+    [per_step] = LayerProfiler(runner).measure("t_step", [(4, 0)], warmup=1, repeats=3)
+    assert per_step > 0
+    assert torch.equal(pool.k, before[0]) and torch.equal(pool.v, before[1]), "t_step's steps wrote into the pool"
+    assert list(runner.execute(StepPlan(1, cached_requests=(CachedRequestData("r"),))).sampled) == ["r"]
+    assert runner.reset() == 1, "t_step left requests of its own in the worker"
