@@ -68,7 +68,8 @@ class StepLine:
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steps")
         self._ran = True  # whether the latest call ran its step (True before the first)
-        self._on_line = 0  # calls put on the line and not yet ended
+        self._put = 0  # calls put on the line (counted by the putting thread only)
+        self._ended = 0  # of those, calls that ended (counted by the line's thread only): neither count loses an update
 
     def put(self, work: Callable[[bool], tuple[T, bool]], cancelled: threading.Event | None = None
             ) -> "asyncio.Future[T]":
@@ -83,9 +84,9 @@ class StepLine:
                     raise asyncio.CancelledError
                 return self._call(work)
             finally:
-                self._on_line -= 1
+                self._ended += 1
 
-        self._on_line += 1
+        self._put += 1
         return asyncio.wrap_future(self._thread.submit(call))
 
     def _call(self, work: Callable[[bool], tuple[T, bool]]) -> T:
@@ -94,9 +95,9 @@ class StepLine:
         return result
 
     async def run_here(self, work: Callable[[bool], tuple[T, bool]]) -> T:
-        """work's result, work run on the calling thread at once where the line is empty (no call put on it has
-        ended yet), else put on the line (run)."""
-        if self._on_line == 0:
+        """work's result, work run on the calling thread at once where the line is empty (every call put on it has
+        ended), else put on the line (run). Called from the thread that puts calls on the line."""
+        if self._ended == self._put:
             return self._call(work)
         return await self.run(work)
 
