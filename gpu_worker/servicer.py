@@ -10,7 +10,6 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import TypeVar
 
 import grpc
@@ -160,20 +159,19 @@ class GpuWorkerServicer(gpu_worker_pb2_grpc.GpuWorkerServicer):
         and its step starts as soon as the reply is on its way."""
         async for request in request_iterator:
             span = self._span(request.trace_context)
-            with nullcontext() if span is None else trace.use_span(span, end_on_exit=True):
+            with trace.use_span(span, end_on_exit=True):
                 try:
                     reply = convert.step_output_to_pb(await self._step(request))
                 except Exception as exc:  # every failure of a step is its reply
                     reply = failed_step_reply(request.step_id, exc)
-                if span is not None:
-                    span.set_status(Status(StatusCode.ERROR if reply.error_code else StatusCode.OK))
+                span.set_status(Status(StatusCode.ERROR if reply.error_code else StatusCode.OK))
             yield reply
 
-    def _span(self, carrier: Mapping[str, str]) -> trace.Span | None:
-        """The worker's span of a step on the Steps stream, a child of the iteration whose context it carries (None:
-        tracing off, or an untraced step)."""
+    def _span(self, carrier: Mapping[str, str]) -> trace.Span:
+        """The worker's span of a step on the Steps stream, a child of the iteration whose context it carries
+        (INVALID_SPAN, which records nothing: tracing off, or an untraced step)."""
         if self._tracer is None or not carrier:
-            return None
+            return trace.INVALID_SPAN
         return self._tracer.start_span(tracing.STEP_SPAN, propagate.extract(carrier), trace.SpanKind.SERVER)
 
     async def _take_turn(self, request: gpu_worker_pb2.StepRequest) -> StepPlan:

@@ -87,7 +87,6 @@ def gpu_sub_batch(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> Sub
                          c.prefill_contexts, c.prefill_loaded_tokens)
 
 
-
 def with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:
     """c with more CPU candidates of these contexts at the back (just joined: sat out 0)."""
     context = list(c.cpu_context)
@@ -105,8 +104,8 @@ def tokens_per_s(choice: Choice) -> float:
 
 
 def idle_aware_tokens_per_s(choice: Choice) -> float:
-    """apex's score (the module docstring): tokens over the estimated step plus its exposed wait, the accelerator's
-    idle time counted once more."""
+    """apex's score (scheduler_service.policies' docstring): tokens over the estimated step plus its exposed wait,
+    the accelerator's idle time counted once more."""
     if choice.shape is None or choice.estimate_ns <= 0:
         return 0.0
     return choice.shape.num_requests / (choice.estimate_ns + choice.exposed_wait_ns) * 1e9
