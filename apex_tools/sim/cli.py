@@ -1,7 +1,8 @@
 """`apex-serve simulate`: the scheduler's policies (gpu-only, neo, apex) driven by the cost model of published hardware
 (T4, A10) or of this machine's profile, on LLaMA-2-7B / LLaMA-3.1-8B shapes and synthetic workloads. Prints a table
 of throughput, TTFT and TPOT per policy, writes the JSON result and a PNG (see apex_tools/sim/setups.py for the
-pool sizes and their sources)."""
+pool sizes and their sources). Workloads run as drawn: one with a request whose KV the accelerator's pool cannot hold
+is refused on that setup (gpu-only could not serve it) unless --fit-to-accelerator cuts such requests."""
 
 import argparse
 import dataclasses
@@ -16,7 +17,7 @@ from apex_tools.bench.common import write_result
 from apex_tools.sim import report
 from apex_tools.sim.engine import RunResult, Simulation
 from apex_tools.sim.setups import HARDWARE, MODELS, Setup, UnsupportedSetup, profiled_setup, published_setup
-from apex_tools.sim.workloads import WORKLOADS, WorkloadSpec, fit_to, generate
+from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate, peak_kv_tokens
 from scheduler_service.config import POLICIES, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", default="", help="this-machine: config.json of the profiled model")
     parser.add_argument("--device-kv-blocks", type=int, default=32, help="this-machine: the device's KV pool")
     parser.add_argument("--cpu-kv-blocks", type=int, default=1024, help="this-machine: the CPU worker's KV pool")
-    parser.add_argument("--fit-to-accelerator", action=argparse.BooleanOptionalAction, default=True,
-                        help="cut each request to what the accelerator's KV pool holds, so gpu-only serves every "
-                             "request and all policies do the same work (default on)")
+    parser.add_argument("--fit-to-accelerator", action=argparse.BooleanOptionalAction, default=False,
+                        help="cut each request to what the accelerator's KV pool holds (the share cut is reported); "
+                             "without it a workload with a request the pool cannot hold is refused on that setup, "
+                             "since gpu-only could not serve it")
     parser.add_argument("--out-dir", default="bench_results/simulate", help="simulate.json and simulate.png go here")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
     return parser
@@ -88,6 +90,22 @@ def _setups(args: argparse.Namespace, hardware: list[str], models: list[str]) ->
                 logger.error("refused: %s", exc)
                 refused.append(str(exc))
     return setups, refused
+
+
+def _served(setup: Setup, spec: WorkloadSpec, requests: list[SimRequest], fit: bool
+            ) -> tuple[list[SimRequest], float] | str:
+    """What a setup serves of a workload's draw: (the requests, the share of them cut), all of them uncut where the
+    accelerator's KV pool holds each one's peak; else, with fit, each cut to it (fit_to); else why it is refused."""
+    pool = setup.worker.num_kv_blocks * setup.worker.block_size
+    over = [peak_kv_tokens(r) for r in requests if peak_kv_tokens(r) > pool]
+    if not over:
+        return requests, 0.0
+    if fit:
+        return fit_to(requests, pool), len(over) / len(requests)
+    return (f"{spec.kind} (seed {spec.seed}) on {setup.hardware}/{setup.model}: {len(over)} of {len(requests)} "
+            f"requests ({len(over) / len(requests):.0%}) peak above the accelerator's KV pool of {pool:,} tokens "
+            f"(the longest at {max(over):,}), which gpu-only could not serve; choose a workload that fits (short-cot, "
+            f"osc) or cut them with --fit-to-accelerator")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,14 +135,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for setup in setups:
         logger.info("%s", setup.describe())
-    runs = [(setup, spec, policy) for setup in setups for spec in specs for policy in policies]
     requests = {spec: generate(spec) for spec in specs}
+    served: list[tuple[Setup, WorkloadSpec, list[SimRequest], float]] = []
+    for setup in setups:
+        for spec in specs:
+            work = _served(setup, spec, requests[spec], args.fit_to_accelerator)
+            if isinstance(work, str):
+                logger.error("refused: %s", work)
+                refused.append(work)
+            else:
+                served.append((setup, spec, *work))
+    if not served:
+        logger.error("nothing to simulate: every setup refused every workload")
+        return 1
+    runs = [(*pair, policy) for pair in served for policy in policies]
     results: list[RunResult] = []
-    for setup, spec, policy in tqdm(runs, desc="simulating", unit="run"):
-        pool_tokens = setup.worker.num_kv_blocks * setup.worker.block_size
-        fitted = fit_to(requests[spec], pool_tokens) if args.fit_to_accelerator else requests[spec]
-        result = Simulation(setup, fitted, configs[policy], spec.kind).run()
-        results.append(dataclasses.replace(result, seed=spec.seed))
+    for setup, spec, work, cut, policy in tqdm(runs, desc="simulating", unit="run"):
+        result = Simulation(setup, work, configs[policy], spec.kind).run()
+        results.append(dataclasses.replace(result, seed=spec.seed, cut_fraction=cut))
     logger.info("simulated %d requests per workload (rate %s)\n%s", args.requests,
                 f"{args.rate:g} req/s" if args.rate else "all at once", report.table(results))
     if args.seeds > 1:

@@ -61,7 +61,10 @@ class RunResult:
     swaps: int
     swap_time_share: float  # of the virtual time spent stepping
     wall_s: float  # of the simulation itself
+    steady_throughput_tok_s: float = math.nan  # output tokens/s over the middle of the run (steady_window)
+    steady_req_s: float = math.nan  # requests/s over the same window
     seed: int = 0  # of the workload's draw
+    cut_fraction: float = 0.0  # of the workload's requests cut to the accelerator's KV pool
 
 
 @dataclass
@@ -100,6 +103,28 @@ def _swap_ns(setup: Setup, plan: StepPlan) -> float:
 
 def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else math.nan
+
+
+STEADY_WINDOW = (0.3, 0.7)  # the share of completions before the steady window and where it ends
+
+
+def steady_window(finish_ns: np.ndarray, outputs: np.ndarray) -> tuple[float, float]:
+    """(output tokens/s, requests/s) of the steady state, as NEO measures throughput (NEO-MLSys25/NEO,
+    evaluation/illustrator.py, get_tp, with the interval [0.3, 0.7] of its reproduce-fig10a.py): the requests sorted by
+    completion, the gaps between consecutive completions, and of those the gaps of index round((gaps + 1) * 0.3) up
+    to round((gaps + 1) * 0.7), the warm-up and the drain tail left out; requests/s is one over their mean gap,
+    tokens/s the output tokens of the requests those gaps end on over the time they span. finish_ns and outputs:
+    [finished requests]. NaN where fewer than 4 requests finished or the window spans no time."""
+    if finish_ns.size < 4:
+        return math.nan, math.nan
+    order = np.argsort(finish_ns, kind="stable")
+    times, tokens = finish_ns[order], outputs[order]  # [finished] each, by completion
+    gaps = times.size - 1
+    low, high = round((gaps + 1) * STEADY_WINDOW[0]), round((gaps + 1) * STEADY_WINDOW[1])
+    span_s = (times[high] - times[low]) / _NS
+    if high <= low or span_s <= 0:
+        return math.nan, math.nan
+    return float(tokens[low + 1:high + 1].sum() / span_s), (high - low) / span_s
 
 
 class Simulation:
@@ -186,6 +211,7 @@ class Simulation:
         tpot = (finish - first)[multi] / (outputs[multi] - 1) / 1e6
         duration = float((finish[done].max() - arrival.min()) / _NS) if done.any() else 0.0
         tokens = int(outputs[done].sum())
+        steady_tok_s, steady_req_s = steady_window(finish[done], outputs[done])
         iterations = sum(tally.modes.values())
         per_iteration = 1.0 / iterations if iterations else 0.0
         hybrid = sum(tally.layouts.values())
@@ -215,4 +241,6 @@ class Simulation:
             swaps=stats.num_swaps,
             swap_time_share=tally.swap_ns / tally.step_ns if tally.step_ns else 0.0,
             wall_s=wall_s,
+            steady_throughput_tok_s=steady_tok_s,
+            steady_req_s=steady_req_s,
         )

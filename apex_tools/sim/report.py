@@ -1,6 +1,7 @@
-"""The simulator's outputs: a text table per run (throughput against gpu-only and neo in the same setup, workload and
-draw, latency percentiles, modes, the overlap layouts of the iterations with CPU rows), over several draws of each
-workload a summary of the medians, a PNG of throughput and TPOT p99 per policy, and the JSON result."""
+"""The simulator's outputs: a text table per run (throughput over the whole run and in the steady state against gpu-only
+and neo in the same setup, workload and draw, latency percentiles, modes, the overlap layouts of the iterations with
+CPU rows), over several draws of each workload a summary of the medians, a PNG of throughput and TPOT p99 per policy,
+and the JSON result."""
 
 import math
 import statistics
@@ -23,12 +24,17 @@ def _draw(result: RunResult, seeds: set[int]) -> str:
     return _group(result) + (f"#{result.seed}" if len(seeds) > 1 else "")
 
 
-def _ratio(result: RunResult, baseline: RunResult | None) -> str:
-    """Throughput ratio; starred where the two runs served different requests (one refused some)."""
-    if baseline is None or baseline.throughput_tok_s <= 0:
+def _ratio(result: RunResult, baseline: RunResult | None, steady: bool = False) -> str:
+    """Throughput ratio (whole run, or steady state); starred where the two runs served different requests (one
+    refused some)."""
+    if baseline is None:
+        return "-"
+    mine, theirs = ((result.steady_throughput_tok_s, baseline.steady_throughput_tok_s) if steady
+                    else (result.throughput_tok_s, baseline.throughput_tok_s))
+    if not theirs > 0 or math.isnan(mine):
         return "-"
     star = "*" if baseline.finished != result.finished else ""
-    return f"{result.throughput_tok_s / baseline.throughput_tok_s:.2f}x{star}"
+    return f"{mine / theirs:.2f}x{star}"
 
 
 def _num(value: float, fmt: str) -> str:
@@ -57,49 +63,61 @@ def table(results: list[RunResult]) -> str:
         by_group[_draw(r, seeds)][r.policy] = r
     width = max(len("setup/workload"), *(len(group) for group in by_group)) + 2
     header = (f"{'setup/workload':<{width}}{'policy':<10}{'served':>11}{'tok/s':>9}{'vs gpu':>9}{'vs neo':>9}"
+              f"{'steady':>9}{'vs gpu':>9}{'vs neo':>9}"
               f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'preempt':>8}"
               f"  modes (G/O/P %)  layouts (F/S % of hybrid)")
     lines = [header, "-" * len(header)]
     for group, runs in by_group.items():
         for r in runs.values():
+            gpu, neo = runs.get("gpu-only"), runs.get("neo")
             lines.append(
                 f"{group:<{width}}{r.policy:<10}{f'{r.finished}/{r.num_requests}':>11}{r.throughput_tok_s:>9.1f}"
-                f"{_ratio(r, runs.get('gpu-only')):>9}{_ratio(r, runs.get('neo')):>9}"
+                f"{_ratio(r, gpu):>9}{_ratio(r, neo):>9}{_num(r.steady_throughput_tok_s, '.1f'):>9}"
+                f"{_ratio(r, gpu, steady=True):>9}{_ratio(r, neo, steady=True):>9}"
                 f"{_num(r.ttft_p50_s, '.1f'):>11}{_num(r.ttft_p99_s, '.1f'):>9}"
                 f"{_num(r.tpot_p50_ms, '.1f'):>12}{_num(r.tpot_p99_ms, '.1f'):>9}{r.mean_cpu_rows:>9.1f}"
                 f"{r.preemptions:>8}  {mode_mix(r):<16} {layout_mix(r)}"
             )
+        cut = next(iter(runs.values())).cut_fraction
+        if cut:
+            lines.append(f"{'':<{width}}{cut:.0%} of the requests cut to the accelerator's KV pool "
+                         "(--fit-to-accelerator)")
+    lines.append("steady: output tokens/s over the middle 40% of the completions, as NEO measures throughput")
     if any("*" in line for line in lines[2:]):
         lines.append("* the two runs served different requests: one refused those longer than any KV pool it uses")
     return "\n".join(lines)
 
 
 def summary(results: list[RunResult]) -> str:
-    """Per hardware/model/workload and policy, over the workload's draws: the median throughput and TPOT p99, and the
-    median and lowest of the per-draw throughput ratios against gpu-only and neo."""
+    """Per hardware/model/workload and policy, over the workload's draws: the median throughput and TPOT p99, the
+    median and lowest of the per-draw throughput ratios against gpu-only and neo, and the median of the steady-state
+    ratios."""
     runs = {(_group(r), r.seed, r.policy): r for r in results}
     groups = list(dict.fromkeys(_group(r) for r in results))
     policies = list(dict.fromkeys(r.policy for r in results))
     seeds = sorted({r.seed for r in results})
     width = max(len("setup/workload"), *(len(group) for group in groups)) + 2
     header = (f"{'setup/workload':<{width}}{'policy':<10}{'draws':>6}{'tok/s':>9}{'TPOT p99 ms':>12}"
-              f"{'vs gpu med':>11}{'min':>7}{'vs neo med':>11}{'min':>7}")
+              f"{'vs gpu med':>11}{'min':>7}{'vs neo med':>11}{'min':>7}{'steady vs gpu':>14}{'vs neo':>8}")
     lines = [header, "-" * len(header)]
     for group in groups:
         for policy in policies:
             mine = [runs[group, seed, policy] for seed in seeds if (group, seed, policy) in runs]
             if not mine:
                 continue
-            cells = []
+            cells, steady = [], []
             for baseline in ("gpu-only", "neo"):
-                ratios = [r.throughput_tok_s / b.throughput_tok_s for r in mine
-                          if (b := runs.get((group, r.seed, baseline))) is not None and b.throughput_tok_s > 0]
+                pairs = [(r, b) for r in mine if (b := runs.get((group, r.seed, baseline))) is not None]
+                ratios = [r.throughput_tok_s / b.throughput_tok_s for r, b in pairs if b.throughput_tok_s > 0]
                 cells += ([f"{statistics.median(ratios):.3f}x", f"{min(ratios):.3f}x"] if ratios else ["-", "-"])
+                ratios = [r.steady_throughput_tok_s / b.steady_throughput_tok_s for r, b in pairs
+                          if b.steady_throughput_tok_s > 0 and not math.isnan(r.steady_throughput_tok_s)]
+                steady.append(f"{statistics.median(ratios):.3f}x" if ratios else "-")
             tpot = [r.tpot_p99_ms for r in mine if not math.isnan(r.tpot_p99_ms)]
             lines.append(
                 f"{group:<{width}}{policy:<10}{len(mine):>6}{statistics.median(r.throughput_tok_s for r in mine):>9.1f}"
                 f"{_num(statistics.median(tpot) if tpot else math.nan, '.1f'):>12}"
-                f"{cells[0]:>11}{cells[1]:>7}{cells[2]:>11}{cells[3]:>7}")
+                f"{cells[0]:>11}{cells[1]:>7}{cells[2]:>11}{cells[3]:>7}{steady[0]:>14}{steady[1]:>8}")
     return "\n".join(lines)
 
 

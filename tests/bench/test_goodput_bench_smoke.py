@@ -1,7 +1,8 @@
 """The goodput benchmark (`apex-serve bench-goodput`) at its tiniest: one workload, gpu-only and apex, two rates, a
 few requests each. The objectives follow the stated rule from gpu-only's row at the lowest rate, each rate's
-met-fraction is the share of its requests within both, goodput is the highest rate met, and the JSON, table and
-figure are written."""
+met-fraction is the share of its requests within both, goodput is the highest rate met, gpu-only runs again at each
+rate it sustained and apex's p99 TPOT is held against the higher of its two runs, and the JSON, table and figure are
+written."""
 
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_goodput_bench_tiny_applies_the_objectives_and_the_goodput_rule(tmp_path
     out = tmp_path / "goodput.json"
 
     code = main(["--tiny", "--workloads", "decode-heavy", "--policies", "gpu-only,apex", "--requests", "3",
-                 "--loads", ",".join(map(str, LOADS)), "--full-sweep", "--out", str(out)])
+                 "--loads", ",".join(map(str, LOADS)), "--full-sweep", "--extend", "0", "--out", str(out)])
 
     result = json.loads(out.read_text())
     assert code == 0, json.dumps(result["workloads"], indent=1)[:3000]
@@ -42,5 +43,18 @@ def test_goodput_bench_tiny_applies_the_objectives_and_the_goodput_rule(tmp_path
         met = [r["rate_per_s"] for r in rows if r["met"]]
         assert (p["goodput"] or {}).get("rate_per_s") == (max(met) if met else None), policy
     assert "apex_goodput_over_gpu_only" in w["ratios"]
+    gpu_only = w["policies"]["gpu-only"]["rates"]
+    for r in gpu_only:  # gpu-only runs again, last, at every rate it sustained
+        assert ("again" in r) == r["met"], r["rate_per_s"]
+    compared = {c["rate_per_s"]: c for c in w["tpot_p99"]}
+    assert sorted(compared) == [r["rate_per_s"] for r in gpu_only if r["met"]]
+    apex = {r["rate_per_s"]: r for r in w["policies"]["apex"]["rates"]}
+    for r in gpu_only:
+        if r["met"]:
+            c = compared[r["rate_per_s"]]
+            assert c["gpu_only_again_ms"] == r["again"]["tpot_p99_ms"]
+            assert c["apex_at_or_under"] == (apex[r["rate_per_s"]]["tpot_p99_ms"]
+                                             <= max(r["tpot_p99_ms"], r["again"]["tpot_p99_ms"]))
+            assert c["judged"] == (c["apex_cpu_row_iterations"] > 0)
     assert out.with_suffix(".txt").read_text().startswith(rep.rule(rep.TTFT_FACTOR, rep.TPOT_FACTOR))
     assert (tmp_path / "goodput-decode-heavy.png").stat().st_size > 0

@@ -1,11 +1,12 @@
 """The scheduler under a TPOT objective, on fabricated step results: the contract the end-to-end test reads from
 GetStats (no iteration with CPU rows predicted above the objective, and some still run) and the CPU requests' turns
-kept within it (the sit-out rule of scheduler_service.objectives)."""
+kept within it (the sit-out rule of scheduler_service.objectives), and where nothing goes to the CPU pool, the
+hybrid policies' plans are gpu-only's."""
 
 import pytest
 
 from apex_serve.engine_stats import IterationRecord
-from apex_serve.types import Placement, SamplingParams, StepOutput, StepTimings
+from apex_serve.types import ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, StepTimings
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ConstantCostModel
 from scheduler_service.scheduler import Scheduler
@@ -78,3 +79,45 @@ def test_under_an_objective_a_record_carries_the_prediction_its_plan_was_decided
             assert record.predicted_ns == estimate_ns, f"step {plan.step_id}"
             compared += 1
     assert compared > 20 and s.cost_model.num_observed > 20
+
+
+def plans_of(policy: str, arrivals: dict[int, list[tuple[int, int]]]) -> list[StepPlan]:
+    """Every plan the scheduler makes under policy (apex and neo under both objectives, with a CPU pool; gpu-only
+    without a cost model, as the stack runs it) for requests of (prompt, output) tokens arriving before the steps
+    keyed, each step measured at 4 ms."""
+    hybrid = policy != "gpu-only"
+    config = SchedulerConfig(policy=policy, tpot_slo_ms=3 * GPU_ONLY_STEP_NS / 1e6 if hybrid else 0.0,
+                             ttft_slo_ms=40.0 if hybrid else 0.0)
+    s = Scheduler(config, worker(gpu_blocks=256, cpu_blocks=2000, cpu_max_rows=4),
+                  ConstantCostModel(COSTS, MODEL) if hybrid else None)
+    plans: list[StepPlan] = []
+    step, last_arrival = 0, max(arrivals)
+    while step <= last_arrival or s.has_work():
+        for n, (prompt, output) in enumerate(arrivals.get(step, [])):
+            s.add_request(f"r{step}-{n}", [5] * prompt,
+                          SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True))
+        step += 1
+        if not s.has_work():
+            continue
+        plan = s.schedule()
+        s.refine()
+        plans.append(plan)
+        sampled = {r.request_id: 7 for r in s.in_flight.sampling()}
+        s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=4_000_000)),
+                             fit_later=True)
+    return plans
+
+
+@pytest.mark.parametrize("policy", ["apex", "neo"])
+def test_where_the_device_pool_holds_every_request_a_hybrid_policy_plans_as_gpu_only_does(policy: str) -> None:
+    """Staggered arrivals whose KV the accelerator's pool always holds (at most about 400 of its 1,024 tokens): no
+    request goes to the CPU pool, so under its objectives the hybrid policy's plans are gpu-only's, plan for plan
+    (bench-goodput's lowest rates, where the latency of the two can differ only by the machine's noise)."""
+    arrivals = {0: [(24, 30)], 3: [(40, 20)], 5: [(12, 40), (30, 25)], 19: [(60, 30)], 26: [(16, 12)],
+                27: [(48, 36)], 50: [(20, 20)], 90: [(33, 17)]}
+
+    hybrid, gpu_only = plans_of(policy, arrivals), plans_of("gpu-only", arrivals)
+
+    assert len(gpu_only) > 80
+    assert all(p.mode is ExecutionMode.GPU_ONLY for p in hybrid)
+    assert hybrid == gpu_only

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,9 +10,9 @@ import pytest
 from apex_serve.measurement import TABLE_VERSION
 from apex_serve.types import Placement
 from apex_tools.sim.cli import main
-from apex_tools.sim.engine import Simulation
+from apex_tools.sim.engine import Simulation, steady_window
 from apex_tools.sim.setups import UnsupportedSetup, profiled_setup, published_setup
-from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate
+from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate, peak_kv_tokens
 from scheduler_service.config import POLICIES, SchedulerConfig
 
 
@@ -35,6 +36,16 @@ def test_workload_lengths_stay_in_their_documented_ranges() -> None:
     assert all(1024 <= r.prompt_len <= 4000 and 16 <= r.output_len <= 256 for r in summarize)
     grid = generate(WorkloadSpec("grid", 5, grid_prompt_len=33, grid_output_len=9))
     assert {(r.prompt_len, r.output_len) for r in grid} == {(33, 9)}
+
+
+def test_short_cot_fits_a_t4s_llama2_pool_and_osc_has_neos_summarization_moments() -> None:
+    pool = published_setup("t4", "llama2-7b", 4096, 256).worker
+    short_cot, osc = (generate(WorkloadSpec(kind, 2000)) for kind in ("short-cot", "osc"))
+    assert max(peak_kv_tokens(r) for r in short_cot) <= pool.num_kv_blocks * pool.block_size
+    assert all(16 <= r.prompt_len <= 256 and 256 <= r.output_len <= 768 for r in short_cot)
+    prompts, outputs = np.array([r.prompt_len for r in osc]), np.array([r.output_len for r in osc])
+    assert prompts.min() >= 29 and prompts.max() <= 589 and outputs.min() >= 15 and outputs.max() <= 129
+    assert prompts.mean() == pytest.approx(372.5, rel=0.02) and outputs.mean() == pytest.approx(45.3, rel=0.02)
 
 
 def test_poisson_inter_arrival_mean_is_one_over_rate() -> None:
@@ -129,7 +140,8 @@ def test_this_machine_runs_on_a_profile_and_its_model_config(tmp_path) -> None:
     line = {"xs": [1, 64], "ys": [1000.0, 3000.0]}
     grid = {"xs": [1, 16], "ys": [16, 4096], "zs": [[500.0, 4000.0], [800.0, 8000.0]]}
     profile = {"version": TABLE_VERSION, "key": {}, "num_layers": 2, "tables": {
-        "t_lin": line, "t_pref": {"xs": [16, 256], "ys": [0, 256], "zs": [[200.0, 400.0], [4000.0, 8000.0]]}, "t_gatt": grid, "t_catt": grid,
+        "t_lin": line, "t_pref": {"xs": [16, 256], "ys": [0, 256], "zs": [[200.0, 400.0], [4000.0, 8000.0]]},
+        "t_gatt": grid, "t_catt": grid,
         "t_xfer": {"xs": [1000, 100000], "ys": [100.0, 10000.0]}, "t_sync": {"xs": [0], "ys": [5000.0]},
         "t_step": line}}
     model = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -142,6 +154,39 @@ def test_this_machine_runs_on_a_profile_and_its_model_config(tmp_path) -> None:
     sim = Simulation(setup, generate(WorkloadSpec("grid", 12, grid_prompt_len=40, grid_output_len=20)),
                      config("apex"), "grid")
     assert sim.run().finished == 12 and sim.produced == [20] * 12
+
+
+def test_steady_throughput_is_neos_middle_of_the_completions() -> None:
+    """Ten completions one second apart (shuffled): NEO's window takes the gaps 3..6, from the 4th completion (4 s) to
+    the 8th (8 s), so 1 request/s and the outputs of the 5th to the 8th completions over those 4 s."""
+    finish_s = np.array([7, 2, 9, 4, 1, 10, 3, 8, 6, 5], dtype=float)
+    outputs = (100 * finish_s).astype(np.int64)  # [10]: the completion at t s produced 100 t tokens
+    tokens_per_s, requests_per_s = steady_window(finish_s * 1e9, outputs)
+    gaps = np.diff(np.sort(finish_s))
+    assert requests_per_s == pytest.approx(1 / np.mean(gaps[3:7])) == pytest.approx(1.0)
+    assert tokens_per_s == pytest.approx((500 + 600 + 700 + 800) / 4)
+    assert np.isnan(steady_window(np.array([1e9, 2e9, 3e9]), np.array([1, 1, 1]))).all()  # too few completions
+
+
+def test_a_workload_the_accelerator_pool_cannot_hold_is_refused_naming_the_pool(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    args = ["--hardware", "t4", "--workload", "cot", "--requests", "6", "--no-plot", "--out-dir", str(tmp_path)]
+    with caplog.at_level(logging.ERROR):
+        assert main(args) == 1
+    assert "cot (seed 0) on t4/llama2-7b: 6 of 6 requests (100%) peak above the accelerator's KV pool of 1,088" in \
+        caplog.text
+    assert "--fit-to-accelerator" in caplog.text
+
+
+def test_fit_to_accelerator_cuts_and_reports_the_share_cut(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    args = ["--hardware", "t4", "--workload", "cot,osc", "--requests", "6", "--no-plot", "--out-dir", str(tmp_path),
+            "--policies", "gpu-only", "--fit-to-accelerator"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    runs = {r["workload"]: r for r in json.loads((tmp_path / "simulate.json").read_text())["runs"]}
+    assert runs["cot"]["cut_fraction"] == 1.0 and runs["osc"]["cut_fraction"] == 0.0
+    assert runs["cot"]["finished"] == runs["osc"]["finished"] == 6
+    assert "100% of the requests cut to the accelerator's KV pool" in caplog.text
 
 
 def test_cli_writes_json_and_png(tmp_path) -> None:
