@@ -3,13 +3,13 @@ model (a second instance of the setup's, so the scheduler's online correction ha
 workers.
 
 Each iteration: requests whose arrival time has come join the scheduler (held back while max_queued_requests wait,
-their clock still running); plan = schedule(); an empty plan with nothing running jumps the clock to the next
-arrival; otherwise the step takes the truth model's uncorrected prediction of the plan's IterationShape plus its
-swaps (each swapped block crosses the host link once per layer, priced by t_xfer), every scheduled request whose
-scheduled tokens reach the end of its tokens (a decode row, a whole prompt, a prefill's last chunk) samples one token
-(never an EOS: requests end by length), and update_from_output() takes the tokens without timings: the
-scheduler's model is the truth's twin, so its online correction would learn nothing, and skipping it (with the
-corrected prediction it needs) keeps 10,000 requests within a minute.
+their clock still running, and offered again once a plan admits some); plan = schedule(); an empty plan with nothing
+running jumps the clock to the next arrival; otherwise the step takes the truth model's uncorrected prediction of
+the plan's IterationShape plus its swaps (each swapped block crosses the host link once per layer, priced by t_xfer),
+every scheduled request whose scheduled tokens reach the end of its tokens (a decode row, a whole prompt, a prefill's
+last chunk) samples one token (never an EOS: requests end by length), and update_from_output() takes the tokens
+without timings: the scheduler's model is the truth's twin, so its online correction would learn nothing, and
+skipping it (with the corrected prediction it needs) saves the fit's time on every step.
 """
 
 import logging
@@ -150,6 +150,7 @@ class Simulation:
         first_ns = [math.nan] * n
         finish_ns = [math.nan] * n
         backlog: deque[int] = deque()  # arrived, not yet accepted by the scheduler
+        queue_full = False  # the scheduler refused the backlog's head: its queue is full until a plan admits some
         next_arrival = 0
         now = arrival_ns[0] if n else 0.0
         tally = _Tally()
@@ -157,8 +158,10 @@ class Simulation:
             while next_arrival < n and arrival_ns[next_arrival] <= now:
                 backlog.append(next_arrival)
                 next_arrival += 1
-            while backlog and self._add(backlog[0]):
-                backlog.popleft()
+            while backlog and not queue_full:
+                queue_full = not self._add(backlog[0])
+                if not queue_full:
+                    backlog.popleft()
             plan = scheduler.schedule()
             if plan.is_empty:
                 stats = scheduler.stats()
@@ -167,8 +170,11 @@ class Simulation:
                                        f"running and {stats.num_waiting} waiting")
                 if next_arrival == n and not backlog:
                     break
+                queue_full = False  # nothing waits
                 now = max(now, arrival_ns[next_arrival])
                 continue
+            if plan.new_requests:  # the waiting requests leave the queue only by admission (or resumption)
+                queue_full = False
             flight = scheduler.in_flight
             assert flight is not None, "a non-empty plan is in flight"
             shape, record = flight.shape, flight.record

@@ -94,6 +94,17 @@ def test_engine_finishes_every_request_at_its_length_and_frees_every_block(polic
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+def test_requests_held_back_by_a_full_queue_are_offered_again_and_all_finish(policy: str) -> None:
+    setup = published_setup("a10", "llama2-7b", 4096, 64)
+    requests = generate(WorkloadSpec("osc", 40, seed=2))  # all at once, ten times the queue
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, policy=policy, max_queued_requests=4)
+    sim = Simulation(setup, requests, cfg, "osc")
+    result = sim.run()
+    assert result.finished == 40 and sim.produced == [r.output_len for r in requests]
+    assert result.ttft_p99_s > result.ttft_p50_s > 0  # the held-back requests' clocks ran while they waited
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_long_prompts_are_prefilled_in_chunks_and_those_beyond_the_accelerator_pool_run_on_the_cpu(policy: str
                                                                                                   ) -> None:
     setup = published_setup("t4", "llama2-7b", 512, 64)  # an accelerator pool of about 1,100 tokens
