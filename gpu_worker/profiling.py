@@ -10,14 +10,13 @@ memory as in a real step instead of staying in cache. Requests live in the pool 
 measurement writes are saved before and put back after it. t_pref writes scratch KV space of the pool's layout
 instead, so a pool of a few blocks profiles prompts up to max_model_len."""
 
-import statistics
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument
-from apex_serve.measurement import check_measure, median_ns
+from apex_serve.measurement import check_measure, median_ns, median_of
 from apex_serve.types import CachedRequestData, Placement, SamplingParams, StepOutput, StepPlan
 from gpu_worker.attention import AttentionMetadata, PagedAttention, causal_attention, chunk_attention, chunk_mask
 from gpu_worker.cpu_bridge import CpuAttentionBridge
@@ -44,33 +43,28 @@ class LayerProfiler:
         check_measure(table, GPU_TABLES, points, warmup, repeats)
         build = getattr(self, f"_{table}")
         per = len(self.runner.weights.layers) if table in _OVER_LAYERS else 1
-        timed = self._outside_layers if table == "t_step" else self._timed
+        value = self._outside_layers if table == "t_step" else None
         with torch.inference_mode():
-            return [timed(partial(build, x, y), warmup, repeats) / per for x, y in points]
+            return [self._timed(partial(build, x, y), warmup, repeats, value) / per for x, y in points]
 
-    def _timed(self, build: Callable[[], Callable[[], object]], warmup: int, repeats: int) -> float:
-        """Median ns of the work build() makes; the pool blocks it saved are put back whatever happens."""
-        try:
-            return median_ns(build(), warmup, repeats, self.runner._synchronize)
-        finally:
-            self._restore()
-
-    def _outside_layers(self, build: Callable[[], Callable[[], StepOutput]], warmup: int, repeats: int) -> float:
-        """Median ns of the steps build()'s work runs, less the time of their layers' timed subtasks (the intervals
-        of layers 0..L-1 the step recorded; the final norm and lm head are timed as layer L, so they stay in)."""
-        num_layers = len(self.runner.weights.layers)
-
-        def outside(output: StepOutput) -> int:
-            inside = sum(s.end_unix_ns - s.start_unix_ns for s in output.subtasks if s.layer < num_layers)
-            return output.timings.total_ns - inside
-
+    def _timed(self, build: Callable[[], Callable[[], object]], warmup: int, repeats: int,
+               value: Callable[[StepOutput], int] | None = None) -> float:
+        """Median ns of the work build() makes: its wall time, or value() of what it returns where given; the pool
+        blocks it saved are put back whatever happens."""
         try:
             work = build()
-            for _ in range(warmup):
-                work()
-            return float(statistics.median(outside(work()) for _ in range(repeats)))
+            if value is None:
+                return median_ns(work, warmup, repeats, self.runner._synchronize)
+            return median_of(lambda: value(work()), warmup, repeats)
         finally:
             self._restore()
+
+    def _outside_layers(self, output: StepOutput) -> int:
+        """ns of a step outside its layers' timed subtasks (the intervals of layers 0..L-1 it recorded; the final norm
+        and lm head are timed as layer L, so they stay in)."""
+        num_layers = len(self.runner.weights.layers)
+        inside = sum(s.end_unix_ns - s.start_unix_ns for s in output.subtasks if s.layer < num_layers)
+        return output.timings.total_ns - inside
 
     def _preserve(self, blocks: torch.Tensor) -> None:
         """Save blocks [n] of every layer of the pool, for _restore after the measurement writes them."""

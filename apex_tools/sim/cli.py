@@ -97,7 +97,7 @@ def _served(setup: Setup, spec: WorkloadSpec, requests: list[SimRequest], fit: b
     """What a setup serves of a workload's draw: (the requests, the share of them cut), all of them uncut where the
     accelerator's KV pool holds each one's peak; else, with fit, each cut to it (fit_to); else why it is refused."""
     pool = setup.worker.num_kv_blocks * setup.worker.block_size
-    over = [peak_kv_tokens(r) for r in requests if peak_kv_tokens(r) > pool]
+    over = [peak for peak in map(peak_kv_tokens, requests) if peak > pool]
     if not over:
         return requests, 0.0
     if fit:
