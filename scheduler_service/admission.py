@@ -54,6 +54,9 @@ class Admission:
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
+        head = waiting[0]
+        if not self._policy.uses_cpu and not self._kv.can_allocate(Placement.GPU, head.num_tokens):
+            return admitted  # the accelerator is the only pool and the head does not fit it: FCFS stops here
         shape = ChunkShape.of(continuing)
         prefill_lens, contexts = shape.lens, list(shape.contexts or (0,) * len(continuing))
         max_rows = self._cpu.max_rows

@@ -57,7 +57,8 @@ class CpuPlacement:
         mean = sum(lifetime) // len(lifetime) if lifetime else 0
         rows = min(len(lifetime), kv.num_total(Placement.GPU) * kv.block_size // mean) if mean else 0
         steady = Candidates([], rows, mean if rows else 0, cpu_context, 0, self.max_rows)
-        queued = islice(waiting, 0 if leaving else 1, 2 * self.max_rows - steady.num_cpu)
+        start = 0 if leaving else 1
+        queued = islice(waiting, start, max(start, 2 * self.max_rows - steady.num_cpu))
         contexts = [r.lifetime_context for r in (request, *queued)]
         if not self.policy.gains_from_cpu_rows(steady, contexts):
             self._refused = key

@@ -63,6 +63,9 @@ class Policy(Protocol):
     name: str
     uses_cpu: bool
     cost_model: ComposedCostModel | None  # what it predicts with (None: gpu-only without a profile)
+    # swap CPU requests in while the accelerator pool stays at or under this share of its blocks (NEO's rule); None:
+    # the Scheduler's own (only while they sit out and nothing waits, with headroom for every accelerator request)
+    swap_in_occupancy: float | None
 
     def choose(self, c: Candidates) -> Choice: ...
 

@@ -66,6 +66,8 @@ class _Predicting:
     """Shapes, estimates and predictions shared by the policies (the cost model is optional for gpu-only), and the
     objectives' test of an option."""
 
+    swap_in_occupancy: float | None = None  # the Scheduler's own swap-in rule
+
     def __init__(self, cost_model: ComposedCostModel | None, objective: LatencyObjective = NO_OBJECTIVE) -> None:
         self.cost_model = cost_model
         self.objective = objective
@@ -121,9 +123,9 @@ class _Predicting:
         """The best-scored option that keeps the objectives and `allowed` (of it and GPU_ONLY's option). Where none
         keeps the objectives with the candidates the TPOT rule makes due forced in, those wait (the step bounds every
         running request's interval, a sit-out one CPU request's; max_sit_out still binds); where none keeps them even
-        so, GPU_ONLY, or with rows forced by max_sit_out the shortest step. Of those that keep them, where none is
-        allowed (forced rows), the one of the least exposed wait. GPU_ONLY's option is built once and handed to
-        options_of: forcing candidates in does not change it."""
+        so, GPU_ONLY, or with rows forced by max_sit_out (or no accelerator work) the shortest step. Of those that
+        keep them, where none is allowed (forced rows), the one of the least exposed wait. GPU_ONLY's option is built
+        once and handed to options_of: forcing candidates in does not change it."""
         plain = self.gpu_only(c)
         due = self._with_due(c, plain.estimate_ns)
         options = [o for o in options_of(due, plain) if o.shape is not None]
@@ -134,8 +136,8 @@ class _Predicting:
         if not kept and due is not c:
             options = [o for o in options_of(c, plain) if o.shape is not None]
             kept = [o for o in options if self._keeps(o, c, plain.estimate_ns, False)]
-        if not kept:  # GPU_ONLY unless rows are forced: CPU rows cannot bring such a step under the objective
-            return plain if c.forced == 0 else min(options, key=lambda o: o.estimate_ns)
+        if not kept:  # GPU_ONLY unless rows are forced (or it has no work): CPU rows cannot keep the objective
+            return plain if c.forced == 0 and plain.shape is not None else min(options, key=lambda o: o.estimate_ns)
         permitted = [o for o in kept if allowed(o, plain)]
         return max(permitted, key=score) if permitted else min(kept, key=lambda o: o.exposed_wait_ns)
 

@@ -7,7 +7,8 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
 (scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
 1. swap-in (hybrid policies, nothing waiting, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that
    sat out longest, those whose KV and one more block fit the accelerator pool, with a block of headroom per
-   accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that pool);
+   accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that pool); a policy
+   with a swap_in_occupancy moves them whenever the pool stays at or under that share of its blocks (NEO's rule);
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later); a request still prefilling is never a victim;
@@ -56,7 +57,7 @@ from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
 from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
-from scheduler_service.decision import Candidates, Choice
+from scheduler_service.decision import Candidates, Choice, Policy
 from scheduler_service.decode_slots import grow_cpu_rows, grow_gpu_rows
 from scheduler_service.in_flight import Flights, InFlightStep, IterationLog, StepResult
 from scheduler_service.kv_manager import KVManager
@@ -79,10 +80,11 @@ class Scheduler:
     grows hold that token, and a request whose pending token reaches its peak is left out (that token finishes it).
     Finishes, stops and aborts found in a step's output reach the worker in the next plan made after it."""
 
-    def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None
-                 ) -> None:
+    def __init__(self, config: SchedulerConfig, worker: WorkerInfo, cost_model: ComposedCostModel | None = None,
+                 policy: Policy | None = None) -> None:
+        """policy: one to run in place of the one config.policy names (the simulator's variants of it)."""
         self.config = config
-        self.policy = make_policy(config.policy, cost_model, LatencyObjective.of(config))
+        self.policy = policy or make_policy(config.policy, cost_model, LatencyObjective.of(config))
         if self.policy.uses_cpu and not (worker.num_cpu_kv_blocks and worker.cpu_max_rows):
             raise ValueError(f"policy: {config.policy!r} places requests on the CPU, but the gpu_worker has no "
                              "cpu_attention_worker (0 CPU KV blocks or cpu_max_rows)")
@@ -330,14 +332,24 @@ class Scheduler:
         return len(requeued)
 
     def _swap_in(self) -> list[SwapData]:
-        """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring)."""
-        if not self._cpu_queue or self._waiting or not self._sat_out(self._cpu_queue[0]) or not self._kv.num_free(
-                Placement.GPU):
+        """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring), or
+        under a policy's swap_in_occupancy, while the pool stays at or under that share of its blocks."""
+        kv = self._kv
+        if not self._cpu_queue:
             return []
-        # room for its KV and one more block, with a block of headroom for every accelerator request
-        room = self._kv.num_free(Placement.GPU) - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU))
+        free = kv.num_free(Placement.GPU)
+        occupancy = self.policy.swap_in_occupancy
+        if occupancy is None:
+            if self._waiting or not self._sat_out(self._cpu_queue[0]) or not free:
+                return []
+            # room for its KV and one more block, with a block of headroom for every accelerator request
+            room, headroom = free - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU)), 1
+        else:
+            total = kv.num_total(Placement.GPU)
+            room, headroom = round(total * occupancy) - (total - free), 0
         movable = (r for r in islice(self._cpu_queue, SWAP_IN_LOOKAHEAD) if not self._cpu.must_take(r))
-        chosen = fitting(movable, lambda r: self._kv.blocks_for(r.num_tokens) + 1, room, self.config.max_swaps_per_step)
+        chosen = fitting(movable, lambda r: kv.blocks_for(r.num_tokens) + headroom, room,
+                         self.config.max_swaps_per_step)
         for request in chosen:
             self._cpu_queue.remove(request)
             self._gpu_running.append(request)

@@ -20,8 +20,9 @@ import numpy as np
 from apex_serve.logs import configure_logging
 from apex_serve.types import SamplingParams, StepOutput, StepTimings, WorkerInfo
 from apex_tools.bench.common import write_result
+from apex_tools.sim.hardware import T4
 from scheduler_service.config import POLICIES, SchedulerConfig
-from scheduler_service.cost.analytic import T4, AnalyticCostModel
+from scheduler_service.cost.analytic import AnalyticCostModel
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.scheduler import Scheduler
 

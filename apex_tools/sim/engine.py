@@ -24,6 +24,7 @@ from apex_serve.engine_stats import IterationRecord
 from apex_serve.errors import InvalidArgument, ResourceExhausted
 from apex_serve.types import ExecutionMode, OverlapLayout, SamplingParams, StepOutput, StepPlan, StepTimings
 from apex_tools.sim.setups import Setup
+from apex_tools.sim.variants import NEO_LAUNCH_MS, variant
 from apex_tools.sim.workloads import SimRequest
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.scheduler import Scheduler
@@ -128,15 +129,22 @@ def steady_window(finish_ns: np.ndarray, outputs: np.ndarray) -> tuple[float, fl
 
 
 class Simulation:
-    """One run: a fresh Scheduler of config.policy driven through every request (in arrival order) by run()."""
+    """One run: a fresh Scheduler of a policy (one of apex_tools.sim.variants.VARIANTS; default config.policy) driven
+    through every request (in arrival order) by run(). After it, ttft_s and tpot_ms hold each request's latencies."""
 
-    def __init__(self, setup: Setup, requests: list[SimRequest], config: SchedulerConfig, workload: str = "") -> None:
-        self.setup = setup
+    def __init__(self, setup: Setup, requests: list[SimRequest], config: SchedulerConfig, workload: str = "",
+                 policy: str | None = None, neo_launch_ms: float = NEO_LAUNCH_MS) -> None:
+        self.name = policy or config.policy
+        run = variant(self.name, setup, config, neo_launch_ms)
+        self.setup = setup = run.setup
         self.requests = requests
-        self.config = config
+        self.config = config = run.config
         self.workload = workload
-        self.scheduler = Scheduler(config, setup.worker, cost_model=setup.cost_model() if config.hybrid else None)
+        model = setup.cost_model() if config.hybrid else None
+        self.scheduler = Scheduler(config, setup.worker, cost_model=model, policy=run.policy(model))
         self.truth = setup.cost_model()
+        self.ttft_s = np.full(len(requests), math.nan)  # [n] arrival to first token; NaN: none
+        self.tpot_ms = np.full(len(requests), math.nan)  # [n] first to last token over the tokens after the first
         self.produced = [0] * len(requests)  # output tokens of each finished request
         self.rejected = 0
         self._token = _token_not_stopping(setup)
@@ -212,9 +220,10 @@ class Simulation:
         arrival, first, finish = np.array(arrival_ns), np.array(first_ns), np.array(finish_ns)  # [n] each
         outputs = np.array(self.produced)  # [n]
         done = ~np.isnan(finish)  # [n]
-        ttft = (first - arrival)[done] / _NS
+        self.ttft_s = np.where(done, (first - arrival) / _NS, math.nan)
         multi = done & (outputs > 1)
-        tpot = (finish - first)[multi] / (outputs[multi] - 1) / 1e6
+        self.tpot_ms = np.where(multi, (finish - first) / np.maximum(outputs - 1, 1) / 1e6, math.nan)
+        ttft, tpot = self.ttft_s[done], self.tpot_ms[multi]
         duration = float((finish[done].max() - arrival.min()) / _NS) if done.any() else 0.0
         tokens = int(outputs[done].sum())
         steady_tok_s, steady_req_s = steady_window(finish[done], outputs[done])
@@ -223,7 +232,7 @@ class Simulation:
         hybrid = sum(tally.layouts.values())
         stats = self.scheduler.stats()
         return RunResult(
-            policy=self.config.policy,
+            policy=self.name,
             hardware=self.setup.hardware,
             model=self.setup.model,
             workload=self.workload,

@@ -6,11 +6,8 @@ Models (Hugging Face configs of meta-llama/Llama-2-7b-hf and meta-llama/Llama-3.
 Weights and KV cache are 16-bit; a model whose weights do not fit the GPU (LLaMA-3.1-8B, 16.1 GB, on the 16 GB T4)
 is refused (UnsupportedSetup), not quantised.
 
-Hardware: the roofline models T4 and A10 of scheduler_service.cost.analytic. GPU memory as NVIDIA's data sheets
-give it, T4 16 GB and A10 24 GB (decimal). The host is the AWS instance the paper's GPUs come in:
-    T4    g4dn.4xlarge: 16 vCPUs, 64 GiB       A10   g5.4xlarge: 16 vCPUs, 64 GiB (its GPU is the A10G, 600 GB/s)
-(aws.amazon.com/ec2/instance-types/g4 and /g5). Half the host memory holds the CPU KV pool; the rest is the OS, the
-services and the page cache of the weights.
+Hardware: a GPU preset in its host with the knobs applied (apex_tools.sim.hardware: each figure and its source).
+Half the host memory holds the CPU KV pool; the rest is the OS, the services and the page cache of the weights.
 
 Accelerator KV pool, as vLLM sizes it with gpu_memory_utilization 0.9 (the 10% left covers the CUDA context,
 cuBLAS workspace and fragmentation):
@@ -33,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apex_serve.types import WorkerInfo
-from scheduler_service.cost.analytic import A10, T4, AnalyticCosts, HardwareSpec
+from apex_tools.sim.hardware import GPUS, Knobs, hardware_spec, host_of
+from scheduler_service.cost.analytic import AnalyticCosts
 from scheduler_service.cost.model import ComposedCostModel, LayerCosts
 from scheduler_service.cost.shape import ModelShape, model_shape_from_config
 from scheduler_service.cost.tables import PerformanceTables
@@ -42,7 +40,7 @@ BLOCK_SIZE = 16
 MAX_MODEL_LEN = 8192
 CPU_MAX_ROWS = 256  # CPU decode rows one sub-batch can stage
 GPU_MEMORY_UTILIZATION = 0.9
-GIB = 1 << 30
+HOST_KV_FRACTION = 0.5  # of the host memory, for the CPU KV pool
 
 
 class UnsupportedSetup(ValueError):
@@ -64,13 +62,6 @@ class ModelSpec:
         return params * shape.weight_bytes_per_param
 
 
-@dataclass(frozen=True)
-class HostSpec:
-    instance: str
-    memory_bytes: int
-    kv_fraction: float = 0.5  # of the host memory, for the CPU KV pool
-
-
 MODELS = {
     "llama2-7b": ModelSpec(
         "llama2-7b", ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_q_heads=32,
@@ -78,10 +69,6 @@ MODELS = {
     "llama3.1-8b": ModelSpec(
         "llama3.1-8b", ModelShape(num_layers=32, hidden_size=4096, intermediate_size=14336, num_q_heads=32,
                                   num_kv_heads=8, head_dim=128, vocab_size=128256), "bfloat16", (128001, 128009)),
-}
-GPUS: dict[str, tuple[HardwareSpec, int, HostSpec]] = {  # name: (roofline, GPU memory bytes, host)
-    "t4": (T4, 16 * 10**9, HostSpec("g4dn.4xlarge", 64 * GIB)),
-    "a10": (A10, 24 * 10**9, HostSpec("g5.4xlarge", 64 * GIB)),
 }
 HARDWARE = (*GPUS, "this-machine")
 
@@ -126,9 +113,12 @@ def _worker(name: str, shape: ModelShape, dtype: str, eos: tuple[int, ...], gpu_
     )
 
 
-def published_setup(hardware: str, model: str, max_num_batched_tokens: int, max_num_seqs: int) -> Setup:
-    """A model on T4 or A10 with the roofline cost model; UnsupportedSetup if the weights leave no KV room."""
-    spec, (gpu, memory, host) = MODELS[model], GPUS[hardware]
+def published_setup(hardware: str, model: str, max_num_batched_tokens: int, max_num_seqs: int,
+                    knobs: Knobs | None = None) -> Setup:
+    """A model on T4 or A10 (in its host, with the knobs; None: the presets) with the roofline cost model;
+    UnsupportedSetup if the weights leave no KV room."""
+    knobs = knobs or Knobs()
+    spec, memory, host = MODELS[model], GPUS[hardware].memory_bytes, host_of(hardware, knobs)
     shape = spec.shape
     usable = int(memory * GPU_MEMORY_UTILIZATION)
     reserve = activation_reserve_bytes(shape, max_num_batched_tokens, max_num_seqs)
@@ -140,9 +130,9 @@ def published_setup(hardware: str, model: str, max_num_batched_tokens: int, max_
             f"{reserve / 1e9:.2f} GB activation reserve do not fit {usable / 1e9:.2f} GB "
             f"({GPU_MEMORY_UTILIZATION:.0%} of {memory / 1e9:.0f} GB); the simulator does not quantise"
         )
-    cpu_blocks = int(host.memory_bytes * host.kv_fraction) // kv_bytes_per_block(shape)
+    cpu_blocks = int(host.memory_bytes * HOST_KV_FRACTION) // kv_bytes_per_block(shape)
     worker = _worker(spec.name, shape, spec.dtype, spec.eos_token_ids, gpu_blocks, cpu_blocks)
-    return Setup(hardware, model, shape, AnalyticCosts(gpu, shape), worker)
+    return Setup(hardware, model, shape, AnalyticCosts(hardware_spec(hardware, knobs), shape), worker)
 
 
 def profiled_setup(profile_path: str, model_config_path: str, gpu_blocks: int, cpu_blocks: int) -> Setup:

@@ -3,6 +3,8 @@
 Lengths are in tokens, arrivals in seconds from the first possible arrival (0):
     chat       ShareGPT-like: prompt lognormal (median 200, sigma 1.0, clipped to [4, 2048]), output lognormal
                (median 250, sigma 0.8, clipped to [4, 2048])
+    short-chat chat's shape cut to what a T4's LLaMA-2-7B KV pool (1,088 tokens) holds: prompt and output clipped to
+               [4, 512] each (a request peaks at 1,023 tokens)
     cot        chain of thought: prompt lognormal (median 100, sigma 0.5, clipped to [16, 512]), output uniform in
                [1024, 4096]
     short-cot  cot's shape cut to what a T4's LLaMA-2-7B KV pool (1,088 tokens) holds: prompt lognormal (median 100,
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WORKLOADS = ("chat", "cot", "short-cot", "summarize", "osc", "grid")
+WORKLOADS = ("chat", "short-chat", "cot", "short-cot", "summarize", "osc", "grid")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ def _lengths(spec: WorkloadSpec, rng: np.random.Generator) -> tuple[np.ndarray, 
     n = spec.num_requests
     if spec.kind == "chat":
         return _lognormal(rng, 200, 1.0, 4, 2048, n), _lognormal(rng, 250, 0.8, 4, 2048, n)
+    if spec.kind == "short-chat":
+        return _lognormal(rng, 200, 1.0, 4, 512, n), _lognormal(rng, 250, 0.8, 4, 512, n)
     if spec.kind == "cot":
         return _lognormal(rng, 100, 0.5, 16, 512, n), rng.integers(1024, 4096, n, endpoint=True)
     if spec.kind == "short-cot":

@@ -1,5 +1,6 @@
 """The cost model of published hardware numbers (DESIGN §6), for the simulator: roofline per-layer costs of a model
-on a GPU and its host, composed and corrected exactly as the measured tables are (cost_model.ComposedCostModel)."""
+on a GPU and its host, composed and corrected exactly as the measured tables are (cost_model.ComposedCostModel). The
+presets and their sources are the simulator's (apex_tools.sim.hardware)."""
 
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ class HardwareSpec:
     host_dram_bytes_per_s: float
     cpu_attention_efficiency: float  # fraction of host DRAM bandwidth the CPU attention kernel reaches
     launch_overhead_ns: float  # per layer subtask on the GPU (kernel launches); also one doorbell round trip
+    pcie_latency_ns: float = 0.0  # per copy over the host link, beside its bytes over pcie_bytes_per_s
 
     def __post_init__(self) -> None:
         for name in ("hbm_bytes_per_s", "flops", "pcie_bytes_per_s", "host_dram_bytes_per_s"):
@@ -25,20 +27,9 @@ class HardwareSpec:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.cpu_attention_efficiency <= 1.0:
             raise ValueError(f"cpu_attention_efficiency: must be in (0, 1], got {self.cpu_attention_efficiency}")
-        if self.launch_overhead_ns < 0:
-            raise ValueError(f"launch_overhead_ns: must be >= 0, got {self.launch_overhead_ns}")
-
-
-# CPU attention at 40% of host DRAM bandwidth: about 6% of the GPU's attention throughput, as the paper observes
-# ("often under 10%") on the T4 and A10 instances.
-T4 = HardwareSpec(
-    name="T4", hbm_bytes_per_s=320e9, flops=65e12, pcie_bytes_per_s=12e9, host_dram_bytes_per_s=50e9,
-    cpu_attention_efficiency=0.4, launch_overhead_ns=10_000.0,
-)
-A10 = HardwareSpec(
-    name="A10", hbm_bytes_per_s=600e9, flops=125e12, pcie_bytes_per_s=25e9, host_dram_bytes_per_s=80e9,
-    cpu_attention_efficiency=0.4, launch_overhead_ns=10_000.0,
-)
+        for name in ("launch_overhead_ns", "pcie_latency_ns"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,10 @@ class AnalyticCosts:
         return kv_bytes / bandwidth * _NS_PER_S
 
     def t_xfer(self, nbytes: float) -> float:
-        return nbytes / self.hardware.pcie_bytes_per_s * _NS_PER_S
+        """One copy over the host link: its latency and its bytes at the link's rate (nothing without bytes)."""
+        if nbytes <= 0:
+            return 0.0
+        return nbytes / self.hardware.pcie_bytes_per_s * _NS_PER_S + self.hardware.pcie_latency_ns
 
     def t_sync(self, x: float) -> float:
         return self.hardware.launch_overhead_ns

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 
 from apex_serve.types import ExecutionMode, OverlapLayout, SamplingParams, StepTimings
-from scheduler_service.cost.analytic import T4, AnalyticCostModel
+from apex_tools.sim.hardware import T4
+from scheduler_service.cost.analytic import AnalyticCostModel
 from scheduler_service.cost.model import ComposedCostModel, ConstantCostModel, ConstantCosts, compose
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.cpu_placement import CpuPlacement

@@ -49,6 +49,14 @@ def test_cpu_candidates_sit_out_a_step_whose_accelerator_work_alone_breaks_the_t
     assert (choice.mode, choice.cpu_rows, choice.estimate_ns) == (ExecutionMode.GPU_ONLY, 0, pytest.approx(564_000))
 
 
+@pytest.mark.parametrize("policy_type", [NeoPolicy, ApexPolicy])
+def test_cpu_requests_alone_decode_even_where_no_step_keeps_the_tpot_objective(policy_type: type[NeoPolicy]) -> None:
+    # nothing on the accelerator, nothing forced, and every option over a 0.1 ms objective: waiting would leave an
+    # empty plan with requests running (they would never decode), so the shortest step with CPU rows runs
+    choice = policy_type(model(**SIT_OUT), LatencyObjective(tpot_ms=0.1)).choose(candidates(0, 4, cpu_sat_out=(0,) * 4))
+    assert choice.cpu_rows > 0 and choice.shape is not None
+
+
 def test_apex_drops_cpu_rows_that_would_push_a_waiting_request_past_its_ttft_objective() -> None:
     # 64 accelerator rows (612 us alone); 7 CPU rows hide under SPLIT's window at a 640 us step
     policy = ApexPolicy(model(lin_ns_per_token=1_000.0, catt_ns_per_kv_token=100.0), LatencyObjective(ttft_ms=1.0))

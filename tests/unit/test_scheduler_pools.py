@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from apex_serve.types import ExecutionMode, Placement, SamplingParams, StepOutput, StepPlan, StepTimings, WorkerInfo
+from apex_tools.sim.variants import NEO_SWAP_IN_OCCUPANCY, UNBOUNDED_SIT_OUT, NeoAsPublished
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.loader import load_cost_model
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
@@ -31,7 +32,11 @@ def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4) -
 
 
 def scheduler(policy: str, max_sit_out: int = 3, max_num_seqs: int = 32, **pools: int) -> Scheduler:
+    """policy: of POLICIES, or neo-published (the simulator's NEO as its code runs, injected)."""
     cost_model = ConstantCostModel(COSTS, MODEL) if policy != "gpu-only" else None
+    if policy == "neo-published":
+        config = SchedulerConfig(policy="neo", max_num_seqs=max_num_seqs, max_sit_out=UNBOUNDED_SIT_OUT)
+        return Scheduler(config, worker(**pools), cost_model, policy=NeoAsPublished(cost_model))
     return Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_sit_out=max_sit_out),
                      worker(**pools), cost_model)
 
@@ -61,7 +66,7 @@ def step(s: Scheduler, plan: StepPlan, rng: random.Random, fit_later: bool = Fal
     return s.update_from_output(plan, StepOutput(plan.step_id, sampled, StepTimings(total_ns=measured)), fit_later)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", (*POLICIES, "neo-published"))
 @pytest.mark.parametrize("seed", range(4))
 def test_random_admit_grow_swap_preempt_abort_finish_leaks_no_block(policy: str, seed: int) -> None:
     rng = random.Random(seed)
@@ -93,6 +98,26 @@ def test_random_admit_grow_swap_preempt_abort_finish_leaks_no_block(policy: str,
     assert stats.num_preemptions > 0 or saw["swaps"] > 0, "the pools were never under pressure"
     if policy == "apex":  # CPU rows pay here for apex (neo's second weight pass costs more than they yield)
         assert saw["swaps"] > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_neo_as_published_swaps_in_while_requests_wait_up_to_95_percent_of_the_accelerator_pool(seed: int) -> None:
+    rng = random.Random(seed)
+    s = scheduler("neo-published", gpu_blocks=40, cpu_blocks=2000, cpu_max_rows=8)
+    total = s.stats().total_blocks[Placement.GPU]
+    swapped_in_while_waiting = 0
+    for i in range(300):
+        for _ in range(rng.choice((0, 1, 3))):
+            s.add_request(f"r{i}-{rng.random()}", [5] * rng.randint(1, 30),
+                          SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 50)))
+        waiting, used = s.stats().num_waiting, total - s.stats().free_blocks[Placement.GPU]
+        plan = s.schedule()
+        if plan.swap_in:  # the swap-ins come first in a plan: their blocks on top of those held before it
+            assert used + sum(len(swap.block_ids) for swap in plan.swap_in) <= round(total * NEO_SWAP_IN_OCCUPANCY)
+            swapped_in_while_waiting += waiting > 0
+        check_blocks(s)
+        step(s, plan, rng)
+    assert swapped_in_while_waiting > 0, "no request was swapped in while others waited"
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -12,6 +12,7 @@ from apex_serve.types import Placement
 from apex_tools.sim.cli import main
 from apex_tools.sim.engine import Simulation, steady_window
 from apex_tools.sim.setups import UnsupportedSetup, profiled_setup, published_setup
+from apex_tools.sim.variants import VARIANTS
 from apex_tools.sim.workloads import WORKLOADS, SimRequest, WorkloadSpec, fit_to, generate, peak_kv_tokens
 from scheduler_service.config import POLICIES, SchedulerConfig
 
@@ -206,7 +207,7 @@ def test_cli_writes_json_and_png(tmp_path) -> None:
                "--grid-output-len", "16", "--requests", "20", "--out-dir", str(out)])
     assert rc == 0
     result = json.loads((out / "simulate.json").read_text())
-    assert {(r["hardware"], r["policy"]) for r in result["runs"]} == {(h, p) for h in ("t4", "a10") for p in POLICIES}
+    assert {(r["hardware"], r["policy"]) for r in result["runs"]} == {(h, p) for h in ("t4", "a10") for p in VARIANTS}
     assert all(r["finished"] == 20 for r in result["runs"])
     assert all(r["layout_mix"] == {} for r in result["runs"] if r["policy"] == "gpu-only")
     assert (out / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
