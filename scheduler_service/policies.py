@@ -9,7 +9,8 @@ do with the CPU-resident requests (the candidates, least recently run first):
               CPU rows hide under sub-batch 1's; ASYM_PIPELINE only where its predicted tokens/s beats GPU_ONLY. NEO
               computes the QKV projection of all rows of a sub-batch at once: the FUSED layout.
     apex      predicts GPU_ONLY, ASYNC_OVERLAP (CPU rows sized to the overlap window, and all it can stage) and
-              ASYM_PIPELINE (NEO's construction, considered only where APEX eq. 6 says pipelining can beat GPU_ONLY),
+              ASYM_PIPELINE (NEO's construction, priced even where APEX eq. 6 says it cannot beat GPU_ONLY: beside
+              ASYNC_OVERLAP with many CPU rows it may still win),
               ASYNC_OVERLAP under both layouts (FUSED, SPLIT: compose prices each as executed, and the window follows
               the layout; ASYM_PIPELINE in PIPELINE_LAYOUT), and takes the best by the idle-aware score
               (ApexPolicy.best).
@@ -39,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.cost.model import ComposedCostModel, pipelining_beats_gpu_only
+from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cost.shape import IterationShape, SubBatchShape
 from scheduler_service.decision import (
     Candidates,
@@ -286,30 +287,19 @@ class ApexPolicy(NeoPolicy):
         self._window_hints[layout] = rows
         return rows
 
-    def _gate(self, c: Candidates, limit: int) -> bool:
-        """APEX eq. 6 on this batch: can asymmetric pipelining beat GPU_ONLY at all?"""
-        if not c.gpu_rows or not limit:
-            return True
-        costs = self.model.costs
-        gpu_kv = c.gpu_rows * c.gpu_longest
-        t_lin = costs.t_lin(sum(c.prefill_lens) + c.gpu_rows + limit)
-        t_gatt = costs.t_gatt(c.gpu_rows, gpu_kv)
-        t_catt = costs.t_catt(limit, c.cpu_context[limit])
-        if min(t_lin, t_gatt, t_catt) <= 0:
-            return True
-        return pipelining_beats_gpu_only(t_lin, t_gatt, gpu_kv / t_gatt, c.cpu_context[limit] / t_catt)
-
     def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
         """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)
         unless rows are forced; per layout, ASYNC_OVERLAP sized to the window and at the limit (and, where that breaks
-        the TPOT step, at the most rows that keep it) and, where eq. 6 allows, ASYM_PIPELINE in PIPELINE_LAYOUT; an
-        option FUSED at the limit dominates is left out (_fused_dominates)."""
+        the TPOT step, at the most rows that keep it) and ASYM_PIPELINE in PIPELINE_LAYOUT; an option FUSED at the
+        limit dominates is left out (_fused_dominates). Pipelining is priced even where APEX eq. 6 says it cannot beat
+        GPU_ONLY for these rows: GPU_ONLY cannot run the CPU rows, and beside ASYNC_OVERLAP with many of them it may
+        still win (LLaMA-3.1-8B on an A10, tests/unit/test_policies.py)."""
         options = [] if c.forced else [self.gpu_only(c) if plain is None else plain]
         limit = min(c.num_cpu, c.max_cpu_rows)
         if not limit:
             return options
         low = max(1, min(c.forced, limit))
-        k0, k1 = self.pipeline_rows(c) if self._gate(c, limit) else (0, 0)
+        k0, k1 = self.pipeline_rows(c)
         tpot_ns = self.objective.tpot_ns
         fused_holds_all = False  # FUSED's window holds every row up to the limit (FUSED comes first)
         for layout in _LAYOUTS:

@@ -1,9 +1,13 @@
-"""Each policy's choice on hand-built iterations where the right answer is known (ConstantCosts add up by hand)."""
+"""Each policy's choice on hand-built iterations where the right answer is known (ConstantCosts add up by hand), and one
+iteration the simulator met on the A10 preset."""
+
+from itertools import accumulate
 
 import pytest
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
+from apex_tools.sim.setups import published_setup
+from scheduler_service.cost.model import ConstantCostModel, ConstantCosts, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import ModelShape
 from scheduler_service.decision import Candidates, idle_aware_tokens_per_s, tokens_per_s
 from scheduler_service.policies import (
@@ -131,11 +135,28 @@ def test_neo_keeps_gpu_only_when_pipelining_predicts_fewer_tokens_per_second() -
     assert choice.mode is ExecutionMode.GPU_ONLY
 
 
-def test_apex_eq6_gate_keeps_pipelining_out_when_the_cpu_is_far_slower_than_the_gpu() -> None:
-    policy = ApexPolicy(model(catt_ns_per_kv_token=100_000.0))
-    c = candidates()
-    assert not policy._gate(c, 16)
-    assert policy.choose(c).mode is not ExecutionMode.ASYM_PIPELINE
+def test_apex_does_not_pipeline_when_the_cpu_is_far_slower_than_the_gpu() -> None:
+    choice = ApexPolicy(model(catt_ns_per_kv_token=100_000.0)).choose(candidates())
+    assert choice.mode is not ExecutionMode.ASYM_PIPELINE
+
+
+def test_apex_pipelines_where_eq6_rules_it_out_against_gpu_only_but_it_beats_asynchronous_overlap() -> None:
+    # LLaMA-3.1-8B on the A10 preset, an iteration as the simulator met it (cot): 32 accelerator rows at 1,262 tokens
+    # and 30 CPU candidates of 630 to 1,065 tokens, least recently decoded (and longest) first. GPU_ONLY cannot run
+    # the CPU rows; beside ASYNC_OVERLAP with them, pipelining wins
+    contexts = [1065, 942, 895, 997, 996, 1035, 996, 838, 926, 759, 815, 717, 774, 764, 768, 693, 966, 850, 762, 630,
+                671, 687, 681, 762, 759, 672, 779, 707, 720, 663]
+    setup = published_setup("a10", "llama3.1-8b", 4096, 256)
+    policy = ApexPolicy(setup.cost_model())
+    c = Candidates([], 32, 1262, list(accumulate(contexts, initial=0)), 0, 256)
+    costs, cpu_kv = setup.costs, sum(contexts)
+    t_lin, t_gatt, t_catt = costs.t_lin(62), costs.t_gatt(32, 32 * 1262), costs.t_catt(30, cpu_kv)
+    assert not pipelining_beats_gpu_only(t_lin, t_gatt, 32 * 1262 / t_gatt, cpu_kv / t_catt)
+    choice = policy.choose(c)
+    assert choice.mode is ExecutionMode.ASYM_PIPELINE
+    overlap = max((o for o in policy.options(c) if o.mode is ExecutionMode.ASYNC_OVERLAP),
+                  key=idle_aware_tokens_per_s)
+    assert idle_aware_tokens_per_s(choice) > idle_aware_tokens_per_s(overlap)
 
 
 def test_forced_rows_rule_out_gpu_only_for_every_hybrid_policy() -> None:
