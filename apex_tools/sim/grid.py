@@ -67,11 +67,12 @@ def run_grid(setups: Sequence[Setup], specs: Sequence[WorkloadSpec], policies: S
     for pair, policy in tqdm([(p, q) for p in pairs for q in policies], desc="simulating", unit="run"):
         result = Simulation(pair.setup, pair.requests, config, pair.spec.kind, policy, neo_launch_ms).run()
         runs.append(dataclasses.replace(result, seed=pair.spec.seed, cut_fraction=pair.cut_fraction))
-    goodput = []
-    for pair in tqdm(pairs if sweep else [], desc="rate sweeps", unit="pair"):
+    goodput: list[dict] = []
+    if sweep is None:
+        return GridResult(runs, refused, goodput)
+    for pair in tqdm(pairs, desc="rate sweeps", unit="pair"):
         base = next(r for r in runs if r.policy == "gpu-only" and r.seed == pair.spec.seed
                     and (r.hardware, r.model, r.workload) == (pair.setup.hardware, pair.setup.model, pair.spec.kind))
-        assert sweep is not None
         swept = rate_sweep(pair.setup, pair.spec, pair.requests, policies, config, saturated_req_s(base), sweep,
                            neo_launch_ms)
         goodput.append({"hardware": pair.setup.hardware, "model": pair.setup.model, "workload": pair.spec.kind,
