@@ -1,8 +1,12 @@
 """A grid of simulated runs: (setup, workload draw) pairs, each served as drawn (or cut to the accelerator's pool, or
-refused), every policy on each; and, where asked, a Poisson rate sweep of each pair (apex_tools.sim.goodput)."""
+refused), every policy on each; and, where asked, a Poisson rate sweep of each pair (apex_tools.sim.goodput); and what
+the grid gives of apex against each baseline (apex_ratios)."""
 
 import dataclasses
 import logging
+import math
+import statistics
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +19,7 @@ from apex_tools.sim.workloads import SimRequest, WorkloadSpec, fit_to, generate,
 from scheduler_service.config import SchedulerConfig
 
 logger = logging.getLogger(__name__)
+COMPARED = ("gpu-only", "neo", "neo-published", "best hybrid")  # best hybrid: the better of the two neos on a draw
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,34 @@ def run_grid(setups: Sequence[Setup], specs: Sequence[WorkloadSpec], policies: S
         goodput.append({"hardware": pair.setup.hardware, "model": pair.setup.model, "workload": pair.spec.kind,
                         "seed": pair.spec.seed, **swept})
     return GridResult(runs, refused, goodput)
+
+
+def apex_ratios(grid: GridResult) -> dict[tuple[str, str, str], dict]:
+    """Per (hardware, model, workload): the draws, apex's throughput and goodput ratios over each of COMPARED (medians
+    over the draws where both ran; NaN where none did), as "throughput_over_<baseline>" and "goodput_over_<baseline>",
+    and whether some goodput of it was a lower bound."""
+    tok: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in grid.runs:
+        tok[r.hardware, r.model, r.workload][r.seed][r.policy] = r.throughput_tok_s
+    good: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    bounded: dict[tuple[str, str, str], bool] = defaultdict(bool)
+    for s in grid.goodput:
+        key = (s["hardware"], s["model"], s["workload"])
+        for policy, entry in s["policies"].items():
+            g = entry["goodput"]
+            good[key][s["seed"]][policy] = g["rate_per_s"] if g else 0.0
+            bounded[key] |= bool(g and g["lower_bound"])
+    out = {}
+    for key, draws in tok.items():
+        entry: dict = {"draws": len(draws), "goodput_lower_bound": bounded[key]}
+        for metric, source in (("throughput", draws), ("goodput", good.get(key, {}))):
+            for baseline in COMPARED:
+                ratios = []
+                for values in source.values():
+                    base = (max(values.get("neo", 0.0), values.get("neo-published", 0.0)) if baseline == "best hybrid"
+                            else values.get(baseline, 0.0))
+                    if "apex" in values and base > 0:
+                        ratios.append(values["apex"] / base)
+                entry[f"{metric}_over_{baseline}"] = statistics.median(ratios) if ratios else math.nan
+        out[key] = entry
+    return out

@@ -10,10 +10,8 @@ A10 with both models on chat, cot and summarize. Every figure of the simulation'
 """
 
 import math
-import statistics
-from collections import defaultdict
 
-from apex_tools.sim.grid import GridResult
+from apex_tools.sim.grid import COMPARED, GridResult, apex_ratios
 
 ROWS = {  # (hardware, model): the workloads of the paper's settings
     ("t4", "llama2-7b"): ("short-chat", "short-cot", "osc"),
@@ -35,39 +33,11 @@ def claims(hardware: str, workload: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 def rows(grid: GridResult) -> list[dict]:
-    """Per (hardware, model, workload): apex's median throughput and goodput ratios (over the draws) against gpu-only,
-    neo, neo-published and the better of the two neos, and the paper's figures for the row."""
-    tok: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    for r in grid.runs:
-        tok[r.hardware, r.model, r.workload][r.seed][r.policy] = r.throughput_tok_s
-    good: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    bounded: dict[tuple[str, str, str], bool] = defaultdict(bool)
-    for s in grid.goodput:
-        key = (s["hardware"], s["model"], s["workload"])
-        for policy, entry in s["policies"].items():
-            g = entry["goodput"]
-            good[key][s["seed"]][policy] = g["rate_per_s"] if g else 0.0
-            bounded[key] |= bool(g and g["lower_bound"])
-    out = []
-    for key, draws in tok.items():
-        entry: dict = {"hardware": key[0], "model": key[1], "workload": key[2], "draws": len(draws),
-                       "claims": claims(key[0], key[2]), "goodput_lower_bound": bounded[key]}
-        for metric, source in (("throughput", draws), ("goodput", good.get(key, {}))):
-            for baseline in ("gpu-only", "neo", "neo-published", "best hybrid"):
-                ratios = []
-                for values in source.values():
-                    base = (max(values.get("neo", 0.0), values.get("neo-published", 0.0)) if baseline == "best hybrid"
-                            else values.get(baseline, 0.0))
-                    if "apex" in values and base > 0:
-                        ratios.append(values["apex"] / base)
-                entry[f"{metric}_over_{baseline}"] = _median(ratios)
-        out.append(entry)
-    return out
+    """Per (hardware, model, workload): apex's ratios against each baseline (grid.apex_ratios) and the paper's figures
+    for the row."""
+    return [{"hardware": hardware, "model": model, "workload": workload, "claims": claims(hardware, workload), **ratios}
+            for (hardware, model, workload), ratios in apex_ratios(grid).items()]
 
 
 def _cell(value: float) -> str:
@@ -93,7 +63,7 @@ def table(grid: GridResult) -> str:
         paper = "  " + ", ".join(f"{name} {low:.2f}-{high:.2f}x" if low != high else f"{name} up to {low:.2f}x"
                                  for name, (low, high) in claim.items())
         for metric in ("throughput", "goodput"):
-            cells = [row[f"{metric}_over_{b}"] for b in ("gpu-only", "neo", "neo-published", "best hybrid")]
+            cells = [row[f"{metric}_over_{b}"] for b in COMPARED]
             verdicts = [f"{name}: {_verdict(cells[0 if name == 'gpu-only' else 3], c)}" for name, c in claim.items()]
             bound = ">=" if metric == "goodput" and row["goodput_lower_bound"] else ""
             lines.append(f"{group if metric == 'throughput' else '':<30}{metric + bound:>11}{_cell(cells[0]):>13}"

@@ -2,12 +2,10 @@
 throughput (and, with --goodput, goodput) ratios over each baseline against it, as a table and a PNG."""
 
 import math
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from apex_tools.bench.common import save_figure
-from apex_tools.sim.grid import GridResult
+from apex_tools.sim.grid import GridResult, apex_ratios
 from apex_tools.sim.report import BASELINES
 
 UNITS = {"host-bw": "host read bandwidth (GB/s)", "cpu-efficiency": "CPU kernel efficiency",
@@ -15,27 +13,11 @@ UNITS = {"host-bw": "host read bandwidth (GB/s)", "cpu-efficiency": "CPU kernel 
          "launch-us": "GPU launch overhead per layer subtask (us)"}
 
 
-def ratios(grid: GridResult) -> dict[str, dict[str, float]]:
-    """Per hardware/model/workload, apex's median (over the draws) throughput ratio over each baseline it ran with."""
-    by_draw: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for r in grid.runs:
-        by_draw[f"{r.hardware}/{r.model}/{r.workload}", r.seed][r.policy] = r.throughput_tok_s
-    collected: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (group, _), tok_s in by_draw.items():
-        for baseline in BASELINES:
-            if "apex" in tok_s and tok_s.get(baseline, 0.0) > 0:
-                collected[group][baseline].append(tok_s["apex"] / tok_s[baseline])
-    return {group: {b: statistics.median(v) for b, v in per.items()} for group, per in collected.items()}
-
-
-def goodput_ratios(grid: GridResult) -> dict[str, dict[str, float]]:
-    """Per hardware/model/workload, apex's median goodput ratio over each baseline (draws where both have one)."""
-    collected: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for s in grid.goodput:
-        for baseline, value in s["ratios"].items():
-            if value is not None:
-                collected[f"{s['hardware']}/{s['model']}/{s['workload']}"][baseline].append(value)
-    return {group: {b: statistics.median(v) for b, v in per.items()} for group, per in collected.items()}
+def ratios(grid: GridResult, metric: str = "throughput") -> dict[str, dict[str, float]]:
+    """Per hardware/model/workload, apex's median throughput (or goodput) ratio over each of BASELINES (NaN where it
+    did not run beside it)."""
+    return {"/".join(key): {b: entry[f"{metric}_over_{b}"] for b in BASELINES}
+            for key, entry in apex_ratios(grid).items()}
 
 
 def table(name: str, by_value: dict[float, GridResult]) -> str:
@@ -44,7 +26,7 @@ def table(name: str, by_value: dict[float, GridResult]) -> str:
               + "".join(f"{'goodput vs ' + BASELINES[b]:>19}" for b in baselines))
     lines = [header, "-" * len(header)]
     for value, grid in by_value.items():
-        tok, good = ratios(grid), goodput_ratios(grid)
+        tok, good = ratios(grid), ratios(grid, "goodput")
         for group in tok:
             cells = [tok[group].get(b, math.nan) for b in baselines] + [good.get(group, {}).get(b, math.nan)
                                                                          for b in baselines]
