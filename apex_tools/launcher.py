@@ -40,7 +40,8 @@ class StackConfig:
         ".apex-run", help="directory of the internal services' Unix sockets (its path at most 80 characters)"
     )
     profile_dir: str = option(".apex-profiles", help="directory of performance profiles, one JSON file per key")
-    dtype: str = option("float32", help="model dtype: float32, bfloat16 or float16")
+    dtype: str = option("auto", help="model dtype: auto (float16 on CUDA, float32 on the CPU), float32, bfloat16 or "
+                        "float16")
     num_kv_blocks: int | None = option(
         None, help="blocks of the gpu_worker's KV pool; overrides --device-kv-budget-bytes; unset: from that budget"
     )

@@ -3,6 +3,11 @@ earlier KV), decode rows read the paged cache.
 
 Tokens are laid out prefill rows first (each request's tokens contiguous), then one token per decode row. The caller
 writes the new k/v into whichever pool each row lives in before calling forward.
+
+Decode rows run SDPA with each query head group folded into the query axis (decode_attention): a row's q heads that
+share a KV head are its queries of that head, so no K/V head is repeated and no GQA support is asked of the kernel.
+It runs under FUSED_BACKENDS: a shape or dtype no fused kernel takes raises instead of falling back to SDPA's math
+backend (which upcasts to fp32 and materialises the scores: on a GPU, many times the fused kernels' time and memory).
 """
 
 from collections.abc import Mapping, Sequence
@@ -10,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpu_worker.kv_cache import PagedKVCache
 
 ContextKV = tuple[torch.Tensor, torch.Tensor]  # K and V [num_kv_heads, context, head_dim] of a chunk's earlier tokens
+# SDPA's backends but math (the order is torch's own priority among those a call may use)
+FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 def chunk_mask(context: int, length: int, device: torch.device) -> torch.Tensor:
@@ -52,6 +60,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         enable_gqa=True,
     )  # [1, num_heads, len, head_dim]
     return out[0].transpose(0, 1)  # [len, num_heads, head_dim]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as the additive one SDPA would make of it on every call: 0 or -inf, in dtype."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: q [rows, num_heads, head_dim] over k/v [rows, num_kv_heads, slots, head_dim] where mask
+    [rows, 1, 1, slots] allows (boolean, or additive in q's dtype) -> [rows, num_heads, head_dim]. Query head h reads
+    KV head h // group (LLaMA's repeat_kv order), so the group folds into the query axis by a view."""
+    rows, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    with sdpa_kernel(FUSED_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q.view(rows, kv_heads, num_heads // kv_heads, head_dim), k, v, attn_mask=mask
+        )  # [rows, kv_heads, group, head_dim]
+    return out.view(rows, num_heads, head_dim)
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,11 @@ class PagedAttention:
 
     def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
+        # the step's decode block tables, their head_index and the additive form of its decode mask in q's dtype, built
+        # by the step's first layer for every layer
+        self._tables: torch.Tensor | None = None
+        self._head_index = torch.empty(0, dtype=torch.long)
+        self._bias = torch.empty(0)
 
     def forward(
         self,
@@ -143,12 +174,9 @@ class PagedAttention:
 
     def _decode(self, layer_idx: int, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """One query per row over its cached context, all rows at once (padded and masked)."""
-        k, v = self.cache.gather(layer_idx, metadata.decode_block_tables)  # [rows, kv_heads, slots, head_dim]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :],  # [rows, num_heads, 1, head_dim]
-            k,
-            v,
-            attn_mask=metadata.decode_mask,  # [rows, 1, 1, slots]
-            enable_gqa=True,
-        )  # [rows, num_heads, 1, head_dim]
-        return out[:, :, 0, :]  # [rows, num_heads, head_dim]
+        tables = metadata.decode_block_tables
+        if tables is not self._tables:
+            self._tables, self._head_index = tables, self.cache.head_index(tables)
+            self._bias = additive_mask(metadata.decode_mask, q.dtype)  # [rows, 1, 1, slots]
+        k, v = self.cache.gather(layer_idx, tables, self._head_index)  # [rows, kv_heads, slots, head_dim]
+        return decode_attention(q, k, v, self._bias)  # [rows, num_heads, head_dim]

@@ -14,7 +14,10 @@ class GpuWorkerConfig:
     """What the gpu_worker is told at start-up; measured values (block counts) are results, not config."""
 
     model_dir: str = option(help="model directory (config.json and safetensors weights)")
-    dtype: str = option("float32", help="dtype of weights and activations: float32, bfloat16 or float16")
+    dtype: str = option(
+        "auto", help="dtype of weights and activations: auto (float16 on CUDA, float32 on the CPU), float32, bfloat16 "
+        "(CUDA compute capability 8.0 or newer) or float16"
+    )
     device: str = option("auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     block_size: int = option(16, help="tokens per KV cache block")
     num_kv_blocks: int | None = option(
@@ -53,8 +56,8 @@ class GpuWorkerConfig:
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ValueError("model_dir: must be a model directory, got an empty string")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype: must be auto or one of {DTYPES}, got {self.dtype!r}")
         if not _DEVICE_RE.match(self.device):
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.block_size <= 0:

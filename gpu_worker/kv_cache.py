@@ -68,14 +68,24 @@ class PagedKVCache:
         self.k[layer_idx][slot_blocks, :, slot_offsets] = k.to(self.k.dtype)  # [num_tokens, kv_heads, head_dim]
         self.v[layer_idx][slot_blocks, :, slot_offsets] = v.to(self.v.dtype)
 
-    def gather(self, layer_idx: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [rows, num_kv_heads, max_blocks * block_size, head_dim] of block_tables [rows, max_blocks]."""
-        rows, max_blocks = block_tables.shape
-        k = self.k[layer_idx, block_tables]  # [rows, max_blocks, kv_heads, block_size, head_dim]
-        v = self.v[layer_idx, block_tables]  # [rows, max_blocks, kv_heads, block_size, head_dim]
-        k = k.transpose(1, 2).reshape(rows, k.shape[2], max_blocks * self.block_size, -1)
-        v = v.transpose(1, 2).reshape(rows, v.shape[2], max_blocks * self.block_size, -1)
-        return k, v  # [rows, kv_heads, max_blocks * block_size, head_dim]
+    def head_index(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """[rows, kv_heads, max_blocks] indices into a layer viewed as [blocks x kv_heads, block_size, head_dim] of
+        block_tables [rows, max_blocks]: what gather() reads, built once per step for every layer."""
+        heads = self.k.shape[2]
+        offsets = torch.arange(heads, device=block_tables.device)  # [kv_heads]
+        return block_tables[:, None, :] * heads + offsets[None, :, None]  # [rows, kv_heads, max_blocks]
+
+    def gather(self, layer_idx: int, block_tables: torch.Tensor, head_index: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [rows, num_kv_heads, max_blocks * block_size, head_dim] of block_tables [rows, max_blocks]: one
+        index of each layer's (block, head) rows and a view (head_index: head_index(block_tables), where built)."""
+        index = self.head_index(block_tables) if head_index is None else head_index  # [rows, kv_heads, max_blocks]
+        rows, heads, max_blocks = index.shape
+        _, _, block_size, head_dim = self.k.shape[1:]
+        slots = max_blocks * block_size
+        k = self.k[layer_idx].view(-1, block_size, head_dim)[index]  # [rows, kv_heads, max_blocks, block, head_dim]
+        v = self.v[layer_idx].view(-1, block_size, head_dim)[index]
+        return k.view(rows, heads, slots, head_dim), v.view(rows, heads, slots, head_dim)
 
     def gather_context(self, layer_idx: int, blocks: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [num_kv_heads, num_tokens, head_dim] of a request's positions [0, num_tokens), which blocks [n]

@@ -18,6 +18,7 @@ from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
+from gpu_worker.device_fit import CudaDevice, check_fits, resolve_dtype
 from gpu_worker.forward import Forward
 from gpu_worker.grammar import GrammarCompiler, GrammarMask, grammar_mask
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
@@ -68,8 +69,11 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.dtype = TORCH_DTYPES[config.dtype]
         self.model_config: ModelConfig = load_model_config(config.model_dir)
+        self.dtype_name = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cuda":
+            check_fits(CudaDevice.of(self.device), self.dtype_name, self.model_config)
+        self.dtype = TORCH_DTYPES[self.dtype_name]
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         rope = RotaryEmbedding(self.model_config, self.max_model_len, self.dtype, self.device)
         self.weights = load_weights(config.model_dir, self.model_config, self.dtype, self.device, rope)
@@ -104,7 +108,7 @@ class ModelRunner:
             block_size=config.block_size,
             num_kv_blocks=num_blocks,
             device=str(self.device),
-            dtype=config.dtype,
+            dtype=self.dtype_name,
             hardware=self._fingerprint(),
             model_config_hash=config_hash(config.model_dir),
             model_config_json=config_json(config.model_dir),
@@ -135,7 +139,7 @@ class ModelRunner:
             head_dim=model.head_dim,
             block_size=config.block_size,
             num_blocks=config.cpu_num_kv_blocks,
-            kv_dtype=config.dtype if config.cpu_kv_dtype == "auto" else config.cpu_kv_dtype,
+            kv_dtype=self.dtype_name if config.cpu_kv_dtype == "auto" else config.cpu_kv_dtype,
             max_rows=config.cpu_max_rows,
             max_blocks_per_row=self.max_blocks_per_row,
         )

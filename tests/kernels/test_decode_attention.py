@@ -1,0 +1,145 @@
+"""The accelerator's decode attention: the paged gather and the folded-group SDPA equal attention with K/V repeated per
+query head (LLaMA's repeat_kv) computed in float64; no SDPA math backend runs; one layer's aten calls stay few.
+The CUDA cases are marked gpu (skipped without a device)."""
+
+import collections
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpu_worker.attention import AttentionMetadata, PagedAttention, decode_attention
+from gpu_worker.kv_cache import PagedKVCache
+
+BLOCK = 16
+SHAPES = [(4, 4, 16), (8, 2, 16), (32, 8, 128)]  # (q heads, kv heads, head_dim): MHA, GQA, LLaMA-3.1-8B's heads
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+class AtenCalls(TorchDispatchMode):
+    """Counts the aten calls made under it, by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: object, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _skip_without(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+def _pool(heads: tuple[int, int, int], dtype: torch.dtype, device: str, blocks: int = 48) -> PagedKVCache:
+    _, kv_heads, head_dim = heads
+    generator = torch.Generator().manual_seed(7)
+    shape = (2, blocks, kv_heads, BLOCK, head_dim)  # [layers, blocks, kv_heads, block, head_dim]
+    k = torch.randn(shape, generator=generator).to(device, dtype)
+    v = torch.randn(shape, generator=generator).to(device, dtype)
+    return PagedKVCache.wrap(k, v)
+
+
+def _tables(contexts: list[int], blocks: int = 48) -> list[list[int]]:
+    """Block tables of decode rows of these contexts over disjoint, shuffled blocks of the pool."""
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(3)).tolist()
+    tables = []
+    for context in contexts:
+        n = -(-context // BLOCK)
+        tables.append(order[:n])
+        order = order[n:]
+    return tables
+
+
+def _step(contexts: list[int], device: str) -> AttentionMetadata:
+    return AttentionMetadata.build([], [], [], _tables(contexts), contexts, BLOCK, torch.device(device))
+
+
+def _reference(pool: PagedKVCache, layer: int, q: torch.Tensor, tables: list[list[int]], contexts: list[int]
+               ) -> torch.Tensor:
+    """Each row's attention over its first `context` positions, K/V repeated per query head, in float64."""
+    rows, num_heads, head_dim = q.shape
+    out = torch.empty(rows, num_heads, head_dim, dtype=torch.float64)
+    for row, (table, context) in enumerate(zip(tables, contexts)):
+        k = pool.k[layer, table].double().transpose(0, 1).reshape(pool.k.shape[2], -1, head_dim)[:, :context]
+        v = pool.v[layer, table].double().transpose(0, 1).reshape(pool.v.shape[2], -1, head_dim)[:, :context]
+        group = num_heads // k.shape[0]
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [num_heads, context, head_dim]
+        scores = torch.einsum("hd,hcd->hc", q[row].double().cpu(), k.cpu()) / math.sqrt(head_dim)
+        out[row] = torch.einsum("hc,hcd->hd", scores.softmax(-1), v.cpu())
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", SHAPES, ids=lambda h: f"{h[0]}q{h[1]}kv{h[2]}d")
+def test_paged_decode_attention_equals_repeated_kv_attention(heads: tuple[int, int, int], dtype: torch.dtype,
+                                                             device: str) -> None:
+    _skip_without(device)
+    contexts = [1, 17, 40, 64, 5]
+    pool, metadata = _pool(heads, dtype, device), _step(contexts, device)
+    tables = _tables(contexts)
+    q = torch.randn(len(contexts), heads[0], heads[2], generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    attention = PagedAttention(pool)
+    for layer in (0, 1):  # the second layer runs on the index and mask the first built
+        got = attention.forward(layer, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
+        want = _reference(pool, layer, q, tables, contexts)
+        assert got.shape == q.shape and got.dtype == dtype
+        assert (got.double().cpu() - want).abs().max().item() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_of_llama_heads_runs_one_fused_sdpa_and_no_math(device: str) -> None:
+    _skip_without(device)
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    heads = SHAPES[-1]
+    pool, metadata = _pool(heads, dtype, device), _step([40, 20, 33], device)
+    q = torch.randn(3, heads[0], heads[2], dtype=dtype, device=device)
+    attention = PagedAttention(pool)
+    attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)  # the step's first layer builds its index
+    with AtenCalls() as counted:
+        attention.forward(1, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
+    sdpa = [op for op in counted.calls if op.startswith("aten._scaled_dot_product")]
+    assert len(sdpa) == 1 and "math" not in sdpa[0], counted.calls
+    assert not {"aten.bmm", "aten._safe_softmax", "aten._softmax"} & set(counted.calls), counted.calls
+
+
+def test_one_decode_layer_makes_three_compute_calls_and_copies_nothing() -> None:
+    """Per layer after the step's first: two gathers (K, V) and the SDPA; the rest are views (no transpose copy of
+    the gathered blocks, no per-layer conversion of the boolean mask)."""
+    heads = SHAPES[-1]
+    pool, metadata = _pool(heads, torch.bfloat16, "cpu"), _step([40, 20, 33], "cpu")
+    q = torch.randn(3, heads[0], heads[2], dtype=torch.bfloat16)
+    attention = PagedAttention(pool)
+    attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
+    with AtenCalls() as counted:
+        attention.forward(1, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
+    views = {"aten.view", "aten.select", "aten.slice", "aten.unsqueeze", "aten._unsafe_view"}
+    compute = {op: n for op, n in counted.calls.items() if op not in views}
+    assert compute == {"aten.index": 2, "aten._scaled_dot_product_flash_attention_for_cpu": 1}, counted.calls
+
+
+@pytest.mark.filterwarnings("ignore:.*(Flash attention|kernel not used).*:UserWarning")
+def test_decode_attention_raises_where_only_the_math_backend_could_run() -> None:
+    q = torch.randn(2, 4, 8)
+    k = torch.randn(2, 2, 16, 8)
+    v = torch.randn(2, 2, 16, 12)  # a value head_dim no fused kernel takes
+    with pytest.raises(RuntimeError, match="No available kernel"):
+        decode_attention(q, k, v, torch.ones(2, 1, 1, 16, dtype=torch.bool))
+
+
+def test_gather_reads_each_rows_blocks_in_table_order_for_every_head() -> None:
+    pool = _pool((8, 2, 16), torch.float32, "cpu")
+    tables = torch.tensor([[5, 2, 9], [0, 7, 7]])
+    k, v = pool.gather(1, tables)
+    assert k.shape == (2, 2, 3 * BLOCK, 16)
+    for row, table in enumerate(tables.tolist()):
+        for head in range(2):
+            want = torch.cat([pool.k[1, b, head] for b in table])  # [3 * block, head_dim]
+            assert torch.equal(k[row, head], want)
+            assert torch.equal(v[row, head], torch.cat([pool.v[1, b, head] for b in table]))
