@@ -36,6 +36,7 @@ from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
 from gpu_worker.lm_head import StepLogits, lm_head
+from gpu_worker.rope import Angles
 from gpu_worker.step_batch import SubBatch
 from gpu_worker.step_clock import StepClock
 from gpu_worker.weights import ModelWeights
@@ -47,6 +48,7 @@ class _Flight:
 
     batch: SubBatch
     hidden: torch.Tensor  # [num_tokens, hidden]
+    angles: Angles  # of the batch's positions, for every layer
     layout: OverlapLayout
     ticket: int = -1  # the doorbell sequence of the CPU rows' layer in flight; -1 until rung
     device_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v [device_end, heads, head_dim]
@@ -91,7 +93,7 @@ class Forward:
                     with clock.measure("staging", 0, batch.slot):
                         self._bridge().begin_step(batch)
                 hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
-                flights.append(_Flight(batch, hidden, layout))
+                flights.append(_Flight(batch, hidden, self.weights.rope.angles(batch.positions), layout))
             if mode is ExecutionMode.ASYM_PIPELINE and len(flights) == 2:
                 self._pipelined(flights[0], flights[1], clock, cpu_wait_s)
             else:
@@ -135,7 +137,7 @@ class Forward:
         end = batch.device_end
         rows = slice(0, batch.num_tokens) if flight.fused else slice(end, batch.num_tokens)
         with clock.measure("device_linear", i, batch.slot):
-            q, k, v = pre_attention(self._layer(i), flight.hidden[rows], batch.positions[rows])
+            q, k, v = pre_attention(self._layer(i), flight.hidden[rows], flight.angles[rows])
         if flight.fused:
             flight.device_qkv = (q[:end], k[:end], v[:end])
             q, k, v = q[end:], k[end:], v[end:]  # the CPU rows: the sub-batch's tail
@@ -165,7 +167,7 @@ class Forward:
         layer = self._layer(i)
         if qkv is None:
             with clock.measure("device_linear", i, batch.slot):
-                qkv = pre_attention(layer, flight.hidden[:end], batch.positions[:end])
+                qkv = pre_attention(layer, flight.hidden[:end], flight.angles[:end])
         q, k, v = qkv
         split = batch.num_cpu_prefill_tokens
         loaded = self._load_cpu_contexts(batch, i, clock)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.rope import RotaryEmbedding
+from gpu_worker.rope import Angles, RotaryEmbedding, rotate
 
 
 @dataclass(frozen=True)
@@ -35,20 +35,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pre_attention(
-    layer: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor
+    layer: LayerWeights, hidden: torch.Tensor, angles: Angles
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, QKV projection and RoPE of hidden [num_tokens, hidden] at positions [num_tokens]."""
+    """Norm, QKV projection and RoPE of hidden [num_tokens, hidden] at its tokens' angles (q and k heads rotated in
+    one pass over the projection's q and k columns)."""
     normed = rms_norm(hidden, layer.input_norm, layer.rms_norm_eps)  # [num_tokens, hidden]
     qkv = F.linear(normed, layer.qkv_proj, layer.qkv_bias)  # [num_tokens, q_size + 2 * kv_size]
-    q_size = layer.num_heads * layer.head_dim
-    kv_size = layer.num_kv_heads * layer.head_dim
-    q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-    q = q.reshape(-1, layer.num_heads, layer.head_dim)  # [num_tokens, num_heads, head_dim]
-    k = k.reshape(-1, layer.num_kv_heads, layer.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-    v = v.reshape(-1, layer.num_kv_heads, layer.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-    q = layer.rope.apply(q, positions)  # [num_tokens, num_heads, head_dim]
-    k = layer.rope.apply(k, positions)  # [num_tokens, num_kv_heads, head_dim]
-    return q, k, v
+    heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    qk_size = (heads + kv_heads) * head_dim
+    qk = rotate(qkv[:, :qk_size].view(-1, heads + kv_heads, head_dim), angles)  # [num_tokens, heads + kv_heads, dim]
+    v = qkv[:, qk_size:].view(-1, kv_heads, head_dim)  # [num_tokens, num_kv_heads, head_dim]
+    return qk[:, :heads], qk[:, heads:], v
 
 
 def mlp(layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:

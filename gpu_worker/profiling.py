@@ -93,11 +93,12 @@ class LayerProfiler:
         self._positive("x", tokens, self.runner.max_model_len * 64)
         hidden = self._random(tokens, self.runner.model_config.hidden_size)  # [tokens, hidden]
         positions = torch.arange(tokens, device=self.runner.device) % self.runner.max_model_len
+        angles = self.runner.weights.rope.angles(positions)  # once per step, as Forward gathers them
         attn = self._random(tokens, self.layer.num_heads, self.layer.head_dim)  # [tokens, num_heads, head_dim]
 
         def work() -> None:
             for layer in self.runner.weights.layers:
-                pre_attention(layer, hidden, positions)
+                pre_attention(layer, hidden, angles)
                 post_attention(layer, hidden, attn)
 
         return work

@@ -1,6 +1,8 @@
-"""Rotary position embedding, rotate-half convention, with the frequencies transformers computes."""
+"""Rotary position embedding, rotate-half convention, with the frequencies transformers computes. A step gathers its
+tokens' angles once (RotaryEmbedding.angles) for every layer, and each layer rotates its q and k heads in one pass."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +32,24 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium_freq, smoothed, inv_freq_llama)
 
 
+@dataclass(frozen=True)
+class Angles:
+    """cos and sin [num_tokens, 1, head_dim] of a step's token positions, in the model dtype."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> "Angles":
+        return Angles(self.cos[rows], self.sin[rows])
+
+
+def rotate(x: torch.Tensor, angles: Angles) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim] rotated by its tokens' angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [num_tokens, heads, head_dim]
+    return x * angles.cos + rotated * angles.sin
+
+
 class RotaryEmbedding:
     """cos/sin tables for positions [0, max_len), computed in fp32 and stored in the model dtype."""
 
@@ -42,10 +62,6 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(dtype)  # [max_len, head_dim]
         self.max_len = max_len
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [num_tokens, num_heads, head_dim] by the angles of positions [num_tokens]."""
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [num_tokens, num_heads, head_dim]
-        return x * cos + rotated * sin
+    def angles(self, positions: torch.Tensor) -> Angles:
+        """The angles of positions [num_tokens]."""
+        return Angles(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))

@@ -23,6 +23,7 @@ class ModelWeights:
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    rope: RotaryEmbedding  # every layer's
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
@@ -99,6 +100,7 @@ def load_weights(
             layers=tuple(_layer(ckpt, config, i, rope) for i in range(config.num_hidden_layers)),
             final_norm=ckpt.get("model.norm.weight"),
             lm_head=embed if tied else ckpt.get("lm_head.weight"),
+            rope=rope,
         )
     logger.info(
         "loaded %d layers from %d file(s) in %s (%s, %s)", len(weights.layers), len(files), model_dir, dtype, device
