@@ -152,8 +152,8 @@ def test_gather_reads_each_rows_blocks_in_table_order_for_every_head() -> None:
 def test_one_decode_layer_makes_34_compute_calls() -> None:
     """LLaMA-3.1-8B's heads (a narrow MLP) at three decode rows, the step's angles and attention index built: per
     RMSNorm 8 (fp32 statistics as transformers), RoPE of q and k heads in one pass 5, the four projections and SwiGLU
-    8, the KV write 2, attention 3 (two gathers, one SDPA), residuals 2 and the KV-pool dtype casts. 48 before the
-    angles were gathered once per step, q and k rotated together and the decode path lost its copies."""
+    8, the KV write 2, attention 3 (two gathers, one SDPA), residuals 2 and the KV-pool dtype casts: no per-layer
+    angle gather, transpose copy or mask conversion."""
     raw = {"hidden_size": 4096, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 64, "max_position_embeddings": 256}
     config, dtype = parse_model_config(raw), torch.bfloat16
