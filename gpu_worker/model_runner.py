@@ -212,6 +212,7 @@ class ModelRunner:
             wait_ns=clock.ns["wait"],
             cpu_attention_ns=(self.bridge.busy_ns() - busy_before) if self.bridge else 0,
             start_unix_ns=start_unix_ns,
+            host_timed_splits=self.device.type == "cuda" and not plan.record_subtasks,
         )
         return StepOutput(
             step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs, subtasks=clock.subtasks_unix(),

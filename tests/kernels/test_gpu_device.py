@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from apex_serve.types import SamplingParams
+from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from apex_tools.local_engine import LocalEngine
 from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -17,3 +18,11 @@ def test_cuda_engine_matches_cpu_engine_greedy(default_model_dir: Path) -> None:
     cpu = LocalEngine(GpuWorkerConfig(model_dir=str(default_model_dir), device="cpu")).generate(prompts, sampling)
     cuda = LocalEngine(GpuWorkerConfig(model_dir=str(default_model_dir), device="cuda")).generate(prompts, sampling)
     assert [g.token_ids for g in cuda] == [g.token_ids for g in cpu]
+
+
+def test_cuda_steps_mark_their_splits_host_timed_unless_sampled(default_model_dir: Path) -> None:
+    runner = ModelRunner(GpuWorkerConfig(model_dir=str(default_model_dir), device="cuda", num_kv_blocks=8))
+    request = NewRequestData("a", (256, 1, 2), SamplingParams(temperature=0.0), (0,))
+    assert runner.execute(StepPlan(0, (request,))).timings.host_timed_splits
+    sampled = runner.execute(StepPlan(1, cached_requests=(CachedRequestData("a"),), record_subtasks=True))
+    assert not sampled.timings.host_timed_splits and sampled.subtasks
