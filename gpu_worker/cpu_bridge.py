@@ -25,8 +25,9 @@ class CpuAttentionBridge:
         spec: DataPlaneSpec = client.spec
         storage = TORCH_DTYPES[spec.kv_dtype]
         self.pool = PagedKVCache.wrap(torch_view(client.k_cache, storage), torch_view(client.v_cache, storage))
-        for region in ("kv", "staging"):  # whole regions: their tensors share pages
-            transfer.register(torch.from_numpy(client.region_buffer(region)))
+        # the region DMA touches (the staging copies), whole: its tensors share pages. The KV region is written and
+        # read through pageable intermediates (prefill KV, swaps), so pinning its gigabytes would buy nothing.
+        transfer.register(torch.from_numpy(client.region_buffer("staging")))
         self._staging = []
         for slot in range(spec.num_slots):
             views = client.staging(slot)

@@ -14,7 +14,7 @@ from apex_serve.types import Placement, StepPlan
 from cpu_attention_worker.client import CpuAttentionError, DataPlaneClient, remove_stale_segments
 from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.cpu_bridge import CpuAttentionBridge
-from gpu_worker.host_transfer import host_transfer_for
+from gpu_worker.host_transfer import HostTransfer, host_transfer_for
 from gpu_worker.step_batch import RequestState
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,14 @@ def open_bridge(address: str, spec: DataPlaneSpec, device: torch.device, timeout
     """A fresh data plane of spec at address (the worker's previous plane torn down), mapped here and registered
     for transfers to and from device."""
     client = DataPlaneClient.connect(address, spec, timeout_s=timeout_s, fresh=True)
+    transfer: HostTransfer | None = None
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return CpuAttentionBridge(client, host_transfer_for(device))
+            transfer = host_transfer_for(device)
+            return CpuAttentionBridge(client, transfer)
     except BaseException:
+        if transfer is not None:
+            transfer.close()  # its registrations go before the memory they pin is unmapped
         client.close()
         raise
 

@@ -1,13 +1,15 @@
 """Copies between the accelerator and host shared memory, behind one small interface.
 
-On the CPU device a copy is a memcpy and the staged tensor can be used in place. On CUDA the shared-memory
-buffers are registered as pinned host memory, device-to-host copies run on a side stream ordered after the kernels
-that produced their sources (an event recorded on the compute stream), and the doorbell may only ring once they
-have landed (ready()).
+On the CPU device a copy is a memcpy and the staged tensor can be used in place. On CUDA the shared-memory buffers
+that DMA touches (the staging region) are registered as pinned host memory, device-to-host copies run on a side
+stream ordered after the kernels that produced their sources (an event recorded on the compute stream), and the
+doorbell may only ring once they have landed (ready()). Where registration fails (the driver refuses, e.g. no support
+or a locked-memory limit) the buffer stays pageable with a warning: copies still land before ready() returns, staged
+by the driver, only slower.
 """
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,8 +22,8 @@ class HostTransfer(Protocol):
     after queuing the layer's window, so the staging copies run beside the window and waiting for them idles only
     the host. False when the work is done by the time each call returns (the CPU device): ring at once."""
 
-    def register(self, host: torch.Tensor) -> None:
-        """Prepare a host (shared-memory) tensor for fast transfers."""
+    def register(self, host: torch.Tensor) -> bool:
+        """Prepare a host (shared-memory) tensor for fast transfers; whether it is (pinned on CUDA)."""
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Start copying src (device) into dst (host); dtypes may differ."""
@@ -41,8 +43,8 @@ class CpuHostTransfer:
 
     queued = False
 
-    def register(self, host: torch.Tensor) -> None:
-        pass
+    def register(self, host: torch.Tensor) -> bool:
+        return True
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
@@ -57,6 +59,32 @@ class CpuHostTransfer:
         pass
 
 
+class HostRegistry:
+    """Host memory pinned through the CUDA runtime's cudaHostRegister (`cudart`: torch.cuda.cudart(), or a double),
+    each registration undone by release(), in reverse order; a refused one leaves the memory pageable."""
+
+    def __init__(self, cudart: Any) -> None:
+        self._cudart = cudart
+        self._pinned: list[torch.Tensor] = []
+
+    def pin(self, host: torch.Tensor) -> bool:
+        nbytes = host.numel() * host.element_size()
+        status = int(self._cudart.cudaHostRegister(host.data_ptr(), nbytes, 0))
+        if status != 0:
+            logger.warning("cudaHostRegister of %d bytes failed (cudaError %d): the copies through it stay pageable "
+                           "(correct, slower)", nbytes, status)
+            return False
+        self._pinned.append(host)
+        return True
+
+    def release(self) -> None:
+        while self._pinned:
+            host = self._pinned.pop()
+            status = int(self._cudart.cudaHostUnregister(host.data_ptr()))
+            if status != 0:
+                logger.warning("cudaHostUnregister failed (cudaError %d)", status)
+
+
 class CudaHostTransfer:
     """Pinned (cudaHostRegister) shared memory, D2H copies on a side stream ordered after the producing kernels."""
 
@@ -66,13 +94,10 @@ class CudaHostTransfer:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._copied = torch.cuda.Event()
-        self._registered: list[torch.Tensor] = []
+        self._registry = HostRegistry(torch.cuda.cudart())
 
-    def register(self, host: torch.Tensor) -> None:
-        status = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
-        if int(status) != 0:
-            raise RuntimeError(f"cudaHostRegister of {host.numel() * host.element_size()} bytes failed: {status}")
-        self._registered.append(host)
+    def register(self, host: torch.Tensor) -> bool:
+        return self._registry.pin(host)
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -89,9 +114,7 @@ class CudaHostTransfer:
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
-        for host in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
-        self._registered.clear()
+        self._registry.release()
 
 
 def host_transfer_for(device: torch.device) -> HostTransfer:

@@ -5,7 +5,7 @@ through pinned memory on a side stream (the CUDA cases are marked gpu and skip w
 import pytest
 import torch
 
-from gpu_worker.host_transfer import CpuHostTransfer, CudaHostTransfer, HostTransfer, host_transfer_for
+from gpu_worker.host_transfer import CpuHostTransfer, CudaHostTransfer, HostRegistry, HostTransfer, host_transfer_for
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -50,3 +50,46 @@ def test_host_transfer_for_picks_the_cpu_transfer_on_the_cpu_device() -> None:
 @pytest.mark.gpu
 def test_host_transfer_for_picks_the_pinned_side_stream_transfer_on_cuda() -> None:
     assert isinstance(host_transfer_for(torch.device("cuda", 0)), CudaHostTransfer)
+
+
+class FakeCudart:
+    """cudaHostRegister / cudaHostUnregister as the CUDA runtime answers them: 0, or the error code of a refusal for
+    the registrations numbered in `refuse` (0-based)."""
+
+    def __init__(self, refuse: frozenset[int] = frozenset()) -> None:
+        self.refuse = refuse
+        self.registered: list[int] = []  # pointers, in order
+        self.unregistered: list[int] = []
+        self._calls = 0
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:  # the runtime's name
+        call, self._calls = self._calls, self._calls + 1
+        if call in self.refuse:
+            return 712  # cudaErrorHostMemoryAlreadyRegistered, or any refusal
+        self.registered.append(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_a_refused_registration_warns_and_leaves_the_memory_pageable(caplog: pytest.LogCaptureFixture) -> None:
+    cudart = FakeCudart(refuse=frozenset({0}))
+    registry = HostRegistry(cudart)
+    with caplog.at_level("WARNING"):
+        assert not registry.pin(torch.zeros(1024))
+    assert "cudaHostRegister of 4096 bytes failed (cudaError 712)" in caplog.text and "pageable" in caplog.text
+    registry.release()
+    assert cudart.unregistered == []  # nothing of the refused one to undo
+
+
+def test_release_undoes_every_accepted_registration_in_reverse_and_only_those() -> None:
+    cudart = FakeCudart(refuse=frozenset({1}))
+    registry = HostRegistry(cudart)
+    buffers = [torch.zeros(16) for _ in range(3)]
+    assert [registry.pin(b) for b in buffers] == [True, False, True]
+    registry.release()
+    assert cudart.unregistered == [buffers[2].data_ptr(), buffers[0].data_ptr()]
+    registry.release()  # released once
+    assert len(cudart.unregistered) == 2

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from apex_serve import rpc
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
@@ -27,6 +28,8 @@ from cpu_attention_worker.config import CpuAttentionConfig
 from cpu_attention_worker.data_plane import DataPlaneSpec, DataPlaneSpecError, layout
 from cpu_attention_worker.data_plane_registry import DataPlaneRegistry
 from cpu_attention_worker.server import create_server
+from gpu_worker import cpu_pool
+from gpu_worker.host_transfer import CpuHostTransfer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -340,3 +343,45 @@ def test_wait_on_a_stalled_then_killed_worker_raises_instead_of_hanging(
         timer.join()
     finally:
         client.close()
+
+
+class RecordingTransfer(CpuHostTransfer):
+    """The CPU device's transfer, recording what the bridge registers and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.registered: list[int] = []  # bytes of each registered buffer
+        self.closed = False
+
+    def register(self, host: torch.Tensor) -> bool:
+        self.registered.append(host.numel() * host.element_size())
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_bridge_registers_only_the_staging_region_dma_touches(worker: Worker,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    transfer = RecordingTransfer()
+    monkeypatch.setattr(cpu_pool, "host_transfer_for", lambda device: transfer)
+    bridge = cpu_pool.open_bridge(worker.address, _spec(), torch.device("cpu"), 10.0)
+    try:
+        assert transfer.registered == [bridge.client.region_buffer("staging").nbytes]
+        assert bridge.client.region_buffer("kv").nbytes not in transfer.registered
+    finally:
+        bridge.close()
+    assert transfer.closed
+
+
+def test_a_bridge_failing_after_its_registration_undoes_it_before_unmapping(worker: Worker,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    transfer = RecordingTransfer()
+    monkeypatch.setattr(cpu_pool, "host_transfer_for", lambda device: transfer)
+
+    def lost(self: DataPlaneClient, slot: int) -> None:
+        raise RuntimeError("staging views unavailable")
+
+    monkeypatch.setattr(DataPlaneClient, "staging", lost)
+    with pytest.raises(RuntimeError, match="staging views unavailable"):
+        cpu_pool.open_bridge(worker.address, _spec(), torch.device("cpu"), 10.0)
+    assert transfer.registered and transfer.closed
