@@ -151,6 +151,9 @@ class Stack:
         ]
         if c.num_kv_blocks is not None:
             worker_args += ["--num-kv-blocks", str(c.num_kv_blocks)]
+        scheduler_budget = [] if c.max_num_batched_tokens is None else [
+            "--max-num-batched-tokens", str(c.max_num_batched_tokens)]
+        worker_args += [*scheduler_budget, "--max-num-seqs", str(c.max_num_seqs)]  # the forward that sizes its pool
         gateway_args = [
             "--model-dir", c.model_dir, "--address", c.gateway_address, "--http-address", c.http_address,
             "--scheduler-address", scheduler, "--drain-timeout-s", str(c.drain_timeout_s),
@@ -158,8 +161,6 @@ class Stack:
         ]
         if c.api_keys_file:
             gateway_args += ["--api-keys-file", c.api_keys_file]
-        scheduler_budget = [] if c.max_num_batched_tokens is None else [
-            "--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         return [
             ("cpu_attention_worker", cpu_worker,
              ["--address", cpu_worker, "--kv-budget-bytes", str(c.cpu_kv_budget_bytes)]),

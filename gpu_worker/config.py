@@ -21,10 +21,21 @@ class GpuWorkerConfig:
     device: str = option("auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     block_size: int = option(16, help="tokens per KV cache block")
     num_kv_blocks: int | None = option(
-        None, help="blocks of the device KV pool; overrides --device-kv-budget-bytes; unset: from that budget"
+        None, help="blocks of the device KV pool; unset: on CUDA from --gpu-memory-utilization, on the CPU from "
+        "--device-kv-budget-bytes"
     )
     device_kv_budget_bytes: int = option(
-        64 * 2**20, help="bytes of device memory for the KV pool (K and V of all layers)"
+        64 * 2**20, help="the CPU device: bytes of memory for the KV pool (K and V of all layers)"
+    )
+    gpu_memory_utilization: float = option(
+        0.9, help="CUDA: the share of the device's memory for the weights, a step's activations and the KV pool, "
+        "which gets what the weights and a worst-case forward (--max-num-batched-tokens, --max-num-seqs) leave"
+    )
+    max_num_batched_tokens: int = option(
+        8192, help="CUDA: tokens of the worst-case forward that sizes the KV pool (the scheduler's step budget)"
+    )
+    max_num_seqs: int = option(
+        64, help="CUDA: rows of the worst-case forward's LM head (the scheduler's requests running at once)"
     )
     max_model_len: int | None = option(
         None, help="longest sequence in tokens (prompt + output); unset: the model's max_position_embeddings"
@@ -66,6 +77,11 @@ class GpuWorkerConfig:
             raise ValueError(f"num_kv_blocks: must be >= 1 or None, got {self.num_kv_blocks}")
         if self.device_kv_budget_bytes <= 0:
             raise ValueError(f"device_kv_budget_bytes: must be >= 1, got {self.device_kv_budget_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens < 1 or not 1 <= self.max_num_seqs <= self.max_num_batched_tokens:
+            raise ValueError(f"max_num_seqs: must be in [1, max_num_batched_tokens ({self.max_num_batched_tokens})], "
+                             f"got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len: must be >= 1 or None, got {self.max_model_len}")
         if self.num_threads <= 0:

@@ -23,6 +23,7 @@ from gpu_worker.forward import Forward
 from gpu_worker.grammar import GrammarCompiler, GrammarMask, grammar_mask
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, bytes_per_block
 from gpu_worker.lm_head import StepLogits
+from gpu_worker.memory_profile import CudaMemory, DeviceMemory, kv_pool_blocks, worst_case_forward
 from gpu_worker.model_config import ModelConfig, load_model_config
 from gpu_worker.plan_checks import PlanChecker, cpu_pool_use
 from gpu_worker.rope import RotaryEmbedding
@@ -64,7 +65,9 @@ class ModelRunner:
     CPU pool is then detached until a fresh data plane is re-attached in the background, and plans that touch it
     fail with CpuPoolLost meanwhile."""
 
-    def __init__(self, config: GpuWorkerConfig) -> None:
+    def __init__(self, config: GpuWorkerConfig, memory: DeviceMemory | None = None) -> None:
+        """memory: the device's, which sizes the KV pool (memory_profile) where num_kv_blocks is unset; None: CUDA's
+        own on CUDA, and on the CPU device_kv_budget_bytes instead."""
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
@@ -78,11 +81,7 @@ class ModelRunner:
         rope = RotaryEmbedding(self.model_config, self.max_model_len, self.dtype, self.device)
         self.weights = load_weights(config.model_dir, self.model_config, self.dtype, self.device, rope)
         per_block = bytes_per_block(self.model_config, config.block_size, self.dtype)
-        num_blocks = config.num_kv_blocks or config.device_kv_budget_bytes // per_block
-        if num_blocks == 0:
-            raise ValueError(
-                f"device_kv_budget_bytes: {config.device_kv_budget_bytes} is under one block ({per_block} bytes)"
-            )
+        num_blocks = config.num_kv_blocks or self._pool_blocks(per_block, memory)
         if num_blocks * config.block_size < self.max_model_len:
             logger.warning(
                 "KV pool of %d blocks cannot hold one request of max_model_len %d", num_blocks, self.max_model_len
@@ -162,6 +161,20 @@ class ModelRunner:
             cpu_pool_attached=True,
             cpu_pool_generation=self._info.cpu_pool_generation + 1,
         )
+
+    def _pool_blocks(self, per_block: int, memory: DeviceMemory | None) -> int:
+        config = self.config
+        if memory is None and self.device.type == "cuda":
+            memory = CudaMemory(self.device)
+        if memory is not None:
+            return kv_pool_blocks(memory, config.gpu_memory_utilization, per_block, lambda: worst_case_forward(
+                self.weights, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                self.model_config.rms_norm_eps, self.device))
+        if config.device_kv_budget_bytes < per_block:
+            raise ValueError(
+                f"device_kv_budget_bytes: {config.device_kv_budget_bytes} is under one block ({per_block} bytes)"
+            )
+        return config.device_kv_budget_bytes // per_block
 
     @property
     def info(self) -> WorkerInfo:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from apex_serve.types import CachedRequestData, NewRequestData, SamplingParams, StepPlan
 from apex_tools.local_engine import LocalEngine
@@ -26,3 +27,12 @@ def test_cuda_steps_mark_their_splits_host_timed_unless_sampled(default_model_di
     assert runner.execute(StepPlan(0, (request,))).timings.host_timed_splits
     sampled = runner.execute(StepPlan(1, cached_requests=(CachedRequestData("a"),), record_subtasks=True))
     assert not sampled.timings.host_timed_splits and sampled.subtasks
+
+
+def test_cuda_runner_sizes_its_kv_pool_from_the_devices_memory(default_model_dir: Path) -> None:
+    runner = ModelRunner(GpuWorkerConfig(model_dir=str(default_model_dir), device="cuda", gpu_memory_utilization=0.5))
+    pool = runner.kv_cache
+    pool_bytes = pool.k.numel() * pool.k.element_size() * 2
+    total = torch.cuda.get_device_properties(runner.device).total_memory
+    assert runner.info.dtype == "float16" and runner.info.num_kv_blocks > 0
+    assert pool_bytes <= 0.5 * total
