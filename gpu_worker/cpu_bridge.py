@@ -1,14 +1,22 @@
 """The gpu_worker's side of the data plane to the cpu_attention_worker: the CPU KV pool (shared memory, mapped
-here for prefill writes and swaps), per-slot staging of the CPU rows' q/k/v and o, and the doorbell."""
+here for prefill writes and swaps), per-slot staging of the CPU rows' q/k/v and o, and the doorbell.
+
+A slot is rung for a layer only once (a) its staged q/k/v have landed in host memory and (b) the o the CPU wrote for
+the slot's previous layer has been copied to the device (the CPU overwrites it when rung). Both are markers of the
+transfer (HostTransfer.copied, .landed). On a device that queues its work (CUDA) one doorbell thread waits for them
+and rings, in the order ring() was called, so the thread that enqueues the device's work never blocks on a copy; the
+ticket ring() returns gives the doorbell's seq to collect(). On the CPU device both markers are done: ring at once.
+"""
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from apex_serve.types import SubtaskKind
 from cpu_attention_worker.client import DataPlaneClient
 from cpu_attention_worker.data_plane import DataPlaneSpec
-from gpu_worker.host_transfer import HostTransfer
+from gpu_worker.host_transfer import HostTransfer, Marker
 from gpu_worker.kv_cache import TORCH_DTYPES, PagedKVCache, torch_view
 from gpu_worker.step_batch import SubBatch
 from gpu_worker.step_clock import StepClock
@@ -28,6 +36,9 @@ class CpuAttentionBridge:
         # the region DMA touches (the staging copies), whole: its tensors share pages. The KV region is written and
         # read through pageable intermediates (prefill KV, swaps), so pinning its gigabytes would buy nothing.
         transfer.register(torch.from_numpy(client.region_buffer("staging")))
+        # the marker after the slot's last o went to the device; None: nothing of the slot's o is in flight
+        self._landed: list[Marker | None] = [None] * spec.num_slots
+        self._doorbell = ThreadPoolExecutor(1, "apex-doorbell") if transfer.queued else None
         self._staging = []
         for slot in range(spec.num_slots):
             views = client.staging(slot)
@@ -53,7 +64,7 @@ class CpuAttentionBridge:
 
     def stage(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Start copying q [rows, num_q_heads, head_dim] and k/v [rows, num_kv_heads, head_dim] into the slot's
-        staging (done at return on the CPU device; on CUDA ring, or transfer.ready(), waits for them)."""
+        staging (done at return on the CPU device; on CUDA ring() has them waited for)."""
         rows = q.shape[0]
         q_host, k_host, v_host, _ = self._staging[slot]
         self.transfer.to_host(q_host[:rows], q)
@@ -63,29 +74,46 @@ class CpuAttentionBridge:
     def output(self, slot: int, rows: int) -> torch.Tensor:  # [rows, num_q_heads, head_dim] float32, host
         return self._staging[slot][3][:rows]
 
-    def ring(self, slot: int, layer_idx: int) -> int:
-        """Once the slot's staged copies have landed, ring for one layer of its CPU rows; the ticket to collect."""
-        self.transfer.ready()
+    def ring(self, slot: int, layer_idx: int) -> "Future[int]":
+        """Ring for one layer of the slot's CPU rows once its staged copies have landed and its last o reached the
+        device (the module docstring); the ticket to collect."""
+        markers = (self.transfer.copied(), self._landed[slot])
+        self._landed[slot] = None
+        if self._doorbell is None:
+            ticket: Future[int] = Future()
+            ticket.set_result(self._ring_after(markers, slot, layer_idx))
+            return ticket
+        return self._doorbell.submit(self._ring_after, markers, slot, layer_idx)
+
+    def _ring_after(self, markers: tuple[Marker | None, ...], slot: int, layer_idx: int) -> int:
+        for marker in markers:
+            if marker is not None:
+                marker.synchronize()
         return self.client.ring(slot, layer_idx)
 
     def collect(
-        self, slot: int, layer: int, ticket: int, rows: int, timeout_s: float, clock: StepClock
+        self, slot: int, layer: int, ticket: "Future[int]", rows: int, timeout_s: float, clock: StepClock
     ) -> torch.Tensor:
-        """Wait up to timeout_s for a launched layer (CpuAttentionError past it, or when the worker died);
-        o [rows, num_q_heads, head_dim] float32 on the device."""
+        """Wait up to timeout_s for a launched layer (CpuAttentionError past it, when the worker died, or when the
+        doorbell could not ring); o [rows, num_q_heads, head_dim] float32 on the device."""
         with clock.measure("wait"):
-            self.client.wait(ticket, timeout_s)
+            seq = ticket.result(timeout_s)
+            self.client.wait(seq, timeout_s)
         if clock.record:
-            clock.add_interval(SubtaskKind.CPU_ATTENTION, layer, slot, *self.client.served_interval(ticket))
+            clock.add_interval(SubtaskKind.CPU_ATTENTION, layer, slot, *self.client.served_interval(seq))
         with clock.measure("staging", layer, slot):
-            return self.transfer.to_device(self.output(slot, rows))
+            o = self.transfer.to_device(self.output(slot, rows))
+            self._landed[slot] = self.transfer.landed()
+            return o
 
     def busy_ns(self) -> int:
         """The CPU serving thread's cumulative busy time over all slots."""
         return sum(self.client.busy_ns(slot) for slot in range(self.spec.num_slots))
 
     def close(self) -> None:
-        """Unregister and drop every view of the shared memory, then unmap it."""
+        """Stop the doorbell thread, unregister and drop every view of the shared memory, then unmap it."""
+        if self._doorbell is not None:
+            self._doorbell.shutdown(wait=True, cancel_futures=True)
         self.transfer.close()
         self._staging.clear()
         del self.pool

@@ -3,8 +3,8 @@
 
 Every layer of a sub-batch runs in three stages:
 - launch: norm, QKV and RoPE of the rows the layout projects first; the CPU rows' q/k/v staged and the doorbell
-  rung (on CUDA the copies run on a side stream ordered after the QKV GEMM by an event, and the doorbell rings
-  once they have landed, after the window is queued: HostTransfer.queued);
+  rung (on CUDA the copies run on a side stream ordered after the QKV GEMM by an event, and a doorbell thread rings
+  once they have landed, while this thread goes on to queue the window: gpu_worker.cpu_bridge);
 - device: the work of the layer's window, the accelerator work done while the CPU attends: the accelerator rows'
   k/v written to their pool and their attention (prefill rows over their own tokens, a chunk also over the
   request's earlier KV, accelerator decode rows over the paged pool);
@@ -25,6 +25,7 @@ The last layer's O-proj and MLP, and the LM head, run over a sub-batch's kept ro
 sampling rows, and every position of a prefill row whose request asked for prompt logprobs (gpu_worker.lm_head).
 """
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class _Flight:
     hidden: torch.Tensor  # [num_tokens, hidden]
     angles: Angles  # of the batch's positions, for every layer
     layout: OverlapLayout
-    ticket: int = -1  # the doorbell sequence of the CPU rows' layer in flight; -1 until rung
+    ticket: "Future[int] | None" = None  # the doorbell seq of the CPU rows' layer in flight, once rung
     device_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v [device_end, heads, head_dim]
     device_attn: torch.Tensor | None = None  # [device tokens not yet projected, num_heads, head_dim]
     done_prefill: torch.Tensor | None = None  # [kept prefill tokens, hidden] prefill rows already through the layer
@@ -145,17 +146,11 @@ class Forward:
             bridge = self._bridge()
             with clock.measure("staging", i, batch.slot):
                 bridge.stage(batch.slot, q, k, v)
-                if not bridge.transfer.queued:
-                    flight.ticket = bridge.ring(batch.slot, i)
+                flight.ticket = bridge.ring(batch.slot, i)
 
     def _device(self, flight: _Flight, i: int, clock: StepClock) -> None:
-        """The layer's window, then the doorbell if launch left it to ring (a device that queues its work: the window
-        is queued by then, so the staging copies run beside it)."""
+        """The layer's window."""
         self._window(flight, i, clock)
-        batch = flight.batch
-        if batch.num_cpu_decodes and flight.ticket < 0:
-            with clock.measure("staging", i, batch.slot):
-                flight.ticket = self._bridge().ring(batch.slot, i)
 
     def _window(self, flight: _Flight, i: int, clock: StepClock) -> None:
         batch = flight.batch
@@ -206,10 +201,12 @@ class Forward:
         batch = flight.batch
         parts = [] if flight.device_attn is None else [flight.device_attn]
         if batch.num_cpu_decodes:
+            if flight.ticket is None:
+                raise RuntimeError(f"layer {i}: sub-batch {batch.slot}'s CPU rows were not rung")
             parts.append(
                 self._bridge().collect(batch.slot, i, flight.ticket, batch.num_cpu_decodes, cpu_wait_s, clock)
             )
-            flight.ticket = -1
+            flight.ticket = None
         attn = torch.cat(parts) if len(parts) > 1 else parts[0]  # [rows not yet projected, num_heads, head_dim]
         hidden = flight.hidden
         if flight.done_prefill is not None:

@@ -16,11 +16,28 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+class Marker(Protocol):
+    """A point in the device's queued work (a CUDA event)."""
+
+    def synchronize(self) -> None:
+        """Block until the work queued before the marker is done."""
+
+
+class _Done:
+    """The marker of a device whose work is done when each call returns."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+DONE = _Done()
+
+
 class HostTransfer(Protocol):
     queued: bool
-    """True when device work is queued and runs after the host moves on (CUDA): the host then rings the doorbell
-    after queuing the layer's window, so the staging copies run beside the window and waiting for them idles only
-    the host. False when the work is done by the time each call returns (the CPU device): ring at once."""
+    """True when device work is queued and runs after the host moves on (CUDA): whoever rings the doorbell waits for
+    the staged copies' marker first, off the thread that enqueues the device's work. False when the work is done by
+    the time each call returns (the CPU device): ring at once."""
 
     def register(self, host: torch.Tensor) -> bool:
         """Prepare a host (shared-memory) tensor for fast transfers; whether it is (pinned on CUDA)."""
@@ -31,8 +48,14 @@ class HostTransfer(Protocol):
     def ready(self) -> None:
         """Block until every to_host so far has landed in host memory."""
 
+    def copied(self) -> Marker:
+        """A marker after every to_host so far: once it is done, they have landed in host memory."""
+
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
         """src (host) on the device, in src's dtype; may alias src on the CPU device."""
+
+    def landed(self) -> Marker:
+        """A marker after every to_device so far: once it is done, their sources may be overwritten."""
 
     def close(self) -> None:
         """Undo every register (before the host memory is unmapped)."""
@@ -52,8 +75,14 @@ class CpuHostTransfer:
     def ready(self) -> None:
         pass
 
+    def copied(self) -> Marker:
+        return DONE
+
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
         return src
+
+    def landed(self) -> Marker:
+        return DONE
 
     def close(self) -> None:
         pass
@@ -109,8 +138,18 @@ class CudaHostTransfer:
     def ready(self) -> None:
         self._copied.synchronize()
 
+    def copied(self) -> Marker:
+        marker = torch.cuda.Event()
+        marker.record(self.stream)
+        return marker
+
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
         return src.to(self.device, non_blocking=True)
+
+    def landed(self) -> Marker:
+        marker = torch.cuda.Event()
+        marker.record(torch.cuda.current_stream(self.device))
+        return marker
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from apex_serve import rpc
 from apex_serve.v1 import cpu_attention_pb2, cpu_attention_pb2_grpc
@@ -30,6 +32,7 @@ from cpu_attention_worker.data_plane_registry import DataPlaneRegistry
 from cpu_attention_worker.server import create_server
 from gpu_worker import cpu_pool
 from gpu_worker.host_transfer import CpuHostTransfer
+from gpu_worker.step_clock import StepClock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -385,3 +388,135 @@ def test_a_bridge_failing_after_its_registration_undoes_it_before_unmapping(work
     with pytest.raises(RuntimeError, match="staging views unavailable"):
         cpu_pool.open_bridge(worker.address, _spec(), torch.device("cpu"), 10.0)
     assert transfer.registered and transfer.closed
+
+
+class QueuedMarker:
+    """A marker of QueuedTransfer: synchronising it lands every copy queued before it, and is logged."""
+
+    def __init__(self, transfer: "QueuedTransfer", kind: str, upto: int) -> None:
+        self.transfer, self.kind, self.upto = transfer, kind, upto
+
+    def synchronize(self) -> None:
+        self.transfer.land(self)
+
+
+class QueuedTransfer(CpuHostTransfer):
+    """A device that queues its copies, as CUDA does, played on the CPU: a staged copy lands in host memory only when
+    a marker made after it is synchronised (which may be delayed, as a busy compute stream would); every marker made,
+    every synchronisation and every ring is logged with its thread, the happens-before record the test checks."""
+
+    queued = True
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.log: list[tuple[str, object, str]] = []  # (what, marker or (slot, layer), thread name)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._landed = 0
+        self._lock = threading.Lock()
+
+    def _note(self, what: str, subject: object) -> None:
+        with self._lock:
+            self.log.append((what, subject, threading.current_thread().name))
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with self._lock:
+            self._pending.append((dst, src.clone()))
+
+    def copied(self) -> QueuedMarker:
+        marker = QueuedMarker(self, "copied", len(self._pending))
+        self._note("made", marker)
+        return marker
+
+    def landed(self) -> QueuedMarker:
+        marker = QueuedMarker(self, "landed", len(self._pending))
+        self._note("made", marker)
+        return marker
+
+    def last_made(self, kind: str) -> QueuedMarker:
+        with self._lock:
+            return next(m for what, m, _ in reversed(self.log) if what == "made" and m.kind == kind)
+
+    def land(self, marker: QueuedMarker) -> None:
+        time.sleep(self.delay_s)
+        with self._lock:
+            for dst, src in self._pending[self._landed : marker.upto]:
+                dst.copy_(src)
+            self._landed = max(self._landed, marker.upto)
+        self._note("synchronized", marker)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pipelined=st.booleans(), seed=st.integers(0, 2**16), delay_ms=st.sampled_from([0.0, 0.5, 3.0]))
+def test_each_ring_waits_for_its_staged_copies_and_the_slots_last_o_off_the_enqueuing_thread(
+        worker: Worker, monkeypatch: pytest.MonkeyPatch, pipelined: bool, seed: int, delay_ms: float) -> None:
+    """Two sub-batches over two layers, rung one sub-batch after the other (ASYNC_OVERLAP's order) or pipelined (a's
+    layer i rung before b's layer i - 1 is collected, ASYM_PIPELINE's). Every ring must come after its staging
+    copies landed and after the slot's previous o reached the device, those waits must be the doorbell thread's (the
+    enqueuing thread never blocks on a copy), and o must equal the reference attention over what was staged."""
+    transfer = QueuedTransfer(delay_ms / 1e3)
+    monkeypatch.setattr(cpu_pool, "host_transfer_for", lambda device: transfer)
+    spec, rng = _spec(), np.random.default_rng(seed)
+    bridge = cpu_pool.open_bridge(worker.address, spec, torch.device("cpu"), 10.0)
+    ring = bridge.client.ring
+
+    def logged_ring(slot: int, layer: int) -> int:
+        transfer._note("ring", (slot, layer))
+        return ring(slot, layer)
+
+    monkeypatch.setattr(bridge.client, "ring", logged_ring)
+    try:
+        client = bridge.client
+        client.k_cache[...] = rng.standard_normal(client.k_cache.shape)
+        client.v_cache[...] = rng.standard_normal(client.v_cache.shape)
+        k_ref, v_ref = client.k_cache.copy(), client.v_cache.copy()
+        lens = [int(n) for n in rng.integers(1, spec.block_size + 1, 2 * spec.max_rows)]
+        tables, slots = _random_rows(spec, rng, lens)  # distinct blocks for both sub-batches
+        rows = spec.max_rows
+        for slot in (0, 1):
+            part = slice(slot * rows, (slot + 1) * rows)
+            client.write_metadata(slot, tables[part], np.array(lens[part], dtype=np.int32), slots[part])
+        expected, tickets, made = {}, {}, {}
+
+        def launch(slot: int, layer: int) -> None:
+            part = slice(slot * rows, (slot + 1) * rows)
+            q = torch.randn(rows, spec.num_q_heads, spec.head_dim, generator=torch.Generator().manual_seed(layer))
+            k = torch.from_numpy(rng.standard_normal((rows, spec.num_kv_heads, spec.head_dim)).astype(np.float32))
+            v = torch.from_numpy(rng.standard_normal((rows, spec.num_kv_heads, spec.head_dim)).astype(np.float32))
+            bridge.stage(slot, q, k, v)
+            tickets[slot, layer] = bridge.ring(slot, layer)
+            made["copied", slot, layer] = transfer.last_made("copied")
+            reference.append_kv(k_ref[layer], v_ref[layer], k.numpy(), v.numpy(), slots[part])
+            expected[slot, layer] = reference.paged_decode_attention(
+                q.numpy(), k_ref[layer], v_ref[layer], tables[part], np.array(lens[part]))
+
+        def collect(slot: int, layer: int) -> None:
+            o = bridge.collect(slot, layer, tickets.pop((slot, layer)), rows, 10.0, StepClock())
+            made["landed", slot, layer] = transfer.last_made("landed")
+            np.testing.assert_allclose(o.numpy(), expected[slot, layer], rtol=2e-4, atol=2e-4)
+
+        if pipelined:
+            for layer in range(spec.num_layers):
+                launch(0, layer)
+                if layer:
+                    collect(1, layer - 1)
+                launch(1, layer)
+                collect(0, layer)
+            collect(1, spec.num_layers - 1)
+        else:
+            for slot in (0, 1):
+                for layer in range(spec.num_layers):
+                    launch(slot, layer)
+                    collect(slot, layer)
+    finally:
+        bridge.close()
+    position = {(what, id(subject) if what != "ring" else subject): i
+                for i, (what, subject, _) in enumerate(transfer.log)}
+    never = len(transfer.log)
+    for (kind, slot, layer), marker in made.items():
+        synchronized = position.get(("synchronized", id(marker)), never)
+        if kind == "copied":
+            assert synchronized < position["ring", (slot, layer)], f"{slot}/{layer} rung before its copies landed"
+        elif layer + 1 < spec.num_layers:
+            assert synchronized < position["ring", (slot, layer + 1)], f"{slot}/{layer + 1} rung over o in flight"
+    main = threading.current_thread().name
+    assert all(thread != main for what, _, thread in transfer.log if what in ("synchronized", "ring"))
