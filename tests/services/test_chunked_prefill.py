@@ -118,7 +118,8 @@ class ChunkingScheduler:
 
 def make_runner(model_dir: Path, cpu_address: str = "", **overrides: object) -> ModelRunner:
     settings: dict[str, object] = {
-        "model_dir": str(model_dir), "device": "cpu", "block_size": BLOCK_SIZE, "num_kv_blocks": 256, "num_threads": 1,
+        "model_dir": str(model_dir), "device": "cpu", "dtype": "float32",  # exact against fp32 references
+        "block_size": BLOCK_SIZE, "num_kv_blocks": 256, "num_threads": 1,
         "cpu_worker_address": cpu_address, "cpu_num_kv_blocks": 256 if cpu_address else 0, "cpu_max_rows": 8,
     }
     return ModelRunner(GpuWorkerConfig(**(settings | overrides)))  # type: ignore[arg-type]

@@ -43,7 +43,8 @@ def prompts() -> dict[str, list[int]]:
 
 def make_runner(model_dir: Path, cpu_address: str, **overrides: object) -> ModelRunner:
     settings: dict[str, object] = {
-        "model_dir": str(model_dir), "device": "cpu", "block_size": BLOCK_SIZE, "num_kv_blocks": 128,
+        "model_dir": str(model_dir), "device": "cpu", "dtype": "float32",  # exact against fp32 references
+        "block_size": BLOCK_SIZE, "num_kv_blocks": 128,
         "num_threads": 1, "cpu_worker_address": cpu_address, "cpu_num_kv_blocks": 128, "cpu_max_rows": 8,
         "cpu_reattach_interval_s": 0.1,
     }

@@ -29,7 +29,8 @@ MODELS = ("mha_model_dir", "gqa_llama3_model_dir")
 
 def make_runner(model_dir: Path, cpu_address: str, **overrides: object) -> ModelRunner:
     settings: dict = {
-        "model_dir": str(model_dir), "device": "cpu", "block_size": 4, "num_kv_blocks": 640, "num_threads": 1,
+        "model_dir": str(model_dir), "device": "cpu", "dtype": "float32",  # exact against fp32 references
+        "block_size": 4, "num_kv_blocks": 640, "num_threads": 1,
         "cpu_worker_address": cpu_address, "cpu_num_kv_blocks": 640, "cpu_max_rows": 8,
     }
     return ModelRunner(GpuWorkerConfig(**(settings | overrides)))
