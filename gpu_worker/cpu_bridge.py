@@ -6,6 +6,8 @@ the slot's previous layer has been copied to the device (the CPU overwrites it w
 transfer (HostTransfer.copied, .landed). On a device that queues its work (CUDA) one doorbell thread waits for them
 and rings, in the order ring() was called, so the thread that enqueues the device's work never blocks on a copy; the
 ticket ring() returns gives the doorbell's seq to collect(). On the CPU device both markers are done: ring at once.
+The KV of a CPU-placed prefill takes the same way: copied to pinned host buffers on the side stream, written into the
+CPU pool by the doorbell thread once landed, all before flush() returns (the step's end).
 """
 
 import logging
@@ -39,6 +41,7 @@ class CpuAttentionBridge:
         # the marker after the slot's last o went to the device; None: nothing of the slot's o is in flight
         self._landed: list[Marker | None] = [None] * spec.num_slots
         self._doorbell = ThreadPoolExecutor(1, "apex-doorbell") if transfer.queued else None
+        self._writes: list[Future[None]] = []  # CPU-pool writes the doorbell thread has yet to finish
         self._staging = []
         for slot in range(spec.num_slots):
             views = client.staging(slot)
@@ -70,6 +73,31 @@ class CpuAttentionBridge:
         self.transfer.to_host(q_host[:rows], q)
         self.transfer.to_host(k_host[:rows], k)
         self.transfer.to_host(v_host[:rows], v)
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                 offsets: torch.Tensor) -> None:
+        """Write k/v [tokens, num_kv_heads, head_dim] (on the device) of a CPU-placed prefill into the CPU pool at
+        (blocks, offsets) [tokens]: at once on the CPU device, else once their copy lands, before flush() returns."""
+        if self._doorbell is None:
+            self.pool.write(layer, k.cpu(), v.cpu(), blocks, offsets)
+            return
+        k_host, v_host = self.transfer.host_buffer(k), self.transfer.host_buffer(v)
+        self.transfer.to_host(k_host, k)
+        self.transfer.to_host(v_host, v)
+        copied = self.transfer.copied()
+
+        def write() -> None:  # on the doorbell thread, in the forward's inference mode (it is per thread)
+            copied.synchronize()
+            with torch.inference_mode():
+                self.pool.write(layer, k_host, v_host, blocks, offsets)
+
+        self._writes.append(self._doorbell.submit(write))
+
+    def flush(self) -> None:
+        """Block until every write_kv so far is in the CPU pool (its error, if one failed)."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
 
     def output(self, slot: int, rows: int) -> torch.Tensor:  # [rows, num_q_heads, head_dim] float32, host
         return self._staging[slot][3][:rows]

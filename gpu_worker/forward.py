@@ -106,7 +106,11 @@ class Forward:
             with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
                 hidden = torch.cat([f.hidden for f in flights])  # [num_kept, hidden]
                 normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)  # [num_kept, hidden]
-                return lm_head(sub_batches, normed, self.weights.lm_head)
+                logits = lm_head(sub_batches, normed, self.weights.lm_head)
+            if self.bridge is not None:  # CPU-placed prefills' KV in the CPU pool before the step ends
+                with clock.measure("staging", len(self.weights.layers)):
+                    self.bridge.flush()
+            return logits
 
     def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock, cpu_wait_s: float) -> None:
         """Two sub-batches one layer apart: the CPU attends A's layer i while the accelerator finishes B's layer
@@ -168,9 +172,7 @@ class Forward:
         loaded = self._load_cpu_contexts(batch, i, clock)
         with clock.measure("device_attention", i, batch.slot):  # prefill KV writes count here, either pool
             if split:
-                self._bridge().pool.write(
-                    i, k[:split].cpu(), v[:split].cpu(), batch.cpu_prefill_blocks, batch.cpu_prefill_offsets
-                )
+                self._bridge().write_kv(i, k[:split], v[:split], batch.cpu_prefill_blocks, batch.cpu_prefill_offsets)
             meta = batch.device_metadata
             self.device_pool.write(i, k[split:], v[split:], meta.slot_blocks, meta.slot_offsets)
             attn = self.attention.forward(i, q, k, v, meta, loaded)  # [end, num_heads, head_dim]

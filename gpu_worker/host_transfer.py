@@ -42,6 +42,9 @@ class HostTransfer(Protocol):
     def register(self, host: torch.Tensor) -> bool:
         """Prepare a host (shared-memory) tensor for fast transfers; whether it is (pinned on CUDA)."""
 
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty host tensor of like's shape and dtype that to_host copies into fast (pinned on CUDA)."""
+
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Start copying src (device) into dst (host); dtypes may differ."""
 
@@ -68,6 +71,9 @@ class CpuHostTransfer:
 
     def register(self, host: torch.Tensor) -> bool:
         return True
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype)
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
@@ -127,6 +133,9 @@ class CudaHostTransfer:
 
     def register(self, host: torch.Tensor) -> bool:
         return self._registry.pin(host)
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)  # the caching host allocator's
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from queued_transfer import QueuedTransfer
 from transformers import AutoModelForCausalLM
 
 from apex_serve.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -17,7 +18,7 @@ from apex_serve.types import ExecutionMode, NewRequestData, OverlapLayout, Place
 from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
 from apex_tools.processes import ServiceGroup
 from conftest import start_cpu_worker
-from gpu_worker import forward
+from gpu_worker import cpu_pool, forward
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.model_runner import ModelRunner
 
@@ -260,3 +261,18 @@ def test_cuda_device_hybrid_modes_decode_the_cuda_gpu_only_tokens(
                    lambda i: Placement.GPU)
     hybrid = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), mode, placement, scenario, sub_batch, layout)
     assert hybrid == gpu_only
+
+
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches"])
+def test_a_device_that_queues_its_copies_decodes_the_gpu_only_tokens(
+    case: str, reference: tuple[Path, dict[str, list[int]]], cpu_worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies land only once a marker after them is synchronised, as on CUDA (tests/queued_transfer.py): the staged
+    q/k/v before each ring, the slot's o before its next ring, and the CPU-placed prefills' KV before its write into
+    the CPU pool, each off the thread that runs the forward."""
+    monkeypatch.setattr(cpu_pool, "host_transfer_for", lambda device: QueuedTransfer(delay_s=0.0))
+    model_dir, expected = reference
+    mode, placement, scenario, sub_batch = CASES[case]
+    tokens = run(make_runner(model_dir, cpu_worker), mode, placement, scenario, sub_batch)
+    for rid in expected:
+        assert tokens[rid] == expected[rid], f"{case}: {rid} diverges from the GPU-only run"
