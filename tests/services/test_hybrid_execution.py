@@ -18,8 +18,9 @@ from apex_serve.types import ExecutionMode, NewRequestData, OverlapLayout, Place
 from apex_tools.bench.scripted_scheduler import GREEDY, ScriptedScheduler
 from apex_tools.processes import ServiceGroup
 from conftest import start_cpu_worker
-from gpu_worker import cpu_pool, forward
+from gpu_worker import cpu_pool, forward, host_transfer
 from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.host_transfer import HostRegistry
 from gpu_worker.model_runner import ModelRunner
 
 DECODE_STEPS = 210
@@ -276,3 +277,27 @@ def test_a_device_that_queues_its_copies_decodes_the_gpu_only_tokens(
     tokens = run(make_runner(model_dir, cpu_worker), mode, placement, scenario, sub_batch)
     for rid in expected:
         assert tokens[rid] == expected[rid], f"{case}: {rid} diverges from the GPU-only run"
+
+
+class RefusingCudart:
+    """A CUDA runtime that refuses every host registration (as a locked-memory limit would)."""
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:  # the runtime's name
+        return 2  # cudaErrorMemoryAllocation
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        return 0
+
+
+@pytest.mark.gpu
+def test_cuda_hybrid_decodes_the_gpu_only_tokens_through_pageable_staging_when_pinning_is_refused(
+    mha_model_dir: Path, cpu_worker: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(host_transfer, "HostRegistry", lambda cudart: HostRegistry(RefusingCudart()))
+    mode, placement, scenario, sub_batch = CASES["async_overlap_alternate_rows"]
+    gpu_only = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), ExecutionMode.GPU_ONLY,
+                   lambda i: Placement.GPU)
+    with caplog.at_level("WARNING"):
+        hybrid = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), mode, placement, scenario, sub_batch)
+    assert "stay pageable" in caplog.text
+    assert hybrid == gpu_only
