@@ -4,9 +4,8 @@ On the CPU device a copy is a memcpy and the staged tensor can be used in place.
 that DMA touches (the staging region) are registered as pinned host memory, device-to-host copies run on a side
 stream ordered after the kernels that produced their sources (an event recorded on the compute stream), and the
 doorbell may only ring once they have landed (the marker copied() gives; ready() blocks for all). Where registration
-fails (the driver refuses, e.g. no support
-or a locked-memory limit) the buffer stays pageable with a warning: copies still land before ready() returns, staged
-by the driver, only slower.
+fails (the driver refuses, e.g. no support or a locked-memory limit) the buffer stays pageable with a warning: copies
+still land before their marker is done, staged by the driver, only slower.
 """
 
 import logging
