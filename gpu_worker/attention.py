@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpu_worker.device_inputs import Send, to_device_together
 from gpu_worker.kv_cache import PagedKVCache
 
 ContextKV = tuple[torch.Tensor, torch.Tensor]  # K and V [num_kv_heads, context, head_dim] of a chunk's earlier tokens
@@ -111,24 +112,34 @@ class AttentionMetadata:
         device: torch.device,
         prefill_contexts: Sequence[int] = (),
         context_block_tables: Sequence[list[int]] = (),
+        send: Send | None = None,
     ) -> "AttentionMetadata":
         """Pad the decode rows' block tables and mask the slots past each row's context length; the chunks' masks.
         prefill_contexts () means every prefill row starts at position 0; context_block_tables () means no chunk's
-        context is in this pool."""
+        context is in this pool. The index tensors are made on the host and reach the device through `send` (default:
+        device_inputs.to_device_together, one copy); the masks are made on the device from them."""
         contexts = tuple(prefill_contexts) or (0,) * len(prefill_lens)
         context_tables = tuple(context_block_tables) or ([],) * len(prefill_lens)
         max_blocks = max((len(t) for t in decode_block_tables), default=0)
         tables = [t + [0] * (max_blocks - len(t)) for t in decode_block_tables]
-        context = torch.tensor(decode_context_lens, dtype=torch.long, device=device)  # [num_decodes]
+        host = [
+            torch.tensor(slot_blocks, dtype=torch.long),  # [num_slots]
+            torch.tensor(slot_offsets, dtype=torch.long),  # [num_slots]
+            torch.tensor(decode_context_lens, dtype=torch.long),  # [num_decodes]
+            torch.tensor(tables, dtype=torch.long).reshape(len(tables), max_blocks),  # [num_decodes, max_blocks]
+            *(torch.tensor(t, dtype=torch.long) for t in context_tables),  # [blocks] each
+        ]
+        blocks, offsets, context, decode_tables, *chunk_tables = (
+            send(host) if send is not None else to_device_together(host, device))
         slots = torch.arange(max_blocks * block_size, device=device)  # [max_blocks * block_size]
         return cls(
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
-            slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
+            slot_blocks=blocks,
+            slot_offsets=offsets,
             prefill_lens=tuple(prefill_lens),
             prefill_contexts=contexts,
-            context_tables=tuple(torch.tensor(t, dtype=torch.long, device=device) for t in context_tables),
+            context_tables=tuple(chunk_tables),
             chunk_masks={row: chunk_mask(p, n, device) for row, (n, p) in enumerate(zip(prefill_lens, contexts)) if p},
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=device).reshape(len(tables), max_blocks),
+            decode_block_tables=decode_tables,
             decode_mask=(slots[None, :] < context[:, None])[:, None, None, :],
         )
 

@@ -1,5 +1,6 @@
 """What the gpu_worker keeps per request between steps, and the token layout of one step's sub-batch."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from apex_serve.types import Placement, SamplingParams
 from gpu_worker.attention import AttentionMetadata
+from gpu_worker.device_inputs import to_device_together
 from gpu_worker.grammar import RequestGrammar
 
 
@@ -193,28 +195,39 @@ def layout_sub_batch(
     cpu_tables = np.zeros((len(tables[Placement.CPU]), max_blocks_per_row), dtype=np.int32)
     for row, table in enumerate(tables[Placement.CPU]):
         cpu_tables[row, : len(table)] = table
+    rows = [torch.tensor(values, dtype=torch.long) for values in (input_ids, positions, kept, sample_rows)]
+    sent: list[torch.Tensor] = []
+
+    def send(metadata: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # one copy: the rows' inputs and the metadata's
+        together = to_device_together([*rows, *metadata], device)
+        sent.extend(together[: len(rows)])
+        return together[len(rows) :]
+
+    metadata = AttentionMetadata.build(
+        prefill_lens=[s.end - s.start for s in prefills],
+        slot_blocks=[b for b, _ in gpu_slots],
+        slot_offsets=[o for _, o in gpu_slots],
+        decode_block_tables=tables[Placement.GPU],
+        decode_context_lens=context_lens[Placement.GPU],
+        block_size=block_size,
+        device=device,
+        prefill_contexts=[s.start for s in prefills],
+        context_block_tables=context_tables,
+        send=send,
+    )
+    device_ids, device_positions, device_kept, device_sample_rows = sent
     return SubBatch(
         slot=slot,
         scheduled=order,
-        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        kept_rows=torch.tensor(kept, dtype=torch.long, device=device),
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        input_ids=device_ids,  # [num_tokens]
+        positions=device_positions,  # [num_tokens]
+        kept_rows=device_kept,  # [num_kept]
+        sample_rows=device_sample_rows,  # [num_sampling]
         prompt_spans=tuple(spans),
         num_cpu_prefill_tokens=num_cpu_prefill_tokens,
         num_prefill_kept=num_prefill_kept,
         num_cpu_decodes=len(tables[Placement.CPU]),
-        device_metadata=AttentionMetadata.build(
-            prefill_lens=[s.end - s.start for s in prefills],
-            slot_blocks=[b for b, _ in gpu_slots],
-            slot_offsets=[o for _, o in gpu_slots],
-            decode_block_tables=tables[Placement.GPU],
-            decode_context_lens=context_lens[Placement.GPU],
-            block_size=block_size,
-            device=device,
-            prefill_contexts=[s.start for s in prefills],
-            context_block_tables=context_tables,
-        ),
+        device_metadata=metadata,
         cpu_prefill_blocks=torch.tensor([b for b, _ in cpu_prefill_slots], dtype=torch.long),
         cpu_prefill_offsets=torch.tensor([o for _, o in cpu_prefill_slots], dtype=torch.long),
         cpu_context_loads=tuple(loads),
