@@ -3,9 +3,9 @@
 On the CPU device a copy is a memcpy and the staged tensor can be used in place. On CUDA the shared-memory buffers
 that DMA touches (the staging region) are registered as pinned host memory, device-to-host copies run on a side
 stream ordered after the kernels that produced their sources (an event recorded on the compute stream), and the
-doorbell may only ring once they have landed (the marker copied() gives; ready() blocks for all). Where registration
-fails (the driver refuses, e.g. no support or a locked-memory limit) the buffer stays pageable with a warning: copies
-still land before their marker is done, staged by the driver, only slower.
+doorbell may only ring once they have landed (the marker copied() gives). Where registration fails (the driver
+refuses, e.g. no support or a locked-memory limit) the buffer stays pageable with a warning: copies still land before
+their marker is done, staged by the driver, only slower.
 """
 
 import logging
@@ -48,9 +48,6 @@ class HostTransfer(Protocol):
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Start copying src (device) into dst (host); dtypes may differ."""
 
-    def ready(self) -> None:
-        """Block until every to_host so far has landed in host memory."""
-
     def copied(self) -> Marker:
         """A marker after every to_host so far: once it is done, they have landed in host memory."""
 
@@ -77,9 +74,6 @@ class CpuHostTransfer:
 
     def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
-
-    def ready(self) -> None:
-        pass
 
     def copied(self) -> Marker:
         return DONE
@@ -128,7 +122,6 @@ class CudaHostTransfer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self._copied = torch.cuda.Event()
         self._registry = HostRegistry(torch.cuda.cudart())
 
     def register(self, host: torch.Tensor) -> bool:
@@ -142,10 +135,6 @@ class CudaHostTransfer:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
             src.record_stream(self.stream)
-        self._copied.record(self.stream)
-
-    def ready(self) -> None:
-        self._copied.synchronize()
 
     def copied(self) -> Marker:
         marker = torch.cuda.Event()

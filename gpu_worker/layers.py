@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.rope import Angles, RotaryEmbedding, rotate
+from gpu_worker.rope import Angles, rotate
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,6 @@ class LayerWeights:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope: RotaryEmbedding
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

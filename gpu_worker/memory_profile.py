@@ -72,18 +72,11 @@ def worst_case_forward(weights: ModelWeights, tokens: int, rows: int, max_model_
         angles = weights.rope.angles(positions)
         for layer in weights.layers:
             q, k, v = pre_attention(layer, hidden, angles)
-            attn = torch.cat([causal_attention(q[s], k[s], v[s]) for s in _slices(lengths)])  # [tokens, heads, dim]
+            attn = torch.cat([causal_attention(*qkv) for qkv in zip(q.split(lengths), k.split(lengths),
+                                                                      v.split(lengths))])  # [tokens, heads, dim]
             hidden = post_attention(layer, hidden, attn)
         normed = rms_norm(hidden[-rows:], weights.final_norm, eps)  # [rows, hidden]
         torch.nn.functional.linear(normed, weights.lm_head).float()  # [rows, vocab]
-
-
-def _slices(lengths: list[int]) -> list[slice]:
-    out, start = [], 0
-    for n in lengths:
-        out.append(slice(start, start + n))
-        start += n
-    return out
 
 
 def kv_pool_blocks(memory: DeviceMemory, utilization: float, bytes_per_block: int,

@@ -172,7 +172,7 @@ class LayerProfiler:
 
         def work() -> None:
             bridge.stage(0, q, kv, kv)
-            bridge.transfer.ready()
+            bridge.transfer.copied().synchronize()
             bridge.transfer.to_device(bridge.output(0, rows)).sum()
 
         return work

@@ -64,7 +64,7 @@ class _Checkpoint:
         return torch.cat([self.get(name) for name in names], dim=0)
 
 
-def _layer(ckpt: _Checkpoint, config: ModelConfig, i: int, rope: RotaryEmbedding) -> LayerWeights:
+def _layer(ckpt: _Checkpoint, config: ModelConfig, i: int) -> LayerWeights:
     p = f"model.layers.{i}."
     qkv = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
     has_qkv_bias = config.attention_bias or ckpt.has(p + "self_attn.q_proj.bias")
@@ -82,7 +82,6 @@ def _layer(ckpt: _Checkpoint, config: ModelConfig, i: int, rope: RotaryEmbedding
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps,
-        rope=rope,
     )
 
 
@@ -97,7 +96,7 @@ def load_weights(
         tied = config.tie_word_embeddings or not ckpt.has("lm_head.weight")
         weights = ModelWeights(
             embed_tokens=embed,
-            layers=tuple(_layer(ckpt, config, i, rope) for i in range(config.num_hidden_layers)),
+            layers=tuple(_layer(ckpt, config, i) for i in range(config.num_hidden_layers)),
             final_norm=ckpt.get("model.norm.weight"),
             lm_head=embed if tied else ckpt.get("lm_head.weight"),
             rope=rope,

@@ -154,12 +154,11 @@ class InFlightStep:
     def measured(self, output: StepOutput) -> IterationRecord | None:
         """The record with the step's measured time, its overlap (none where the splits are host launch times) and the
         prediction (what fit() corrects the cost model with). A step without timings leaves the record as it was."""
-        record = self.record
-        measured = output.timings.total_ns
+        record, timings = self.record, output.timings
+        measured = timings.total_ns
         if record is None or measured <= 0:
             return record
         prediction = self.prediction()
-        timings = output.timings
         record = record.measured(None if prediction is None else prediction.total_ns, float(measured),
                                  None if timings.host_timed_splits else overlap.from_timings(timings))
         if logger.isEnabledFor(logging.DEBUG):

@@ -164,7 +164,7 @@ def test_one_decode_layer_makes_34_compute_calls() -> None:
 
     rope = RotaryEmbedding(config, 256, dtype, torch.device("cpu"))
     layer = LayerWeights(weight(4096), weight(6144, 4096), None, weight(4096, 4096), None, weight(4096),
-                         weight(512, 4096), weight(4096, 256), 32, 8, 128, 1e-5, rope)
+                         weight(512, 4096), weight(4096, 256), 32, 8, 128, 1e-5)
     pool = PagedKVCache(config, 16, BLOCK, dtype, torch.device("cpu"))
     tables, contexts = [[1, 2, 3], [4, 5], [6, 7, 8]], [40, 20, 33]
     metadata = AttentionMetadata.build([], [t[(c - 1) // BLOCK] for t, c in zip(tables, contexts)],

@@ -1,6 +1,6 @@
 """HostTransfer, the copies between the device and host shared memory: slices of a fused QKV output (rows of a
-wider tensor) land in host staging in its dtype once ready() returns, after the kernels that produced them; on CUDA
-through pinned memory on a side stream (the CUDA cases are marked gpu and skip without CUDA)."""
+wider tensor) land in host staging in its dtype once the copied() marker is done, after the kernels that produced
+them; on CUDA through pinned memory on a side stream (the CUDA cases are marked gpu and skip without CUDA)."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def fused_qkv(device: torch.device, rows: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device_name", DEVICES)
-def test_staged_tail_rows_of_a_fused_output_land_in_host_memory_after_ready(device_name: str) -> None:
+def test_staged_tail_rows_of_a_fused_output_land_in_host_memory_once_copied(device_name: str) -> None:
     device = torch.device(device_name)
     transfer: HostTransfer = host_transfer_for(device)
     assert transfer.queued is (device.type == "cuda")
@@ -33,7 +33,7 @@ def test_staged_tail_rows_of_a_fused_output_land_in_host_memory_after_ready(devi
         q, k, v = qkv.split(64, dim=1)
         for i, part in enumerate((q, k, v)):
             transfer.to_host(host[i, :4], part[6:])  # rows of a wider tensor, bf16 -> fp32
-        transfer.ready()
+        transfer.copied().synchronize()
         expected = qkv[6:].float().cpu().reshape(4, 3, 64).transpose(0, 1)  # [3, 4, 64]
         assert torch.equal(host[:, :4], expected), "the staged rows are not the producer's output"
         assert torch.equal(host[:, 4:], torch.zeros(3, 4, 64)), "rows past the staged ones were written"
