@@ -27,7 +27,7 @@ class IterationRecord:
     measured_ns: float | None = None  # the worker's total_ns, once the step returned
     overlap: Overlap | None = None  # from the step's timings, once the step returned
 
-    def measured(self, predicted_ns: float | None, measured_ns: float, overlap: Overlap | None) -> "IterationRecord":
+    def measured(self, predicted_ns: float | None, measured_ns: float, overlap: Overlap) -> "IterationRecord":
         """The record once its step returned (dataclasses.replace at a fifth of the cost: one per iteration)."""
         return IterationRecord(self.step_id, self.mode, self.num_prefills, self.gpu_rows, self.cpu_rows,
                                self.cpu_sat_out, self.swaps_out, self.swaps_in, self.preemptions, self.prefill_tokens,

@@ -255,9 +255,6 @@ class StepTimings:
     wait_ns: int = 0  # the accelerator blocked waiting for the CPU's attention
     cpu_attention_ns: int = 0  # the cpu_attention_worker's serving thread busy (append + attention)
     start_unix_ns: int = 0  # wall clock when the step began; it ended total_ns later
-    # the four splits above (device_linear .. wait) are the host's launch times, not the device's: a CUDA step that
-    # did not synchronise at each subtask; the cost model's subtask fits and the overlap metric skip them
-    host_timed_splits: bool = False
 
 
 @dataclass(frozen=True)

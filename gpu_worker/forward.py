@@ -148,7 +148,7 @@ class Forward:
             q, k, v = q[end:], k[end:], v[end:]  # the CPU rows: the sub-batch's tail
         if batch.num_cpu_decodes:
             bridge = self._bridge()
-            with clock.measure("staging", i, batch.slot):
+            with clock.measure("staging", i, batch.slot, bridge.transfer.to_host_stream()):
                 bridge.stage(batch.slot, q, k, v)
                 flight.ticket = bridge.ring(batch.slot, i)
 

@@ -51,6 +51,10 @@ class HostTransfer(Protocol):
     def copied(self) -> Marker:
         """A marker after every to_host so far: once it is done, they have landed in host memory."""
 
+    def to_host_stream(self) -> Any:
+        """The stream the next to_host copies run on, ordered after the device work queued so far (None on the CPU
+        device): where their time is measured."""
+
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
         """src (host) on the device, in src's dtype; may alias src on the CPU device."""
 
@@ -77,6 +81,9 @@ class CpuHostTransfer:
 
     def copied(self) -> Marker:
         return DONE
+
+    def to_host_stream(self) -> None:
+        return None
 
     def to_device(self, src: torch.Tensor) -> torch.Tensor:
         return src
@@ -130,9 +137,12 @@ class CudaHostTransfer:
     def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)  # the caching host allocator's
 
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def to_host_stream(self) -> torch.cuda.Stream:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        return self.stream
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.to_host_stream()):
             dst.copy_(src, non_blocking=True)
             src.record_stream(self.stream)
 

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -195,11 +196,13 @@ class ModelRunner:
     def _execute(self, plan: StepPlan) -> StepOutput:
         start_unix_ns = time.time_ns()
         start = time.perf_counter_ns()
-        clock = StepClock(plan.record_subtasks, self._synchronize if self.device.type == "cuda" else None)
+        clock = self._clock(plan.record_subtasks)
         busy_before = self.bridge.busy_ns() if self.bridge else 0
         sub_batches = self._prepare(plan, clock)
         prepared = time.perf_counter_ns()
         if not sub_batches:
+            self._synchronize()
+            clock.resolve()
             timings = StepTimings(
                 prepare_ns=prepared - start, total_ns=prepared - start, swap_ns=clock.ns["swap"],
                 start_unix_ns=start_unix_ns,
@@ -211,6 +214,7 @@ class ModelRunner:
         grammar = self._grammar_mask(requests)  # host work: on CUDA it runs while the device computes the forward
         self._synchronize()
         forwarded = time.perf_counter_ns()
+        clock.resolve()
         sampled, logprobs = self._sample(request_ids, requests, step_logits.logits, grammar)
         done = time.perf_counter_ns()
         timings = StepTimings(
@@ -225,7 +229,6 @@ class ModelRunner:
             wait_ns=clock.ns["wait"],
             cpu_attention_ns=(self.bridge.busy_ns() - busy_before) if self.bridge else 0,
             start_unix_ns=start_unix_ns,
-            host_timed_splits=self.device.type == "cuda" and not plan.record_subtasks,
         )
         return StepOutput(
             step_id=plan.step_id, sampled=sampled, timings=timings, logprobs=logprobs, subtasks=clock.subtasks_unix(),
@@ -311,6 +314,14 @@ class ModelRunner:
             if request.grammar is not None:
                 request.grammar.consume(token)
         return dict(zip(request_ids, tokens)), {request_ids[i]: lp for i, lp in logprobs.items()}
+
+    def _clock(self, record: bool) -> StepClock:
+        """The step's clock, timing the device's work (step_clock's docstring)."""
+        if self.device.type != "cuda":
+            return StepClock(record)
+        if record:
+            return StepClock(record, self._synchronize)
+        return StepClock(events=partial(torch.cuda.Event, enable_timing=True))
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -152,15 +152,15 @@ class InFlightStep:
                 request.prompt_logprobs.extend(logprobs)
 
     def measured(self, output: StepOutput) -> IterationRecord | None:
-        """The record with the step's measured time, its overlap (none where the splits are host launch times) and the
-        prediction (what fit() corrects the cost model with). A step without timings leaves the record as it was."""
-        record, timings = self.record, output.timings
-        measured = timings.total_ns
+        """The record with the step's measured time, its overlap and the prediction (what fit() corrects the cost model
+        with). A step without timings leaves the record as it was."""
+        record = self.record
+        measured = output.timings.total_ns
         if record is None or measured <= 0:
             return record
         prediction = self.prediction()
         record = record.measured(None if prediction is None else prediction.total_ns, float(measured),
-                                 None if timings.host_timed_splits else overlap.from_timings(timings))
+                                 overlap.from_timings(output.timings))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d %s: %d prefills, %d+%d rows, predicted %s ns, measured %d ns", self.step_id,
                          record.mode.value, record.num_prefills, record.gpu_rows, record.cpu_rows, record.predicted_ns,

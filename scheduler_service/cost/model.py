@@ -49,8 +49,6 @@ Which StepTimings field feeds which factor:
     residual         total_ns against the total composed with this step's own measured ratios, per (mode, layout): what
                      the subtasks cannot explain (step overhead, sync, the overlap rules), apart from the factors' lag
 sync, step overhead and the exposed wait have no factor of their own: they are derived or not timed apart.
-A step whose splits are host launch times (StepTimings.host_timed_splits: CUDA without per-subtask synchronisation)
-refines only the residual, its accelerator subtasks standing at their fitted factors; cpu_attention is the CPU's own.
 """
 
 from dataclasses import dataclass, fields
@@ -133,7 +131,6 @@ class SubtaskFactors:
 _AS_PROFILED = SubtaskFactors()
 MAX_PRICES = 1024  # sub-batch prices a ComposedCostModel memoises (one decision prices a few dozen at most)
 _SUBTASKS = tuple(f.name for f in fields(SubtaskFactors))
-HOST_TIMED = frozenset({"linear", "device_attention", "staging"})  # the factors fed by StepTimings' splits
 
 
 class SubBatchCosts(NamedTuple):
@@ -343,10 +340,8 @@ class ComposedCostModel:
             "staging": (timings.staging_ns, raw.staging_ns),
         }
         ratios = {}  # this step's own factors: measured / as profiled where it ran the subtask, else the fitted one
-        host_timed = HOST_TIMED if timings.host_timed_splits else frozenset()  # launch times: the fitted factor holds
-        for name, (timed, profiled) in pairs.items():
+        for name, (measured, profiled) in pairs.items():
             fit = self._subtasks[name]
-            measured = 0 if name in host_timed else timed
             ratios[name] = measured / profiled if measured > 0 and profiled > 0 else fit.factor_at(profiled)
             if measured > 0 and profiled > 0:
                 fit.update(profiled, measured)

@@ -93,13 +93,12 @@ class EngineMetrics:
         for reason in FinishReason:
             self.success.labels(reason.value)
 
-    def iteration(self, mode: ExecutionMode, seconds: float, overlap: Overlap | None, preemptions: int) -> None:
-        """One iteration that returned; its overlap None where its splits were host-timed (none is known)."""
+    def iteration(self, mode: ExecutionMode, seconds: float, overlap: Overlap, preemptions: int) -> None:
         self.iterations.labels(mode.value).inc()
         self.iteration_time.labels(mode.value).observe(seconds)
         if preemptions:
             self.preemptions.inc(preemptions)
-        if overlap is not None and overlap.cpu_attention_ns:
+        if overlap.cpu_attention_ns:
             self.overlap_ratio.observe(overlap.hidden_ratio)
             self.cpu_attention.inc(overlap.cpu_attention_ns / 1e9)
             self.hidden.inc(overlap.hidden_ns / 1e9)

@@ -94,7 +94,7 @@ class EngineObserver:
                 plan.step_id, plan.mode, t.start_unix_ns, t.start_unix_ns + t.total_ns, output.subtasks,
                 overlap.from_subtasks(output.subtasks),
             )
-        if self.metrics is not None and record is not None and record.measured_ns is not None:
+        if self.metrics is not None and record is not None and record.overlap is not None:
             self.metrics.iteration(plan.mode, output.timings.total_ns / 1e9, record.overlap, record.preemptions)
         now = time.monotonic()
         produced = 0

@@ -184,8 +184,11 @@ def test_fused_layout_passes_over_each_weight_once_per_layer_and_split_twice_in_
         assert rows["mlp"] == [prefill_rows, 4] * (layers - 1) + [2, 4]
 
 
-def test_step_reports_cpu_attention_staging_and_wait_times(mha_model_dir: Path, cpu_worker: str) -> None:
-    runner = make_runner(mha_model_dir, cpu_worker)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_step_reports_cpu_attention_staging_and_wait_times(device: str, mha_model_dir: Path, cpu_worker: str) -> None:
+    """On CUDA an unsampled step's splits are device time from timing events: the compute stream's subtasks fit in
+    the forward's wall time."""
+    runner = make_runner(mha_model_dir, cpu_worker, device=device)
     scheduler = ScriptedScheduler(runner)
     try:
         for i, prompt in enumerate(prompts()[:4]):

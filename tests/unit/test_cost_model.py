@@ -2,7 +2,6 @@
 correction, and the analytic model of published hardware (the composition rules: test_cost_model_composition)."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -435,20 +434,3 @@ def test_pipelining_beats_gpu_only_with_a_host_as_fast_as_the_gpu():
     fast_host = HardwareSpec("fast-host", 320e9, 65e12, 12e9, host_dram_bytes_per_s=320e9,
                              cpu_attention_efficiency=0.5, launch_overhead_ns=10_000.0)
     assert pipelining_beats_gpu_only(*attention_throughputs(fast_host, 8, 2048))
-
-
-def test_host_timed_splits_refine_only_the_residual_and_the_cpu_side():
-    """A CUDA step without per-subtask synchronisation reports launch times for its accelerator subtasks: they must not
-    move those factors, while its total still corrects the step and the CPU's own busy time its factor."""
-    model = TableCostModel(PerformanceTables.from_json(tables_json()), TINY, alpha=0.1)
-    shape = ASYNC_SHAPES[0]
-    launches = replace(slower(model, shape, 1.5), device_linear_ns=1000, device_attention_ns=1000, staging_ns=1000,
-                       host_timed_splits=True)
-    for _ in range(30):
-        model.observe(shape, model.predict(shape), launches)
-    assert (model.factors.linear, model.factors.device_attention, model.factors.staging) == (1.0, 1.0, 1.0)
-    assert model.factors.cpu_attention == pytest.approx(1.5, rel=1e-3)
-    assert model.predict(shape).total_ns == pytest.approx(launches.total_ns, rel=0.01)
-    device_true = replace(launches, host_timed_splits=False)
-    model.observe(shape, model.predict(shape), device_true)
-    assert model.factors.linear < 1.0  # the same figures read as device time move it

@@ -36,16 +36,15 @@ class TimedWorker:
     """Token 7 for every row; each step 2 ms, with 4 ms of CPU attention of which the accelerator waited 1 ms, and
     per-layer intervals when the plan asks for them."""
 
-    def __init__(self, host_timed_splits: bool = False) -> None:
+    def __init__(self) -> None:
         self.sampled_steps: list[int] = []
-        self.host_timed_splits = host_timed_splits  # as a CUDA worker reports a step it did not synchronise
 
     async def step(self, plan: StepPlan) -> StepOutput:
         await asyncio.sleep(0.002)
         ids = [r.request_id for r in plan.new_requests] + [r.request_id for r in plan.cached_requests]
         start = time.time_ns()
         timings = StepTimings(forward_ns=5 * MS, total_ns=6 * MS, wait_ns=1 * MS, cpu_attention_ns=4 * MS,
-                              start_unix_ns=start, host_timed_splits=self.host_timed_splits)
+                              start_unix_ns=start)
         subtasks: tuple[Subtask, ...] = ()
         if plan.record_subtasks:
             self.sampled_steps.append(plan.step_id)
@@ -66,17 +65,6 @@ async def _run(observer: EngineObserver, worker: TimedWorker, scheduler: Schedul
     streams = await asyncio.gather(*(_drain(q) for q in queues))
     await loop.stop()
     return streams
-
-
-async def test_no_overlap_is_recorded_from_host_timed_splits() -> None:
-    """A wait timed by the host (a CUDA step not synchronised per subtask) says nothing of the device's idle time."""
-    scheduler = Scheduler(SchedulerConfig(sample_layers_every=0), INFO)
-    observer = EngineObserver(metrics=EngineMetrics(scheduler))
-    await _run(observer, TimedWorker(host_timed_splits=True), scheduler, [None] * 2)
-    text = generate_latest(observer.metrics.registry).decode()
-    assert prometheus_value(text, 'apex_iterations_total{mode="gpu_only"}') == scheduler.stats().num_steps > 0
-    assert prometheus_value(text, "apex_iteration_overlap_ratio_count") == 0
-    assert all(r.overlap is None for r in scheduler.stats().recent_iterations)
 
 
 async def test_latency_histograms_count_every_request_and_token_and_overlap_is_recorded_per_iteration() -> None:
