@@ -6,11 +6,13 @@ the slot's previous layer has been copied to the device (the CPU overwrites it w
 transfer (HostTransfer.copied, .landed). On a device that queues its work (CUDA) one doorbell thread waits for them
 and rings, in the order ring() was called, so the thread that enqueues the device's work never blocks on a copy; the
 ticket ring() returns gives the doorbell's seq to collect(). On the CPU device both markers are done: ring at once.
-The KV of a CPU-placed prefill takes the same way: copied to pinned host buffers on the side stream, written into the
-CPU pool by the doorbell thread once landed, all before flush() returns (the step's end).
+The KV of a CPU-placed prefill and the blocks of a swap out take the same way: copied to pinned host buffers on the
+side stream, written into the CPU pool by the doorbell thread once landed, all before flush() returns (the step's
+end). A swap in is read from the CPU pool at once and copied to the device in the device's order of work.
 """
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -24,6 +26,8 @@ from gpu_worker.step_batch import SubBatch
 from gpu_worker.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
+
+BlockMove = tuple[list[int], list[int]]  # (source block ids, destination block ids) of one request's swap
 
 
 class CpuAttentionBridge:
@@ -78,23 +82,79 @@ class CpuAttentionBridge:
                  offsets: torch.Tensor) -> None:
         """Write k/v [tokens, num_kv_heads, head_dim] (on the device) of a CPU-placed prefill into the CPU pool at
         (blocks, offsets) [tokens]: at once on the CPU device, else once their copy lands, before flush() returns."""
+        k_host, v_host = self._to_host(k), self._to_host(v)
+        self._once_landed(lambda: self.pool.write(layer, k_host, v_host, blocks, offsets))
+
+    def swap(self, device_pool: PagedKVCache, outs: list[BlockMove], ins: list[BlockMove]) -> None:
+        """Move blocks of every layer between device_pool and the CPU pool: `outs` (device to CPU) and `ins` (CPU to
+        device), each (source blocks, destination blocks). Every source is read before any destination is written,
+        so a move may reuse blocks another in the same call leaves. Outs are gathered in the device's order of work
+        into host buffers (pinned on CUDA) and written into the CPU pool once landed, before flush() returns; ins are
+        read from the CPU pool now, a layer at a time into host buffers, and copied in the device's order of work,
+        ahead of the step's attention, without the host waiting for either."""
+        device = device_pool.k.device
+        leaving = []  # per out: its CPU destination and its blocks on the host, by layer
+        for src, dst in outs:
+            index = torch.tensor(src, dtype=torch.long, device=device)
+            staged = [(self._to_host(device_pool.k[layer, index]), self._to_host(device_pool.v[layer, index]))
+                      for layer in range(device_pool.k.shape[0])]  # [n, kv_heads, block_size, head_dim] each
+            leaving.append((torch.tensor(dst, dtype=torch.long), staged))
+        arriving = []  # per in: its device destination and its blocks in host buffers, by layer
+        for src, dst in ins:
+            index = torch.tensor(src, dtype=torch.long)
+            staged = [(self._gather(self.pool.k[layer], index), self._gather(self.pool.v[layer], index))
+                      for layer in range(self.pool.k.shape[0])]
+            arriving.append((torch.tensor(dst, dtype=torch.long, device=device), staged))
+
+        def write() -> None:
+            for dst, staged in leaving:
+                for layer, (k, v) in enumerate(staged):
+                    self.pool.k[layer, dst] = k.to(self.pool.k.dtype)
+                    self.pool.v[layer, dst] = v.to(self.pool.v.dtype)
+
+        if leaving:
+            self._once_landed(write)
+        for dst, staged in arriving:
+            for layer, (k, v) in enumerate(staged):
+                device_pool.k[layer, dst] = self.transfer.to_device(k).to(device_pool.k.dtype)
+                device_pool.v[layer, dst] = self.transfer.to_device(v).to(device_pool.v.dtype)
+
+    def _gather(self, layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The blocks `index` [n] of one layer of the CPU pool [blocks, ...] in a host buffer (pinned on CUDA)."""
+        staged = self.transfer.host_buffer(layer[: len(index)])  # [n, kv_heads, block_size, head_dim]
+        return torch.index_select(layer, 0, index, out=staged)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """t (on the device) in host memory: itself on the CPU device, else a host buffer its copy lands in."""
         if self._doorbell is None:
-            self.pool.write(layer, k.cpu(), v.cpu(), blocks, offsets)
+            return t
+        host = self.transfer.host_buffer(t)
+        self.transfer.to_host(host, t)
+        return host
+
+    def _once_landed(self, write: Callable[[], None]) -> None:
+        """Run write (into the CPU pool) once every copy started so far has landed: at once on the CPU device, else
+        on the doorbell thread, ahead of every later ring, before flush() returns."""
+        if self._doorbell is None:
+            write()
             return
-        k_host, v_host = self.transfer.host_buffer(k), self.transfer.host_buffer(v)
-        self.transfer.to_host(k_host, k)
-        self.transfer.to_host(v_host, v)
         copied = self.transfer.copied()
 
-        def write() -> None:  # on the doorbell thread, in the forward's inference mode (it is per thread)
+        def run() -> None:  # in the forward's inference mode (it is per thread)
             copied.synchronize()
             with torch.inference_mode():
-                self.pool.write(layer, k_host, v_host, blocks, offsets)
+                write()
 
-        self._writes.append(self._doorbell.submit(write))
+        self._writes.append(self._doorbell.submit(run))
+
+    @property
+    def writing(self) -> bool:
+        """Whether CPU-pool writes are queued that flush() has not waited for."""
+        return bool(self._writes)
 
     def flush(self) -> None:
-        """Block until every write_kv so far is in the CPU pool (its error, if one failed)."""
+        """Block until every queued CPU-pool write (prefill KV, swapped-out blocks) is done (its error, if one
+        failed)."""
         writes, self._writes = self._writes, []
         for write in writes:
             write.result()

@@ -107,9 +107,9 @@ class Forward:
                 hidden = torch.cat([f.hidden for f in flights])  # [num_kept, hidden]
                 normed = rms_norm(hidden, self.weights.final_norm, self.rms_norm_eps)  # [num_kept, hidden]
                 logits = lm_head(sub_batches, normed, self.weights.lm_head)
-            if any(b.num_cpu_prefill_tokens for b in sub_batches):  # their KV in the CPU pool before the step ends
+            if self.bridge is not None and self.bridge.writing:  # prefill KV, swaps: in the CPU pool by the step's end
                 with clock.measure("staging", len(self.weights.layers)):
-                    self._bridge().flush()
+                    self.bridge.flush()
             return logits
 
     def _pipelined(self, a: _Flight, b: _Flight, clock: StepClock, cpu_wait_s: float) -> None:

@@ -49,13 +49,6 @@ class PagedKVCache:
         cache.num_blocks, cache.block_size = k.shape[1], k.shape[3]
         return cache
 
-    def copy_blocks_to(self, other: "PagedKVCache", src_blocks: list[int], dst_blocks: list[int]) -> None:
-        """Copy src_blocks of every layer into other's dst_blocks (a swap between pools; dtypes may differ)."""
-        src = torch.tensor(src_blocks, dtype=torch.long, device=self.k.device)
-        dst = torch.tensor(dst_blocks, dtype=torch.long, device=other.k.device)
-        other.k[:, dst] = self.k[:, src].to(other.k.device, other.k.dtype)  # [layers, n, kv_heads, block, dim]
-        other.v[:, dst] = self.v[:, src].to(other.v.device, other.v.dtype)
-
     def write(
         self,
         layer_idx: int,

@@ -17,7 +17,7 @@ from apex_serve.types import Placement, StepOutput, StepPlan, StepTimings, SwapD
 from cpu_attention_worker.client import CpuAttentionError
 from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
-from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.cpu_bridge import BlockMove, CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
 from gpu_worker.device_fit import CudaDevice, check_fits, resolve_dtype
 from gpu_worker.forward import Forward
@@ -201,6 +201,7 @@ class ModelRunner:
         sub_batches = self._prepare(plan, clock)
         prepared = time.perf_counter_ns()
         if not sub_batches:
+            self._flush_swaps()
             self._synchronize()
             clock.resolve()
             timings = StepTimings(
@@ -242,6 +243,7 @@ class ModelRunner:
             clock = StepClock()
             sub_batches = self._prepare(plan, clock)
             if not sub_batches:
+                self._flush_swaps()
                 return {}
             logits = self._forward(plan, sub_batches, clock).logits  # [num_sampling, vocab]
             return dict(zip(_sampling_ids(sub_batches), logits.unbind(0)))
@@ -323,16 +325,14 @@ class ModelRunner:
             return StepClock(record, self._synchronize)
         return StepClock(events=partial(torch.cuda.Event, enable_timing=True))
 
+    def _flush_swaps(self) -> None:
+        """The swapped-out blocks in the CPU pool before a step without a forward ends (the forward flushes its own)."""
+        if self.bridge is not None:
+            self.bridge.flush()
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _pool(self, placement: Placement) -> PagedKVCache:
-        if placement is Placement.GPU:
-            return self.kv_cache
-        if self.bridge is None:
-            raise RuntimeError("the CPU pool is used but no cpu_attention_worker is attached")
-        return self.bridge.pool
 
     def _prepare(self, plan: StepPlan, clock: StepClock) -> list[SubBatch]:
         """Apply the plan's state changes (after validating all of them) and lay out its non-empty sub-batches.
@@ -345,9 +345,9 @@ class ModelRunner:
                 raise CpuPoolLost(f"step {plan.step_id}: {use}, but the CPU pool is detached (the cpu_attention_worker "
                                   f"at {self.config.cpu_worker_address} was lost; re-attaching)")
         self.checker.check(plan, self._requests)
-        with clock.measure("swap"):
-            for swap in (*plan.swap_out, *plan.swap_in):
-                self._swap(swap)
+        if plan.swap_out or plan.swap_in:
+            with clock.measure("swap"):
+                self._swap(plan.swap_out, plan.swap_in)
         by_slot: list[list[Scheduled]] = [[], []]
         for new in plan.new_requests:
             state = RequestState(
@@ -376,13 +376,18 @@ class ModelRunner:
             for slot, scheduled in enumerate(by_slot) if scheduled
         ]
 
-    def _swap(self, swap: SwapData) -> None:
-        """Copy the request's cached blocks to the other pool and move it there."""
-        request = self._requests[swap.request_id]
-        source = request.placement
-        count = -(-request.num_cached_tokens // self.config.block_size)
-        self._pool(source).copy_blocks_to(
-            self._pool(source.other), request.block_ids[:count], list(swap.block_ids[:count])
-        )
-        request.block_ids = list(swap.block_ids)
-        request.placement = source.other
+    def _swap(self, swap_out: tuple[SwapData, ...], swap_in: tuple[SwapData, ...]) -> None:
+        """Copy the requests' cached blocks to the other pool, all at once (a swap may take blocks another leaves),
+        and move them there."""
+        bridge = self.bridge
+        if bridge is None:
+            raise RuntimeError("a swap uses the CPU pool but no cpu_attention_worker is attached")
+        moves: list[list[BlockMove]] = [[], []]  # outs, ins
+        for kind, swaps in enumerate((swap_out, swap_in)):
+            for swap in swaps:
+                request = self._requests[swap.request_id]
+                count = -(-request.num_cached_tokens // self.config.block_size)
+                moves[kind].append((request.block_ids[:count], list(swap.block_ids[:count])))
+                request.block_ids = list(swap.block_ids)
+                request.placement = request.placement.other
+        bridge.swap(self.kv_cache, *moves)

@@ -93,10 +93,14 @@ class ScriptedScheduler:
         swap_out: tuple[str, ...] = (),
         swap_in: tuple[str, ...] = (),
         sub_batch_of: Callable[[str], int] | None = None,
+        swap_in_first: bool = True,
     ) -> StepPlan:
-        """The next step's plan (blocks taken, swaps applied to the bookkeeping); run() executes it."""
+        """The next step's plan (blocks taken, swaps applied to the bookkeeping); run() executes it. Swaps take
+        their blocks in the order given by swap_in_first (ins first, as the scheduler does, lets a swap out take
+        the CPU blocks a swap in just left; outs first lets a swap in take the accelerator's)."""
         swaps: dict[str, list[SwapData]] = {"out": [], "in": []}
-        for kind, rids in (("out", swap_out), ("in", swap_in)):
+        order = (("in", swap_in), ("out", swap_out)) if swap_in_first else (("out", swap_out), ("in", swap_in))
+        for kind, rids in order:
             for rid in rids:
                 request = self.requests[rid]
                 blocks = self._take(request.placement.other, self._blocks_for(request.num_tokens - 1))

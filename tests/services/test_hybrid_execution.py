@@ -45,9 +45,9 @@ def prompts() -> list[list[int]]:
 
 def step_in(
     scheduler: ScriptedScheduler, mode: ExecutionMode, layout: OverlapLayout, swap_out: tuple[str, ...] = (),
-    swap_in: tuple[str, ...] = (),
+    swap_in: tuple[str, ...] = (), swap_in_first: bool = True,
 ) -> StepOutput:
-    return scheduler.run(replace(scheduler.plan(mode, swap_out, swap_in), layout=layout))
+    return scheduler.run(replace(scheduler.plan(mode, swap_out, swap_in, swap_in_first=swap_in_first), layout=layout))
 
 
 Scenario = Callable[[ScriptedScheduler, int, OverlapLayout], None]
@@ -84,15 +84,21 @@ def hf_tokens(model_dir: Path, steps: dict[str, int]) -> dict[str, list[int]]:
     return out
 
 
-def swapping(scheduler: ScriptedScheduler, step: int, layout: OverlapLayout) -> None:
-    """ASYNC_OVERLAP; every 20 steps the CPU-resident requests swap in and the GPU ones (running) swap out."""
+def swapping(scheduler: ScriptedScheduler, step: int, layout: OverlapLayout, swap_in_first: bool = True) -> None:
+    """ASYNC_OVERLAP; every 20 steps the CPU-resident requests swap in and the GPU ones (running) swap out, in one
+    plan whose swaps out take the CPU blocks its swaps in leave (swap_in_first) or whose swaps in take the
+    accelerator blocks its swaps out leave."""
     running = [rid for rid, r in scheduler.requests.items() if r.outputs]
     if step % 20 == 10 and running:
         out = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.GPU)
         back = tuple(rid for rid in running if scheduler.requests[rid].placement is Placement.CPU)
-        step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout, swap_out=out, swap_in=back)
+        step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout, out, back, swap_in_first)
     else:
         step_in(scheduler, ExecutionMode.ASYNC_OVERLAP, layout)
+
+
+def swapping_outs_first(scheduler: ScriptedScheduler, step: int, layout: OverlapLayout) -> None:
+    swapping(scheduler, step, layout, swap_in_first=False)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -118,6 +124,7 @@ CASES = {  # name: (mode, placement of prompt i, scenario, sub-batch of prompt i
     "async_overlap_all_cpu": (ExecutionMode.ASYNC_OVERLAP, lambda i: Placement.CPU, None, lambda i: 0),
     "asym_pipeline_mixed_sub_batches": (ExecutionMode.ASYM_PIPELINE, alternate_pairs, None, lambda i: i % 2),
     "async_overlap_with_swaps": (ExecutionMode.ASYNC_OVERLAP, alternate, swapping, lambda i: 0),
+    "async_overlap_with_swaps_outs_first": (ExecutionMode.ASYNC_OVERLAP, alternate, swapping_outs_first, lambda i: 0),
 }
 
 
@@ -254,7 +261,8 @@ def test_a_killed_cpu_worker_fails_the_step_within_the_timeout_and_leaves_no_seg
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", list(OverlapLayout), ids=lambda layout: layout.value)
-@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches"])
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches",
+                                  "async_overlap_with_swaps", "async_overlap_with_swaps_outs_first"])
 def test_cuda_device_hybrid_modes_decode_the_cuda_gpu_only_tokens(
     case: str, layout: OverlapLayout, mha_model_dir: Path, cpu_worker: str
 ) -> None:
@@ -267,13 +275,14 @@ def test_cuda_device_hybrid_modes_decode_the_cuda_gpu_only_tokens(
     assert hybrid == gpu_only
 
 
-@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches"])
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "asym_pipeline_mixed_sub_batches",
+                                  "async_overlap_with_swaps", "async_overlap_with_swaps_outs_first"])
 def test_a_device_that_queues_its_copies_decodes_the_gpu_only_tokens(
     case: str, reference: tuple[Path, dict[str, list[int]]], cpu_worker: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Copies land only once a marker after them is synchronised, as on CUDA (tests/queued_transfer.py): the staged
-    q/k/v before each ring, the slot's o before its next ring, and the CPU-placed prefills' KV before its write into
-    the CPU pool, each off the thread that runs the forward."""
+    q/k/v before each ring, the slot's o before its next ring, and the CPU-placed prefills' KV and swapped-out
+    blocks before their writes into the CPU pool, each off the thread that runs the forward."""
     monkeypatch.setattr(cpu_pool, "host_transfer_for", lambda device: QueuedTransfer(delay_s=0.0))
     model_dir, expected = reference
     mode, placement, scenario, sub_batch = CASES[case]
