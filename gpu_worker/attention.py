@@ -12,6 +12,7 @@ backend (which upcasts to fp32 and materialises the scores: on a GPU, many times
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,48 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 @dataclass(frozen=True)
+class PageRows:
+    """The decode rows' pages in FlashInfer's paged-KV form: row r's context is the pages indices[indptr[r] :
+    indptr[r + 1]], in order, of which the last holds last_page_lens[r] tokens (1 .. block_size)."""
+
+    indptr: torch.Tensor  # [rows + 1] int32, host
+    indices: torch.Tensor  # [sum of pages] int32, on the device
+    last_page_lens: torch.Tensor  # [rows] int32, host
+
+    @staticmethod
+    def host_lists(tables: Sequence[list[int]], context_lens: Sequence[int], block_size: int
+                   ) -> tuple[list[int], list[int], list[int]]:
+        """indptr, indices and last page lengths of rows with block tables (at least their pages long) and context
+        lengths (>= 1)."""
+        indptr, indices, last = [0], [], []
+        for table, context in zip(tables, context_lens):
+            pages = -(-context // block_size)
+            indices.extend(table[:pages])
+            indptr.append(len(indices))
+            last.append(context - (pages - 1) * block_size)
+        return indptr, indices, last
+
+
+LIVE_PLANS = 2  # decode plans in use at once: one per sub-batch of a step
+
+
+class DecodePlan(Protocol):
+    def run(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """q [rows, num_heads, head_dim] over the planned rows' context in layer layer_idx -> like q."""
+
+
+class DecodeKernel(Protocol):
+    """Decode attention over the paged pool: one query per row over its cached context (decode_kernels.py has the
+    implementations). A plan serves every layer of a step's sub-batch and stays valid until LIVE_PLANS more are
+    made."""
+
+    name: str
+
+    def plan(self, cache: PagedKVCache, metadata: "AttentionMetadata", dtype: torch.dtype) -> DecodePlan:
+        """The decode rows of `metadata` over `cache`, for q in dtype."""
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [num_slots] block id of each written token's KV slot
     slot_offsets: torch.Tensor  # [num_slots] offset inside that block
@@ -91,6 +134,7 @@ class AttentionMetadata:
     chunk_masks: dict[int, torch.Tensor]  # by prefill row with context > 0: its chunk_mask
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] padded with block 0
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] True where a context slot is valid
+    decode_pages: PageRows  # the same rows' contexts as pages
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -122,14 +166,16 @@ class AttentionMetadata:
         context_tables = tuple(context_block_tables) or ([],) * len(prefill_lens)
         max_blocks = max((len(t) for t in decode_block_tables), default=0)
         tables = [t + [0] * (max_blocks - len(t)) for t in decode_block_tables]
+        indptr, page_indices, last_page_lens = PageRows.host_lists(decode_block_tables, decode_context_lens, block_size)
         host = [
             torch.tensor(slot_blocks, dtype=torch.long),  # [num_slots]
             torch.tensor(slot_offsets, dtype=torch.long),  # [num_slots]
             torch.tensor(decode_context_lens, dtype=torch.long),  # [num_decodes]
             torch.tensor(tables, dtype=torch.long).reshape(len(tables), max_blocks),  # [num_decodes, max_blocks]
+            torch.tensor(page_indices, dtype=torch.int32),  # [sum of pages]
             *(torch.tensor(t, dtype=torch.long) for t in context_tables),  # [blocks] each
         ]
-        blocks, offsets, context, decode_tables, *chunk_tables = (
+        blocks, offsets, context, decode_tables, pages, *chunk_tables = (
             send(host) if send is not None else to_device_together(host, device))
         slots = torch.arange(max_blocks * block_size, device=device)  # [max_blocks * block_size]
         return cls(
@@ -141,19 +187,19 @@ class AttentionMetadata:
             chunk_masks={row: chunk_mask(p, n, device) for row, (n, p) in enumerate(zip(prefill_lens, contexts)) if p},
             decode_block_tables=decode_tables,
             decode_mask=(slots[None, :] < context[:, None])[:, None, None, :],
+            decode_pages=PageRows(torch.tensor(indptr, dtype=torch.int32), pages,
+                                  torch.tensor(last_page_lens, dtype=torch.int32)),
         )
 
 
 class PagedAttention:
-    """Attention of one layer for all rows of a step, reading and writing the paged KV pool."""
+    """Attention of one layer for all rows of a step, reading and writing the paged KV pool; the decode rows through
+    a DecodeKernel, planned by the step's first layer for every layer."""
 
-    def __init__(self, cache: PagedKVCache) -> None:
+    def __init__(self, cache: PagedKVCache, decode: DecodeKernel) -> None:
         self.cache = cache
-        # the step's decode block tables, their head_index and the additive form of its decode mask in q's dtype, built
-        # by the step's first layer for every layer
-        self._tables: torch.Tensor | None = None
-        self._head_index = torch.empty(0, dtype=torch.long)
-        self._bias = torch.empty(0)
+        self.decode = decode
+        self._plans: list[tuple[AttentionMetadata, DecodePlan]] = []  # the last LIVE_PLANS, oldest first
 
     def forward(
         self,
@@ -180,14 +226,14 @@ class PagedAttention:
                 outputs.append(chunk_attention(q[rows], k[rows], v[rows], past, metadata.chunk_masks[row]))
             start += length
         if metadata.num_decodes:
-            outputs.append(self._decode(layer_idx, q[start:], metadata))
+            outputs.append(self._plan(metadata, q.dtype).run(layer_idx, q[start:]))  # [rows, num_heads, head_dim]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def _decode(self, layer_idx: int, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """One query per row over its cached context, all rows at once (padded and masked)."""
-        tables = metadata.decode_block_tables
-        if tables is not self._tables:
-            self._tables, self._head_index = tables, self.cache.head_index(tables)
-            self._bias = additive_mask(metadata.decode_mask, q.dtype)  # [rows, 1, 1, slots]
-        k, v = self.cache.gather(layer_idx, tables, self._head_index)  # [rows, kv_heads, slots, head_dim]
-        return decode_attention(q, k, v, self._bias)  # [rows, num_heads, head_dim]
+    def _plan(self, metadata: AttentionMetadata, dtype: torch.dtype) -> DecodePlan:
+        """The sub-batch's decode plan, made by its first layer of the step."""
+        for planned, plan in self._plans:
+            if planned is metadata:
+                return plan
+        plan = self.decode.plan(self.cache, metadata, dtype)
+        self._plans = [*self._plans[1 - LIVE_PLANS :], (metadata, plan)]
+        return plan

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from apex_serve.flags import option
 
 DTYPES = ("float32", "bfloat16", "float16")
+DECODE_KERNELS = ("auto", "flashinfer", "sdpa")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -36,6 +37,10 @@ class GpuWorkerConfig:
     )
     max_num_seqs: int = option(
         64, help="CUDA: rows of the worst-case forward's LM head (the scheduler's requests running at once)"
+    )
+    decode_attention: str = option(
+        "auto", help="decode attention kernel: auto (flashinfer on CUDA compute capability 7.5+ in float16/bfloat16 "
+        "where flashinfer-python is installed, else sdpa), flashinfer (refused where it cannot run) or sdpa"
     )
     max_model_len: int | None = option(
         None, help="longest sequence in tokens (prompt + output); unset: the model's max_position_embeddings"
@@ -82,6 +87,8 @@ class GpuWorkerConfig:
         if self.max_num_batched_tokens < 1 or not 1 <= self.max_num_seqs <= self.max_num_batched_tokens:
             raise ValueError(f"max_num_seqs: must be in [1, max_num_batched_tokens ({self.max_num_batched_tokens})], "
                              f"got {self.max_num_seqs}")
+        if self.decode_attention not in DECODE_KERNELS:
+            raise ValueError(f"decode_attention: must be one of {DECODE_KERNELS}, got {self.decode_attention!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len: must be >= 1 or None, got {self.max_model_len}")
         if self.num_threads <= 0:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from apex_serve.types import ExecutionMode, OverlapLayout
-from gpu_worker.attention import ContextKV, PagedAttention
+from gpu_worker.attention import ContextKV, DecodeKernel, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
@@ -69,10 +69,11 @@ class Forward:
         device_pool: PagedKVCache,
         bridge: CpuAttentionBridge | None,
         rms_norm_eps: float,
+        decode: DecodeKernel,
     ) -> None:
         self.weights = weights
         self.device_pool = device_pool
-        self.attention = PagedAttention(device_pool)
+        self.attention = PagedAttention(device_pool, decode)
         self.bridge = bridge
         self.rms_norm_eps = rms_norm_eps
 

@@ -81,8 +81,9 @@ def worst_case_forward(weights: ModelWeights, tokens: int, rows: int, max_model_
 
 def kv_pool_blocks(memory: DeviceMemory, utilization: float, bytes_per_block: int,
                    profile: Callable[[], None]) -> int:
-    """Blocks of the device KV pool: utilization x total, less what is allocated now (the weights), the peak a call of
-    `profile` adds and the memory used elsewhere; ValueError naming gpu_memory_utilization where no block is left."""
+    """Blocks of the device KV pool: utilization x total, less what is allocated now (the weights, and the decode
+    kernel's workspace where it has one), the peak a call of `profile` adds and the memory used elsewhere; ValueError
+    naming gpu_memory_utilization where no block is left."""
     weights = memory.allocated()
     memory.reset_peak()
     profile()

@@ -19,6 +19,7 @@ from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import BlockMove, CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
+from gpu_worker.decode_kernels import decode_kernel_for
 from gpu_worker.device_fit import CudaDevice, check_fits, resolve_dtype
 from gpu_worker.forward import Forward
 from gpu_worker.grammar import GrammarCompiler, GrammarMask, grammar_mask
@@ -81,6 +82,9 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         rope = RotaryEmbedding(self.model_config, self.max_model_len, self.dtype, self.device)
         self.weights = load_weights(config.model_dir, self.model_config, self.dtype, self.device, rope)
+        capability = CudaDevice.of(self.device).capability if self.device.type == "cuda" else None
+        decode = decode_kernel_for(config.decode_attention, self.device, self.dtype, self.model_config,
+                                   config.block_size, capability)  # its workspace is allocated before the sizing
         per_block = bytes_per_block(self.model_config, config.block_size, self.dtype)
         num_blocks = config.num_kv_blocks or self._pool_blocks(per_block, memory)
         if num_blocks * config.block_size < self.max_model_len:
@@ -89,7 +93,7 @@ class ModelRunner:
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.max_blocks_per_row = -(-self.max_model_len // config.block_size)
-        self.forward = Forward(self.weights, self.kv_cache, None, self.model_config.rms_norm_eps)
+        self.forward = Forward(self.weights, self.kv_cache, None, self.model_config.rms_norm_eps, decode)
         self.checker = PlanChecker(
             self.model_config.vocab_size, self.max_model_len, config.block_size,
             {Placement.GPU: num_blocks, Placement.CPU: 0}, config.cpu_max_rows,

@@ -152,7 +152,7 @@ class LayerProfiler:
         )
         q = self._random(rows, self.layer.num_heads, self.layer.head_dim)
         kv = self._random(rows, self.layer.num_kv_heads, self.layer.head_dim)
-        attention = PagedAttention(pool)
+        attention = PagedAttention(pool, self.runner.forward.attention.decode)  # the kernel the steps use
         self._preserve(metadata.slot_blocks.unique())
 
         def work() -> None:

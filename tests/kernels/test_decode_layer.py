@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu_worker.attention import AttentionMetadata, PagedAttention, decode_attention
+from gpu_worker.decode_kernels import SdpaDecode
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention
 from gpu_worker.model_config import parse_model_config
@@ -90,7 +91,7 @@ def test_paged_decode_attention_equals_repeated_kv_attention(heads: tuple[int, i
     pool, metadata = _pool(heads, dtype, device), _step(contexts, device)
     tables = _tables(contexts)
     q = torch.randn(len(contexts), heads[0], heads[2], generator=torch.Generator().manual_seed(5)).to(device, dtype)
-    attention = PagedAttention(pool)
+    attention = PagedAttention(pool, SdpaDecode())
     for layer in (0, 1):  # the second layer runs on the index and mask the first built
         got = attention.forward(layer, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
         want = _reference(pool, layer, q, tables, contexts)
@@ -105,7 +106,7 @@ def test_decode_attention_of_llama_heads_runs_one_fused_sdpa_and_no_math(device:
     heads = SHAPES[-1]
     pool, metadata = _pool(heads, dtype, device), _step([40, 20, 33], device)
     q = torch.randn(3, heads[0], heads[2], dtype=dtype, device=device)
-    attention = PagedAttention(pool)
+    attention = PagedAttention(pool, SdpaDecode())
     attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)  # the step's first layer builds its index
     with AtenCalls() as counted:
         attention.forward(1, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
@@ -120,7 +121,7 @@ def test_one_decode_layer_makes_three_compute_calls_and_copies_nothing() -> None
     heads = SHAPES[-1]
     pool, metadata = _pool(heads, torch.bfloat16, "cpu"), _step([40, 20, 33], "cpu")
     q = torch.randn(3, heads[0], heads[2], dtype=torch.bfloat16)
-    attention = PagedAttention(pool)
+    attention = PagedAttention(pool, SdpaDecode())
     attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
     with AtenCalls() as counted:
         attention.forward(1, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
@@ -170,7 +171,7 @@ def test_one_decode_layer_makes_34_compute_calls() -> None:
     metadata = AttentionMetadata.build([], [t[(c - 1) // BLOCK] for t, c in zip(tables, contexts)],
                                        [(c - 1) % BLOCK for c in contexts], tables, contexts, BLOCK,
                                        torch.device("cpu"))
-    attention, hidden = PagedAttention(pool), weight(3, 4096)
+    attention, hidden = PagedAttention(pool, SdpaDecode()), weight(3, 4096)
     angles = rope.angles(torch.tensor([c - 1 for c in contexts]))
 
     def decode_layer(i: int) -> torch.Tensor:
