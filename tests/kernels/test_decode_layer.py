@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gpu_worker.attention import AttentionMetadata, PagedAttention, decode_attention
 from gpu_worker.decode_kernels import SdpaDecode
 from gpu_worker.kv_cache import PagedKVCache
-from gpu_worker.layers import LayerWeights, post_attention, pre_attention
+from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
 from gpu_worker.model_config import parse_model_config
 from gpu_worker.rope import RotaryEmbedding
 
@@ -185,3 +185,32 @@ def test_one_decode_layer_makes_34_compute_calls() -> None:
     compute = {op: n for op, n in counted.calls.items() if op not in VIEWS}
     assert sum(compute.values()) == 34, str(sorted(compute.items()))
     assert not {"aten.clone", "aten.where", "aten.index_select"} & set(compute), compute
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_equals_transformers_llama_rms_norm(dtype: torch.dtype, device: str) -> None:
+    """Bitwise on the CPU (the same ops); on CUDA, where torch fuses the statistics, within one rounding of dtype."""
+    _skip_without(device)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(5, 256, generator=generator).to(device, dtype)
+    norm = LlamaRMSNorm(256, eps=1e-5).to(device, dtype)
+    norm.weight.data = torch.randn(256, generator=generator).to(device, dtype)
+    got, want = rms_norm(x, norm.weight.data, 1e-5), norm(x)
+    if device == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert (got.float() - want.float()).abs().max().item() <= TOLERANCE[dtype] * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_rms_norm_is_one_fused_statistics_kernel_on_cuda() -> None:
+    _skip_without("cuda")
+    x = torch.randn(3, 4096, dtype=torch.float16, device="cuda")
+    weight = torch.randn(4096, dtype=torch.float16, device="cuda")
+    with AtenCalls() as counted:
+        rms_norm(x, weight, 1e-5)
+    compute = {op: n for op, n in counted.calls.items() if op not in VIEWS}
+    assert compute == {"aten._to_copy": 2, "aten._fused_rms_norm": 1, "aten.mul": 1}, compute

@@ -291,6 +291,27 @@ def test_a_device_that_queues_its_copies_decodes_the_gpu_only_tokens(
         assert tokens[rid] == expected[rid], f"{case}: {rid} diverges from the GPU-only run"
 
 
+@pytest.mark.gpu
+def test_cuda_staging_copies_wait_for_a_delayed_compute_stream(
+    mha_model_dir: Path, cpu_worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compute stream sleeps before every QKV projection, so the q/k/v the CPU rows stage are produced late: the
+    side stream's copies must wait for them (and the doorbell for the copies), else the CPU attends stale staging and
+    the tokens leave GPU-only's."""
+    project = forward.pre_attention
+
+    def delayed(*args: object) -> object:
+        torch.cuda._sleep(5_000_000)  # GPU cycles (a few ms) queued on the current, compute, stream
+        return project(*args)
+
+    mode, placement, scenario, sub_batch = CASES["async_overlap_alternate_rows"]
+    gpu_only = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), ExecutionMode.GPU_ONLY,
+                   lambda i: Placement.GPU)
+    monkeypatch.setattr(forward, "pre_attention", delayed)
+    hybrid = run(make_runner(mha_model_dir, cpu_worker, device="cuda"), mode, placement, scenario, sub_batch)
+    assert hybrid == gpu_only
+
+
 class RefusingCudart:
     """A CUDA runtime that refuses every host registration (as a locked-memory limit would)."""
 
