@@ -42,6 +42,10 @@ class GpuWorkerConfig:
         "auto", help="decode attention kernel: auto (flashinfer on CUDA compute capability 7.5+ in float16/bfloat16 "
         "where flashinfer-python is installed, else sdpa), flashinfer (refused where it cannot run) or sdpa"
     )
+    cuda_graph_max_rows: int = option(
+        0, help="CUDA graphs of decode-only steps of up to this many rows, captured per bucket (1, 2, 4, 8, then "
+        "every 8) on first use; 0: none. On the CPU device the same static-buffer path runs without graphs"
+    )
     max_model_len: int | None = option(
         None, help="longest sequence in tokens (prompt + output); unset: the model's max_position_embeddings"
     )
@@ -89,6 +93,8 @@ class GpuWorkerConfig:
                              f"got {self.max_num_seqs}")
         if self.decode_attention not in DECODE_KERNELS:
             raise ValueError(f"decode_attention: must be one of {DECODE_KERNELS}, got {self.decode_attention!r}")
+        if self.cuda_graph_max_rows < 0:
+            raise ValueError(f"cuda_graph_max_rows: must be >= 0, got {self.cuda_graph_max_rows}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len: must be >= 1 or None, got {self.max_model_len}")
         if self.num_threads <= 0:

@@ -21,6 +21,8 @@ A sub-batch without CPU rows runs the same either way: one norm/QKV/RoPE over al
 
 GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
 ASYM_PIPELINE runs two sub-batches one layer apart, so the CPU attends one while the accelerator works on the other.
+A step of one sub-batch of decode rows only, projected at once, may replay each layer's linear work from CUDA graphs
+captured at its bucket of rows (gpu_worker.decode_graphs); attention and staging run between the replays as above.
 The last layer's O-proj and MLP, and the LM head, run over a sub-batch's kept rows only (step_batch.SubBatch): the
 sampling rows, and every position of a prefill row whose request asked for prompt logprobs (gpu_worker.lm_head).
 """
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from apex_serve.types import ExecutionMode, OverlapLayout
 from gpu_worker.attention import ContextKV, DecodeKernel, PagedAttention
 from gpu_worker.cpu_bridge import CpuAttentionBridge
+from gpu_worker.decode_graphs import DecodeGraphs, GraphedLayers
 from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_norm
 from gpu_worker.lm_head import StepLogits, lm_head
@@ -55,6 +58,7 @@ class _Flight:
     device_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v [device_end, heads, head_dim]
     device_attn: torch.Tensor | None = None  # [device tokens not yet projected, num_heads, head_dim]
     done_prefill: torch.Tensor | None = None  # [kept prefill tokens, hidden] prefill rows already through the layer
+    graphed: GraphedLayers | None = None  # the captured linear pieces a decode-only step replays (decode_graphs)
 
     @property
     def fused(self) -> bool:
@@ -70,8 +74,10 @@ class Forward:
         bridge: CpuAttentionBridge | None,
         rms_norm_eps: float,
         decode: DecodeKernel,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.weights = weights
+        self.graphs = graphs
         self.device_pool = device_pool
         self.attention = PagedAttention(device_pool, decode)
         self.bridge = bridge
@@ -89,13 +95,17 @@ class Forward:
         prompt logprobs of the prefill rows that ask for them; the sub-batches with CPU rows run in `layout`. Each
         layer of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
+            graphed = self._graphed(sub_batches, layout)  # captured, if first used, before the step's work is queued
             flights = []
             for batch in sub_batches:
                 if batch.num_cpu_decodes:
                     with clock.measure("staging", 0, batch.slot):
                         self._bridge().begin_step(batch)
                 hidden = F.embedding(batch.input_ids, self.weights.embed_tokens)  # [num_tokens, hidden]
-                flights.append(_Flight(batch, hidden, self.weights.rope.angles(batch.positions), layout))
+                angles = self.weights.rope.angles(batch.positions)
+                if graphed is not None:
+                    hidden, angles = graphed.load(hidden, angles)
+                flights.append(_Flight(batch, hidden, angles, layout, graphed=graphed))
             if mode is ExecutionMode.ASYM_PIPELINE and len(flights) == 2:
                 self._pipelined(flights[0], flights[1], clock, cpu_wait_s)
             else:
@@ -127,6 +137,18 @@ class Forward:
             self._complete(a, i, clock, cpu_wait_s)
         self._complete(b, last, clock, cpu_wait_s)
 
+    def _graphed(self, sub_batches: list[SubBatch], layout: OverlapLayout) -> GraphedLayers | None:
+        """The graphed layers for a step that can replay them: one sub-batch of decode rows only, all sampled, all
+        projected at once (the fused layout, or no CPU rows)."""
+        if self.graphs is None or len(sub_batches) != 1:
+            return None
+        batch = sub_batches[0]
+        if batch.num_prefill_tokens or batch.kept_rows.shape[0] != batch.num_tokens:
+            return None
+        if layout is not OverlapLayout.FUSED and batch.num_cpu_decodes:
+            return None
+        return self.graphs.layers_for(batch.num_tokens)
+
     def _bridge(self) -> CpuAttentionBridge:
         if self.bridge is None:
             raise RuntimeError("a sub-batch has CPU rows but no cpu_attention_worker is attached")
@@ -143,7 +165,10 @@ class Forward:
         end = batch.device_end
         rows = slice(0, batch.num_tokens) if flight.fused else slice(end, batch.num_tokens)
         with clock.measure("device_linear", i, batch.slot):
-            q, k, v = pre_attention(self._layer(i), flight.hidden[rows], flight.angles[rows])
+            if flight.graphed is not None:
+                q, k, v = flight.graphed.pre(i, batch.num_tokens)
+            else:
+                q, k, v = pre_attention(self._layer(i), flight.hidden[rows], flight.angles[rows])
         if flight.fused:
             flight.device_qkv = (q[:end], k[:end], v[:end])
             q, k, v = q[end:], k[end:], v[end:]  # the CPU rows: the sub-batch's tail
@@ -217,7 +242,10 @@ class Forward:
         elif self._is_last(i):
             hidden, attn = hidden[batch.kept_rows], attn[batch.kept_rows]  # [num_kept, ...]
         with clock.measure("device_linear", i, batch.slot):
-            hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
+            if flight.graphed is not None:
+                hidden = flight.graphed.post(i, hidden, attn)
+            else:
+                hidden = post_attention(self._layer(i), hidden, attn.to(hidden.dtype))
         if flight.done_prefill is not None:
             hidden = torch.cat([flight.done_prefill, hidden])
             flight.done_prefill = None

@@ -312,6 +312,22 @@ def test_cuda_staging_copies_wait_for_a_delayed_compute_stream(
     assert hybrid == gpu_only
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "async_overlap_with_swaps"])
+def test_decode_steps_replaying_graphed_layers_decode_the_plain_paths_tokens(
+    case: str, device: str, mha_model_dir: Path, cpu_worker: str
+) -> None:
+    """Decode-only steps replay each layer's linear pieces at their bucket of rows (CUDA graphs on CUDA; the same
+    static buffers run eagerly on the CPU), prefill steps run the plain path; the tokens are the plain run's."""
+    mode, placement, scenario, sub_batch = CASES[case]
+    plain = run(make_runner(mha_model_dir, cpu_worker, device=device), mode, placement, scenario, sub_batch)
+    runner = make_runner(mha_model_dir, cpu_worker, device=device, cuda_graph_max_rows=8)
+    graphed = run(runner, mode, placement, scenario, sub_batch)
+    assert graphed == plain
+    replays = runner.forward.graphs.replays
+    assert set(replays) <= {1, 2, 4, 8} and sum(replays.values()) > DECODE_STEPS / 2, replays
+
+
 class RefusingCudart:
     """A CUDA runtime that refuses every host registration (as a locked-memory limit would)."""
 
