@@ -4,10 +4,11 @@ earlier KV), decode rows read the paged cache.
 Tokens are laid out prefill rows first (each request's tokens contiguous), then one token per decode row. The caller
 writes the new k/v into whichever pool each row lives in before calling forward.
 
-Decode rows run SDPA with each query head group folded into the query axis (decode_attention): a row's q heads that
-share a KV head are its queries of that head, so no K/V head is repeated and no GQA support is asked of the kernel.
-It runs under FUSED_BACKENDS: a shape or dtype no fused kernel takes raises instead of falling back to SDPA's math
-backend (which upcasts to fp32 and materialises the scores: on a GPU, many times the fused kernels' time and memory).
+Decode rows run through a DecodeKernel (gpu_worker.decode_kernels: FlashInfer's paged kernel, or SDPA). The SDPA
+path folds each query head group into the query axis (decode_attention): a row's q heads that share a KV head are its
+queries of that head, so no K/V head is repeated and no GQA support is asked of the kernel. It runs under
+FUSED_BACKENDS: a shape or dtype no fused kernel takes raises instead of falling back to SDPA's math backend (which
+upcasts to fp32 and materialises the scores: on a GPU, many times the fused kernels' time and memory).
 """
 
 from collections.abc import Mapping, Sequence
@@ -117,8 +118,6 @@ class DecodeKernel(Protocol):
     """Decode attention over the paged pool: one query per row over its cached context (decode_kernels.py has the
     implementations). A plan serves every layer of a step's sub-batch and stays valid until LIVE_PLANS more are
     made."""
-
-    name: str
 
     def plan(self, cache: PagedKVCache, metadata: "AttentionMetadata", dtype: torch.dtype) -> DecodePlan:
         """The decode rows of `metadata` over `cache`, for q in dtype."""
