@@ -8,14 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from paged_pools import BLOCK, disjoint_tables, random_pool
 
 from gpu_worker import decode_kernels
 from gpu_worker.attention import AttentionMetadata, PagedAttention, PageRows
 from gpu_worker.decode_kernels import FlashInferDecode, SdpaDecode, decode_kernel_for, flashinfer_refusal
-from gpu_worker.kv_cache import PagedKVCache
 from gpu_worker.model_config import parse_model_config
 
-BLOCK = 16
 SHAPES = [(4, 4, 16), (8, 2, 16), (32, 8, 128)]  # (q heads, kv heads, head_dim)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 CONTEXTS = [1, 17, 40, 64, 5, 16]
@@ -62,23 +61,6 @@ def fake_flashinfer() -> SimpleNamespace:
     return SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=FakeWrapper, __version__="fake")
 
 
-def _pool(heads: tuple[int, int, int], dtype: torch.dtype, device: str, blocks: int = 48) -> PagedKVCache:
-    generator = torch.Generator().manual_seed(7)
-    shape = (2, blocks, heads[1], BLOCK, heads[2])  # [layers, blocks, kv_heads, block, head_dim]
-    return PagedKVCache.wrap(torch.randn(shape, generator=generator).to(device, dtype),
-                             torch.randn(shape, generator=generator).to(device, dtype))
-
-
-def _tables(contexts: list[int], blocks: int = 48) -> list[list[int]]:
-    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(3)).tolist()
-    tables = []
-    for context in contexts:
-        n = -(-context // BLOCK)
-        tables.append(order[:n])
-        order = order[n:]
-    return tables
-
-
 def test_page_rows_list_each_rows_pages_in_order_and_how_full_its_last_page_is() -> None:
     indptr, indices, last = PageRows.host_lists([[5, 2, 9, 4], [0, 7], [3]], [33, 16, 1], BLOCK)
     assert indptr == [0, 3, 4, 5]  # 33 tokens: 3 pages; 16: exactly one; 1: one
@@ -91,8 +73,8 @@ def test_page_rows_list_each_rows_pages_in_order_and_how_full_its_last_page_is()
 def test_flashinfer_decode_hands_flashinfer_the_pages_and_hnd_views_that_give_the_sdpa_paths_attention(
     heads: tuple[int, int, int], dtype: torch.dtype
 ) -> None:
-    pool = _pool(heads, dtype, "cpu")
-    metadata = AttentionMetadata.build([], [], [], _tables(CONTEXTS), CONTEXTS, BLOCK, torch.device("cpu"))
+    pool = random_pool(heads, dtype, "cpu")
+    metadata = AttentionMetadata.build([], [], [], disjoint_tables(CONTEXTS), CONTEXTS, BLOCK, torch.device("cpu"))
     q = torch.randn(len(CONTEXTS), heads[0], heads[2], generator=torch.Generator().manual_seed(5)).to(dtype)
     kv = q[:, : heads[1]]
     sdpa = PagedAttention(pool, SdpaDecode())
@@ -106,10 +88,10 @@ def test_flashinfer_decode_hands_flashinfer_the_pages_and_hnd_views_that_give_th
 def test_flashinfer_decode_plans_once_per_sub_batch_per_step_on_its_own_wrapper() -> None:
     """ASYM_PIPELINE alternates two sub-batches layer by layer: each keeps its plan (a wrapper holds one) all step."""
     heads = SHAPES[1]
-    pool = _pool(heads, torch.float16, "cpu")
+    pool = random_pool(heads, torch.float16, "cpu")
     kernel = FlashInferDecode(fake_flashinfer(), torch.device("cpu"), heads[0])
     attention = PagedAttention(pool, kernel)
-    tables = _tables([20, 9, 33, 2])
+    tables = disjoint_tables([20, 9, 33, 2])
     a = AttentionMetadata.build([], [], [], tables[:2], [20, 9], BLOCK, torch.device("cpu"))
     b = AttentionMetadata.build([], [], [], tables[2:], [33, 2], BLOCK, torch.device("cpu"))
     q = torch.randn(2, heads[0], heads[2], dtype=torch.float16)
@@ -193,8 +175,8 @@ def test_flashinfer_on_cuda_equals_the_sdpa_path(heads: tuple[int, int, int]) ->
     config = parse_model_config({"hidden_size": heads[0] * heads[2], "intermediate_size": 64, "num_hidden_layers": 2,
                                  "num_attention_heads": heads[0], "num_key_value_heads": heads[1], "vocab_size": 64})
     kernel = decode_kernel_for("flashinfer", device, torch.float16, config, BLOCK, capability, flashinfer)
-    pool = _pool(heads, torch.float16, "cuda")
-    metadata = AttentionMetadata.build([], [], [], _tables(CONTEXTS), CONTEXTS, BLOCK, device)
+    pool = random_pool(heads, torch.float16, "cuda")
+    metadata = AttentionMetadata.build([], [], [], disjoint_tables(CONTEXTS), CONTEXTS, BLOCK, device)
     q = torch.randn(len(CONTEXTS), heads[0], heads[2], generator=torch.Generator().manual_seed(5)).to(device,
                                                                                                      torch.float16)
     kv = q[:, : heads[1]]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from paged_pools import BLOCK, disjoint_tables, random_pool
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu_worker.attention import AttentionMetadata, PagedAttention, decode_attention
@@ -17,7 +18,6 @@ from gpu_worker.layers import LayerWeights, post_attention, pre_attention, rms_n
 from gpu_worker.model_config import parse_model_config
 from gpu_worker.rope import RotaryEmbedding
 
-BLOCK = 16
 SHAPES = [(4, 4, 16), (8, 2, 16), (32, 8, 128)]  # (q heads, kv heads, head_dim): MHA, GQA, LLaMA-3.1-8B's heads
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -42,28 +42,8 @@ def _skip_without(device: str) -> None:
         pytest.skip("needs a CUDA device")
 
 
-def _pool(heads: tuple[int, int, int], dtype: torch.dtype, device: str, blocks: int = 48) -> PagedKVCache:
-    _, kv_heads, head_dim = heads
-    generator = torch.Generator().manual_seed(7)
-    shape = (2, blocks, kv_heads, BLOCK, head_dim)  # [layers, blocks, kv_heads, block, head_dim]
-    k = torch.randn(shape, generator=generator).to(device, dtype)
-    v = torch.randn(shape, generator=generator).to(device, dtype)
-    return PagedKVCache.wrap(k, v)
-
-
-def _tables(contexts: list[int], blocks: int = 48) -> list[list[int]]:
-    """Block tables of decode rows of these contexts over disjoint, shuffled blocks of the pool."""
-    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(3)).tolist()
-    tables = []
-    for context in contexts:
-        n = -(-context // BLOCK)
-        tables.append(order[:n])
-        order = order[n:]
-    return tables
-
-
 def _step(contexts: list[int], device: str) -> AttentionMetadata:
-    return AttentionMetadata.build([], [], [], _tables(contexts), contexts, BLOCK, torch.device(device))
+    return AttentionMetadata.build([], [], [], disjoint_tables(contexts), contexts, BLOCK, torch.device(device))
 
 
 def _reference(pool: PagedKVCache, layer: int, q: torch.Tensor, tables: list[list[int]], contexts: list[int]
@@ -88,8 +68,8 @@ def test_paged_decode_attention_equals_repeated_kv_attention(heads: tuple[int, i
                                                              device: str) -> None:
     _skip_without(device)
     contexts = [1, 17, 40, 64, 5]
-    pool, metadata = _pool(heads, dtype, device), _step(contexts, device)
-    tables = _tables(contexts)
+    pool, metadata = random_pool(heads, dtype, device), _step(contexts, device)
+    tables = disjoint_tables(contexts)
     q = torch.randn(len(contexts), heads[0], heads[2], generator=torch.Generator().manual_seed(5)).to(device, dtype)
     attention = PagedAttention(pool, SdpaDecode())
     for layer in (0, 1):  # the second layer runs on the index and mask the first built
@@ -104,7 +84,7 @@ def test_decode_attention_of_llama_heads_runs_one_fused_sdpa_and_no_math(device:
     _skip_without(device)
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     heads = SHAPES[-1]
-    pool, metadata = _pool(heads, dtype, device), _step([40, 20, 33], device)
+    pool, metadata = random_pool(heads, dtype, device), _step([40, 20, 33], device)
     q = torch.randn(3, heads[0], heads[2], dtype=dtype, device=device)
     attention = PagedAttention(pool, SdpaDecode())
     attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)  # the step's first layer builds its index
@@ -119,7 +99,7 @@ def test_one_decode_layer_makes_three_compute_calls_and_copies_nothing() -> None
     """Per layer after the step's first: two gathers (K, V) and the SDPA; the rest are views (no transpose copy of
     the gathered blocks, no per-layer conversion of the boolean mask)."""
     heads = SHAPES[-1]
-    pool, metadata = _pool(heads, torch.bfloat16, "cpu"), _step([40, 20, 33], "cpu")
+    pool, metadata = random_pool(heads, torch.bfloat16, "cpu"), _step([40, 20, 33], "cpu")
     q = torch.randn(3, heads[0], heads[2], dtype=torch.bfloat16)
     attention = PagedAttention(pool, SdpaDecode())
     attention.forward(0, q, q[:, : heads[1]], q[:, : heads[1]], metadata)
@@ -139,7 +119,7 @@ def test_decode_attention_raises_where_only_the_math_backend_could_run() -> None
 
 
 def test_gather_reads_each_rows_blocks_in_table_order_for_every_head() -> None:
-    pool = _pool((8, 2, 16), torch.float32, "cpu")
+    pool = random_pool((8, 2, 16), torch.float32, "cpu")
     tables = torch.tensor([[5, 2, 9], [0, 7, 7]])
     k, v = pool.gather(1, tables)
     assert k.shape == (2, 2, 3 * BLOCK, 16)
