@@ -10,6 +10,9 @@
    The modes take turns on one ModelRunner, round after round (each over its own requests, which stay between its
    turns); each reports its median round, and its tokens/s over GPU_ONLY's in the same round (the median ratio).
 
+The `/graphs` contenders replay each layer's linear work from decode graphs (gpu_worker.decode_graphs: CUDA graphs
+on CUDA; on the CPU the same static buffers run eagerly, which measures their copies' cost and no gain).
+
 ASYNC_OVERLAP runs the GPU and CPU rows as one batch; ASYM_PIPELINE puts the GPU rows in sub-batch 0 and the
 CPU rows in sub-batch 1, so each sub-batch's CPU attention runs under the other's device work. The fused layout
 projects QKV once over all rows of a layer, the split layout the CPU rows' first and the others' in the window (a
@@ -36,6 +39,7 @@ from apex_tools.bench.transport import measure
 from apex_tools.default_model import BENCH_SPEC, write_random_llama
 from apex_tools.processes import ServiceGroup, pinned, split_cores
 from gpu_worker.config import GpuWorkerConfig
+from gpu_worker.decode_graphs import DecodeGraphs, cuda_capture, eager_capture
 from gpu_worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -62,15 +66,17 @@ SETUPS = {
     "full": Setup(gpu_rows=8, cpu_rows=8, prompt_len=256, decode_steps=8, rounds=5),
     "quick": Setup(gpu_rows=4, cpu_rows=4, prompt_len=64, decode_steps=4, rounds=3, transport_iterations=5_000),
     "tiny": Setup(gpu_rows=2, cpu_rows=2, prompt_len=16, decode_steps=2, rounds=1, transport_iterations=200),
-    "cuda": Setup(gpu_rows=32, cpu_rows=16, prompt_len=512, decode_steps=64, rounds=10),  # about two minutes
+    "cuda": Setup(gpu_rows=32, cpu_rows=16, prompt_len=512, decode_steps=64, rounds=10),  # about three minutes
 }
 FUSED, SPLIT = OverlapLayout.FUSED, OverlapLayout.SPLIT
-MODES = {  # name: (mode, layout, CPU rows used, sub-batch of the CPU rows)
-    "gpu_only": (ExecutionMode.GPU_ONLY, FUSED, False, 0),
-    "async_overlap/fused": (ExecutionMode.ASYNC_OVERLAP, FUSED, True, 0),
-    "async_overlap/split": (ExecutionMode.ASYNC_OVERLAP, SPLIT, True, 0),
-    "asym_pipeline/fused": (ExecutionMode.ASYM_PIPELINE, FUSED, True, 1),
-    "asym_pipeline/split": (ExecutionMode.ASYM_PIPELINE, SPLIT, True, 1),
+MODES = {  # name: (mode, layout, CPU rows used, sub-batch of the CPU rows, decode graphs replayed)
+    "gpu_only": (ExecutionMode.GPU_ONLY, FUSED, False, 0, False),
+    "async_overlap/fused": (ExecutionMode.ASYNC_OVERLAP, FUSED, True, 0, False),
+    "async_overlap/split": (ExecutionMode.ASYNC_OVERLAP, SPLIT, True, 0, False),
+    "asym_pipeline/fused": (ExecutionMode.ASYM_PIPELINE, FUSED, True, 1, False),
+    "asym_pipeline/split": (ExecutionMode.ASYM_PIPELINE, SPLIT, True, 1, False),
+    "gpu_only/graphs": (ExecutionMode.GPU_ONLY, FUSED, False, 0, True),
+    "async_overlap/fused/graphs": (ExecutionMode.ASYNC_OVERLAP, FUSED, True, 0, True),
 }
 
 
@@ -88,9 +94,10 @@ def make_runner(model_dir: Path, cpu_address: str, setup: Setup, device: str) ->
 class Contender:
     """One mode and layout over its own requests and its share of the runner's pools."""
 
-    def __init__(self, runner: ModelRunner, setup: Setup, name: str, index: int) -> None:
+    def __init__(self, runner: ModelRunner, setup: Setup, name: str, index: int, graphs: DecodeGraphs) -> None:
         self.name = name
-        self.mode, self.layout, with_cpu, cpu_sub_batch = MODES[name]
+        self.mode, self.layout, with_cpu, cpu_sub_batch, graphed = MODES[name]
+        self.runner, self.graphs = runner, graphs if graphed else None
         self.setup = setup
         self.scheduler = ScriptedScheduler(runner, seed=index)
         for pool in self.scheduler.free.values():  # every contender its own blocks
@@ -103,6 +110,7 @@ class Contender:
         self.rounds: list[tuple[float, list[StepOutput]]] = []  # (seconds, outputs) of each measured round
 
     def step(self) -> StepOutput:
+        self.runner.forward.graphs = self.graphs  # the runner's decode graphs are this contender's to use or not
         return self.scheduler.run(replace(self.scheduler.plan(self.mode), layout=self.layout))
 
     def run_round(self) -> None:
@@ -125,6 +133,7 @@ class Contender:
         return {
             "mode": self.name,
             "layout": self.layout.value,
+            "graphs": self.graphs is not None,
             "gpu_rows": self.setup.gpu_rows,
             "cpu_rows": rows - self.setup.gpu_rows,
             "tokens_per_s": rows * steps / elapsed,
@@ -140,7 +149,9 @@ class Contender:
 
 def run_modes(runner: ModelRunner, setup: Setup) -> list[dict]:
     """Every mode's prefill, then setup.rounds rounds in which each mode in turn runs its measured steps."""
-    contenders = [Contender(runner, setup, name, index) for index, name in enumerate(MODES)]
+    capture = cuda_capture(runner.device) if runner.device.type == "cuda" else eager_capture
+    graphs = DecodeGraphs(runner.weights, setup.gpu_rows + setup.cpu_rows, capture)
+    contenders = [Contender(runner, setup, name, index, graphs) for index, name in enumerate(MODES)]
     for contender in contenders:
         contender.step()  # the prefill
     for _ in range(setup.rounds):
@@ -155,13 +166,13 @@ def report(result: dict) -> str:
         (f"transport ({transport['iterations']} round trips): doorbell p50 {transport['doorbell']['p50_us']:.1f} us "
         f"p99 {transport['doorbell']['p99_us']:.1f} us; gRPC stream p50 {transport['grpc_stream']['p50_us']:.1f} us "
         f"p99 {transport['grpc_stream']['p99_us']:.1f} us; gRPC / doorbell at p50 = {transport['p50_ratio']:.0f}x"),
-        (f"{'mode':<21}{'gpu':>5}{'cpu':>5}{'tok/s':>9}{'vs gpu':>8}{'step ms':>9}{'linear':>8}{'cpu att':>9}"
+        (f"{'mode':<28}{'gpu':>5}{'cpu':>5}{'tok/s':>9}{'vs gpu':>8}{'step ms':>9}{'linear':>8}{'cpu att':>9}"
         f"{'wait':>8}{'hidden':>8}"),
     ]
     for row in result["modes"]:
         hidden = "-" if row["hidden_fraction"] is None else f"{row['hidden_fraction']:.2f}"
         lines.append(
-            f"{row['mode']:<21}{row['gpu_rows']:>5}{row['cpu_rows']:>5}{row['tokens_per_s']:>9.1f}"
+            f"{row['mode']:<28}{row['gpu_rows']:>5}{row['cpu_rows']:>5}{row['tokens_per_s']:>9.1f}"
             f"{row['vs_gpu_only']:>8.2f}{row['step_ms']:>9.1f}{row['device_linear_ms_per_step']:>8.1f}"
             f"{row['cpu_attention_ms_per_step']:>9.2f}{row['wait_ms_per_step']:>8.2f}{hidden:>8}"
         )
@@ -176,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     size.add_argument("--tiny", action="store_true", help="a smoke test (seconds)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="the gpu_worker's device: the first core (one torch thread), or the CUDA device (then, "
-                        "without --quick or --tiny, a setup of 32 + 16 rows that takes about two minutes)")
+                        "without --quick or --tiny, a setup of 32 + 16 rows that takes about three minutes)")
     parser.add_argument("--out", default="bench_results/hybrid.json")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

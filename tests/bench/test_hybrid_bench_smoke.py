@@ -1,5 +1,5 @@
 """The hybrid benchmark (`apex-serve bench-hybrid`) runs its tiny setup end to end, every mode in both overlap
-layouts, and writes what it prints."""
+layouts and the decode-graph contenders, and writes what it prints."""
 
 import json
 import subprocess
@@ -18,9 +18,11 @@ def test_hybrid_bench_tiny_setup_reports_transport_and_every_mode_and_layout(tmp
     transport = result["transport"]
     assert transport["doorbell"]["p50_us"] > 0 and transport["grpc_stream"]["p50_us"] > 0
     assert [row["mode"] for row in result["modes"]] == [
-        "gpu_only", "async_overlap/fused", "async_overlap/split", "asym_pipeline/fused", "asym_pipeline/split"
+        "gpu_only", "async_overlap/fused", "async_overlap/split", "asym_pipeline/fused", "asym_pipeline/split",
+        "gpu_only/graphs", "async_overlap/fused/graphs",
     ]
-    assert [row["layout"] for row in result["modes"]] == ["fused", "fused", "split", "fused", "split"]
+    assert [row["layout"] for row in result["modes"]] == ["fused", "fused", "split", "fused", "split", "fused", "fused"]
+    assert [row["graphs"] for row in result["modes"]] == [False] * 5 + [True] * 2
     assert result["device"] == "cpu"
     assert result["modes"][0]["vs_gpu_only"] == 1.0, "gpu_only is the anchor"
     for row in result["modes"]:
