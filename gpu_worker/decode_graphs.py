@@ -4,10 +4,11 @@ launches instead of some thirty kernel launches. Attention, KV writes, staging a
 graphs (they change with each step's block tables and CPU rows).
 
 A bucket's graphs read and write static buffers of the bucket's rows: the hidden state (the residual stream, updated
-in place layer after layer), the angles, q/k/v and the attention output. A step of n rows uses the smallest bucket
-of at least n rows; rows past n hold stale values that no real row reads (every piece is row-wise). The graphs are
-captured on a bucket's first use, at the start of a step, before any of its work is queued. They take the device
-memory of their static buffers and of one shared pool for their intermediates, beside the KV pool's sizing.
+in place layer after layer), the angles, q/k/v and the attention output. Each sub-batch slot has its own buckets
+(ASYM_PIPELINE interleaves two sub-batches layer by layer). A sub-batch of n rows uses the smallest bucket of at
+least n rows; rows past n hold stale values that no real row reads (every piece is row-wise). The graphs are captured
+on a bucket's first use, at the start of a step, before any of its work is queued. They take the device memory of
+their static buffers and of one shared pool for their intermediates, beside the KV pool's sizing.
 
 On the CPU device the same static-buffer path runs without graphs (a capture is the function itself), so it is
 checked against the plain path where no GPU is.
@@ -113,27 +114,29 @@ class GraphedLayers:
 
 
 class DecodeGraphs:
-    """The buckets' graphed layers, each captured on first use; how many steps each bucket served."""
+    """The buckets' graphed layers per sub-batch slot, each captured on first use; how many sub-batch steps each
+    bucket served."""
 
     def __init__(self, weights: ModelWeights, max_rows: int, capture: Capture) -> None:
         self.weights = weights
         self.sizes = buckets(max_rows)
         self.capture = capture
-        self.graphed: dict[int, GraphedLayers] = {}
-        self.replays: dict[int, int] = {}
+        self.graphed: dict[tuple[int, int], GraphedLayers] = {}  # by (slot, bucket)
+        self.replays: dict[int, int] = {}  # by bucket
 
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket of at least `rows` rows (None: more rows than any)."""
         return next((size for size in self.sizes if size >= rows), None)
 
-    def layers_for(self, rows: int) -> GraphedLayers | None:
-        """The graphed layers serving a decode-only step of `rows` rows (captured now if first used); None where no
-        bucket holds them."""
+    def layers_for(self, rows: int, slot: int = 0) -> GraphedLayers | None:
+        """The graphed layers serving a decode-only sub-batch of `rows` rows in `slot` (captured now if first used);
+        None where no bucket holds them."""
         size = self.bucket(rows)
         if size is None:
             return None
-        if size not in self.graphed:
-            logger.info("capturing the decode graphs of %d rows (%d layers)", size, len(self.weights.layers))
-            self.graphed[size] = GraphedLayers(self.weights, size, self.capture)
+        if (slot, size) not in self.graphed:
+            logger.info("capturing the decode graphs of %d rows for sub-batch %d (%d layers)", size, slot,
+                        len(self.weights.layers))
+            self.graphed[slot, size] = GraphedLayers(self.weights, size, self.capture)
         self.replays[size] = self.replays.get(size, 0) + 1
-        return self.graphed[size]
+        return self.graphed[slot, size]

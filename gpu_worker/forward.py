@@ -21,8 +21,8 @@ A sub-batch without CPU rows runs the same either way: one norm/QKV/RoPE over al
 
 GPU_ONLY and ASYNC_OVERLAP run launch, device, complete per layer on one sub-batch (GPU_ONLY has no CPU rows).
 ASYM_PIPELINE runs two sub-batches one layer apart, so the CPU attends one while the accelerator works on the other.
-A step of one sub-batch of decode rows only, projected at once, may replay each layer's linear work from CUDA graphs
-captured at its bucket of rows (gpu_worker.decode_graphs); attention and staging run between the replays as above.
+A sub-batch of decode rows only, projected at once, may replay each layer's linear work from CUDA graphs captured at
+its bucket of rows for its slot (gpu_worker.decode_graphs); attention and staging run between the replays as above.
 The last layer's O-proj and MLP, and the LM head, run over a sub-batch's kept rows only (step_batch.SubBatch): the
 sampling rows, and every position of a prefill row whose request asked for prompt logprobs (gpu_worker.lm_head).
 """
@@ -95,9 +95,9 @@ class Forward:
         prompt logprobs of the prefill rows that ask for them; the sub-batches with CPU rows run in `layout`. Each
         layer of the CPU rows may take cpu_wait_s; past it (or when the worker died) CpuAttentionError escapes."""
         with torch.inference_mode():
-            graphed = self._graphed(sub_batches, layout)  # captured, if first used, before the step's work is queued
+            replays = [self._graphed(batch, layout) for batch in sub_batches]  # captured before the step's work
             flights = []
-            for batch in sub_batches:
+            for batch, graphed in zip(sub_batches, replays):
                 if batch.num_cpu_decodes:
                     with clock.measure("staging", 0, batch.slot):
                         self._bridge().begin_step(batch)
@@ -137,17 +137,14 @@ class Forward:
             self._complete(a, i, clock, cpu_wait_s)
         self._complete(b, last, clock, cpu_wait_s)
 
-    def _graphed(self, sub_batches: list[SubBatch], layout: OverlapLayout) -> GraphedLayers | None:
-        """The graphed layers for a step that can replay them: one sub-batch of decode rows only, all sampled, all
-        projected at once (the fused layout, or no CPU rows)."""
-        if self.graphs is None or len(sub_batches) != 1:
-            return None
-        batch = sub_batches[0]
-        if batch.num_prefill_tokens or batch.kept_rows.shape[0] != batch.num_tokens:
+    def _graphed(self, batch: SubBatch, layout: OverlapLayout) -> GraphedLayers | None:
+        """The graphed layers for a sub-batch that can replay them (its slot's own buffers): decode rows only, all
+        sampled, all projected at once (the fused layout, or no CPU rows)."""
+        if self.graphs is None or batch.num_prefill_tokens or batch.kept_rows.shape[0] != batch.num_tokens:
             return None
         if layout is not OverlapLayout.FUSED and batch.num_cpu_decodes:
             return None
-        return self.graphs.layers_for(batch.num_tokens)
+        return self.graphs.layers_for(batch.num_tokens, batch.slot)
 
     def _bridge(self) -> CpuAttentionBridge:
         if self.bridge is None:

@@ -313,12 +313,14 @@ def test_cuda_staging_copies_wait_for_a_delayed_compute_stream(
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "async_overlap_with_swaps"])
+@pytest.mark.parametrize("case", ["async_overlap_alternate_rows", "async_overlap_with_swaps",
+                                  "asym_pipeline_mixed_sub_batches"])
 def test_decode_steps_replaying_graphed_layers_decode_the_plain_paths_tokens(
     case: str, device: str, mha_model_dir: Path, cpu_worker: str
 ) -> None:
-    """Decode-only steps replay each layer's linear pieces at their bucket of rows (CUDA graphs on CUDA; the same
-    static buffers run eagerly on the CPU), prefill steps run the plain path; the tokens are the plain run's."""
+    """Decode-only sub-batches replay each layer's linear pieces at their bucket of rows (CUDA graphs on CUDA; the same
+    static buffers run eagerly on the CPU), ASYM_PIPELINE's two interleaved sub-batches each on their own buffers, and
+    sub-batches with prefill rows run the plain path; the tokens are the plain run's."""
     mode, placement, scenario, sub_batch = CASES[case]
     plain = run(make_runner(mha_model_dir, cpu_worker, device=device), mode, placement, scenario, sub_batch)
     runner = make_runner(mha_model_dir, cpu_worker, device=device, cuda_graph_max_rows=8)

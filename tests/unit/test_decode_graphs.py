@@ -1,5 +1,5 @@
-"""Which row counts decode graphs are captured at, and that a bucket is captured once, two pieces per layer, on its
-first use (the graphed path's tokens are checked in tests/services/test_hybrid_execution.py)."""
+"""Which row counts decode graphs are captured at, and that a bucket is captured once per sub-batch slot, two pieces
+per layer, on its first use (the graphed path's tokens are checked in tests/services/test_hybrid_execution.py)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,7 @@ def test_buckets_double_to_8_then_step_by_8_and_end_at_the_limit(max_rows: int, 
     assert buckets(max_rows) == sizes
 
 
-def test_a_bucket_is_captured_on_first_use_two_pieces_per_layer_and_replayed_after(default_model_dir: Path) -> None:
+def test_a_bucket_is_captured_per_slot_on_first_use_two_pieces_per_layer_and_replayed_after(default_model_dir: Path) -> None:
     runner = ModelRunner(GpuWorkerConfig(model_dir=str(default_model_dir), device="cpu", num_kv_blocks=8))
     layers = len(runner.weights.layers)
     captured = []
@@ -37,6 +37,8 @@ def test_a_bucket_is_captured_on_first_use_two_pieces_per_layer_and_replayed_aft
     assert graphs.layers_for(5).rows == 8 and len(captured) == 4 * layers
     assert graphs.layers_for(9) is None
     assert graphs.replays == {4: 2, 8: 1}
+    other = graphs.layers_for(3, slot=1)
+    assert len(captured) == 6 * layers and other is not graphs.layers_for(3, slot=0), "sub-batches share buffers"
 
 
 def test_a_negative_graph_limit_is_refused(default_model_dir: Path) -> None:
