@@ -126,20 +126,30 @@ def decode_kernel_for(
         raise ValueError(f"decode_attention: must be one of {DECODE_KERNELS}, got {choice!r}")
     if choice == "sdpa":
         return SdpaDecode()
-    refusal = flashinfer_refusal(device, dtype, capability)
-    module = None if refusal else flashinfer or import_flashinfer()
-    if refusal is None and module is None:
-        refusal = "flashinfer is not installed (pip install flashinfer-python)"
-    if refusal is None:
-        try:
-            kernel = FlashInferDecode(module, device, config.num_attention_heads)
-            kernel.warm_up(config.num_key_value_heads, block_size, config.head_dim, dtype)
-        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
-            refusal = f"flashinfer failed its warm-up: {exc}"
-        else:
-            logger.info("decode attention: flashinfer %s", getattr(module, "__version__", ""))
-            return kernel
+    kernel = _flashinfer_or_why(device, dtype, config, block_size, capability, flashinfer)
+    if isinstance(kernel, FlashInferDecode):
+        return kernel
     if choice == "flashinfer":
-        raise ValueError(f"decode_attention: flashinfer cannot run here: {refusal}")
-    logger.info("decode attention: sdpa (%s)", refusal)
+        raise ValueError(f"decode_attention: flashinfer cannot run here: {kernel}")
+    logger.info("decode attention: sdpa (%s)", kernel)
     return SdpaDecode()
+
+
+def _flashinfer_or_why(
+    device: torch.device, dtype: torch.dtype, config: ModelConfig, block_size: int,
+    capability: tuple[int, int] | None, flashinfer: ModuleType | None,
+) -> FlashInferDecode | str:
+    """FlashInfer's decode, warmed up, or why it cannot serve here."""
+    refusal = flashinfer_refusal(device, dtype, capability)
+    if refusal is not None:
+        return refusal
+    module = flashinfer or import_flashinfer()
+    if module is None:
+        return "flashinfer is not installed (pip install flashinfer-python)"
+    try:
+        kernel = FlashInferDecode(module, device, config.num_attention_heads)
+        kernel.warm_up(config.num_key_value_heads, block_size, config.head_dim, dtype)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        return f"flashinfer failed its warm-up: {exc}"
+    logger.info("decode attention: flashinfer %s", getattr(module, "__version__", ""))
+    return kernel

@@ -112,7 +112,7 @@ class Forward:
                 for flight in flights:
                     for i in range(len(self.weights.layers)):
                         self._launch(flight, i, clock)
-                        self._device(flight, i, clock)
+                        self._window(flight, i, clock)
                         self._complete(flight, i, clock, cpu_wait_s)
             with clock.measure("device_linear", len(self.weights.layers)):  # the LM head
                 hidden = torch.cat([f.hidden for f in flights])  # [num_kept, hidden]
@@ -129,11 +129,11 @@ class Forward:
         last = len(self.weights.layers) - 1
         for i in range(last + 1):
             self._launch(a, i, clock)
-            self._device(a, i, clock)
+            self._window(a, i, clock)
             if i > 0:
                 self._complete(b, i - 1, clock, cpu_wait_s)
             self._launch(b, i, clock)
-            self._device(b, i, clock)
+            self._window(b, i, clock)
             self._complete(a, i, clock, cpu_wait_s)
         self._complete(b, last, clock, cpu_wait_s)
 
@@ -175,11 +175,8 @@ class Forward:
                 bridge.stage(batch.slot, q, k, v)
                 flight.ticket = bridge.ring(batch.slot, i)
 
-    def _device(self, flight: _Flight, i: int, clock: StepClock) -> None:
-        """The layer's window."""
-        self._window(flight, i, clock)
-
     def _window(self, flight: _Flight, i: int, clock: StepClock) -> None:
+        """The layer's device stage: the accelerator work done while the CPU attends."""
         batch = flight.batch
         end = batch.device_end
         qkv, flight.device_qkv = flight.device_qkv, None

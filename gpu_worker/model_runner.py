@@ -77,13 +77,14 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.model_config: ModelConfig = load_model_config(config.model_dir)
         self.dtype_name = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cuda":
-            check_fits(CudaDevice.of(self.device), self.dtype_name, self.model_config)
+        cuda = CudaDevice.of(self.device) if self.device.type == "cuda" else None
+        if cuda is not None:
+            check_fits(cuda, self.dtype_name, self.model_config)
         self.dtype = TORCH_DTYPES[self.dtype_name]
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         rope = RotaryEmbedding(self.model_config, self.max_model_len, self.dtype, self.device)
         self.weights = load_weights(config.model_dir, self.model_config, self.dtype, self.device, rope)
-        capability = CudaDevice.of(self.device).capability if self.device.type == "cuda" else None
+        capability = None if cuda is None else cuda.capability
         decode = decode_kernel_for(config.decode_attention, self.device, self.dtype, self.model_config,
                                    config.block_size, capability)  # its workspace is allocated before the sizing
         per_block = bytes_per_block(self.model_config, config.block_size, self.dtype)
@@ -391,12 +392,13 @@ class ModelRunner:
         bridge = self.bridge
         if bridge is None:
             raise RuntimeError("a swap uses the CPU pool but no cpu_attention_worker is attached")
-        moves: list[list[BlockMove]] = [[], []]  # outs, ins
-        for kind, swaps in enumerate((swap_out, swap_in)):
-            for swap in swaps:
-                request = self._requests[swap.request_id]
-                count = -(-request.num_cached_tokens // self.config.block_size)
-                moves[kind].append((request.block_ids[:count], list(swap.block_ids[:count])))
-                request.block_ids = list(swap.block_ids)
-                request.placement = request.placement.other
-        bridge.swap(self.kv_cache, *moves)
+
+        def move(swap: SwapData) -> BlockMove:  # the request's cached blocks, and the request moved
+            request = self._requests[swap.request_id]
+            count = -(-request.num_cached_tokens // self.config.block_size)
+            blocks = (request.block_ids[:count], list(swap.block_ids[:count]))
+            request.block_ids = list(swap.block_ids)
+            request.placement = request.placement.other
+            return blocks
+
+        bridge.swap(self.kv_cache, [move(s) for s in swap_out], [move(s) for s in swap_in])
