@@ -43,10 +43,11 @@ class StackConfig:
     dtype: str = option("auto", help="model dtype: auto (float16 on CUDA, float32 on the CPU), float32, bfloat16 or "
                         "float16")
     num_kv_blocks: int | None = option(
-        None, help="blocks of the gpu_worker's KV pool; overrides --device-kv-budget-bytes; unset: from that budget"
+        None, help="blocks of the gpu_worker's KV pool; unset: on CUDA what 0.9 of the GPU's memory leaves after the "
+        "weights and a worst-case forward, on the CPU from --device-kv-budget-bytes"
     )
     device_kv_budget_bytes: int = option(
-        64 * 2**20, help="bytes of device memory for the gpu_worker's KV pool (K and V of all layers)"
+        64 * 2**20, help="the CPU device: bytes of memory for the gpu_worker's KV pool (K and V of all layers)"
     )
     cpu_kv_budget_bytes: int = option(256 * 2**20, help="bytes of shared memory for the cpu_attention_worker's KV pool")
     max_num_seqs: int = option(64, help="requests the scheduler runs at once")
