@@ -61,6 +61,7 @@ class RunResult:
     preemptions: int
     swaps: int
     swap_time_share: float  # of the virtual time spent stepping
+    prefill_time_share: float  # of the virtual time spent stepping: steps that compute a prefill chunk
     wall_s: float  # of the simulation itself
     steady_throughput_tok_s: float = math.nan  # output tokens/s over the middle of the run (steady_window)
     steady_req_s: float = math.nan  # requests/s over the same window
@@ -79,6 +80,7 @@ class _Tally:
     prefills: int = 0
     step_ns: float = 0.0
     swap_ns: float = 0.0
+    prefill_ns: float = 0.0  # of the steps that compute a prefill chunk
 
     def add(self, record: IterationRecord, step_ns: float, swap_ns: float) -> None:
         self.modes[record.mode] += 1
@@ -89,6 +91,8 @@ class _Tally:
         self.prefills += record.num_prefills
         self.step_ns += step_ns
         self.swap_ns += swap_ns
+        if record.prefill_tokens:
+            self.prefill_ns += step_ns
 
 
 def _token_not_stopping(setup: Setup) -> int:
@@ -255,6 +259,7 @@ class Simulation:
             preemptions=stats.num_preemptions,
             swaps=stats.num_swaps,
             swap_time_share=tally.swap_ns / tally.step_ns if tally.step_ns else 0.0,
+            prefill_time_share=tally.prefill_ns / tally.step_ns if tally.step_ns else 0.0,
             wall_s=wall_s,
             steady_throughput_tok_s=steady_tok_s,
             steady_req_s=steady_req_s,

@@ -67,8 +67,8 @@ def table(results: list[RunResult]) -> str:
     width = max(len("setup/workload"), *(len(group) for group in by_group)) + 2
     ratios = "".join(f"{'vs ' + short:>11}" for short in BASELINES.values())
     header = (f"{'setup/workload':<{width}}{'policy':<14}{'served':>11}{'tok/s':>9}{ratios}{'steady':>9}{ratios}"
-              f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'preempt':>8}"
-              f"  modes (G/O/P %)  layouts (F/S % of hybrid)")
+              f"{'TTFT p50 s':>11}{'p99 s':>9}{'TPOT p50 ms':>12}{'p99 ms':>9}{'cpu rows':>9}{'prefill':>8}"
+              f"{'preempt':>8}  modes (G/O/P %)  layouts (F/S % of hybrid)")
     lines = [header, "-" * len(header)]
     for group, runs in by_group.items():
         for r in runs.values():
@@ -80,13 +80,14 @@ def table(results: list[RunResult]) -> str:
                 f"{whole}{_num(r.steady_throughput_tok_s, '.1f'):>9}{steady}"
                 f"{_num(r.ttft_p50_s, '.1f'):>11}{_num(r.ttft_p99_s, '.1f'):>9}"
                 f"{_num(r.tpot_p50_ms, '.1f'):>12}{_num(r.tpot_p99_ms, '.1f'):>9}{r.mean_cpu_rows:>9.1f}"
-                f"{r.preemptions:>8}  {mode_mix(r):<16} {layout_mix(r)}"
+                f"{r.prefill_time_share:>8.0%}{r.preemptions:>8}  {mode_mix(r):<16} {layout_mix(r)}"
             )
         cut = next(iter(runs.values())).cut_fraction
         if cut:
             lines.append(f"{'':<{width}}{cut:.0%} of the requests cut to the accelerator's KV pool "
                          "(--fit-to-accelerator)")
-    lines.append("steady: output tokens/s over the middle 40% of the completions, as NEO measures throughput")
+    lines.append("steady: output tokens/s over the middle 40% of the completions, as NEO measures throughput; prefill: "
+                 "the share of the stepping time in steps that compute a prefill chunk")
     if any("*" in line for line in lines[2:]):
         lines.append("* the two runs served different requests: one refused those longer than any KV pool it uses")
     return "\n".join(lines)

@@ -105,6 +105,17 @@ def test_requests_held_back_by_a_full_queue_are_offered_again_and_all_finish(pol
     assert result.ttft_p99_s > result.ttft_p50_s > 0  # the held-back requests' clocks ran while they waited
 
 
+def test_prefill_time_share_is_the_stepping_time_of_the_steps_with_a_prefill_chunk() -> None:
+    setup = published_setup("a10", "llama2-7b", 4096, 64)
+
+    def share(output_len: int) -> float:
+        requests = generate(WorkloadSpec("grid", 4, grid_prompt_len=512, grid_output_len=output_len))
+        return Simulation(setup, requests, config("gpu-only"), "grid").run().prefill_time_share
+
+    assert share(1) == 1.0  # every step prefills: one token out, sampled by the prefill itself
+    assert 1.0 > share(8) > share(64) > 0.0  # the longer the outputs, the more of the time decode-only steps take
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_long_prompts_are_prefilled_in_chunks_and_those_beyond_the_accelerator_pool_run_on_the_cpu(policy: str
                                                                                                   ) -> None:

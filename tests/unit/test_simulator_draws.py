@@ -20,7 +20,8 @@ def run(policy: str, seed: int, throughput: float) -> RunResult:
                      output_tokens=1, duration_s=1.0, throughput_tok_s=throughput, ttft_p50_s=0.1, ttft_p99_s=0.2,
                      tpot_p50_ms=10.0, tpot_p99_ms=20.0 + seed, iterations=1, mode_mix={}, layout_mix={},
                      mean_gpu_rows=1.0, mean_cpu_rows=0.0, mean_prefills=0.0, preemptions=0, swaps=0,
-                     swap_time_share=0.0, wall_s=0.0, steady_throughput_tok_s=throughput, seed=seed)
+                     swap_time_share=0.0, prefill_time_share=0.0, wall_s=0.0, steady_throughput_tok_s=throughput,
+                     seed=seed)
 
 
 def test_every_policy_runs_on_every_draw_of_the_workload(tmp_path) -> None:
