@@ -41,6 +41,11 @@ def eager_capture(work: Callable[[], None]) -> Callable[[], None]:
     return work
 
 
+def capture_for(device: torch.device) -> Capture:
+    """CUDA graphs on a CUDA device, the eager stand-in elsewhere."""
+    return cuda_capture(device) if device.type == "cuda" else eager_capture
+
+
 def cuda_capture(device: torch.device) -> Capture:
     """Captures into CUDA graphs sharing one memory pool, each after WARMUP_RUNS eager runs on a side stream."""
     pool = torch.cuda.graph_pool_handle()

@@ -19,7 +19,7 @@ from cpu_attention_worker.data_plane import DataPlaneSpec
 from gpu_worker.config import GpuWorkerConfig
 from gpu_worker.cpu_bridge import BlockMove, CpuAttentionBridge
 from gpu_worker.cpu_pool import CpuPool, drop_lost_requests
-from gpu_worker.decode_graphs import DecodeGraphs, cuda_capture, eager_capture
+from gpu_worker.decode_graphs import DecodeGraphs, capture_for
 from gpu_worker.decode_kernels import decode_kernel_for
 from gpu_worker.device_fit import CudaDevice, check_fits, resolve_dtype
 from gpu_worker.forward import Forward
@@ -97,8 +97,7 @@ class ModelRunner:
         self.max_blocks_per_row = -(-self.max_model_len // config.block_size)
         graphs = None
         if config.cuda_graph_max_rows:
-            capture = cuda_capture(self.device) if self.device.type == "cuda" else eager_capture
-            graphs = DecodeGraphs(self.weights, config.cuda_graph_max_rows, capture)
+            graphs = DecodeGraphs(self.weights, config.cuda_graph_max_rows, capture_for(self.device))
         self.forward = Forward(self.weights, self.kv_cache, None, self.model_config.rms_norm_eps, decode, graphs)
         self.checker = PlanChecker(
             self.model_config.vocab_size, self.max_model_len, config.block_size,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the CUDA paths in one call: every test marked `gpu`, then a CUDA benchmark of about three minutes of the
-# three execution modes, both overlap layouts and decode graphs (apex-serve bench-hybrid --device cuda). Everything it writes goes
-# under one directory, printed first: gpu-tests.log and gpu-tests.xml (junit), hybrid.log and hybrid.json.
+# three execution modes, both overlap layouts and decode graphs (apex-serve bench-hybrid --device cuda). Everything
+# it writes goes under one directory, printed first: gpu-tests.log and gpu-tests.xml (junit), hybrid.log and
+# hybrid.json.
 # Without a CUDA device it says so, runs the gpu tests (they skip), and exits 0: its dry run on any machine.
 # Usage: scripts/gpu-check.sh [OUT_DIR [TEST_PATH...]]
 #   OUT_DIR defaults to bench_results/gpu-check/<UTC time>, TEST_PATH to tests; needs scripts/setup.sh --dev.

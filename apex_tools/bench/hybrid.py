@@ -39,7 +39,7 @@ from apex_tools.bench.transport import measure
 from apex_tools.default_model import BENCH_SPEC, write_random_llama
 from apex_tools.processes import ServiceGroup, pinned, split_cores
 from gpu_worker.config import GpuWorkerConfig
-from gpu_worker.decode_graphs import DecodeGraphs, cuda_capture, eager_capture
+from gpu_worker.decode_graphs import DecodeGraphs, capture_for
 from gpu_worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ class Contender:
 
 def run_modes(runner: ModelRunner, setup: Setup) -> list[dict]:
     """Every mode's prefill, then setup.rounds rounds in which each mode in turn runs its measured steps."""
-    capture = cuda_capture(runner.device) if runner.device.type == "cuda" else eager_capture
-    graphs = DecodeGraphs(runner.weights, setup.gpu_rows + setup.cpu_rows, capture)
+    graphs = DecodeGraphs(runner.weights, setup.gpu_rows + setup.cpu_rows, capture_for(runner.device))
     contenders = [Contender(runner, setup, name, index, graphs) for index, name in enumerate(MODES)]
     for contender in contenders:
         contender.step()  # the prefill

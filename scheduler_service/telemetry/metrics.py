@@ -94,6 +94,7 @@ class EngineMetrics:
             self.success.labels(reason.value)
 
     def iteration(self, mode: ExecutionMode, seconds: float, overlap: Overlap, preemptions: int) -> None:
+        """One iteration that returned: its time, its preemptions and, where it ran CPU attention, its overlap."""
         self.iterations.labels(mode.value).inc()
         self.iteration_time.labels(mode.value).observe(seconds)
         if preemptions:

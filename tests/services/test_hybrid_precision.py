@@ -2,7 +2,7 @@
 same tokens, every step's logits of the CPU-placed rows stay within the dtype's rounding of the GPU-only run's (the
 CPU attends in float32 over its pool's dtype, the accelerator in the model's). Exact token equality is the float32
 tests' (test_hybrid_execution.py); here the measure is the logits' gap. The CUDA cases, and a LLaMA-shaped model
-(32 q / 8 KV heads, head_dim 128) at 48 rows, are marked gpu."""
+(32 q / 8 KV heads, head_dim 128) at 32 and 64 rows, are marked gpu."""
 
 import random
 from pathlib import Path

@@ -22,7 +22,9 @@ def test_buckets_double_to_8_then_step_by_8_and_end_at_the_limit(max_rows: int, 
     assert buckets(max_rows) == sizes
 
 
-def test_a_bucket_is_captured_per_slot_on_first_use_two_pieces_per_layer_and_replayed_after(default_model_dir: Path) -> None:
+def test_a_bucket_is_captured_per_slot_on_first_use_two_pieces_per_layer_and_replayed_after(
+    default_model_dir: Path,
+) -> None:
     runner = ModelRunner(GpuWorkerConfig(model_dir=str(default_model_dir), device="cpu", num_kv_blocks=8))
     layers = len(runner.weights.layers)
     captured = []
