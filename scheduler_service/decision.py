@@ -81,6 +81,11 @@ class Policy(Protocol):
         decoding)."""
         ...
 
+    def hidden_rows(self, c: Candidates) -> int:
+        """The most of c's CPU candidates (up to one sub-batch's) an iteration of c runs without waiting for them:
+        their attention fits the window of its accelerator work (0: the policy sizes no such window)."""
+        ...
+
 
 def gpu_sub_batch(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> SubBatchShape | None:
     """The sub-batch of c's prefills and accelerator rows with cpu_rows CPU rows of cpu_context tokens."""

@@ -142,6 +142,10 @@ class _Predicting:
         permitted = [o for o in kept if allowed(o, plain)]
         return max(permitted, key=score) if permitted else min(kept, key=lambda o: o.exposed_wait_ns)
 
+    def hidden_rows(self, c: Candidates) -> int:
+        """0: only apex sizes CPU rows to a window (ApexPolicy.hidden_rows)."""
+        return 0
+
     def admits(self, now: Candidates, steady: Candidates) -> bool:
         """Whether placing one more request on the CPU pool keeps the TPOT objective (always, without one): some option
         of `steady`, a decode iteration of every running request with it, must keep the steady rule of
@@ -286,6 +290,11 @@ class ApexPolicy(NeoPolicy):
         rows = limit if fits(limit) else largest_fitting(fits, 0, limit - 1, self._window_hints.get(layout))
         self._window_hints[layout] = rows
         return rows
+
+    def hidden_rows(self, c: Candidates) -> int:
+        """The largest ASYNC_OVERLAP window of c over the layouts (window_rows)."""
+        limit = min(c.num_cpu, c.max_cpu_rows)
+        return max(self.window_rows(c, limit, layout) for layout in _LAYOUTS) if limit else 0
 
     def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
         """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)

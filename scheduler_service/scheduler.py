@@ -21,7 +21,11 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
    accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside
    what the CPU's requests have reserved and the policy predicts more tokens/s with CPU rows for it and the requests
    queued behind it, at their mean context over their lives, beside the accelerator rows its pool sustains (CPU rows
-   must pay for themselves) and, under a TPOT objective, the steady decode iterations keep it;
+   must pay for themselves), or fewer CPU requests live there than the rows a prefill step hides where the pools'
+   turnover brings one within every sit-out window (scheduler_service.cpu_placement's cadence), and, under a TPOT
+   objective, the steady decode iterations keep it; where CPU rows are due (max_sit_out) that a decode-only step
+   would wait for and no chunk continues, the first request that fits nowhere goes to the CPU under that cadence, so
+   its chunk hides them;
 4. the policy chooses the mode, the overlap layout and how many CPU-resident requests (least recently decoded first)
    decode, within the latency objectives (scheduler_service.objectives; the iterations each candidate sat out and the
    predicted waits of scheduler_service.latency_clock tell it what they need); a request whose chunk reaches the end
@@ -200,11 +204,14 @@ class Scheduler:
         cpu_candidates = [r for r in cpu_candidates if not r.done_when_known] if ahead else cpu_candidates
         budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
         continuing = self._prefilling.continuing(budget)
-        admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
-                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
         context = prefix_contexts(cpu_candidates)
         forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
                      len(cpu_candidates))
+        # forced rows a decode-only step would wait for: a prompt placed on the CPU may make this a prefill step
+        pull = bool(forced and not continuing and self._waiting) and forced > self.policy.hidden_rows(
+            Candidates([], len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows))
+        admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
+                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest, pull)
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
@@ -439,7 +446,8 @@ class Scheduler:
         # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
         self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
         self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
-        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
+        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out,
+                                 self.config.max_num_batched_tokens)
         self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling)
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 
