@@ -74,6 +74,13 @@ class CpuPlacement:
         self._refused = key
         return False
 
+    def exposed(self, forced: int, gpu_rows: int, gpu_longest: int, cpu_context: list[int]) -> bool:
+        """Whether a decode-only step of gpu_rows accelerator rows (longest context gpu_longest) would wait for its
+        `forced` due CPU rows (the first of cpu_context, prefix sums): more than its window holds. A prompt pulled
+        onto the CPU (pulls) may make the step a prefill step instead."""
+        c = Candidates([], gpu_rows, gpu_longest, cpu_context, forced, self.max_rows)
+        return forced > self.policy.hidden_rows(c)
+
     def pulls(self, request: Request, gpu_running: list[Request], waiting: Sequence[Request], num_cpu: int) -> bool:
         """Whether the request may be admitted to the CPU so that its prefill chunk hides CPU rows the iteration must
         run and a decode-only step would wait for: room for it, and a sustained cadence (cadence_rows)."""

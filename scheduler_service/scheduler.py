@@ -207,9 +207,8 @@ class Scheduler:
         context = prefix_contexts(cpu_candidates)
         forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
                      len(cpu_candidates))
-        # forced rows a decode-only step would wait for: a prompt placed on the CPU may make this a prefill step
-        pull = bool(forced and not continuing and self._waiting) and forced > self.policy.hidden_rows(
-            Candidates([], len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows))
+        pull = bool(forced and not continuing and self._waiting) and self._cpu.exposed(forced, len(gpu_rows),
+                                                                                        gpu_longest, context)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
                                          self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest, pull)
         prefills = admitted + continuing
