@@ -43,12 +43,10 @@ class Admission:
         self._prefilling = prefilling
 
     def admit(self, waiting: deque[Request], budget: int, continuing: Sequence[Chunk], gpu_running: list[Request],
-              cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int, pull: bool = False) -> list[Chunk]:
+              cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
         budget leaves, while fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows
-        (longest context gpu_longest) already take their part of the step. With pull (CPU rows due this step that a
-        decode-only step would wait for), the first request that fits nowhere goes to the CPU where CpuPlacement.pulls
-        it: its chunk makes the step a prefill step, under which those rows hide. A request placed on the CPU pool is
+        (longest context gpu_longest) already take their part of the step. A request placed on the CPU pool is
         admitted only where the policy admits it (its latency objective). While the CPU pool is lost, a request that
         can run only there keeps its place and lets the others pass: it would otherwise hold up the whole queue
         until the pool returns. A request preempted while a step that samples for it runs waits for that token (the
@@ -80,9 +78,6 @@ class Admission:
                 i += 1
                 continue
             placement = self._placement(request, waiting, steady.cpu_context, num_cpu, gpu_residents)
-            if placement is None and pull and not admitted and self._cpu.pulls(request, gpu_residents, waiting,
-                                                                                num_cpu):
-                placement = Placement.CPU
             if placement is None:
                 break
             after = steady.with_request(request, placement)

@@ -81,9 +81,10 @@ class Policy(Protocol):
         decoding)."""
         ...
 
-    def hidden_rows(self, c: Candidates) -> int:
-        """The most of c's CPU candidates (up to one sub-batch's) an iteration of c runs without waiting for them:
-        their attention fits the window of its accelerator work (0: the policy sizes no such window)."""
+    def chunk_tokens(self, decode: Candidates, budget: int) -> int:
+        """The most prefill tokens a step computes while requests wait, of the `budget` its decode rows leave, beside
+        the decode work of `decode` (its accelerator rows and CPU candidates, no prefill): the budget, or fewer where
+        the policy spreads prompts over more steps so that each carries decode rows."""
         ...
 
 

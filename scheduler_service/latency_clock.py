@@ -14,8 +14,7 @@ WAITING_LOOKAHEAD = 4  # waiting requests weighed, from the front (FCFS: the lon
 
 
 class PredictedClock:
-    def __init__(self, chunk_tokens: int) -> None:
-        self.chunk_tokens = chunk_tokens  # the most prefill tokens one step computes of a request
+    def __init__(self) -> None:
         self.now_ns = 0.0
         self._arrived: dict[str, float] = {}  # by request id, until it finishes
 
@@ -28,18 +27,20 @@ class PredictedClock:
     def advance(self, step_ns: float) -> None:
         self.now_ns += step_ns
 
-    def first_token_waits(self, chunks: Sequence[Chunk], waiting: Iterable[Request]) -> tuple[tuple[float, int], ...]:
+    def first_token_waits(self, chunks: Sequence[Chunk], waiting: Iterable[Request],
+                          chunk_tokens: int) -> tuple[tuple[float, int], ...]:
         """(ns waited, iterations until the first token at the earliest, the planned one included) of each request
-        with a prefill chunk in the step being planned and of the first WAITING_LOOKAHEAD waiting ones; a request
-        that has its first token already (resumed after a preemption) is not weighed."""
+        with a prefill chunk in the step being planned and of the first WAITING_LOOKAHEAD waiting ones, at most
+        chunk_tokens of its prefill a step (this step's prefill budget); a request that has its first token already
+        (resumed after a preemption) is not weighed."""
         waits = []
         for chunk in chunks:
             request = chunk.request
             if not request.num_output_tokens:
                 left = request.num_tokens - chunk.context - chunk.tokens
-                waits.append((self._waited(request), 1 + math.ceil(left / self.chunk_tokens)))
+                waits.append((self._waited(request), 1 + math.ceil(left / chunk_tokens)))
         for request in islice((r for r in waiting if not r.num_output_tokens), WAITING_LOOKAHEAD):
-            waits.append((self._waited(request), 1 + math.ceil(request.num_tokens / self.chunk_tokens)))
+            waits.append((self._waited(request), 1 + math.ceil(request.num_tokens / chunk_tokens)))
         return tuple(waits)
 
     def _waited(self, request: Request) -> float:

@@ -36,6 +36,7 @@ passes, a SPLIT layout's second pass, their staging) plus an exposed wait of at 
 i.e. exposed_wait <= MAX_IDLE_SHARE x GPU_ONLY's step; without accelerator rows or prefills there is nothing to slow.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -61,6 +62,8 @@ MAX_IDLE_SHARE = 0.25  # no objective: apex's exposed wait at most this share of
 # more of the other sub-batch's CPU attention, so priced as executed it never beats FUSED (nor did it measured here).
 PIPELINE_LAYOUT = OverlapLayout.FUSED
 _LAYOUTS = tuple(OverlapLayout)  # iterating the Enum class runs Python code each time
+# prefill chunks whose steps' difference prices a token of a compute-bound chunk (apex's ridge, chunk_tokens)
+COMPUTE_BOUND_CHUNKS = (2048, 4096)
 
 
 class _Predicting:
@@ -142,9 +145,9 @@ class _Predicting:
         permitted = [o for o in kept if allowed(o, plain)]
         return max(permitted, key=score) if permitted else min(kept, key=lambda o: o.exposed_wait_ns)
 
-    def hidden_rows(self, c: Candidates) -> int:
-        """0: only apex sizes CPU rows to a window (ApexPolicy.hidden_rows)."""
-        return 0
+    def chunk_tokens(self, decode: Candidates, budget: int) -> int:
+        """The whole budget: only apex spreads prompts (ApexPolicy.chunk_tokens)."""
+        return budget
 
     def admits(self, now: Candidates, steady: Candidates) -> bool:
         """Whether placing one more request on the CPU pool keeps the TPOT objective (always, without one): some option
@@ -275,6 +278,8 @@ class ApexPolicy(NeoPolicy):
     def __init__(self, cost_model: ComposedCostModel, objective: LatencyObjective = NO_OBJECTIVE) -> None:
         super().__init__(cost_model, objective)
         self._window_hints: dict[OverlapLayout, int] = {}  # per layout, the window found last: where a search starts
+        # (steps the cost model observed, ns a prefill token adds to a compute-bound step): chunk_tokens'
+        self._token_cost: tuple[int, float] = (-1, 0.0)
 
     def window_rows(self, c: Candidates, limit: int, layout: OverlapLayout = OverlapLayout.FUSED) -> int:
         """The most CPU rows (up to limit) whose attention and doorbell fit the ASYNC_OVERLAP window of this layout:
@@ -291,10 +296,27 @@ class ApexPolicy(NeoPolicy):
         self._window_hints[layout] = rows
         return rows
 
-    def hidden_rows(self, c: Candidates) -> int:
-        """The largest ASYNC_OVERLAP window of c over the layouts (window_rows)."""
-        limit = min(c.num_cpu, c.max_cpu_rows)
-        return max(self.window_rows(c, limit, layout) for layout in _LAYOUTS) if limit else 0
+    def chunk_tokens(self, decode: Candidates, budget: int) -> int:
+        """The ridge of the decode step (none to carry: the budget): the prefill tokens whose compute takes as long as
+        that step at the cost model's per-token cost of a compute-bound chunk (between COMPUTE_BOUND_CHUNKS). The
+        step: decode's accelerator rows and, with CPU candidates, as many as one sub-batch stages in ASYNC_OVERLAP
+        (the longest this iteration's decode work runs, the accelerator waiting for their attention where it is
+        exposed). Below the ridge a chunk rides that step at little cost: the pass over the weights, or the wait. A
+        budget's chunk in one step instead leaves the steps after it to decode alone, each paying the weight pass
+        for a few rows: where prompts are long and the accelerator's pool holds a few requests, spreading them at
+        the ridge yields more tokens per second at a shorter step (docs/paper-reproduction.md)."""
+        if not (decode.gpu_rows or decode.num_cpu):
+            return budget
+        observed = self.model.num_observed
+        if self._token_cost[0] != observed:
+            short, long = (self.gpu_only(Candidates([n], 1, 1, [0], 0, 1)).estimate_ns for n in COMPUTE_BOUND_CHUNKS)
+            self._token_cost = (observed, (long - short) / (COMPUTE_BOUND_CHUNKS[1] - COMPUTE_BOUND_CHUNKS[0]))
+        per_token = self._token_cost[1]
+        if per_token <= 0:
+            return budget
+        k = min(decode.num_cpu, decode.max_cpu_rows)
+        step = self.async_overlap(decode, k) if k else self.gpu_only(decode)
+        return min(budget, max(1, math.ceil(step.estimate_ns / per_token)))
 
     def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
         """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)

@@ -12,20 +12,18 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later); a request still prefilling is never a victim;
-3. the budget those rows leave, less a token for each CPU request one step may stage (the policy's CPU rows), goes
-   first to the requests still prefilling, FCFS, each its next chunk of min(tokens left, budget left); then waiting
-   requests are admitted FCFS, each with the blocks of all its known tokens and a first chunk, while fewer than
-   max_num_seqs run on the two pools together and budget is left, until the first that does not fit:
+3. the budget those rows leave, less a token for each CPU request one step may stage (the policy's CPU rows), and
+   while requests wait at most the policy's chunk_tokens (apex: the ridge of the step's decode work, so that long
+   prompts are spread over steps that each carry the decode rows), goes first to the requests still prefilling,
+   FCFS, each its next chunk of min(tokens left, budget left); then waiting requests are admitted FCFS, each with
+   the blocks of all its known tokens and a first chunk, while fewer than max_num_seqs run on the two pools together
+   and budget is left, until the first that does not fit:
    under a hybrid policy on the CPU, without more ado, if its peak KV (prompt + max_tokens) exceeds the accelerator's
    whole pool and fits beside what the CPU's requests have reserved (it can run nowhere else); else on the
    accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside
    what the CPU's requests have reserved and the policy predicts more tokens/s with CPU rows for it and the requests
    queued behind it, at their mean context over their lives, beside the accelerator rows its pool sustains (CPU rows
-   must pay for themselves), or fewer CPU requests live there than the rows a prefill step hides where the pools'
-   turnover brings one within every sit-out window (scheduler_service.cpu_placement's cadence), and, under a TPOT
-   objective, the steady decode iterations keep it; where CPU rows are due (max_sit_out) that a decode-only step
-   would wait for and no chunk continues, the first request that fits nowhere goes to the CPU under that cadence, so
-   its chunk hides them;
+   must pay for themselves) and, under a TPOT objective, the steady decode iterations keep it;
 4. the policy chooses the mode, the overlap layout and how many CPU-resident requests (least recently decoded first)
    decode, within the latency objectives (scheduler_service.objectives; the iterations each candidate sat out and the
    predicted waits of scheduler_service.latency_clock tell it what they need); a request whose chunk reaches the end
@@ -115,7 +113,7 @@ class Scheduler:
         self._iterations = IterationLog(RECENT_ITERATIONS)
         self._arrivals = count()
         self._cpu_pool_losses = 0
-        self._clock = PredictedClock(config.max_num_batched_tokens)
+        self._clock = PredictedClock()
 
     @property
     def running(self) -> list[Request]:
@@ -203,21 +201,23 @@ class Scheduler:
         front = len(cpu_candidates)
         cpu_candidates = [r for r in cpu_candidates if not r.done_when_known] if ahead else cpu_candidates
         budget = self.config.max_num_batched_tokens - len(gpu_rows) - len(cpu_candidates)
-        continuing = self._prefilling.continuing(budget)
         context = prefix_contexts(cpu_candidates)
         forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
                      len(cpu_candidates))
-        pull = bool(forced and not continuing and self._waiting) and self._cpu.exposed(forced, len(gpu_rows),
-                                                                                        gpu_longest, context)
+        if self._waiting:
+            budget = self.policy.chunk_tokens(
+                Candidates([], len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows), budget)
+        continuing = self._prefilling.continuing(budget)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
-                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest, pull)
+                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
         choice = self.policy.choose(Candidates(
             chunks.lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows, chunks.contexts,
             chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id) if self.config.tpot_slo_ms else (),
-            self._clock.first_token_waits(prefills, self._waiting) if self.config.ttft_slo_ms else ()))
+            self._clock.first_token_waits(prefills, self._waiting, max(1, budget)) if self.config.ttft_slo_ms
+            else ()))
         self._clock.advance(choice.estimate_ns)
         cached += [c.delta() for c in continuing]  # sub-batch 0, with the accelerator rows
         chosen = cpu_candidates[: choice.cpu_rows]
@@ -445,8 +445,7 @@ class Scheduler:
         # the worker as its clients see it: under a policy that places nothing on the CPU, without a CPU pool
         self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
         self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
-        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out,
-                                 self.config.max_num_batched_tokens)
+        self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
         self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling)
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 

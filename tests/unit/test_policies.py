@@ -159,6 +159,29 @@ def test_apex_pipelines_where_eq6_rules_it_out_against_gpu_only_but_it_beats_asy
     assert idle_aware_tokens_per_s(choice) > idle_aware_tokens_per_s(overlap)
 
 
+def test_apex_chunks_prompts_at_the_ridge_where_a_chunk_rides_the_decode_steps_pass_over_the_weights() -> None:
+    # LLaMA-3.1-8B on the A10 preset, 14 accelerator rows of 2,600 tokens (summarize, as the simulator meets it)
+    model = published_setup("a10", "llama3.1-8b", 4096, 256).cost_model()
+    apex, gpu_only = ApexPolicy(model), GpuOnlyPolicy(model)
+
+    def step_ns(prefill: int, rows: int = 14) -> float:
+        return gpu_only.gpu_only(Candidates([prefill] if prefill else [], rows, 2600, [0], 0, 1)).estimate_ns
+
+    def decode(rows: int, cpu: int = 0) -> Candidates:
+        return Candidates([], rows, 2600, [i * 2600 for i in range(cpu + 1)], 0, 64)
+
+    ridge = apex.chunk_tokens(decode(14), 4096)
+    assert 128 < ridge < 1024
+    # the ridge's tokens add to the decode step under half of what they cost in a full-budget step
+    assert step_ns(ridge) - step_ns(0) < 0.5 * ridge * step_ns(4096) / 4096
+    # more rows, a longer decode step, a higher ridge; CPU rows whose attention the accelerator would wait for, a
+    # higher one still (the chunk fills the wait); nothing to carry: the budget
+    assert apex.chunk_tokens(decode(56), 4096) > ridge
+    assert apex.chunk_tokens(decode(14, cpu=40), 4096) > apex.chunk_tokens(decode(56), 4096)
+    assert apex.chunk_tokens(decode(0), 4096) == 4096
+    assert gpu_only.chunk_tokens(decode(14), 4096) == NeoPolicy(model).chunk_tokens(decode(14), 4096) == 4096
+
+
 def test_forced_rows_rule_out_gpu_only_for_every_hybrid_policy() -> None:
     c = candidates(cpu=4, forced=2)
     for policy in (ApexPolicy(model(catt_ns_per_kv_token=1_000_000.0)), NeoPolicy(model(catt_ns_per_kv_token=1e6))):

@@ -151,7 +151,7 @@ def test_a_refused_cpu_row_is_asked_again_once_the_cost_model_has_observed_a_ste
     policy = CountingPolicy(model)
     kv = KVManager(8, 0, 16)
     kv.set_cpu_pool(64)
-    placement = CpuPlacement(policy, kv, max_rows=4, max_sit_out=4, budget=64)  # type: ignore[arg-type]
+    placement = CpuPlacement(policy, kv, max_rows=4, max_sit_out=4)  # type: ignore[arg-type]
     gpu = [Request(f"g{i}", (1,) * 40, SamplingParams(max_tokens=8), 47) for i in range(2)]
     new = Request("new", (1,) * 40, SamplingParams(max_tokens=8), 47)
     assert not placement.takes(new, gpu, [], [0], 0)

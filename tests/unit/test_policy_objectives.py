@@ -141,7 +141,7 @@ def test_objective_rules_add_up() -> None:
 
 
 def test_predicted_clock_weighs_each_request_by_its_wait_and_the_chunks_left() -> None:
-    clock = PredictedClock(chunk_tokens=100)
+    clock = PredictedClock()
     requests = [Request(f"r{i}", tuple(range(n)), SamplingParams(), n + 8) for i, n in enumerate((250, 40, 30))]
     clock.arrive("r0")
     clock.advance(1_000.0)
@@ -149,7 +149,7 @@ def test_predicted_clock_weighs_each_request_by_its_wait_and_the_chunks_left() -
     clock.arrive("r2")
     clock.advance(500.0)
     # r0 prefills its first 100 tokens now (150 left: 2 more chunks); r1, r2 wait (one chunk each, after this step)
-    assert clock.first_token_waits([Chunk(requests[0], 0, 100)], requests[1:]) == ((1_500.0, 3), (500.0, 2),
+    assert clock.first_token_waits([Chunk(requests[0], 0, 100)], requests[1:], 100) == ((1_500.0, 3), (500.0, 2),
                                                                                    (500.0, 2))
     requests[1].take_token(7)  # resumed after a preemption: its first token is out
-    assert clock.first_token_waits([], requests[1:]) == ((500.0, 2),)
+    assert clock.first_token_waits([], requests[1:], 100) == ((500.0, 2),)

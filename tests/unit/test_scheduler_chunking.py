@@ -17,6 +17,7 @@ from apex_serve.errors import InvalidArgument
 from apex_serve.types import Placement, SamplingParams, StepOutput, StepPlan
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts
+from scheduler_service.decision import Candidates
 from scheduler_service.scheduler import Scheduler
 
 POLICIES = ("gpu-only", "neo", "apex")
@@ -111,6 +112,46 @@ def test_running_decodes_keep_decoding_in_every_step_of_a_long_prompts_chunks() 
         steps.append((plan.num_tokens, "long" in {o.request_id for o in result.outputs}))
     assert chunks_of(plans, "long") == [("new", 13)] + [("chunk", 13)] * 6 + [("chunk", 9)]
     assert [n for n, _ in steps] == [16] * 7 + [12]  # three decode rows first, the chunk takes what they leave
+
+
+# a decode step's fixed work (the pass over the weights, 10 tokens' worth a layer) and its two rows: apex's ridge is a
+# quarter of a 64 budget
+RIDGE_COSTS = ConstantCosts(lin_ns=10_000.0, lin_ns_per_token=1_000.0, gatt_ns_per_kv_token=10.0,
+                            catt_ns_per_kv_token=1e7)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_apex_spreads_a_long_prompt_at_the_ridge_while_requests_wait_and_the_others_take_the_budget(
+        policy: str) -> None:
+    s = make(policy, gpu_blocks=100, budget=64, costs=RIDGE_COSTS)
+    w = HybridWorker(s.worker_info)
+    want = {rid: expected(rid, 2, 40) for rid in "ab"}
+    for rid in "ab":
+        s.add_request(rid, [5] * 2, sp(40))
+    plans: list[StepPlan] = []
+    tokens = {}
+    for _ in range(2):
+        plan = s.schedule()
+        plans.append(plan)
+        for out in s.update_from_output(plan, w.execute(plan)).outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for rid in ("long", "next"):
+        s.add_request(rid, [5] * 60, sp(3))
+        want[rid] = expected(rid, 60, 3)
+    ridge = s.policy.chunk_tokens(Candidates([], 2, 5, [0], 0, 4), 62)
+    for rid, got in run(s, w, plans).items():
+        tokens.setdefault(rid, []).extend(got)
+    assert tokens == want
+    long_chunks = [n for _, n in chunks_of(plans, "long")]
+    if policy == "apex":
+        assert 15 < ridge < 20  # "long" takes three whole chunks and part of a fourth
+        # while "next" waits, the ridge a step, "next" admitted with what "long"'s last chunk leaves of it; then
+        # nothing waits and the rest of "next" goes at once
+        assert long_chunks == [ridge] * 3 + [60 - 3 * ridge]
+        assert [n for _, n in chunks_of(plans, "next")] == [4 * ridge - 60, 60 - (4 * ridge - 60)]
+    else:
+        assert ridge == 62
+        assert long_chunks == [60]
 
 
 @pytest.mark.parametrize(("policy", "gpu_blocks"), [("gpu-only", 160), ("apex", 32)], ids=["gpu-only", "apex-cpu"])
