@@ -82,9 +82,10 @@ class Policy(Protocol):
         ...
 
     def chunk_tokens(self, decode: Candidates, budget: int) -> int:
-        """The most prefill tokens a step computes while requests wait, of the `budget` its decode rows leave, beside
-        the decode work of `decode` (its accelerator rows and CPU candidates, no prefill): the budget, or fewer where
-        the policy spreads prompts over more steps so that each carries decode rows."""
+        """The prefill tokens a step gives long prompts while requests wait (the chunks of prompts longer than it, and
+        of the requests still prefilling, together), of the `budget` its decode rows leave, beside the decode work of
+        `decode` (its accelerator rows and CPU candidates, no prefill): the budget, or fewer where the policy spreads
+        long prompts over more steps so that each carries decode rows."""
         ...
 
 

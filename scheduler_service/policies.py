@@ -302,9 +302,9 @@ class ApexPolicy(NeoPolicy):
         step: decode's accelerator rows and, with CPU candidates, as many as one sub-batch stages in ASYNC_OVERLAP
         (the longest this iteration's decode work runs, the accelerator waiting for their attention where it is
         exposed). Below the ridge a chunk rides that step at little cost: the pass over the weights, or the wait. A
-        budget's chunk in one step instead leaves the steps after it to decode alone, each paying the weight pass
-        for a few rows: where prompts are long and the accelerator's pool holds a few requests, spreading them at
-        the ridge yields more tokens per second at a shorter step (docs/paper-reproduction.md)."""
+        long prompt's budget-sized chunk in one step instead leaves the steps after it to decode alone, each paying
+        the weight pass for a few rows: where prompts are long and the accelerator's pool holds a few requests,
+        spreading them at the ridge yields more tokens per second at a shorter step (docs/paper-reproduction.md)."""
         if not (decode.gpu_rows or decode.num_cpu):
             return budget
         observed = self.model.num_observed

@@ -12,12 +12,13 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later); a request still prefilling is never a victim;
-3. the budget those rows leave, less a token for each CPU request one step may stage (the policy's CPU rows), and
-   while requests wait at most the policy's chunk_tokens (apex: the ridge of the step's decode work, so that long
-   prompts are spread over steps that each carry the decode rows), goes first to the requests still prefilling,
-   FCFS, each its next chunk of min(tokens left, budget left); then waiting requests are admitted FCFS, each with
-   the blocks of all its known tokens and a first chunk, while fewer than max_num_seqs run on the two pools together
-   and budget is left, until the first that does not fit:
+3. the budget those rows leave, less a token for each CPU request one step may stage (the policy's CPU rows), goes
+   first to the requests still prefilling, FCFS, each its next chunk of min(tokens left, budget left); then waiting
+   requests are admitted FCFS, each with the blocks of all its known tokens and a first chunk, while fewer than
+   max_num_seqs run on the two pools together and budget is left, until the first that does not fit; while requests
+   wait, the requests still prefilling and the prompts longer than the policy's chunk_tokens (apex: the ridge of the
+   step's decode work) share at most that many tokens, so that long prompts are spread over steps that each carry
+   the decode rows (a prompt within it is admitted whole):
    under a hybrid policy on the CPU, without more ado, if its peak KV (prompt + max_tokens) exceeds the accelerator's
    whole pool and fits beside what the CPU's requests have reserved (it can run nowhere else); else on the
    accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside
@@ -53,7 +54,7 @@ from apex_serve.types import (
     SwapData,
     WorkerInfo,
 )
-from scheduler_service.admission import Admission
+from scheduler_service.admission import Admission, Ridge
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
@@ -204,19 +205,19 @@ class Scheduler:
         context = prefix_contexts(cpu_candidates)
         forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
                      len(cpu_candidates))
-        if self._waiting:
-            budget = self.policy.chunk_tokens(
-                Candidates([], len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows), budget)
-        continuing = self._prefilling.continuing(budget)
-        admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
-                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest)
+        ridge = self.policy.chunk_tokens(Candidates([], len(gpu_rows), gpu_longest, context, forced,
+                                                    self._cpu.max_rows), budget) if self._waiting else budget
+        continuing = self._prefilling.continuing(ridge)
+        spent = sum(c.tokens for c in continuing)
+        admitted = self._admission.admit(self._waiting, budget - spent, continuing, self._gpu_running,
+                                         self._cpu_queue, len(gpu_rows), gpu_longest, Ridge(ridge, ridge - spent))
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
         choice = self.policy.choose(Candidates(
             chunks.lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows, chunks.contexts,
             chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id) if self.config.tpot_slo_ms else (),
-            self._clock.first_token_waits(prefills, self._waiting, max(1, budget)) if self.config.ttft_slo_ms
+            self._clock.first_token_waits(prefills, self._waiting, max(1, ridge)) if self.config.ttft_slo_ms
             else ()))
         self._clock.advance(choice.estimate_ns)
         cached += [c.delta() for c in continuing]  # sub-batch 0, with the accelerator rows

@@ -121,8 +121,7 @@ RIDGE_COSTS = ConstantCosts(lin_ns=10_000.0, lin_ns_per_token=1_000.0, gatt_ns_p
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_apex_spreads_a_long_prompt_at_the_ridge_while_requests_wait_and_the_others_take_the_budget(
-        policy: str) -> None:
+def test_apex_spreads_long_prompts_at_the_ridge_while_requests_wait_and_admits_a_short_one_whole(policy: str) -> None:
     s = make(policy, gpu_blocks=100, budget=64, costs=RIDGE_COSTS)
     w = HybridWorker(s.worker_info)
     want = {rid: expected(rid, 2, 40) for rid in "ab"}
@@ -135,23 +134,25 @@ def test_apex_spreads_a_long_prompt_at_the_ridge_while_requests_wait_and_the_oth
         plans.append(plan)
         for out in s.update_from_output(plan, w.execute(plan)).outputs:
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    for rid in ("long", "next"):
-        s.add_request(rid, [5] * 60, sp(3))
-        want[rid] = expected(rid, 60, 3)
-    ridge = s.policy.chunk_tokens(Candidates([], 2, 5, [0], 0, 4), 62)
+    for rid, prompt in (("short", 12), ("long", 60), ("next", 60)):
+        s.add_request(rid, [5] * prompt, sp(3))
+        want[rid] = expected(rid, prompt, 3)
+    ridge = s.policy.chunk_tokens(Candidates([], 2, 5, [0], 0, 4), 62)  # the two rows leave 62 of the budget
     for rid, got in run(s, w, plans).items():
         tokens.setdefault(rid, []).extend(got)
     assert tokens == want
-    long_chunks = [n for _, n in chunks_of(plans, "long")]
+    chunks = {rid: [n for _, n in chunks_of(plans, rid)] for rid in ("short", "long", "next")}
+    assert chunks["short"] == [12]  # within the ridge: whole, under the budget, for every policy
     if policy == "apex":
-        assert 15 < ridge < 20  # "long" takes three whole chunks and part of a fourth
-        # while "next" waits, the ridge a step, "next" admitted with what "long"'s last chunk leaves of it; then
-        # nothing waits and the rest of "next" goes at once
-        assert long_chunks == [ridge] * 3 + [60 - 3 * ridge]
-        assert [n for _, n in chunks_of(plans, "next")] == [4 * ridge - 60, 60 - (4 * ridge - 60)]
+        assert 15 < ridge < 20  # the ridge of two rows; "short" decoding beside them raises it by a token
+        # while "next" waits, the long prompts share the ridge a step: "long" in three whole chunks and part of a
+        # fourth, "next" starting with what that leaves of the ridge; then nothing waits: the rest of "next" at once
+        long, after = chunks["long"], chunks["next"]
+        assert len(long) == 4 and all(15 < n < 20 for n in long[:3]) and sum(long) == 60
+        assert len(after) == 2 and long[3] + after[0] < 20
     else:
         assert ridge == 62
-        assert long_chunks == [60]
+        assert chunks["long"] == [62 - 12, 60 - (62 - 12)]  # what "short" leaves of the budget, then the rest
 
 
 @pytest.mark.parametrize(("policy", "gpu_blocks"), [("gpu-only", 160), ("apex", 32)], ids=["gpu-only", "apex-cpu"])
