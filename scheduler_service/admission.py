@@ -32,15 +32,6 @@ class Steady:
         return Steady(self.gpu_rows, self.gpu_longest, [*self.cpu_context, self.cpu_context[-1] + n])
 
 
-@dataclass(frozen=True)
-class Ridge:
-    """The prefill tokens a step gives prompts longer than `tokens` (the policy's chunk_tokens) while requests wait:
-    `left` of them, together; a prompt within `tokens` is admitted whole under the step's budget."""
-
-    tokens: int
-    left: int
-
-
 class Admission:
     """The admissions of one policy on one pair of pools (made anew with the CpuPlacement)."""
 
@@ -52,15 +43,15 @@ class Admission:
         self._prefilling = prefilling
 
     def admit(self, waiting: deque[Request], budget: int, continuing: Sequence[Chunk], gpu_running: list[Request],
-              cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int, ridge: Ridge) -> list[Chunk]:
+              cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int, ridge: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
-        budget leaves (a prompt longer than the ridge: of what the ridge leaves), while fewer than max_num_seqs run;
-        the continuing chunks and the num_gpu_rows accelerator rows (longest context gpu_longest) already take their
-        part of the step. A request placed on the CPU pool is admitted only where the policy admits it (its latency
-        objective). While the CPU pool is lost, a request that can run only there keeps its place and lets the others
-        pass: it would otherwise hold up the whole queue until the pool returns. A request preempted while a step
-        that samples for it runs waits for that token (the queue behind it too): its recompute starts from every
-        token it has."""
+        budget leaves (a prompt longer than the ridge, the policy's chunk_tokens: of what the ridge leaves beside the
+        continuing chunks, a prompt within it whole), while fewer than max_num_seqs run; the continuing chunks and the
+        num_gpu_rows accelerator rows (longest context gpu_longest) already take their part of the step. A request
+        placed on the CPU pool is admitted only where the policy admits it (its latency objective). While the CPU pool
+        is lost, a request that can run only there keeps its place and lets the others pass: it would otherwise hold up
+        the whole queue until the pool returns. A request preempted while a step that samples for it runs waits for that
+        token (the queue behind it too): its recompute starts from every token it has."""
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
@@ -79,7 +70,7 @@ class Admission:
         num_cpu = len(cpu_queue) + sum(r.placement is Placement.CPU for r in pending)
         running = len(gpu_running) + len(cpu_queue) + len(self._prefilling)
         cpu_lost = not self._kv.num_total(Placement.CPU)
-        ridge_left = ridge.left
+        ridge_left = ridge - sum(prefill_lens)
         i = 0
         while i < len(waiting) and running < self.max_num_seqs and budget > 0:
             request = waiting[i]
@@ -88,7 +79,7 @@ class Admission:
             if cpu_lost and self._cpu.must_take(request):
                 i += 1
                 continue
-            first = budget if request.num_tokens <= ridge.tokens else min(budget, ridge_left)
+            first = budget if request.num_tokens <= ridge else min(budget, ridge_left)
             if first <= 0:  # a long prompt and the ridge spent: FCFS waits for the next step
                 break
             placement = self._placement(request, waiting, steady.cpu_context, num_cpu, gpu_residents)
@@ -112,7 +103,7 @@ class Admission:
             else:
                 num_cpu += 1
             admitted.append(self._prefilling.start(request, first))
-            if request.num_tokens > ridge.tokens:
+            if request.num_tokens > ridge:
                 ridge_left -= tokens
             prefill_lens.append(tokens)
             contexts.append(0)

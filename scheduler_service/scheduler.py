@@ -54,7 +54,7 @@ from apex_serve.types import (
     SwapData,
     WorkerInfo,
 )
-from scheduler_service.admission import Admission, Ridge
+from scheduler_service.admission import Admission
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
@@ -208,9 +208,8 @@ class Scheduler:
         ridge = self.policy.chunk_tokens(Candidates([], len(gpu_rows), gpu_longest, context, forced,
                                                     self._cpu.max_rows), budget) if self._waiting else budget
         continuing = self._prefilling.continuing(ridge)
-        spent = sum(c.tokens for c in continuing)
-        admitted = self._admission.admit(self._waiting, budget - spent, continuing, self._gpu_running,
-                                         self._cpu_queue, len(gpu_rows), gpu_longest, Ridge(ridge, ridge - spent))
+        admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
+                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest, ridge)
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
