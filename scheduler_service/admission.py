@@ -45,8 +45,9 @@ class Admission:
     def admit(self, waiting: deque[Request], budget: int, continuing: Sequence[Chunk], gpu_running: list[Request],
               cpu_queue: deque[Request], num_gpu_rows: int, gpu_longest: int, ridge: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
-        budget leaves (a prompt longer than the ridge, the policy's chunk_tokens: of what the ridge leaves beside the
-        continuing chunks, a prompt within it whole), while fewer than max_num_seqs run; the continuing chunks and the
+        budget leaves (a prompt longer than the ridge, the policy's chunk_tokens, while the pools could not take the
+        request behind it too: of what the ridge leaves beside the continuing chunks; any other prompt whole), while
+        fewer than max_num_seqs run; the continuing chunks and the
         num_gpu_rows accelerator rows (longest context gpu_longest) already take their part of the step. A request
         placed on the CPU pool is admitted only where the policy admits it (its latency objective). While the CPU pool
         is lost, a request that can run only there keeps its place and lets the others pass: it would otherwise hold up
@@ -79,13 +80,15 @@ class Admission:
             if cpu_lost and self._cpu.must_take(request):
                 i += 1
                 continue
-            first = budget if request.num_tokens <= ridge else min(budget, ridge_left)
-            if first <= 0:  # a long prompt and the ridge spent: FCFS waits for the next step
-                break
             placement = self._placement(request, waiting, steady.cpu_context, num_cpu, gpu_residents)
             if placement is None:
                 break
             after = steady.with_request(request, placement)
+            spread = request.num_tokens > ridge and not self._room_beyond(
+                i, placement, waiting, after.cpu_context, num_cpu, gpu_residents, running)
+            first = min(budget, ridge_left) if spread else budget
+            if first <= 0:  # a long prompt, the pools full and the ridge spent: FCFS waits for the next step
+                break
             tokens = min(request.num_tokens, first)
             if running and placement is Placement.CPU and not self._policy.admits(
                 Candidates(prefill_lens + [tokens], num_gpu_rows, gpu_longest, [0], 0, max_rows,
@@ -103,13 +106,30 @@ class Admission:
             else:
                 num_cpu += 1
             admitted.append(self._prefilling.start(request, first))
-            if request.num_tokens > ridge:
+            if spread:
                 ridge_left -= tokens
             prefill_lens.append(tokens)
             contexts.append(0)
             budget -= tokens
             running += 1
         return admitted
+
+    def _room_beyond(self, i: int, placement: Placement, waiting: deque[Request], cpu_context: list[int], num_cpu: int,
+                     gpu_residents: list[Request], running: int) -> bool:
+        """Whether the pools would take the request after waiting[i] too, waiting[i] placed on `placement` (its blocks
+        held for the test, then given back). Then the batch can still grow, and spreading waiting[i]'s prompt would
+        hold back the admissions behind it; the ridge is for full pools, where the requests that finish make room for
+        one prompt at a time."""
+        if i + 1 >= len(waiting) or running + 1 >= self.max_num_seqs or waiting[i + 1].num_pending:
+            return False
+        request, held = waiting[i], waiting[i].placement
+        self._kv.allocate(request, placement, request.num_tokens)
+        on_cpu = placement is Placement.CPU
+        room = self._placement(waiting[i + 1], waiting, cpu_context, num_cpu + on_cpu,
+                               gpu_residents if on_cpu else [*gpu_residents, request]) is not None
+        self._kv.free(request)
+        request.placement = held
+        return room
 
     def _placement(self, request: Request, waiting: deque[Request], cpu_context: list[int], num_cpu: int,
                    gpu_residents: list[Request]) -> Placement | None:

@@ -15,8 +15,8 @@ class SchedulerConfig:
     max_num_seqs: int = option(64, help="requests running at once")
     max_num_batched_tokens: int = option(
         8192, help="tokens one step computes: a decode row counts one, a prefill chunk its tokens (longer prompts are "
-        "prefilled in chunks over several steps; apex, while requests wait, gives the prompts longer than the ridge of "
-        "the step's decode work at most that many tokens a step)"
+        "prefilled in chunks over several steps; apex, while requests wait and the pools are full, gives the prompts "
+        "longer than the ridge of the step's decode work at most that many tokens a step)"
     )
     policy: str = option(
         "gpu-only", help="placement policy: gpu-only, neo or apex (neo and apex need --profiler-address)"

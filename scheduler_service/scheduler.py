@@ -17,8 +17,9 @@ An iteration computes at most max_num_batched_tokens tokens: a decode row counts
    requests are admitted FCFS, each with the blocks of all its known tokens and a first chunk, while fewer than
    max_num_seqs run on the two pools together and budget is left, until the first that does not fit; while requests
    wait, the requests still prefilling and the prompts longer than the policy's chunk_tokens (apex: the ridge of the
-   step's decode work) share at most that many tokens, so that long prompts are spread over steps that each carry
-   the decode rows (a prompt within it is admitted whole):
+   step's decode work) that the pools could not take with the request behind them share at most that many tokens,
+   so that long prompts are spread over steps that each carry the decode rows while the pools are full (a prompt
+   within it, or with room behind it, is admitted whole):
    under a hybrid policy on the CPU, without more ado, if its peak KV (prompt + max_tokens) exceeds the accelerator's
    whole pool and fits beside what the CPU's requests have reserved (it can run nowhere else); else on the
    accelerator if its tokens fit (as vLLM does); else, under a hybrid policy, on the CPU if its peak KV fits beside

@@ -86,8 +86,7 @@ class Setup:
     max_num_seqs: int
     cpu_pool_device_blocks: int  # the apex stack's device pool: too small for the json requests
     rows: int  # M: unconstrained rows measured in the cost arms, and partners beside them
-    row_tokens: int  # output tokens of each unconstrained row: enough to outlive its partners' prefill (apex spreads
-    #   a prompt longer than its ridge over steps while requests wait)
+    row_tokens: int  # output tokens of each unconstrained row
     repeats: int  # of the cost arms
     pools: tuple[str, ...]  # the stacks, in order; the cost arms run on the first
 
@@ -104,7 +103,7 @@ SETUPS = {
                   cpu_pool_device_blocks=8, rows=16, row_tokens=128, repeats=9, pools=("device_pool", "cpu_pool")),
     # one stack: the cost arms' rows fit the device pool there
     "tiny": Setup(json_requests=3, choice_requests=3, json_max_tokens=512, max_num_seqs=8,
-                  cpu_pool_device_blocks=8, rows=2, row_tokens=48, repeats=1, pools=("cpu_pool",)),
+                  cpu_pool_device_blocks=8, rows=2, row_tokens=8, repeats=1, pools=("cpu_pool",)),
 }
 
 

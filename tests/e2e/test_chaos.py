@@ -34,9 +34,7 @@ NUM_STREAMS = 40
 MAX_TOKENS = [24 + i for i in range(NUM_STREAMS)]  # 24..63: each stream's exact length (ignore_eos)
 PROMPTS = [f"Chaos stream {i}: " + "lorem ipsum " * (i % 7) for i in range(NUM_STREAMS)]
 DEVICE_KV_BLOCKS = 40  # holds about half of the 40 streams; apex places the others on the CPU pool
-# CPU-resident streams the fault must hit; where the profiled ridge is shorter than these prompts (this CPU), apex
-# spreads the burst's admissions over steps, so fewer of the 20 beyond the device pool are resident at once
-MIN_CPU_RESIDENT = 10
+MIN_CPU_RESIDENT = 15  # CPU-resident streams the fault must hit
 FAULT_AT_FRACTION = 1 / 3  # of all tokens streamed
 STOP_S = 5.0
 RECOVERY_TIMEOUT_S = 30.0

@@ -118,11 +118,14 @@ def test_running_decodes_keep_decoding_in_every_step_of_a_long_prompts_chunks() 
 # quarter of a 64 budget
 RIDGE_COSTS = ConstantCosts(lin_ns=10_000.0, lin_ns_per_token=1_000.0, gatt_ns_per_kv_token=10.0,
                             catt_ns_per_kv_token=1e7)
+FULL, ROOMY = 30, 100  # accelerator blocks of 4 tokens: beside "long", the first has no room for "next", the second has
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_apex_spreads_long_prompts_at_the_ridge_while_requests_wait_and_admits_a_short_one_whole(policy: str) -> None:
-    s = make(policy, gpu_blocks=100, budget=64, costs=RIDGE_COSTS)
+def spread_scenario(policy: str, gpu_blocks: int) -> tuple[int, dict[str, list[int]]]:
+    """Two decoding rows, then a 12-token prompt and two of 60 tokens arrive at once (CPU rows never pay: the
+    accelerator's pool is the only one): apex's ridge for the two rows and each prompt's chunks; every request's
+    tokens equal to a whole prefill's."""
+    s = make(policy, gpu_blocks=gpu_blocks, budget=64, costs=RIDGE_COSTS)
     w = HybridWorker(s.worker_info)
     want = {rid: expected(rid, 2, 40) for rid in "ab"}
     for rid in "ab":
@@ -141,18 +144,38 @@ def test_apex_spreads_long_prompts_at_the_ridge_while_requests_wait_and_admits_a
     for rid, got in run(s, w, plans).items():
         tokens.setdefault(rid, []).extend(got)
     assert tokens == want
-    chunks = {rid: [n for _, n in chunks_of(plans, rid)] for rid in ("short", "long", "next")}
+    assert_all_free(s, w)
+    return ridge, {rid: [n for _, n in chunks_of(plans, rid)] for rid in ("short", "long", "next")}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_apex_spreads_a_long_prompt_at_the_ridge_while_the_pools_are_full_and_admits_a_short_one_whole(policy: str
+                                                                                                     ) -> None:
+    ridge, chunks = spread_scenario(policy, FULL)
     assert chunks["short"] == [12]  # within the ridge: whole, under the budget, for every policy
     if policy == "apex":
         assert 15 < ridge < 20  # the ridge of two rows; "short" decoding beside them raises it by a token
-        # while "next" waits, the long prompts share the ridge a step: "long" in three whole chunks and part of a
-        # fourth, "next" starting with what that leaves of the ridge; then nothing waits: the rest of "next" at once
+        # "next" waits and would not fit beside "long": "long" goes at the ridge a step; "next", admitted once "long"
+        # is done, is the last waiting (nothing behind it to make room for): at the ridge, then the rest at once
         long, after = chunks["long"], chunks["next"]
         assert len(long) == 4 and all(15 < n < 20 for n in long[:3]) and sum(long) == 60
-        assert len(after) == 2 and long[3] + after[0] < 20
+        assert len(after) == 2 and 15 < after[0] < 20
     else:
         assert ridge == 62
         assert chunks["long"] == [62 - 12, 60 - (62 - 12)]  # what "short" leaves of the budget, then the rest
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_apex_admits_a_long_prompt_at_the_budget_while_the_pools_can_take_the_request_behind_it(policy: str) -> None:
+    _, chunks = spread_scenario(policy, ROOMY)
+    assert chunks["short"] == [12]
+    assert chunks["long"] == [62 - 12, 60 - (62 - 12)]  # the batch can grow: what "short" leaves, as under gpu-only
+    if policy == "apex":
+        # the rest of "long" and the start of "next" (nothing behind it) share the ridge of three rows while "next"
+        # waits; then nothing waits: the rest of "next" at once
+        assert len(chunks["next"]) == 2 and chunks["long"][1] + chunks["next"][0] < 20
+    else:
+        assert chunks["next"] == [64 - 3 - 10, 9]  # what three rows and the rest of "long" leave, then the rest
 
 
 @pytest.mark.parametrize(("policy", "gpu_blocks"), [("gpu-only", 160), ("apex", 32)], ids=["gpu-only", "apex-cpu"])

@@ -162,9 +162,9 @@ def test_apex_beats_gpu_only_and_neo_on_a10_llama2_chat() -> None:
 def test_apex_spreads_summaries_prompts_and_passes_gpu_only_and_neo_as_it_runs_at_a_lower_tpot() -> None:
     """A10 LLaMA-3.1-8B summarize (2.6k-token prompts, 100-token outputs, some 14 requests in the accelerator's pool):
     gpu-only and NEO as its code runs prefill a budget at once and the decode steps after it pay the pass over the
-    weights for a few rows; apex spreads the prompts at the decode step's ridge while requests wait, so that each
-    step carries the decode rows. At the default --max-sit-out apex yields more tokens/s than both, each request's
-    tokens coming faster (TPOT p99) than under either."""
+    weights for a few rows; apex spreads the prompts at the decode step's ridge while requests wait and the pool is
+    full, so that each step carries the decode rows. At the default --max-sit-out apex yields more tokens/s than both,
+    each request's tokens coming faster (TPOT p99) than under either."""
     setup = published_setup("a10", "llama3.1-8b", 4096, 256)
     requests = generate(WorkloadSpec("summarize", 300, seed=0))
     base = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096)
@@ -172,7 +172,7 @@ def test_apex_spreads_summaries_prompts_and_passes_gpu_only_and_neo_as_it_runs_a
             for policy in ("apex", "gpu-only", "neo-published")}
     apex, others = runs.pop("apex"), runs.values()
     assert apex.finished == 300
-    assert apex.throughput_tok_s > 1.05 * max(r.throughput_tok_s for r in others)
+    assert apex.throughput_tok_s > 1.02 * max(r.throughput_tok_s for r in others)
     assert apex.tpot_p99_ms < min(r.tpot_p99_ms for r in others)
 
 
