@@ -47,12 +47,12 @@ class Admission:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
         budget leaves (a prompt longer than the ridge, the policy's chunk_tokens, while the pools could not take the
         request behind it too: of what the ridge leaves beside the continuing chunks; any other prompt whole), while
-        fewer than max_num_seqs run; the continuing chunks and the
-        num_gpu_rows accelerator rows (longest context gpu_longest) already take their part of the step. A request
-        placed on the CPU pool is admitted only where the policy admits it (its latency objective). While the CPU pool
-        is lost, a request that can run only there keeps its place and lets the others pass: it would otherwise hold up
-        the whole queue until the pool returns. A request preempted while a step that samples for it runs waits for that
-        token (the queue behind it too): its recompute starts from every token it has."""
+        fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows (longest context
+        gpu_longest) already take their part of the step. A request placed on the CPU pool is admitted only where the
+        policy admits it (its latency objective). While the CPU pool is lost, a request that can run only there keeps
+        its place and lets the others pass: it would otherwise hold up the whole queue until the pool returns. A
+        request preempted while a step that samples for it runs waits for that token (the queue behind it too): its
+        recompute starts from every token it has."""
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
