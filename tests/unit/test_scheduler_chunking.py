@@ -178,6 +178,30 @@ def test_apex_admits_a_long_prompt_at_the_budget_while_the_pools_can_take_the_re
         assert chunks["next"] == [64 - 3 - 10, 9]  # what three rows and the rest of "long" leave, then the rest
 
 
+def test_apex_admits_a_burst_of_prompts_longer_than_its_ridge_in_one_step_while_the_pools_have_room() -> None:
+    s = make("apex", gpu_blocks=100, budget=64, costs=RIDGE_COSTS)
+    w = HybridWorker(s.worker_info)
+    for rid in "ab":
+        s.add_request(rid, [5] * 2, sp(40))
+    for _ in range(2):
+        plan = s.schedule()
+        s.update_from_output(plan, w.execute(plan))
+    burst = [f"p{k}" for k in range(4)]
+    for rid in burst:
+        s.add_request(rid, [5] * 20, sp(3))  # each longer than the two rows' ridge (16-17 tokens)
+    plan = s.schedule()
+    # the 62 tokens the rows leave: three prompts whole and the start of the fourth (nothing behind it: at the ridge)
+    assert [(n.request_id, n.num_prefill_tokens) for n in plan.new_requests] == [("p0", 20), ("p1", 20), ("p2", 20),
+                                                                                ("p3", 2)]
+    tokens: dict[str, list[int]] = {}
+    for out in s.update_from_output(plan, w.execute(plan)).outputs:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for rid, got in run(s, w, [plan]).items():
+        tokens.setdefault(rid, []).extend(got)
+    assert {rid: tokens[rid] for rid in burst} == {rid: expected(rid, 20, 3) for rid in burst}
+    assert_all_free(s, w)
+
+
 @pytest.mark.parametrize(("policy", "gpu_blocks"), [("gpu-only", 160), ("apex", 32)], ids=["gpu-only", "apex-cpu"])
 def test_a_prompt_of_max_model_len_less_16_with_a_budget_of_512_is_served_exactly(policy: str, gpu_blocks: int
                                                                                  ) -> None:
