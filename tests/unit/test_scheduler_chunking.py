@@ -40,9 +40,17 @@ def expected(request_id: str, prompt: int, max_tokens: int) -> list[int]:
     return [token_for(request_id, prompt + k) for k in range(max_tokens)]
 
 
-def run(s: Scheduler, w: HybridWorker, plans: list[StepPlan], max_steps: int = 5000) -> dict[str, list[int]]:
-    """Steps until no work is left, checking the budget and the blocks each step; the tokens per request."""
-    tokens: dict[str, list[int]] = {}
+def step(s: Scheduler, w: HybridWorker, plan: StepPlan, tokens: dict[str, list[int]]) -> None:
+    """Run the plan's step and add its sampled tokens to each request's."""
+    for out in s.update_from_output(plan, w.execute(plan)).outputs:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+
+def run(s: Scheduler, w: HybridWorker, plans: list[StepPlan], tokens: dict[str, list[int]] | None = None,
+        max_steps: int = 5000) -> dict[str, list[int]]:
+    """Steps until no work is left, checking the budget and the blocks each step; the tokens per request (added to
+    `tokens`, where given)."""
+    tokens = {} if tokens is None else tokens
     for _ in range(max_steps):
         if not s.has_work():
             return tokens
@@ -50,8 +58,7 @@ def run(s: Scheduler, w: HybridWorker, plans: list[StepPlan], max_steps: int = 5
         assert plan.num_tokens <= s.config.max_num_batched_tokens, f"step {plan.step_id}: {plan.num_tokens} tokens"
         check_blocks(s)
         plans.append(plan)
-        for out in s.update_from_output(plan, w.execute(plan)).outputs:
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step(s, w, plan, tokens)
         check_blocks(s)
     raise AssertionError(f"work left after {max_steps} steps")
 
@@ -81,11 +88,8 @@ def test_no_plan_exceeds_the_token_budget_and_chunked_prompts_yield_their_tokens
             plan = s.schedule()
             assert plan.num_tokens <= 24, f"step {plan.step_id}: {plan.num_tokens} tokens"
             plans.append(plan)
-            for out in s.update_from_output(plan, w.execute(plan)).outputs:
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    for rid, more in run(s, w, plans).items():
-        tokens.setdefault(rid, []).extend(more)
-    assert tokens == want
+            step(s, w, plan, tokens)
+    assert run(s, w, plans, tokens) == want
     assert any(c.num_scheduled_tokens for p in plans for c in p.cached_requests), "no prompt was chunked"
     assert_all_free(s, w)
 
@@ -121,29 +125,32 @@ RIDGE_COSTS = ConstantCosts(lin_ns=10_000.0, lin_ns_per_token=1_000.0, gatt_ns_p
 FULL, ROOMY = 30, 100  # accelerator blocks of 4 tokens: beside "long", the first has no room for "next", the second has
 
 
-def spread_scenario(policy: str, gpu_blocks: int) -> tuple[int, dict[str, list[int]]]:
-    """Two decoding rows, then a 12-token prompt and two of 60 tokens arrive at once (CPU rows never pay: the
-    accelerator's pool is the only one): apex's ridge for the two rows and each prompt's chunks; every request's
-    tokens equal to a whole prefill's."""
+def two_decoding_rows(policy: str, gpu_blocks: int
+                      ) -> tuple[Scheduler, HybridWorker, list[StepPlan], dict[str, list[int]]]:
+    """A 64-token budget at RIDGE_COSTS (CPU rows never pay: the accelerator's pool is the only one) whose requests
+    "a" and "b" (2-token prompts, 40 tokens each) have run two steps: the plans and the tokens so far."""
     s = make(policy, gpu_blocks=gpu_blocks, budget=64, costs=RIDGE_COSTS)
     w = HybridWorker(s.worker_info)
-    want = {rid: expected(rid, 2, 40) for rid in "ab"}
     for rid in "ab":
         s.add_request(rid, [5] * 2, sp(40))
     plans: list[StepPlan] = []
-    tokens = {}
+    tokens: dict[str, list[int]] = {}
     for _ in range(2):
-        plan = s.schedule()
-        plans.append(plan)
-        for out in s.update_from_output(plan, w.execute(plan)).outputs:
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        plans.append(s.schedule())
+        step(s, w, plans[-1], tokens)
+    return s, w, plans, tokens
+
+
+def spread_scenario(policy: str, gpu_blocks: int) -> tuple[int, dict[str, list[int]]]:
+    """Two decoding rows, then a 12-token prompt and two of 60 tokens arrive at once: apex's ridge for the two rows
+    and each prompt's chunks; every request's tokens equal to a whole prefill's."""
+    s, w, plans, tokens = two_decoding_rows(policy, gpu_blocks)
+    want = {rid: expected(rid, 2, 40) for rid in "ab"}
     for rid, prompt in (("short", 12), ("long", 60), ("next", 60)):
         s.add_request(rid, [5] * prompt, sp(3))
         want[rid] = expected(rid, prompt, 3)
     ridge = s.policy.chunk_tokens(Candidates([], 2, 5, [0], 0, 4), 62)  # the two rows leave 62 of the budget
-    for rid, got in run(s, w, plans).items():
-        tokens.setdefault(rid, []).extend(got)
-    assert tokens == want
+    assert run(s, w, plans, tokens) == want
     assert_all_free(s, w)
     return ridge, {rid: [n for _, n in chunks_of(plans, rid)] for rid in ("short", "long", "next")}
 
@@ -179,13 +186,7 @@ def test_apex_admits_a_long_prompt_at_the_budget_while_the_pools_can_take_the_re
 
 
 def test_apex_admits_a_burst_of_prompts_longer_than_its_ridge_in_one_step_while_the_pools_have_room() -> None:
-    s = make("apex", gpu_blocks=100, budget=64, costs=RIDGE_COSTS)
-    w = HybridWorker(s.worker_info)
-    for rid in "ab":
-        s.add_request(rid, [5] * 2, sp(40))
-    for _ in range(2):
-        plan = s.schedule()
-        s.update_from_output(plan, w.execute(plan))
+    s, w, _, tokens = two_decoding_rows("apex", ROOMY)
     burst = [f"p{k}" for k in range(4)]
     for rid in burst:
         s.add_request(rid, [5] * 20, sp(3))  # each longer than the two rows' ridge (16-17 tokens)
@@ -193,11 +194,8 @@ def test_apex_admits_a_burst_of_prompts_longer_than_its_ridge_in_one_step_while_
     # the 62 tokens the rows leave: three prompts whole and the start of the fourth (nothing behind it: at the ridge)
     assert [(n.request_id, n.num_prefill_tokens) for n in plan.new_requests] == [("p0", 20), ("p1", 20), ("p2", 20),
                                                                                 ("p3", 2)]
-    tokens: dict[str, list[int]] = {}
-    for out in s.update_from_output(plan, w.execute(plan)).outputs:
-        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    for rid, got in run(s, w, [plan]).items():
-        tokens.setdefault(rid, []).extend(got)
+    step(s, w, plan, tokens)
+    run(s, w, [plan], tokens)
     assert {rid: tokens[rid] for rid in burst} == {rid: expected(rid, 20, 3) for rid in burst}
     assert_all_free(s, w)
 
