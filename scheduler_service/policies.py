@@ -298,13 +298,15 @@ class ApexPolicy(NeoPolicy):
 
     def chunk_tokens(self, decode: Candidates, budget: int) -> int:
         """The ridge of the decode step (none to carry: the budget): the prefill tokens whose compute takes as long as
-        that step at the cost model's per-token cost of a compute-bound chunk (between COMPUTE_BOUND_CHUNKS). The
-        step: decode's accelerator rows and, with CPU candidates, as many as one sub-batch stages in ASYNC_OVERLAP
-        (the longest this iteration's decode work runs, the accelerator waiting for their attention where it is
-        exposed). Below the ridge a chunk rides that step at little cost: the pass over the weights, or the wait. A
-        long prompt's budget-sized chunk in one step instead leaves the steps after it to decode alone, each paying
-        the weight pass for a few rows: where prompts are long and the accelerator's pool holds a few requests,
-        spreading them at the ridge yields more tokens per second at a shorter step (docs/paper-reproduction.md)."""
+        the step's accelerator work, at the cost model's per-token cost of a compute-bound chunk (between
+        COMPUTE_BOUND_CHUNKS). The step: decode's accelerator rows and, with CPU candidates, as many as one sub-batch
+        stages in ASYNC_OVERLAP; its accelerator work leaves out the wait for CPU attention that outlasts the window: a
+        layer's linear passes over all its rows, a chunk's too, run before it waits, so a chunk lengthens the step by
+        its compute however long the wait (cost.model prices it so). Below the ridge a chunk rides that work at little
+        cost: the pass over the weights. A long prompt's budget-sized chunk in one step instead leaves the steps after
+        it to decode alone, each paying the weight pass for a few rows: where prompts are long and the accelerator's
+        pool holds a few requests, spreading them at the ridge yields more tokens per second at a shorter step
+        (docs/paper-reproduction.md)."""
         if not (decode.gpu_rows or decode.num_cpu):
             return budget
         observed = self.model.num_observed
@@ -316,7 +318,8 @@ class ApexPolicy(NeoPolicy):
             return budget
         k = min(decode.num_cpu, decode.max_cpu_rows)
         step = self.async_overlap(decode, k) if k else self.gpu_only(decode)
-        return min(budget, max(1, math.ceil(step.estimate_ns / per_token)))
+        work = step.estimate_ns - step.exposed_wait_ns
+        return min(budget, max(1, math.ceil(work / per_token)))
 
     def options(self, c: Candidates, plain: Choice | None = None) -> list[Choice]:
         """The options apex weighs (c's forced candidates in each): GPU_ONLY (plain, where the caller has built it)

@@ -1,6 +1,7 @@
 """Each policy's choice on hand-built iterations where the right answer is known (ConstantCosts add up by hand), and one
 iteration the simulator met on the A10 preset."""
 
+from dataclasses import replace
 from itertools import accumulate
 
 import pytest
@@ -9,7 +10,7 @@ from apex_serve.types import ExecutionMode, OverlapLayout
 from apex_tools.sim.setups import published_setup
 from scheduler_service.cost.model import ConstantCostModel, ConstantCosts, pipelining_beats_gpu_only
 from scheduler_service.cost.shape import ModelShape
-from scheduler_service.decision import Candidates, idle_aware_tokens_per_s, tokens_per_s
+from scheduler_service.decision import Candidates, Choice, idle_aware_tokens_per_s, tokens_per_s
 from scheduler_service.policies import (
     MAX_IDLE_SHARE,
     ApexPolicy,
@@ -174,11 +175,19 @@ def test_apex_chunks_prompts_at_the_ridge_where_a_chunk_rides_the_decode_steps_p
     assert 128 < ridge < 1024
     # the ridge's tokens add to the decode step under half of what they cost in a full-budget step
     assert step_ns(ridge) - step_ns(0) < 0.5 * ridge * step_ns(4096) / 4096
-    # more rows, a longer decode step, a higher ridge; CPU rows whose attention the accelerator would wait for, a
-    # higher one still (the chunk fills the wait); nothing to carry: the budget
+    # more rows, a longer decode step, a higher ridge; nothing to carry: the budget
     assert apex.chunk_tokens(decode(56), 4096) > ridge
-    assert apex.chunk_tokens(decode(14, cpu=40), 4096) > apex.chunk_tokens(decode(56), 4096)
     assert apex.chunk_tokens(decode(0), 4096) == 4096
+    # 40 CPU rows whose attention the accelerator waits for: the wait carries no chunk (a layer's linear passes run
+    # before it), so the ridge's chunk beside them adds under half of its cost too
+    with_cpu = decode(14, cpu=40)
+    cpu_ridge = apex.chunk_tokens(with_cpu, 4096)
+
+    def overlap(prefill: int) -> Choice:
+        return apex.async_overlap(replace(with_cpu, prefill_lens=[prefill] if prefill else []), 40)
+
+    assert overlap(0).exposed_wait_ns > overlap(0).estimate_ns / 2
+    assert overlap(cpu_ridge).estimate_ns - overlap(0).estimate_ns < 0.5 * cpu_ridge * step_ns(4096) / 4096
     assert gpu_only.chunk_tokens(decode(14), 4096) == NeoPolicy(model).chunk_tokens(decode(14), 4096) == 4096
 
 
