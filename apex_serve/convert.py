@@ -196,6 +196,7 @@ def worker_info_to_pb(info: types.WorkerInfo) -> gpu_worker_pb2.WorkerInfo:
         model_config_json=info.model_config_json,
         cpu_pool_attached=info.cpu_pool_attached,
         cpu_pool_generation=info.cpu_pool_generation,
+        decode_attention=info.decode_attention,
     )
 
 
@@ -219,6 +220,7 @@ def worker_info_from_pb(msg: gpu_worker_pb2.WorkerInfo) -> types.WorkerInfo:
         model_config_json=msg.model_config_json,
         cpu_pool_attached=msg.cpu_pool_attached,
         cpu_pool_generation=msg.cpu_pool_generation,
+        decode_attention=msg.decode_attention,
     )
 
 

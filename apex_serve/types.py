@@ -161,6 +161,13 @@ class WorkerInfo:
     # describe the latest data plane attached
     cpu_pool_attached: bool = False
     cpu_pool_generation: int = 0  # data planes attached since start: 1 after the first, +1 per re-attach
+    decode_attention: str = ""  # the decode kernel that runs (gpu_worker.decode_kernels); "": not said, as "sdpa"
+
+    @property
+    def paged_decode(self) -> bool:
+        """Whether the accelerator's decode attention reads each row's own context (FlashInfer's paged kernel)
+        rather than padding the rows to the longest (SDPA's gathered batch)."""
+        return self.decode_attention == "flashinfer"
 
 
 @dataclass(frozen=True)

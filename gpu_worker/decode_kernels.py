@@ -47,6 +47,8 @@ class _SdpaPlan:
 class SdpaDecode:
     """The portable decode attention: gathered and padded context, SDPA's fused kernels."""
 
+    name = "sdpa"
+
     def plan(self, cache: PagedKVCache, metadata: AttentionMetadata, dtype: torch.dtype) -> DecodePlan:
         return _SdpaPlan(cache, metadata, dtype)
 
@@ -63,6 +65,8 @@ class _FlashInferPlan:
 
 class FlashInferDecode:
     """FlashInfer's paged decode: one wrapper per live plan (a wrapper holds one plan), sharing one workspace."""
+
+    name = "flashinfer"
 
     def __init__(self, flashinfer: ModuleType, device: torch.device, num_heads: int) -> None:
         self.num_heads = num_heads

@@ -121,6 +121,7 @@ class ModelRunner:
             hardware=self._fingerprint(),
             model_config_hash=config_hash(config.model_dir),
             model_config_json=config_json(config.model_dir),
+            decode_attention=decode.name,
         )
         self.cpu_pool: CpuPool | None = None
         if config.cpu_worker_address:

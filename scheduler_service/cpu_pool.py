@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from apex_serve.engine_stats import IterationRecord
 from apex_serve.types import CachedRequestData, ExecutionMode, NewRequestData, StepPlan
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.decision import Candidates
+from scheduler_service.decision import Candidates, device_kv_tokens
 from scheduler_service.prefill import Chunk, ChunkShape
 from scheduler_service.request import Request, RequestStatus
 
@@ -54,8 +54,9 @@ class Retry:
                    tuple(c for c in plan.cached_requests if c.request_id in ids),
                    frozenset(r for r in requests if r in partial))
 
-    def candidates(self, max_cpu_rows: int) -> Candidates:
-        """The retry as the policy sees it: prefill chunks and accelerator rows, no CPU candidate (so GPU_ONLY)."""
+    def candidates(self, max_cpu_rows: int, paged: bool) -> Candidates:
+        """The retry as the policy sees it: prefill chunks and accelerator rows, no CPU candidate (so GPU_ONLY); paged:
+        whether the accelerator's decode attention reads each row's own context (device_kv_tokens)."""
         by_id = {r.request_id: r for r in self.requests}
         chunks = [Chunk(by_id[n.request_id], 0, n.num_prefill_tokens) for n in self.new_requests]
         for c in self.cached_requests:
@@ -65,8 +66,8 @@ class Retry:
                                     c.num_scheduled_tokens))
         rows = [by_id[c.request_id] for c in self.cached_requests if not c.num_scheduled_tokens]
         shape = ChunkShape.of(chunks)
-        return Candidates(shape.lens, len(rows), max((r.num_tokens for r in rows), default=0), [0], 0, max_cpu_rows,
-                          shape.contexts, shape.loaded_tokens)
+        return Candidates(shape.lens, len(rows), device_kv_tokens([r.num_tokens for r in rows], paged), [0], 0,
+                          max_cpu_rows, shape.contexts, shape.loaded_tokens)
 
     def plan(self, step_id: int, freed_request_ids: tuple[str, ...], record_subtasks: bool) -> StepPlan:
         """The retry's plan: GPU_ONLY, no swaps."""

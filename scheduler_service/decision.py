@@ -2,7 +2,7 @@
 over, the choice a policy makes of them, the Policy protocol the Scheduler and the CPU placement call, and the two
 scores the policies rank options by."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
@@ -17,7 +17,7 @@ class Candidates:
 
     prefill_lens: list[int]
     gpu_rows: int
-    gpu_longest: int  # the longest accelerator row's context (the current token included)
+    gpu_kv_tokens: int  # KV tokens the accelerator rows' decode attention reads (device_kv_tokens)
     cpu_context: list[int]  # prefix sums: cpu_context[k] = context tokens of the first k CPU candidates
     forced: int  # the first `forced` CPU candidates must run
     max_cpu_rows: int  # CPU rows one sub-batch can stage
@@ -93,8 +93,15 @@ def gpu_sub_batch(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> Sub
     """The sub-batch of c's prefills and accelerator rows with cpu_rows CPU rows of cpu_context tokens."""
     if not (c.prefill_lens or c.gpu_rows or cpu_rows):
         return None
-    return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_rows * c.gpu_longest, cpu_rows, cpu_context,
+    return SubBatchShape(tuple(c.prefill_lens), c.gpu_rows, c.gpu_kv_tokens, cpu_rows, cpu_context,
                          c.prefill_contexts, c.prefill_loaded_tokens)
+
+
+def device_kv_tokens(contexts: Collection[int], paged: bool) -> int:
+    """KV tokens the accelerator's decode attention reads for rows of these contexts (the current token included):
+    each row's own where the kernel is paged (FlashInfer), as many times the longest as there are rows where it pads
+    them (SDPA's gathered batch; gpu_worker.decode_kernels)."""
+    return sum(contexts) if paged else len(contexts) * max(contexts, default=0)
 
 
 def with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:

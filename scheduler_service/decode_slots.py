@@ -10,15 +10,16 @@ from scheduler_service.kv_manager import KVManager
 from scheduler_service.request import Request, RequestStatus
 
 
-def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request], None]
+def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request], None], paged: bool
                   ) -> tuple[list[Request], list[CachedRequestData], int]:
     """A decode slot for every accelerator request of rows (a list of the caller's, oldest first, taken over) that
     keeps its place: one that needs a block when the pool is empty has evict() make room, taking the youngest first
-    (itself when it is the youngest left). The requests that decode, their plan entries (sub-batch 0), and the
-    longest context among them."""
+    (itself when it is the youngest left). The requests that decode, their plan entries (sub-batch 0), and the KV
+    tokens the accelerator's decode attention reads for them: their contexts summed where it is paged, else as many
+    times the longest as there are rows (device_kv_tokens)."""
     entries: list[CachedRequestData] = []
     add_entry = entries.append
-    longest = 0
+    longest = total = 0
     for request in rows:  # the for statement reads the list's length each time: it stops short of those popped
         tokens = request.num_tokens
         if tokens <= request.kv_slots:  # its next slot is in a block it holds
@@ -35,9 +36,9 @@ def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request],
                 rows.pop()  # it evicted itself, the last request left
                 break
             add_entry(request.entry(kv.grow(request), 0))
-        if tokens > longest:
-            longest = tokens
-    return rows, entries, longest
+        total += tokens
+        longest = max(longest, tokens)
+    return rows, entries, total if paged else len(entries) * longest
 
 
 def grow_cpu_rows(kv: KVManager, chosen: list[Request], in_sub_batch_1: int, step: int,

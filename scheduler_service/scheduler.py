@@ -198,7 +198,8 @@ class Scheduler:
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
         gpu = [r for r in self._gpu_running if not r.done_when_known] if ahead else self._gpu_running[:]
-        gpu_rows, cached, gpu_longest = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out))
+        gpu_rows, cached, gpu_kv = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out),
+                                                 self.worker_info.paged_decode)
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
         front = len(cpu_candidates)
         cpu_candidates = [r for r in cpu_candidates if not r.done_when_known] if ahead else cpu_candidates
@@ -206,16 +207,16 @@ class Scheduler:
         context = prefix_contexts(cpu_candidates)
         forced = min(must_run(self._cpu_queue, self._cpu.max_rows, self.config.max_sit_out, self._next_step_id),
                      len(cpu_candidates))
-        ridge = self.policy.chunk_tokens(Candidates([], len(gpu_rows), gpu_longest, context, forced,
+        ridge = self.policy.chunk_tokens(Candidates([], len(gpu_rows), gpu_kv, context, forced,
                                                     self._cpu.max_rows), budget) if self._waiting else budget
         continuing = self._prefilling.continuing(ridge)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
-                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_longest, ridge)
+                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_kv, ridge)
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them
         choice = self.policy.choose(Candidates(
-            chunks.lens, len(gpu_rows), gpu_longest, context, forced, self._cpu.max_rows, chunks.contexts,
+            chunks.lens, len(gpu_rows), gpu_kv, context, forced, self._cpu.max_rows, chunks.contexts,
             chunks.loaded_tokens, sat_out(cpu_candidates, self._next_step_id) if self.config.tpot_slo_ms else (),
             self._clock.first_token_waits(prefills, self._waiting, max(1, ridge)) if self.config.ttft_slo_ms
             else ()))
@@ -269,8 +270,8 @@ class Scheduler:
         preemptions = len(requeued) + self._iterations.withdraw(flight.record)  # the retry's record replaces it
         retry = Retry.of(plan, flight.requests, flight.partial)
         step_id = self._next_step_id
-        self._start(retry.requests, self.policy.choose(retry.candidates(self._cpu.max_rows)),
-                    retry.record(step_id, preemptions), retry.partial)
+        candidates = retry.candidates(self._cpu.max_rows, self.worker_info.paged_decode)
+        self._start(retry.requests, self.policy.choose(candidates), retry.record(step_id, preemptions), retry.partial)
         logger.info("CPU pool lost in step %d: %d requests requeued, %d run again in step %d", plan.step_id,
                     len(requeued), len(retry.requests), step_id)
         return retry.plan(step_id, self._take_freed(), self._sampled(step_id, retry.requests))
@@ -447,7 +448,8 @@ class Scheduler:
         self.worker_info = info if self.policy.uses_cpu else replace(info, num_cpu_kv_blocks=0)
         self._kv.set_cpu_pool(self.worker_info.num_cpu_kv_blocks)
         self._cpu = CpuPlacement(self.policy, self._kv, info.cpu_max_rows, self.config.max_sit_out)
-        self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling)
+        self._admission = Admission(self.config.max_num_seqs, self._kv, self._cpu, self._prefilling,
+                                    info.paged_decode)
         self.cpu_pool_degraded = False  # the CPU pool is lost: every request runs on the accelerator until restored
 
     def _start(self, scheduled: list[Request], choice: Choice, record: IterationRecord | None,

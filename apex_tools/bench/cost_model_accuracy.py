@@ -31,6 +31,7 @@ from apex_tools.processes import ServiceGroup, split_cores
 from scheduler_service.cost.model import Prediction, TableCostModel
 from scheduler_service.cost.shape import IterationShape, SubBatchShape, model_shape_from_config
 from scheduler_service.cost.tables import PerformanceTables
+from scheduler_service.decision import device_kv_tokens
 
 logger = logging.getLogger(__name__)
 MAX_RUNNING = 24
@@ -87,15 +88,15 @@ def iteration_shape(plan: StepPlan, scheduler: ScriptedScheduler) -> IterationSh
     kv = [{Placement.GPU: 0, Placement.CPU: 0} for _ in range(count)]
     for new in plan.new_requests:
         prefill[new.sub_batch].append(len(new.token_ids))
-    longest = [0] * count  # the device's torch decode attention pads its rows to the longest context
+    gpu_contexts: list[list[int]] = [[] for _ in range(count)]
     for cached in plan.cached_requests:
         request = scheduler.requests[cached.request_id]
         rows[cached.sub_batch][request.placement] += 1
         kv[cached.sub_batch][request.placement] += request.num_tokens
         if request.placement is Placement.GPU:
-            longest[cached.sub_batch] = max(longest[cached.sub_batch], request.num_tokens)
-    for s in range(count):
-        kv[s][Placement.GPU] = rows[s][Placement.GPU] * longest[s]
+            gpu_contexts[cached.sub_batch].append(request.num_tokens)
+    for s in range(count):  # what the worker's decode kernel reads: each row's own context, or padded to the longest
+        kv[s][Placement.GPU] = device_kv_tokens(gpu_contexts[s], scheduler.runner.info.paged_decode)
     sub_batches = tuple(
         SubBatchShape(tuple(prefill[s]), rows[s][Placement.GPU], kv[s][Placement.GPU], rows[s][Placement.CPU],
                       kv[s][Placement.CPU])

@@ -19,7 +19,7 @@ from apex_tools.bench.common import write_result
 from apex_tools.sim import paper, report, sweep
 from apex_tools.sim.goodput import DEFAULT_MULTIPLES, SweepSpec
 from apex_tools.sim.grid import GridResult, run_grid
-from apex_tools.sim.hardware import GPUS, HOSTS, SWEEPABLE, Knobs, with_value
+from apex_tools.sim.hardware import DECODE_ATTENTION, GPUS, HOSTS, SWEEPABLE, Knobs, with_value
 from apex_tools.sim.setups import HARDWARE, MODELS, Setup, UnsupportedSetup, profiled_setup, published_setup
 from apex_tools.sim.variants import NEO_LAUNCH_MS, VARIANTS
 from apex_tools.sim.workloads import WORKLOADS, WorkloadSpec
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--pcie-bw", type=float, help="host link GB/s per direction (default: the board's PCIe rate)")
     hw.add_argument("--pcie-latency-us", type=float, default=0.0, help="per copy over the host link, us")
     hw.add_argument("--launch-us", type=float, default=10.0, help="GPU launch overhead per layer subtask, us")
+    hw.add_argument("--decode-attention", choices=DECODE_ATTENTION, default=Knobs.decode_attention,
+                    help="the GPU worker's decode kernel: sdpa pads the rows to the longest context (the default "
+                         "install's), flashinfer reads each row's own (paged, as vLLM)")
     hw.add_argument("--neo-launch-ms", type=float, default=NEO_LAUNCH_MS,
                     help="neo-published: NEO's launch cost per sub-batch with CPU rows per layer, ms (its lnch_T)")
     hw.add_argument("--sweep", type=_sweep, metavar="NAME=V1,V2,...",
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 def knobs_of(args: argparse.Namespace) -> Knobs:
     return Knobs(host=args.host, host_bw_gbs=args.host_bw, cpu_kernel_efficiency=args.cpu_efficiency,
                  gpu_bw_efficiency=args.gpu_bw_efficiency, gpu_flops_efficiency=args.gpu_flops_efficiency,
-                 pcie_gbs=args.pcie_bw, pcie_latency_us=args.pcie_latency_us, launch_us=args.launch_us)
+                 pcie_gbs=args.pcie_bw, pcie_latency_us=args.pcie_latency_us, launch_us=args.launch_us,
+                 decode_attention=args.decode_attention)
 
 
 def make_setups(args: argparse.Namespace, hardware: list[str], models: list[str], knobs: Knobs
@@ -147,7 +151,8 @@ def make_setups(args: argparse.Namespace, hardware: list[str], models: list[str]
     setups, refused = [], []
     for name in hardware:
         if name == "this-machine":
-            setups.append(profiled_setup(args.profile, args.model_config, args.device_kv_blocks, args.cpu_kv_blocks))
+            setups.append(profiled_setup(args.profile, args.model_config, args.device_kv_blocks, args.cpu_kv_blocks,
+                                         knobs.decode_attention))
             continue
         for model in models:
             try:

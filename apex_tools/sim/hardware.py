@@ -28,6 +28,10 @@ Knobs (Knobs, each a flag of apex-serve simulate):
     gpu_bw_efficiency, gpu_flops_efficiency   1.0: the data sheets' peaks (no measured figure of these boards at hand)
     pcie_latency_us        0: a copy costs its bytes over the link's rate (no source for a per-copy latency)
     launch_us              10 us per layer subtask (a few kernel launches); an assumption without a source
+    decode_attention       the GPU worker's decode kernel (gpu_worker.decode_kernels), which sets the KV tokens the
+                           accelerator's attention reads: sdpa, the kernel of the default install (flashinfer-python
+                           is optional), pads the rows to the longest context; flashinfer reads each row's own
+                           pages, as vLLM's paged attention does
 """
 
 import dataclasses
@@ -84,6 +88,9 @@ HOSTS = {
 }
 
 
+DECODE_ATTENTION = ("sdpa", "flashinfer")  # the GPU worker's decode kernels (its --decode-attention, less auto)
+
+
 @dataclass(frozen=True)
 class Knobs:
     """What the flags change of a preset; None: the preset's figure."""
@@ -96,8 +103,12 @@ class Knobs:
     pcie_gbs: float | None = None  # per direction, GB/s
     pcie_latency_us: float = 0.0
     launch_us: float = 10.0
+    decode_attention: str = "sdpa"  # one of DECODE_ATTENTION
 
     def __post_init__(self) -> None:
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention: must be one of {', '.join(DECODE_ATTENTION)}, "
+                             f"got {self.decode_attention!r}")
         if self.host is not None and self.host not in HOSTS:
             raise ValueError(f"host: must be one of {', '.join(HOSTS)}, got {self.host!r}")
         for name in ("host_bw_gbs", "pcie_gbs"):

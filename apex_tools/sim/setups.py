@@ -103,13 +103,13 @@ def kv_bytes_per_block(shape: ModelShape) -> int:
     return BLOCK_SIZE * shape.kv_bytes_per_token * shape.num_layers
 
 
-def _worker(name: str, shape: ModelShape, dtype: str, eos: tuple[int, ...], gpu_blocks: int, cpu_blocks: int
-            ) -> WorkerInfo:
+def _worker(name: str, shape: ModelShape, dtype: str, eos: tuple[int, ...], gpu_blocks: int, cpu_blocks: int,
+            decode_attention: str) -> WorkerInfo:
     return WorkerInfo(
         model_name=name, num_layers=shape.num_layers, vocab_size=shape.vocab_size, max_model_len=MAX_MODEL_LEN,
         eos_token_ids=eos, block_size=BLOCK_SIZE, num_kv_blocks=gpu_blocks, device="sim", dtype=dtype,
         num_cpu_kv_blocks=cpu_blocks, cpu_kv_dtype=dtype, cpu_max_rows=CPU_MAX_ROWS,
-        bytes_per_cpu_row=shape.bytes_per_cpu_row,
+        bytes_per_cpu_row=shape.bytes_per_cpu_row, decode_attention=decode_attention,
     )
 
 
@@ -131,12 +131,14 @@ def published_setup(hardware: str, model: str, max_num_batched_tokens: int, max_
             f"({GPU_MEMORY_UTILIZATION:.0%} of {memory / 1e9:.0f} GB); the simulator does not quantise"
         )
     cpu_blocks = int(host.memory_bytes * HOST_KV_FRACTION) // kv_bytes_per_block(shape)
-    worker = _worker(spec.name, shape, spec.dtype, spec.eos_token_ids, gpu_blocks, cpu_blocks)
+    worker = _worker(spec.name, shape, spec.dtype, spec.eos_token_ids, gpu_blocks, cpu_blocks, knobs.decode_attention)
     return Setup(hardware, model, shape, AnalyticCosts(hardware_spec(hardware, knobs), shape), worker)
 
 
-def profiled_setup(profile_path: str, model_config_path: str, gpu_blocks: int, cpu_blocks: int) -> Setup:
-    """This machine: the profiler's measured tables on the profiled model's shapes, with the given pools."""
+def profiled_setup(profile_path: str, model_config_path: str, gpu_blocks: int, cpu_blocks: int,
+                   decode_attention: str = "sdpa") -> Setup:
+    """This machine: the profiler's measured tables on the profiled model's shapes, with the given pools and the
+    decode kernel the profiled worker ran (hardware.DECODE_ATTENTION)."""
     config = json.loads(Path(model_config_path).read_text())
     shape = model_shape_from_config(config)
     tables = PerformanceTables.from_json(json.loads(Path(profile_path).read_text()))
@@ -147,5 +149,5 @@ def profiled_setup(profile_path: str, model_config_path: str, gpu_blocks: int, c
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     dtype = config.get("torch_dtype") or "float16"
     name = Path(model_config_path).parent.name or "profiled"
-    worker = _worker(name, shape, dtype, eos_ids, gpu_blocks, cpu_blocks)
+    worker = _worker(name, shape, dtype, eos_ids, gpu_blocks, cpu_blocks, decode_attention)
     return Setup("this-machine", name, shape, tables, worker)

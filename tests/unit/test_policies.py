@@ -33,7 +33,8 @@ def model(catt_ns_per_kv_token: float, **extra: float) -> ConstantCostModel:
 
 def candidates(gpu_rows: int = 4, cpu: int = 16, context: int = 100, forced: int = 0, max_cpu_rows: int = 32,
                prefill: tuple[int, ...] = ()) -> Candidates:
-    return Candidates(list(prefill), gpu_rows, context, [i * context for i in range(cpu + 1)], forced, max_cpu_rows)
+    return Candidates(list(prefill), gpu_rows, gpu_rows * context, [i * context for i in range(cpu + 1)], forced,
+                      max_cpu_rows)
 
 
 def test_gpu_only_policy_never_runs_cpu_rows() -> None:
@@ -149,7 +150,7 @@ def test_apex_pipelines_where_eq6_rules_it_out_against_gpu_only_but_it_beats_asy
                 671, 687, 681, 762, 759, 672, 779, 707, 720, 663]
     setup = published_setup("a10", "llama3.1-8b", 4096, 256)
     policy = ApexPolicy(setup.cost_model())
-    c = Candidates([], 32, 1262, list(accumulate(contexts, initial=0)), 0, 256)
+    c = Candidates([], 32, 32 * 1262, list(accumulate(contexts, initial=0)), 0, 256)
     costs, cpu_kv = setup.costs, sum(contexts)
     t_lin, t_gatt, t_catt = costs.t_lin(62), costs.t_gatt(32, 32 * 1262), costs.t_catt(30, cpu_kv)
     assert not pipelining_beats_gpu_only(t_lin, t_gatt, 32 * 1262 / t_gatt, cpu_kv / t_catt)
@@ -166,10 +167,10 @@ def test_apex_chunks_prompts_at_the_ridge_where_a_chunk_rides_the_decode_steps_p
     apex, gpu_only = ApexPolicy(model), GpuOnlyPolicy(model)
 
     def step_ns(prefill: int, rows: int = 14) -> float:
-        return gpu_only.gpu_only(Candidates([prefill] if prefill else [], rows, 2600, [0], 0, 1)).estimate_ns
+        return gpu_only.gpu_only(Candidates([prefill] if prefill else [], rows, rows * 2600, [0], 0, 1)).estimate_ns
 
     def decode(rows: int, cpu: int = 0) -> Candidates:
-        return Candidates([], rows, 2600, [i * 2600 for i in range(cpu + 1)], 0, 64)
+        return Candidates([], rows, rows * 2600, [i * 2600 for i in range(cpu + 1)], 0, 64)
 
     ridge = apex.chunk_tokens(decode(14), 4096)
     assert 128 < ridge < 1024

@@ -32,8 +32,8 @@ def analytic() -> AnalyticCostModel:
 
 def candidates(gpu_rows: int, cpu: int, context: int, prefill: tuple[int, ...] = (), prefill_contexts: tuple[int, ...]
                = (), max_cpu_rows: int = 64) -> Candidates:
-    return Candidates(list(prefill), gpu_rows, context, [i * context for i in range(cpu + 1)], 0, max_cpu_rows,
-                      prefill_contexts)
+    return Candidates(list(prefill), gpu_rows, gpu_rows * context, [i * context for i in range(cpu + 1)], 0,
+                      max_cpu_rows, prefill_contexts)
 
 
 # decode-only, decode with whole prompts, and decode with later chunks of prompts

@@ -23,7 +23,7 @@ def model(**costs: float) -> ConstantCostModel:
 
 
 def candidates(gpu_rows: int, cpu: int, max_cpu_rows: int = 32, **latency: tuple) -> Candidates:
-    return Candidates([], gpu_rows, 100, [i * 100 for i in range(cpu + 1)], 0, max_cpu_rows, **latency)
+    return Candidates([], gpu_rows, gpu_rows * 100, [i * 100 for i in range(cpu + 1)], 0, max_cpu_rows, **latency)
 
 
 # 16 accelerator rows, 2 CPU rows of 10 us each: 1 row hides (564 us step), 2 expose 5 us a layer (584 us)

@@ -149,7 +149,7 @@ def spread_scenario(policy: str, gpu_blocks: int) -> tuple[int, dict[str, list[i
     for rid, prompt in (("short", 12), ("long", 60), ("next", 60)):
         s.add_request(rid, [5] * prompt, sp(3))
         want[rid] = expected(rid, prompt, 3)
-    ridge = s.policy.chunk_tokens(Candidates([], 2, 5, [0], 0, 4), 62)  # the two rows leave 62 of the budget
+    ridge = s.policy.chunk_tokens(Candidates([], 2, 10, [0], 0, 4), 62)  # the two rows leave 62 of the budget
     assert run(s, w, plans, tokens) == want
     assert_all_free(s, w)
     return ridge, {rid: [n for _, n in chunks_of(plans, rid)] for rid in ("short", "long", "next")}

@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 
+from apex_tools.sim.engine import Simulation
 from apex_tools.sim.hardware import (
     CPU_KERNEL_EFFICIENCY,
     GPUS,
@@ -15,6 +16,8 @@ from apex_tools.sim.hardware import (
     with_value,
 )
 from apex_tools.sim.setups import published_setup
+from apex_tools.sim.workloads import WorkloadSpec, generate
+from scheduler_service.config import SchedulerConfig
 
 GIB = 1 << 30
 
@@ -74,7 +77,22 @@ def test_a_larger_host_gives_a_larger_cpu_kv_pool() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("host", "g9.huge"), ("host_bw_gbs", 0.0), ("pcie_gbs", -1.0),
                                               ("cpu_kernel_efficiency", 1.2), ("gpu_bw_efficiency", 0.0),
-                                              ("pcie_latency_us", -1.0), ("launch_us", -0.5)])
+                                              ("pcie_latency_us", -1.0), ("launch_us", -0.5),
+                                              ("decode_attention", "paged")])
 def test_knobs_out_of_range_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         Knobs(**{field: value})
+
+
+def test_flashinfer_reads_each_rows_own_context_so_gpu_only_steps_faster_than_under_sdpas_padding() -> None:
+    """Chat's accelerator rows differ in context: SDPA's gathered batch reads every row at the longest one, FlashInfer's
+    paged kernel each row's own pages, so the same requests finish sooner under it."""
+    requests = generate(WorkloadSpec("chat", 60, 0.0, 0))
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096)
+    runs = {}
+    for kernel in ("sdpa", "flashinfer"):
+        setup = published_setup("a10", "llama2-7b", 4096, 64, Knobs(decode_attention=kernel))
+        assert setup.worker.paged_decode is (kernel == "flashinfer")
+        runs[kernel] = Simulation(setup, requests, config, "chat", "gpu-only").run()
+    assert runs["sdpa"].finished == runs["flashinfer"].finished == 60
+    assert runs["flashinfer"].duration_s < 0.95 * runs["sdpa"].duration_s
