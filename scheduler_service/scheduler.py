@@ -5,10 +5,12 @@ scheduler_service.decode_slots gives each decoding request its slot.
 
 An iteration computes at most max_num_batched_tokens tokens: a decode row counts one, a prefill chunk its tokens
 (scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
-1. swap-in (hybrid policies, nothing waiting, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that
-   sat out longest, those whose KV and one more block fit the accelerator pool, with a block of headroom per
-   accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that pool); a policy
-   with a swap_in_occupancy moves them whenever the pool stays at or under that share of its blocks (NEO's rule);
+1. swap-in (hybrid policies, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that sat out longest,
+   those whose KV and one more block fit the accelerator pool, with a block of headroom per accelerator request, move
+   there (at most max_swaps_per_step; never one whose peak KV exceeds that pool), ahead of the waiting requests (as
+   vLLM resumes swapped requests before new prefills): a CPU request the policy gave no row makes no progress, and
+   the sit-out bound would later force it into a step whose CPU attention it outlasts; a policy with a
+   swap_in_occupancy moves them whenever the pool stays at or under that share of its blocks (NEO's rule);
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later); a request still prefilling is never a victim;
@@ -340,15 +342,16 @@ class Scheduler:
         return len(requeued)
 
     def _swap_in(self) -> list[SwapData]:
-        """Move CPU requests to the accelerator while some sit out and nothing waits (step 1 of the docstring), or
-        under a policy's swap_in_occupancy, while the pool stays at or under that share of its blocks."""
+        """Move CPU requests to the accelerator while some sit out, before any waiting request is admitted (step 1 of
+        the docstring), or under a policy's swap_in_occupancy, while the pool stays at or under that share of its
+        blocks."""
         kv = self._kv
         if not self._cpu_queue:
             return []
         free = kv.num_free(Placement.GPU)
         occupancy = self.policy.swap_in_occupancy
         if occupancy is None:
-            if self._waiting or not self._sat_out(self._cpu_queue[0]) or not free:
+            if not self._sat_out(self._cpu_queue[0]) or not free:
                 return []
             # room for its KV and one more block, with a block of headroom for every accelerator request
             room, headroom = free - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU)), 1

@@ -120,6 +120,28 @@ def test_neo_as_published_swaps_in_while_requests_wait_up_to_95_percent_of_the_a
     assert swapped_in_while_waiting > 0, "no request was swapped in while others waited"
 
 
+@pytest.mark.parametrize("policy", ("apex", "neo"))
+@pytest.mark.parametrize("seed", range(3))
+def test_cpu_requests_that_sat_out_are_swapped_in_ahead_of_the_waiting_requests(policy: str, seed: int) -> None:
+    """While a CPU request sits out (the policy gave it no row), CPU requests take the accelerator's free blocks before
+    a waiting request is admitted (as vLLM resumes swapped requests before new prefills); while none does, none
+    moves."""
+    rng = random.Random(seed)
+    s = scheduler(policy, gpu_blocks=40, cpu_blocks=2000, cpu_max_rows=8)
+    swapped_in_while_waiting = 0
+    for i in range(300):
+        for _ in range(rng.choice((0, 1, 3))):
+            s.add_request(f"r{i}-{rng.random()}", [5] * rng.randint(1, 30),
+                          SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 50)))
+        waiting, sat_out = s.stats().num_waiting, {r.request_id: s._sat_out(r) for r in s._cpu_queue}
+        plan = s.schedule()
+        assert not plan.swap_in or max(sat_out.values()) > 0
+        swapped_in_while_waiting += bool(plan.swap_in) and waiting > 0
+        check_blocks(s)
+        step(s, plan, rng)
+    assert swapped_in_while_waiting > 0, "no CPU request was swapped in while others waited"
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("seed", range(3))
 def test_running_requests_on_both_pools_never_exceed_max_num_seqs(policy: str, seed: int) -> None:
