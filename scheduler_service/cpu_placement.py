@@ -56,7 +56,8 @@ class CpuPlacement:
         lifetime = [r.lifetime_context for r in gpu_running if r is not leaving]
         mean = sum(lifetime) // len(lifetime) if lifetime else 0
         rows = min(len(lifetime), kv.num_total(Placement.GPU) * kv.block_size // mean) if mean else 0
-        steady = Candidates([], rows, rows * mean, cpu_context, 0, self.max_rows)  # rows alike: paged or padded
+        # rows of one context: what either decode kernel reads (decision.device_kv_tokens)
+        steady = Candidates([], rows, rows * mean, cpu_context, 0, self.max_rows)
         start = 0 if leaving else 1
         queued = islice(waiting, start, max(start, 2 * self.max_rows - steady.num_cpu))
         contexts = [r.lifetime_context for r in (request, *queued)]
