@@ -10,7 +10,7 @@ from itertools import islice
 from apex_serve.types import Placement
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_queue import prefix_contexts
-from scheduler_service.decision import Candidates
+from scheduler_service.decision import Candidates, DeviceRows
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
@@ -20,19 +20,24 @@ from scheduler_service.request import Request, RequestStatus
 class Steady:
     """The decode iterations after this one, as admission prices them: every running request a row."""
 
-    gpu_rows: int
-    gpu_kv_tokens: int  # what the accelerator rows' decode attention reads (decision.device_kv_tokens)
+    gpu: DeviceRows
     cpu_context: list[int]  # prefix sums of the CPU rows' contexts
     paged: bool  # the accelerator's decode attention reads each row's own context, else pads to the longest
+
+    @property
+    def gpu_rows(self) -> int:
+        return self.gpu.rows
+
+    @property
+    def gpu_kv_tokens(self) -> int:
+        return self.gpu.kv_tokens(self.paged)
 
     def with_request(self, request: Request, placement: Placement) -> "Steady":
         """With the request decoding on `placement` at its next token."""
         n = request.num_tokens + 1
         if placement is Placement.GPU:
-            rows = self.gpu_rows
-            kv = self.gpu_kv_tokens + n if self.paged else (rows + 1) * max(self.gpu_kv_tokens // max(rows, 1), n)
-            return Steady(rows + 1, kv, self.cpu_context, self.paged)
-        return Steady(self.gpu_rows, self.gpu_kv_tokens, [*self.cpu_context, self.cpu_context[-1] + n], self.paged)
+            return Steady(self.gpu.add(n), self.cpu_context, self.paged)
+        return Steady(self.gpu, [*self.cpu_context, self.cpu_context[-1] + n], self.paged)
 
 
 class Admission:
@@ -48,16 +53,15 @@ class Admission:
         self._prefilling = prefilling
 
     def admit(self, waiting: deque[Request], budget: int, continuing: Sequence[Chunk], gpu_running: list[Request],
-              cpu_queue: deque[Request], num_gpu_rows: int, gpu_kv_tokens: int, ridge: int) -> list[Chunk]:
+              cpu_queue: deque[Request], gpu: DeviceRows, ridge: int) -> list[Chunk]:
         """Admit from the front of `waiting`, each with the blocks of all its tokens and a first chunk of what the
         budget leaves (a prompt longer than the ridge, the policy's chunk_tokens, while the pools could not take the
         request behind it too: of what the ridge leaves beside the continuing chunks; any other prompt whole), while
-        fewer than max_num_seqs run; the continuing chunks and the num_gpu_rows accelerator rows (their attention
-        reading gpu_kv_tokens) already take their part of the step. A request placed on the CPU pool is admitted only
-        where the policy admits it (its latency objective). While the CPU pool is lost, a request that can run only
-        there keeps its place and lets the others pass: it would otherwise hold up the whole queue until the pool
-        returns. A request preempted while a step that samples for it runs waits for that token (the queue behind it
-        too): its recompute starts from every token it has."""
+        fewer than max_num_seqs run; the continuing chunks and the accelerator rows (gpu) already take their part of
+        the step. A request placed on the CPU pool is admitted only where the policy admits it (its latency objective).
+        While the CPU pool is lost, a request that can run only there keeps its place and lets the others pass: it
+        would otherwise hold up the whole queue until the pool returns. A request preempted while a step that samples
+        for it runs waits for that token (the queue behind it too): its recompute starts from every token it has."""
         admitted: list[Chunk] = []
         if not waiting or budget <= 0:
             return admitted
@@ -70,7 +74,7 @@ class Admission:
         pending = [*self._prefilling, *(c.request for c in continuing if c.last)]  # not yet decoding
         gpu_residents = gpu_running + [r for r in pending if r.placement is Placement.GPU]
         cpu_context = prefix_contexts(islice(cpu_queue, 2 * max_rows)) if self._policy.uses_cpu else [0]
-        steady = Steady(num_gpu_rows, gpu_kv_tokens, cpu_context, self._paged)
+        steady = Steady(gpu, cpu_context, self._paged)
         for request in pending:
             steady = steady.with_request(request, request.placement)
         num_cpu = len(cpu_queue) + sum(r.placement is Placement.CPU for r in pending)
@@ -96,7 +100,7 @@ class Admission:
                 break
             tokens = min(request.num_tokens, first)
             if running and placement is Placement.CPU and not self._policy.admits(
-                Candidates(prefill_lens + [tokens], num_gpu_rows, gpu_kv_tokens, [0], 0, max_rows,
+                Candidates(prefill_lens + [tokens], gpu.rows, gpu.kv_tokens(self._paged), [0], 0, max_rows,
                            (*contexts, 0), shape.loaded_tokens),
                 Candidates([], after.gpu_rows, after.gpu_kv_tokens, after.cpu_context, 0, max_rows),
             ):

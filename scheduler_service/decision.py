@@ -97,11 +97,32 @@ def gpu_sub_batch(c: Candidates, cpu_rows: int = 0, cpu_context: int = 0) -> Sub
                          c.prefill_contexts, c.prefill_loaded_tokens)
 
 
+@dataclass(frozen=True)
+class DeviceRows:
+    """Accelerator decode rows as their attention reads them: how many, their contexts (the current token included)
+    summed, and the longest."""
+
+    rows: int = 0
+    total: int = 0
+    longest: int = 0
+
+    @classmethod
+    def of(cls, contexts: Collection[int]) -> "DeviceRows":
+        return cls(len(contexts), sum(contexts), max(contexts, default=0))
+
+    def add(self, context: int) -> "DeviceRows":
+        """With one more row of this context."""
+        return DeviceRows(self.rows + 1, self.total + context, max(self.longest, context))
+
+    def kv_tokens(self, paged: bool) -> int:
+        """KV tokens the decode attention reads: each row's own where the kernel is paged (FlashInfer), as many times
+        the longest as there are rows where it pads them (SDPA's gathered batch; gpu_worker.decode_kernels)."""
+        return self.total if paged else self.rows * self.longest
+
+
 def device_kv_tokens(contexts: Collection[int], paged: bool) -> int:
-    """KV tokens the accelerator's decode attention reads for rows of these contexts (the current token included):
-    each row's own where the kernel is paged (FlashInfer), as many times the longest as there are rows where it pads
-    them (SDPA's gathered batch; gpu_worker.decode_kernels)."""
-    return sum(contexts) if paged else len(contexts) * max(contexts, default=0)
+    """KV tokens the accelerator's decode attention reads for rows of these contexts (DeviceRows.kv_tokens)."""
+    return DeviceRows.of(contexts).kv_tokens(paged)
 
 
 def with_rows(c: Candidates, contexts: Sequence[int]) -> Candidates:

@@ -6,17 +6,17 @@ to step (Request.entry) and its KV capacity is read from Request.kv_slots."""
 from collections.abc import Callable
 
 from apex_serve.types import CachedRequestData, Placement
+from scheduler_service.decision import DeviceRows
 from scheduler_service.kv_manager import KVManager
 from scheduler_service.request import Request, RequestStatus
 
 
-def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request], None], paged: bool
-                  ) -> tuple[list[Request], list[CachedRequestData], int]:
+def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request], None]
+                  ) -> tuple[list[Request], list[CachedRequestData], DeviceRows]:
     """A decode slot for every accelerator request of rows (a list of the caller's, oldest first, taken over) that
     keeps its place: one that needs a block when the pool is empty has evict() make room, taking the youngest first
-    (itself when it is the youngest left). The requests that decode, their plan entries (sub-batch 0), and the KV
-    tokens the accelerator's decode attention reads for them: their contexts summed where it is paged, else as many
-    times the longest as there are rows (device_kv_tokens)."""
+    (itself when it is the youngest left). The requests that decode, their plan entries (sub-batch 0), and their
+    contexts as the accelerator's decode attention reads them."""
     entries: list[CachedRequestData] = []
     add_entry = entries.append
     longest = total = 0
@@ -37,8 +37,9 @@ def grow_gpu_rows(kv: KVManager, rows: list[Request], evict: Callable[[Request],
                 break
             add_entry(request.entry(kv.grow(request), 0))
         total += tokens
-        longest = max(longest, tokens)
-    return rows, entries, total if paged else len(entries) * longest
+        if tokens > longest:
+            longest = tokens
+    return rows, entries, DeviceRows(len(entries), total, longest)
 
 
 def grow_cpu_rows(kv: KVManager, chosen: list[Request], in_sub_batch_1: int, step: int,

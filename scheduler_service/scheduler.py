@@ -200,8 +200,8 @@ class Scheduler:
         swap_in = self._swap_in()
         swap_out: list[SwapData] = []
         gpu = [r for r in self._gpu_running if not r.done_when_known] if ahead else self._gpu_running[:]
-        gpu_rows, cached, gpu_kv = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out),
-                                                 self.worker_info.paged_decode)
+        gpu_rows, cached, device = grow_gpu_rows(self._kv, gpu, lambda r: self._evict(r, swap_out))
+        gpu_kv = device.kv_tokens(self.worker_info.paged_decode)
         cpu_candidates = list(islice(self._cpu_queue, 2 * self._cpu.max_rows))  # at most what one step stages
         front = len(cpu_candidates)
         cpu_candidates = [r for r in cpu_candidates if not r.done_when_known] if ahead else cpu_candidates
@@ -213,7 +213,7 @@ class Scheduler:
                                                     self._cpu.max_rows), budget) if self._waiting else budget
         continuing = self._prefilling.continuing(ridge)
         admitted = self._admission.admit(self._waiting, budget - sum(c.tokens for c in continuing), continuing,
-                                         self._gpu_running, self._cpu_queue, len(gpu_rows), gpu_kv, ridge)
+                                         self._gpu_running, self._cpu_queue, device, ridge)
         prefills = admitted + continuing
         chunks = ChunkShape.of(prefills)
         # the sit-outs and the waits only for the objective that weighs them

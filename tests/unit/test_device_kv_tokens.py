@@ -4,7 +4,7 @@ FlashInfer's paged kernel, the longest row's for every row under SDPA's padded b
 from apex_serve import convert
 from apex_serve.types import Placement, SamplingParams, WorkerInfo
 from scheduler_service.admission import Steady
-from scheduler_service.decision import device_kv_tokens
+from scheduler_service.decision import DeviceRows, device_kv_tokens
 from scheduler_service.request import Request
 
 
@@ -34,7 +34,7 @@ def test_the_decode_kernel_survives_the_protobuf_round_trip() -> None:
 
 
 def test_admissions_steady_iteration_adds_an_accelerator_row_as_its_kernel_reads_it() -> None:
-    rows = [Steady(2, device_kv_tokens([30, 50], paged), [0], paged) for paged in (True, False)]
+    rows = [Steady(DeviceRows.of([30, 50]), [0], paged) for paged in (True, False)]
     paged, padded = (s.with_request(request(79), Placement.GPU) for s in rows)  # decodes at its 80th token
     assert (paged.gpu_rows, paged.gpu_kv_tokens) == (3, 30 + 50 + 80)
     assert (padded.gpu_rows, padded.gpu_kv_tokens) == (3, 3 * 80)
