@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TPOT objective: this x gpu-only's p50 at the lowest rate")
     rates.add_argument("--extend", type=int, default=SweepSpec.extend,
                        help="more rates, each twice the last, while some policy meets the highest")
+    rates.add_argument("--refine", type=int, default=SweepSpec.refine,
+                       help="bisections of each policy's goodput between its highest met rate and the lowest rate "
+                            "above it that it missed; 0: the rates of the grid alone")
     parser.add_argument("--reproduce-paper", action="store_true",
                         help="the grid behind the paper's claims, with goodput, beside the paper's figures "
                              "(--hardware, --model, --workload and --goodput are set by it)")
@@ -209,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--goodput: needs gpu-only among --policies (the objectives and rates come from it) and no --rate")
     try:
         knobs = knobs_of(args)
-        sweep_spec = SweepSpec(args.rate_multiples, args.ttft_factor, args.tpot_factor, args.extend
+        sweep_spec = SweepSpec(args.rate_multiples, args.ttft_factor, args.tpot_factor, args.extend, args.refine
                                ) if args.goodput else None
         # --requests, --rate and the grid lengths, checked before any run
         WorkloadSpec("grid", args.requests, args.rate, args.seed, args.grid_prompt_len, args.grid_output_len)

@@ -161,7 +161,8 @@ def plot(results: list[RunResult], path: Path) -> Path:
 def goodput_rule(sweep: SweepSpec | None) -> str:
     if sweep is None:
         return ""
-    return (f"rates {', '.join(f'{m:g}' for m in sweep.multiples)} x gpu-only's saturated request rate; "
+    refined = f", each policy's goodput bisected {sweep.refine} times between them" if sweep.refine else ""
+    return (f"rates {', '.join(f'{m:g}' for m in sweep.multiples)} x gpu-only's saturated request rate{refined}; "
             + rep.rule(sweep.ttft_factor, sweep.tpot_factor))
 
 

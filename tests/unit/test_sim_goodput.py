@@ -11,7 +11,7 @@ import pytest
 from apex_tools.bench import goodput_report as rep
 from apex_tools.sim import paper
 from apex_tools.sim.cli import main
-from apex_tools.sim.goodput import SweepSpec, at_rate, met_fraction, rate_sweep
+from apex_tools.sim.goodput import SweepSpec, at_rate, bracket, met_fraction, rate_sweep
 from apex_tools.sim.setups import published_setup
 from apex_tools.sim.workloads import WorkloadSpec, generate
 from scheduler_service.config import SchedulerConfig
@@ -35,7 +35,7 @@ def test_requests_at_a_rate_keep_their_lengths_and_take_poisson_arrivals_of_the_
 def test_a_rate_sweep_sets_the_objectives_from_gpu_only_and_reports_goodput_by_the_benchs_rule() -> None:
     setup = published_setup("t4", "llama2-7b", 4096, 256)
     spec = WorkloadSpec("osc", 30, seed=0)
-    sweep = SweepSpec(multiples=(0.5, 2.0), extend=0)
+    sweep = SweepSpec(multiples=(0.5, 2.0), extend=0, refine=0)
     config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096)
     out = rate_sweep(setup, spec, generate(spec), ("apex", "gpu-only"), config, 0.4, sweep, 0.8)
     assert list(out["policies"]) == ["gpu-only", "apex"]
@@ -49,6 +49,45 @@ def test_a_rate_sweep_sets_the_objectives_from_gpu_only_and_reports_goodput_by_t
     apex, gpu = out["policies"]["apex"]["goodput"], out["policies"]["gpu-only"]["goodput"]
     if gpu:
         assert out["ratios"]["gpu-only"] == pytest.approx((apex["rate_per_s"] if apex else 0.0) / gpu["rate_per_s"])
+
+
+def test_each_policys_goodput_is_bisected_between_its_highest_met_rate_and_the_lowest_it_missed_above() -> None:
+    setup = published_setup("t4", "llama2-7b", 4096, 256)
+    spec = WorkloadSpec("osc", 30, seed=0)
+    grid = (0.25, 1.0, 4.0)
+    sweep = SweepSpec(multiples=grid, extend=0, refine=2)
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096)
+    out = rate_sweep(setup, spec, generate(spec), ("apex", "gpu-only"), config, 0.4, sweep, 0.8)
+    bisected = 0
+    for entry in out["policies"].values():
+        rows = entry["rows"]
+        assert [r["multiple"] for r in rows] == sorted(r["multiple"] for r in rows)
+        bounds = bracket([r for r in rows if r["multiple"] in grid])
+        if bounds is None:
+            assert [r["multiple"] for r in rows] == list(grid)
+            continue
+        bisected += 1
+        low, high = bounds
+        for _ in range(2):  # each midpoint ran, and moved the bound its outcome says
+            mid = math.sqrt(low * high)
+            (row,) = [r for r in rows if r["multiple"] == pytest.approx(mid)]
+            assert row["rate_per_s"] == pytest.approx(0.4 * mid)
+            low, high = (mid, high) if row["met"] else (low, mid)
+        assert len(rows) == len(grid) + 2
+        assert entry["goodput"] == rep.goodput(rows)
+        assert entry["goodput"]["rate_per_s"] == pytest.approx(0.4 * low)
+    assert bisected  # the grid left some policy's goodput between two of its rates
+
+
+def test_bracket_is_the_highest_met_multiple_and_the_lowest_missed_above_it() -> None:
+    def rows(*met: tuple[float, bool]) -> list[dict]:
+        return [{"multiple": m, "met": ok} for m, ok in met]
+
+    assert bracket(rows((0.5, True), (1.0, False), (2.0, True), (4.0, False), (8.0, False))) == (2.0, 4.0)
+    assert bracket(rows((0.5, True), (1.0, True))) is None  # met the highest: a lower bound, nothing above to bisect
+    assert bracket(rows((0.5, False), (1.0, False))) is None
+    with pytest.raises(ValueError, match="refine"):
+        SweepSpec(refine=-1)
 
 
 def test_cli_goodput_and_a_host_bandwidth_sweep_write_their_results(tmp_path) -> None:
