@@ -5,11 +5,15 @@ scheduler_service.decode_slots gives each decoding request its slot.
 
 An iteration computes at most max_num_batched_tokens tokens: a decode row counts one, a prefill chunk its tokens
 (scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
-1. swap-in (hybrid policies, CPU requests sitting out): of the SWAP_IN_LOOKAHEAD CPU requests that sat out longest,
-   those whose KV and one more block fit the accelerator pool, with a block of headroom per accelerator request, move
-   there (at most max_swaps_per_step; never one whose peak KV exceeds that pool), ahead of the waiting requests (as
-   vLLM resumes swapped requests before new prefills): a CPU request the policy gave no row makes no progress, and
-   the sit-out bound would later force it into a step whose CPU attention it outlasts; a policy with a
+1. swap-in (hybrid policies, CPU requests sitting out, or any while nothing waits): of the SWAP_IN_LOOKAHEAD CPU
+   requests that sat out longest, those whose KV and one more block fit the accelerator pool, with a block of
+   headroom per accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that
+   pool), ahead of the waiting requests (as vLLM resumes swapped requests before new prefills): a CPU request the
+   policy gave no row makes no progress, and the sit-out bound would later force it into a step whose CPU attention
+   it outlasts; while nothing waits, the accelerator's free room would otherwise stay idle while CPU rows set the
+   step (the end of a run: the last CPU requests decoding at the CPU's pace beside a near-empty pool), and a request
+   that did not sit out moves there too, where the accelerator's decode attention is paged or it is no longer than the
+   longest accelerator row, if any (padded, a longer one lengthens every row's attention); a policy with a
    swap_in_occupancy moves them whenever the pool stays at or under that share of its blocks (NEO's rule);
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
@@ -41,6 +45,7 @@ retries the rest on the accelerator, which alone serves until cpu_pool_restored(
 """
 
 import logging
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
@@ -342,23 +347,28 @@ class Scheduler:
         return len(requeued)
 
     def _swap_in(self) -> list[SwapData]:
-        """Move CPU requests to the accelerator while some sit out, before any waiting request is admitted (step 1 of
-        the docstring), or under a policy's swap_in_occupancy, while the pool stays at or under that share of its
-        blocks."""
+        """Move CPU requests to the accelerator while some sit out, before any waiting request is admitted, and while
+        nothing waits, those that do not lengthen a padded decode attention (step 1 of the docstring); or under a
+        policy's swap_in_occupancy, while the pool stays at or under that share of its blocks."""
         kv = self._kv
         if not self._cpu_queue:
             return []
         free = kv.num_free(Placement.GPU)
         occupancy = self.policy.swap_in_occupancy
+        longest = math.inf  # the longest context that may move
         if occupancy is None:
-            if not self._sat_out(self._cpu_queue[0]) or not free:
+            sat_out = self._sat_out(self._cpu_queue[0])
+            if not free or not (sat_out or not self._waiting):
                 return []
+            if not (sat_out or self.worker_info.paged_decode):
+                longest = max((r.num_tokens for r in self._gpu_running), default=math.inf)
             # room for its KV and one more block, with a block of headroom for every accelerator request
             room, headroom = free - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU)), 1
         else:
             total = kv.num_total(Placement.GPU)
             room, headroom = round(total * occupancy) - (total - free), 0
-        movable = (r for r in islice(self._cpu_queue, SWAP_IN_LOOKAHEAD) if not self._cpu.must_take(r))
+        movable = (r for r in islice(self._cpu_queue, SWAP_IN_LOOKAHEAD)
+                   if not self._cpu.must_take(r) and r.num_tokens <= longest)
         chosen = fitting(movable, lambda r: kv.blocks_for(r.num_tokens) + headroom, room,
                          self.config.max_swaps_per_step)
         for request in chosen:

@@ -25,13 +25,13 @@ COSTS = ConstantCosts(lin_ns=1_000_000.0, lin_ns_per_token=1_000.0, pref_ns_per_
 POLICIES = ("gpu-only", "neo", "apex")
 
 
-def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4) -> WorkerInfo:
+def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4, decode_attention: str = "") -> WorkerInfo:
     return WorkerInfo(model_name="m", num_layers=4, vocab_size=1000, max_model_len=512, eos_token_ids=(2,),
                       block_size=4, num_kv_blocks=gpu_blocks, device="sim", dtype="float32",
-                      num_cpu_kv_blocks=cpu_blocks, cpu_max_rows=cpu_max_rows)
+                      num_cpu_kv_blocks=cpu_blocks, cpu_max_rows=cpu_max_rows, decode_attention=decode_attention)
 
 
-def scheduler(policy: str, max_sit_out: int = 3, max_num_seqs: int = 32, **pools: int) -> Scheduler:
+def scheduler(policy: str, max_sit_out: int = 3, max_num_seqs: int = 32, **pools: int | str) -> Scheduler:
     """policy: of POLICIES, or neo-published (the simulator's NEO as its code runs, injected)."""
     cost_model = ConstantCostModel(COSTS, MODEL) if policy != "gpu-only" else None
     if policy == "neo-published":
@@ -124,8 +124,8 @@ def test_neo_as_published_swaps_in_while_requests_wait_up_to_95_percent_of_the_a
 @pytest.mark.parametrize("seed", range(3))
 def test_cpu_requests_that_sat_out_are_swapped_in_ahead_of_the_waiting_requests(policy: str, seed: int) -> None:
     """While a CPU request sits out (the policy gave it no row), CPU requests take the accelerator's free blocks before
-    a waiting request is admitted (as vLLM resumes swapped requests before new prefills); while none does, none
-    moves."""
+    a waiting request is admitted (as vLLM resumes swapped requests before new prefills); while requests wait and none
+    sits out, none moves."""
     rng = random.Random(seed)
     s = scheduler(policy, gpu_blocks=40, cpu_blocks=2000, cpu_max_rows=8)
     swapped_in_while_waiting = 0
@@ -135,11 +135,42 @@ def test_cpu_requests_that_sat_out_are_swapped_in_ahead_of_the_waiting_requests(
                           SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 50)))
         waiting, sat_out = s.stats().num_waiting, {r.request_id: s._sat_out(r) for r in s._cpu_queue}
         plan = s.schedule()
-        assert not plan.swap_in or max(sat_out.values()) > 0
+        assert not plan.swap_in or max(sat_out.values()) > 0 or not waiting
         swapped_in_while_waiting += bool(plan.swap_in) and waiting > 0
         check_blocks(s)
         step(s, plan, rng)
     assert swapped_in_while_waiting > 0, "no CPU request was swapped in while others waited"
+
+
+@pytest.mark.parametrize("kernel", ("sdpa", "flashinfer"))
+def test_while_nothing_waits_cpu_requests_move_to_free_accelerator_room_unless_they_lengthen_its_padded_attention(
+        kernel: str) -> None:
+    """CPU requests that decode every step (none sits out) move to the accelerator's free room once nothing waits:
+    under the paged kernel, and under the padded one only where no accelerator row is shorter than them (a longer
+    row would lengthen every row's attention)."""
+    s = scheduler("apex", gpu_blocks=12, cpu_blocks=400, cpu_max_rows=8, decode_attention=kernel)
+    sampling = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for i in range(6):
+        s.add_request(f"r{i}", [5] * 10, sampling)
+    rng = random.Random(0)
+    step(s, s.schedule(), rng)
+    on_cpu = {r.request_id for r in s._cpu_queue}
+    assert on_cpu and len(on_cpu) < 6
+    for request in list(s._gpu_running):
+        s.abort(request.request_id)
+    s.add_request("short", [5] * 2, sampling)  # admitted while it waits: no CPU request moves in its step
+    plan = s.schedule()
+    assert not plan.swap_in and [r.request_id for r in plan.new_requests] == ["short"]
+    step(s, plan, rng)
+    assert s.stats().num_waiting == 0 and [r.request_id for r in s._gpu_running] == ["short"]
+    assert all(s._sat_out(r) == 0 for r in s._cpu_queue)  # every CPU request decoded in the last step
+    plan = s.schedule()
+    moved = {swap.request_id for swap in plan.swap_in}
+    if kernel == "flashinfer":
+        assert moved and moved <= on_cpu
+    else:
+        assert not moved  # each CPU request's context is longer than the accelerator's one row
+    check_blocks(s)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
