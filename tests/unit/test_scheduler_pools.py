@@ -25,7 +25,8 @@ COSTS = ConstantCosts(lin_ns=1_000_000.0, lin_ns_per_token=1_000.0, pref_ns_per_
 POLICIES = ("gpu-only", "neo", "apex")
 
 
-def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4, decode_attention: str = "") -> WorkerInfo:
+def worker(gpu_blocks: int = 40, cpu_blocks: int = 400, cpu_max_rows: int = 4,
+           decode_attention: str = "") -> WorkerInfo:
     return WorkerInfo(model_name="m", num_layers=4, vocab_size=1000, max_model_len=512, eos_token_ids=(2,),
                       block_size=4, num_kv_blocks=gpu_blocks, device="sim", dtype="float32",
                       num_cpu_kv_blocks=cpu_blocks, cpu_max_rows=cpu_max_rows, decode_attention=decode_attention)
