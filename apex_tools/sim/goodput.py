@@ -7,7 +7,7 @@ lower bound where it is the highest rate its policy ran.
 The rates are multiples of gpu-only's saturated request rate on the same draw (its steady-state requests/s with every
 request arriving at once), so one list of multiples spans the same range of load on every setup; while some policy
 meets the highest rate, the sweep doubles it, at most `extend` times. The grid's steps (a factor of sqrt(2) about the
-saturated rate) are coarser than the policies' differences on an A10 (10-20%), so each policy's goodput is then
+saturated rate) are coarser than the policies' differences on an A10 (a few to 20%), so each policy's goodput is then
 refined: `refine` times, that policy runs at the geometric midpoint of its highest met rate and the lowest rate above
 it that it missed, which becomes the one or the other (3 bisections: a sqrt(2) step cut to 4.4%).
 """
