@@ -5,16 +5,8 @@ scheduler_service.decode_slots gives each decoding request its slot.
 
 An iteration computes at most max_num_batched_tokens tokens: a decode row counts one, a prefill chunk its tokens
 (scheduler_service.prefill: vLLM v1's chunked prefill). Each schedule():
-1. swap-in (hybrid policies, CPU requests sitting out, or any while nothing waits): of the SWAP_IN_LOOKAHEAD CPU
-   requests that sat out longest, those whose KV and one more block fit the accelerator pool, with a block of
-   headroom per accelerator request, move there (at most max_swaps_per_step; never one whose peak KV exceeds that
-   pool), ahead of the waiting requests (as vLLM resumes swapped requests before new prefills): a CPU request the
-   policy gave no row makes no progress, and the sit-out bound would later force it into a step whose CPU attention
-   it outlasts; while nothing waits, the accelerator's free room would otherwise stay idle while CPU rows set the
-   step (the end of a run: the last CPU requests decoding at the CPU's pace beside a near-empty pool), and a request
-   that did not sit out moves there too, where the accelerator's decode attention is paged or it is no longer than the
-   longest accelerator row, if any (padded, a longer one lengthens every row's attention); a policy with a
-   swap_in_occupancy moves them whenever the pool stays at or under that share of its blocks (NEO's rule);
+1. swap-in (hybrid policies): CPU requests move to the accelerator, ahead of the waiting requests, while one sits out
+   or nothing waits, or under a policy's swap_in_occupancy (scheduler_service.swap_in says which and why);
 2. every accelerator-resident request decodes, oldest first; one that needs a block when the pool is empty evicts
    the youngest: swapped out to the CPU pool by hybrid policies where step 3's CPU test passes, else preempted
    (freed, recomputed later); a request still prefilling is never a victim;
@@ -45,7 +37,6 @@ retries the rest on the accelerator, which alone serves until cpu_pool_restored(
 """
 
 import logging
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
@@ -67,7 +58,7 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.cost.model import ComposedCostModel
 from scheduler_service.cpu_placement import CpuPlacement
 from scheduler_service.cpu_pool import Retry, cpu_deadline_s, lost_with_cpu_pool
-from scheduler_service.cpu_queue import fitting, must_run, prefix_contexts, sat_out, to_back
+from scheduler_service.cpu_queue import must_run, prefix_contexts, sat_out, to_back
 from scheduler_service.decision import Candidates, Choice, Policy
 from scheduler_service.decode_slots import grow_cpu_rows, grow_gpu_rows
 from scheduler_service.in_flight import Flights, InFlightStep, IterationLog, StepResult
@@ -77,10 +68,10 @@ from scheduler_service.policies import LatencyObjective, make_policy
 from scheduler_service.prefill import Chunk, ChunkShape, Prefilling
 from scheduler_service.request import Request, RequestStatus
 from scheduler_service.request_limits import RequestLimits
+from scheduler_service.swap_in import swap_in_choice
 
 logger = logging.getLogger(__name__)
 RECENT_ITERATIONS = 256
-SWAP_IN_LOOKAHEAD = 8
 
 
 class Scheduler:
@@ -347,32 +338,16 @@ class Scheduler:
         return len(requeued)
 
     def _swap_in(self) -> list[SwapData]:
-        """Move CPU requests to the accelerator while some sit out, before any waiting request is admitted, and while
-        nothing waits, those that do not lengthen a padded decode attention (step 1 of the docstring); or under a
-        policy's swap_in_occupancy, while the pool stays at or under that share of its blocks."""
-        kv = self._kv
-        if not self._cpu_queue:
+        """Move the CPU requests scheduler_service.swap_in chooses to the accelerator (step 1 of the docstring)."""
+        queue = self._cpu_queue
+        if not queue:
             return []
-        free = kv.num_free(Placement.GPU)
-        occupancy = self.policy.swap_in_occupancy
-        longest = math.inf  # the longest context that may move
-        if occupancy is None:
-            sat_out = self._sat_out(self._cpu_queue[0])
-            if not free or not (sat_out or not self._waiting):
-                return []
-            if not (sat_out or self.worker_info.paged_decode):
-                longest = max((r.num_tokens for r in self._gpu_running), default=math.inf)
-            # room for its KV and one more block, with a block of headroom for every accelerator request
-            room, headroom = free - len(self._gpu_running) - len(self._prefilling.on(Placement.GPU)), 1
-        else:
-            total = kv.num_total(Placement.GPU)
-            room, headroom = round(total * occupancy) - (total - free), 0
-        movable = (r for r in islice(self._cpu_queue, SWAP_IN_LOOKAHEAD)
-                   if not self._cpu.must_take(r) and r.num_tokens <= longest)
-        chosen = fitting(movable, lambda r: kv.blocks_for(r.num_tokens) + headroom, room,
-                         self.config.max_swaps_per_step)
+        chosen = swap_in_choice(queue, self._gpu_running, self._prefilling, self._kv,
+                                self._cpu, self._sat_out(queue[0]) > 0, bool(self._waiting),
+                                self.worker_info.paged_decode, self.policy.swap_in_occupancy,
+                                self.config.max_swaps_per_step)
         for request in chosen:
-            self._cpu_queue.remove(request)
+            queue.remove(request)
             self._gpu_running.append(request)
         self._num_swaps += len(chosen)
         return [self._kv.swap(r) for r in chosen]

@@ -86,11 +86,11 @@ def _multiples(sweep: SweepSpec, rows: dict[str, list[dict]]) -> Iterator[float]
 def bracket(rows: list[dict]) -> tuple[float, float] | None:
     """(highest multiple met, lowest multiple above it missed) of one policy's rows; None where it met none, or met
     the highest it ran (its goodput is then a lower bound: nothing to bisect)."""
-    met = [r["multiple"] for r in rows if r["met"]]
-    if not met:
+    met = max((r["multiple"] for r in rows if r["met"]), default=None)
+    if met is None:
         return None
-    missed = [r["multiple"] for r in rows if not r["met"] and r["multiple"] > max(met)]
-    return (max(met), min(missed)) if missed else None
+    missed = [r["multiple"] for r in rows if not r["met"] and r["multiple"] > met]
+    return (met, min(missed)) if missed else None
 
 
 def at_rate(spec: WorkloadSpec, requests: list[SimRequest], rate: float) -> list[SimRequest]:

@@ -18,7 +18,7 @@ NEO's source is NEO-MLSys25/NEO at commit b55aaab (file:line below).
                      as many as fit.
 What neo-published still does as this runtime does: CPU rows are taken least recently decoded first (NEO walks its CPU
 queue in arrival order and skips a request at least as long as one that did not fit, scheduler.py:187-203), and a
-swap-in moves requests from the queue's first SWAP_IN_LOOKAHEAD.
+swap-in moves requests from the queue's first scheduler_service.swap_in.SWAP_IN_LOOKAHEAD.
 """
 
 from collections.abc import Sequence
